@@ -1,0 +1,79 @@
+"""lightning-queue: a distributed rollout queue for optimizing AI agents.
+
+Versioned resource snapshots live in Redis; Celery workers run rollouts, each
+with the snapshot it names (or the latest), so optimizing and optimized
+versions of an agent run side by side in one fleet.
+"""
+
+from .agent import FunctionalLitAgent, LitAgent, rollout
+from .app import create_app
+from .client import AsyncLightningClient, LightningClient
+from .errors import (
+    AgentNotConfiguredError,
+    AgentSignatureError,
+    ConfigurationError,
+    EnqueueError,
+    InvalidResourcesError,
+    InvalidRolloutResultError,
+    LightningQueueError,
+    MissingResourceError,
+    NoLatestResourcesError,
+    RedisUnavailableError,
+    ResourcesExistError,
+    ResourcesNotFoundError,
+    RolloutNotFoundError,
+    SnapshotCorruptedError,
+    UnknownResourceTypeError,
+)
+from .models import (
+    LLM,
+    Attempt,
+    ErrorInfo,
+    NamedResources,
+    PromptTemplate,
+    Resource,
+    ResourcesUpdate,
+    Rollout,
+    RolloutConfig,
+    RolloutRequest,
+    RolloutResult,
+)
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "AgentNotConfiguredError",
+    "AgentSignatureError",
+    "AsyncLightningClient",
+    "Attempt",
+    "ConfigurationError",
+    "EnqueueError",
+    "ErrorInfo",
+    "FunctionalLitAgent",
+    "InvalidResourcesError",
+    "InvalidRolloutResultError",
+    "LightningClient",
+    "LightningQueueError",
+    "LitAgent",
+    "MissingResourceError",
+    "NamedResources",
+    "NoLatestResourcesError",
+    "PromptTemplate",
+    "RedisUnavailableError",
+    "Resource",
+    "ResourcesExistError",
+    "ResourcesNotFoundError",
+    "ResourcesUpdate",
+    "Rollout",
+    "RolloutConfig",
+    "RolloutNotFoundError",
+    "RolloutRequest",
+    "RolloutResult",
+    "Settings",
+    "SnapshotCorruptedError",
+    "UnknownResourceTypeError",
+    "create_app",
+    "rollout",
+]

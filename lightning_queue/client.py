@@ -1,0 +1,277 @@
+"""The algorithm-side client: store snapshots, enqueue rollouts, wait, read results."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from .connections import connect
+from .errors import EnqueueError, ResourcesNotFoundError
+from .models import (
+    ErrorInfo,
+    Resource,
+    ResourcesUpdate,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutRequest,
+    Attempt,
+)
+from .registry import SnapshotRegistry
+from .runner import TASK_NAME
+from .settings import Settings
+from .store import RolloutStore
+
+if TYPE_CHECKING:
+    import redis
+
+    from .app import LightningCelery
+
+ResourcesLike = Mapping[str, Resource | Mapping[str, Any]]
+
+
+class LightningClient:
+    """What an algorithm uses. Safe to share between threads; one per process.
+
+    ``settings`` defaults to :class:`Settings` read from the environment
+    (``LQ_REDIS_URL``, ``LQ_KEY_PREFIX``, ``LQ_QUEUE``...).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis_client: redis.Redis | None = None,
+        app: LightningCelery | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.redis = redis_client if redis_client is not None else connect(self.settings.redis_url)
+        self.keys = self.settings.keys
+        self.registry = SnapshotRegistry(self.redis, self.keys)
+        self.store = RolloutStore(self.redis, self.keys)
+        self._app = app
+
+    @property
+    def app(self) -> LightningCelery:
+        if self._app is None:
+            from .app import create_app
+
+            self._app = create_app(self.settings)
+        return self._app
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> LightningClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- resources ------------------------------------------------------------------------
+
+    def add_resources(self, resources: ResourcesLike, resources_id: str | None = None) -> ResourcesUpdate:
+        """Store a new snapshot (version 1) and make it the latest, atomically."""
+        return self.registry.add_resources(resources, resources_id)
+
+    def update_resources(self, resources_id: str, resources: ResourcesLike) -> ResourcesUpdate:
+        """Store the next version under an existing id and make it the latest, atomically."""
+        return self.registry.update_resources(resources_id, resources)
+
+    def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate:
+        return self.registry.get_resources_by_id(resources_id)
+
+    def get_latest_resources(self) -> ResourcesUpdate | None:
+        return self.registry.get_latest_resources()
+
+    def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
+        return self.registry.query_resources(offset, limit)
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    def enqueue_rollout(
+        self,
+        input: Any,
+        *,
+        resources_id: str | None = None,
+        mode: RolloutMode | None = "train",
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        queue: str | None = None,
+        check_resources: bool = True,
+    ) -> Rollout:
+        """Enqueue one rollout. See :meth:`enqueue_rollouts`."""
+        return self.enqueue_rollouts(
+            [input], resources_id=resources_id, mode=mode, config=config, metadata=metadata,
+            queue=queue, check_resources=check_resources,
+        )[0]
+
+    def enqueue_rollouts(
+        self,
+        inputs: Iterable[Any | RolloutRequest],
+        *,
+        resources_id: str | None = None,
+        mode: RolloutMode | None = "train",
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        queue: str | None = None,
+        check_resources: bool = True,
+    ) -> list[Rollout]:
+        """Enqueue a batch of rollouts, in a constant number of round trips.
+
+        Each item is a task input, or a :class:`RolloutRequest` carrying its own
+        ``resources_id``/mode/config/metadata; the keyword arguments are the
+        defaults for plain inputs. ``resources_id=None`` means "the latest
+        snapshot when the rollout runs".
+
+        Round trips: one to check that the named snapshots exist (skipped with
+        ``check_resources=False``; an unknown id raises
+        :class:`ResourcesNotFoundError` before anything is written), one
+        MULTI/EXEC for all records, one pipeline for all task messages.
+        If publishing fails the records are marked ``failed`` and
+        :class:`EnqueueError` is raised.
+        """
+        queue = queue or self.settings.queue
+        rollouts = []
+        for item in inputs:
+            request = item if isinstance(item, RolloutRequest) else RolloutRequest(
+                input=item, resources_id=resources_id, mode=mode, config=config, metadata=metadata or {}
+            )
+            rollouts.append(
+                Rollout(
+                    input=request.input,
+                    mode=request.mode,
+                    resources_id=request.resources_id,
+                    config=request.config or config or RolloutConfig(),
+                    metadata=request.metadata,
+                    queue=queue,
+                )
+            )
+        if not rollouts:
+            return []
+        if check_resources:
+            named = sorted({r.resources_id for r in rollouts if r.resources_id})
+            for rid, exists in zip(named, self.registry.exists(*named)):
+                if not exists:
+                    raise ResourcesNotFoundError(rid, hint="nothing was enqueued; add the snapshot first")
+        self.store.create_rollouts(rollouts)
+        self.publish(rollouts)
+        return rollouts
+
+    def publish(self, rollouts: Sequence[Rollout]) -> None:
+        """Send one task message per rollout (ids only), batched into one Redis pipeline."""
+        settings = self.settings
+        try:
+            with self.app.producer_or_acquire() as producer, producer.batch():
+                for rollout in rollouts:
+                    limit = rollout.config.timeout_seconds or settings.default_timeout_seconds
+                    limits = {"soft_time_limit": limit, "time_limit": limit + settings.hard_timeout_grace_seconds} if limit else {}
+                    self.app.send_task(
+                        TASK_NAME,
+                        kwargs={"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id},
+                        task_id=rollout.rollout_id,
+                        queue=rollout.queue,
+                        producer=producer,
+                        **limits,
+                    )
+        except Exception as exc:
+            ids = [r.rollout_id for r in rollouts]
+            error = ErrorInfo(type=type(exc).__name__, message=f"the task message could not be published: {exc}")
+            for rid in ids:
+                self.store.terminate(rid, "failed", error)
+            raise EnqueueError(ids, exc) from exc
+
+    def wait_for_rollouts(
+        self,
+        rollout_ids: Sequence[str],
+        timeout: float | None = None,
+        on_finished: Callable[[Rollout], None] | None = None,
+    ) -> list[Rollout]:
+        """Block until the rollouts finish or ``timeout`` passes; see
+        :meth:`RolloutStore.wait_for_rollouts`."""
+        return self.store.wait_for_rollouts(rollout_ids, timeout, on_finished)
+
+    def get_rollout(self, rollout_id: str) -> Rollout:
+        return self.store.get_rollout(rollout_id)
+
+    def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
+        return self.store.get_rollouts(rollout_ids)
+
+    def get_attempts(self, rollout_id: str) -> list[Attempt]:
+        return self.store.get_attempts(rollout_id)
+
+    def query_rollouts(self, **filters: Any) -> list[Rollout]:
+        """See :meth:`RolloutStore.query_rollouts` for the filters."""
+        return self.store.query_rollouts(**filters)
+
+    def cancel_rollout(self, rollout_id: str) -> str:
+        """Cancel a rollout that has not finished; return its status afterwards.
+
+        A queued rollout is skipped when a worker takes it; a running one
+        keeps running, but its outcome is recorded on the attempt only and the
+        rollout stays ``cancelled``.
+        """
+        return self.store.terminate(rollout_id, "cancelled")
+
+
+class AsyncLightningClient:
+    """The same API as :class:`LightningClient`, for asyncio code.
+
+    Each call runs the synchronous client in a worker thread
+    (``asyncio.to_thread``): the Redis work is short round trips, and
+    ``wait_for_rollouts`` blocks only its own thread, never the event loop.
+    """
+
+    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
+        self.sync = LightningClient(settings, **kwargs)
+
+    async def __aenter__(self) -> AsyncLightningClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.sync.close)
+
+    async def add_resources(self, resources: ResourcesLike, resources_id: str | None = None) -> ResourcesUpdate:
+        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id)
+
+    async def update_resources(self, resources_id: str, resources: ResourcesLike) -> ResourcesUpdate:
+        return await asyncio.to_thread(self.sync.update_resources, resources_id, resources)
+
+    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate:
+        return await asyncio.to_thread(self.sync.get_resources_by_id, resources_id)
+
+    async def get_latest_resources(self) -> ResourcesUpdate | None:
+        return await asyncio.to_thread(self.sync.get_latest_resources)
+
+    async def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
+        return await asyncio.to_thread(self.sync.query_resources, offset, limit)
+
+    async def enqueue_rollout(self, input: Any, **kwargs: Any) -> Rollout:
+        return await asyncio.to_thread(lambda: self.sync.enqueue_rollout(input, **kwargs))
+
+    async def enqueue_rollouts(self, inputs: Iterable[Any | RolloutRequest], **kwargs: Any) -> list[Rollout]:
+        items = list(inputs)
+        return await asyncio.to_thread(lambda: self.sync.enqueue_rollouts(items, **kwargs))
+
+    async def wait_for_rollouts(
+        self,
+        rollout_ids: Sequence[str],
+        timeout: float | None = None,
+        on_finished: Callable[[Rollout], None] | None = None,
+    ) -> list[Rollout]:
+        return await asyncio.to_thread(self.sync.wait_for_rollouts, rollout_ids, timeout, on_finished)
+
+    async def get_rollout(self, rollout_id: str) -> Rollout:
+        return await asyncio.to_thread(self.sync.get_rollout, rollout_id)
+
+    async def get_attempts(self, rollout_id: str) -> list[Attempt]:
+        return await asyncio.to_thread(self.sync.get_attempts, rollout_id)
+
+    async def query_rollouts(self, **filters: Any) -> list[Rollout]:
+        return await asyncio.to_thread(lambda: self.sync.query_rollouts(**filters))
+
+    async def cancel_rollout(self, rollout_id: str) -> str:
+        return await asyncio.to_thread(self.sync.cancel_rollout, rollout_id)

@@ -1,0 +1,137 @@
+"""Every error a user can cause, in one small hierarchy.
+
+Each message says what was wrong and what to do next. Catch
+:class:`LightningQueueError` to handle all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class LightningQueueError(Exception):
+    """Base class of every error raised by lightning-queue."""
+
+
+class ConfigurationError(LightningQueueError):
+    """The settings or the command line name something unusable."""
+
+
+class RedisUnavailableError(LightningQueueError):
+    """Redis could not be reached (at start-up or mid-operation)."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        detail = f": {cause}" if cause else ""
+        super().__init__(
+            f"cannot reach Redis at {url}{detail}. Start a Redis server there, or point "
+            "LQ_REDIS_URL at one (e.g. redis://host:6379/0)."
+        )
+        self.url = url
+
+
+class InvalidResourcesError(LightningQueueError, ValueError):
+    """A resources mapping did not validate (malformed field, wrong type...)."""
+
+
+class UnknownResourceTypeError(InvalidResourcesError):
+    """A resource names a ``resource_type`` no class was registered for."""
+
+    def __init__(self, resource_type: object, known: Iterable[str]) -> None:
+        known_list = ", ".join(sorted(known))
+        super().__init__(
+            f"unknown resource_type {resource_type!r}; known types: {known_list}. "
+            "Define a subclass of lightning_queue.Resource with "
+            "`resource_type: Literal[...]` and import it before loading this snapshot."
+        )
+        self.resource_type = resource_type
+
+
+class ResourcesNotFoundError(LightningQueueError, LookupError):
+    """No snapshot is stored under the requested ``resources_id`` (or pointer)."""
+
+    def __init__(self, resources_id: str, hint: str | None = None) -> None:
+        message = f"no resource snapshot with resources_id {resources_id!r}"
+        message += f"; {hint}" if hint else "; list the stored ones with `lightning-queue resources list`"
+        super().__init__(message)
+        self.resources_id = resources_id
+
+
+class NoLatestResourcesError(ResourcesNotFoundError):
+    """A rollout asked for the latest snapshot but none has been stored yet."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "latest",
+            hint="no snapshot has been stored yet: add one with client.add_resources(...) "
+            "or `lightning-queue resources add` before enqueuing unpinned rollouts",
+        )
+
+
+class ResourcesExistError(LightningQueueError):
+    """``add_resources`` was given an id that is already taken."""
+
+    def __init__(self, resources_id: str) -> None:
+        super().__init__(
+            f"a snapshot with resources_id {resources_id!r} already exists; snapshots are "
+            "immutable: use update_resources() to store a new version under this id, or pick another id"
+        )
+        self.resources_id = resources_id
+
+
+class SnapshotCorruptedError(LightningQueueError):
+    """A stored snapshot could not be decoded (bad payload or checksum)."""
+
+    def __init__(self, resources_id: str, reason: str) -> None:
+        super().__init__(
+            f"snapshot {resources_id!r} is corrupted ({reason}); store it again with update_resources()"
+        )
+        self.resources_id = resources_id
+
+
+class MissingResourceError(LightningQueueError, LookupError):
+    """The agent asks for a resource the snapshot does not hold."""
+
+
+class AgentSignatureError(LightningQueueError, TypeError):
+    """A function given to ``@rollout`` has a parameter nothing can inject."""
+
+
+class AgentNotConfiguredError(ConfigurationError):
+    """A worker was asked to run rollouts but was given no agent."""
+
+
+class InvalidRolloutResultError(LightningQueueError, TypeError):
+    """An agent returned something that is neither a reward nor a RolloutResult."""
+
+
+class RolloutNotFoundError(LightningQueueError, LookupError):
+    """No rollout is stored under the requested id."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(
+            f"no rollout with id {rollout_id!r}; list rollouts with `lightning-queue rollouts list`"
+        )
+        self.rollout_id = rollout_id
+
+
+class EnqueueError(LightningQueueError):
+    """Rollout records were written but their task messages could not be published.
+
+    The affected rollouts are marked ``failed`` so nothing waits on them forever.
+    """
+
+    def __init__(self, rollout_ids: list[str], cause: BaseException) -> None:
+        super().__init__(
+            f"could not publish {len(rollout_ids)} rollout message(s) to the broker ({cause}); "
+            "they were marked failed, enqueue them again once the broker is reachable"
+        )
+        self.rollout_ids = rollout_ids
+
+
+class RolloutFailed(LightningQueueError):
+    """Raised by the runner's task when a rollout ends ``failed``, so Celery and
+    Flower show that task as failed. The rollout record holds the details."""
+
+    def __init__(self, rollout_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"rollout {rollout_id} failed: {error_type}: {message}")
+        self.rollout_id = rollout_id

@@ -1,0 +1,94 @@
+"""The whole Redis keyspace of lightning-queue, under one configurable prefix.
+
+Snapshot registry::
+
+    {p}:snapshot:{resources_id}   hash   resources (JSON), version, create_time, update_time
+    {p}:snapshots                 zset   resources_id -> sequence of its last write (newest = highest)
+    {p}:pointers                  hash   pointer name ("latest", ...) -> resources_id
+    {p}:seq                       string global write counter, orders snapshots
+
+Rollout store::
+
+    {p}:rollout:{rollout_id}             hash  the Rollout record, one field per model field
+    {p}:rollout:{rollout_id}:attempt:{n} hash  attempt n (1-based) of that rollout
+    {p}:rollouts                         zset  rollout_id -> enqueue time
+    {p}:rollouts:status:{status}         zset  rollout_id -> enqueue time, one per status
+    {p}:rollouts:mode:{mode}             zset  rollout_id -> enqueue time
+    {p}:rollouts:resources:{id}          zset  rollouts pinned to, or run with, that snapshot
+    {p}:rollouts:worker:{worker_id}      zset  rollouts that worker ran an attempt of
+    {p}:events                           pub/sub channel; a finished rollout's id is published
+
+Celery's broker keys (queues, unacked messages, pidbox) live under ``{p}:celery:``
+through kombu's ``global_keyprefix`` transport option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLLOUT_STATUSES = ("queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "lq"
+
+    # -- snapshot registry --------------------------------------------------
+    def snapshot(self, resources_id: str) -> str:
+        return f"{self.prefix}:snapshot:{resources_id}"
+
+    @property
+    def snapshots(self) -> str:
+        return f"{self.prefix}:snapshots"
+
+    @property
+    def pointers(self) -> str:
+        return f"{self.prefix}:pointers"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:seq"
+
+    # -- rollout store --------------------------------------------------------
+    def rollout(self, rollout_id: str) -> str:
+        return f"{self.prefix}:rollout:{rollout_id}"
+
+    def attempt_prefix(self, rollout_id: str) -> str:
+        return f"{self.prefix}:rollout:{rollout_id}:attempt:"
+
+    def attempt(self, rollout_id: str, sequence_id: int) -> str:
+        return f"{self.attempt_prefix(rollout_id)}{sequence_id}"
+
+    @property
+    def rollouts(self) -> str:
+        return f"{self.prefix}:rollouts"
+
+    def rollouts_by_status(self, status: str) -> str:
+        return f"{self.prefix}:rollouts:status:{status}"
+
+    def all_status_indexes(self) -> list[str]:
+        """The status index keys, in ``ROLLOUT_STATUSES`` order (Lua scripts rely on it)."""
+        return [self.rollouts_by_status(s) for s in ROLLOUT_STATUSES]
+
+    def rollouts_by_mode(self, mode: str) -> str:
+        return f"{self.prefix}:rollouts:mode:{mode}"
+
+    def rollouts_by_resources(self, resources_id: str) -> str:
+        return f"{self.prefix}:rollouts:resources:{resources_id}"
+
+    def rollouts_by_worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:rollouts:worker:{worker_id}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    # -- celery -----------------------------------------------------------------
+    @property
+    def celery_prefix(self) -> str:
+        return f"{self.prefix}:celery:"
+
+    @property
+    def pattern(self) -> str:
+        """Glob matching every key this prefix owns (used by tests to clean up)."""
+        return f"{self.prefix}:*"

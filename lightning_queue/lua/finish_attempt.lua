@@ -1,0 +1,31 @@
+-- Record an attempt's outcome and move the rollout on, atomically.
+-- KEYS[K+1] rollout hash, KEYS[K+2] attempt hash, KEYS[K+3] events channel
+-- ARGV[1] rollout_id, ARGV[2] sequence_id, ARGV[3] attempt status, ARGV[4] now,
+-- ARGV[5] error JSON or '', ARGV[6] result JSON or '', ARGV[7] next rollout status
+-- (succeeded | failed | requeuing)
+-- Returns the rollout's status afterwards, or 'stale' when the attempt had already been
+-- declared lost and superseded (nothing is written then).
+local rollout_key = KEYS[K + 1]
+if redis.call('HGET', rollout_key, 'attempt_count') ~= ARGV[2] then
+  return 'stale'
+end
+local attempt = {'status', ARGV[3], 'end_time', ARGV[4]}
+if ARGV[5] ~= '' then table.insert(attempt, 'error'); table.insert(attempt, ARGV[5]) end
+if ARGV[6] ~= '' then table.insert(attempt, 'result'); table.insert(attempt, ARGV[6]) end
+redis.call('HSET', KEYS[K + 2], unpack(attempt))
+local status = redis.call('HGET', rollout_key, 'status')
+if TERMINAL[status] then
+  return status  -- cancelled while it ran: the outcome is kept on the attempt only
+end
+local next_status = ARGV[7]
+if ARGV[5] ~= '' then redis.call('HSET', rollout_key, 'error', ARGV[5]) end
+if TERMINAL[next_status] then
+  redis.call('HSET', rollout_key, 'end_time', ARGV[4])
+  if ARGV[6] ~= '' then redis.call('HSET', rollout_key, 'result', ARGV[6]) end
+  if next_status == 'succeeded' then redis.call('HDEL', rollout_key, 'error') end
+end
+set_status(rollout_key, ARGV[1], status, next_status)
+if TERMINAL[next_status] then
+  redis.call('PUBLISH', KEYS[K + 3], ARGV[1])
+end
+return next_status

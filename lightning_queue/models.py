@@ -1,0 +1,275 @@
+"""The shared vocabulary: resources, snapshots, rollouts, attempts, results.
+
+Every component (registry, store, client, runner, CLI) speaks in these models.
+Resource types form a discriminated union on ``resource_type`` that users can
+extend: any subclass of :class:`Resource` that declares
+``resource_type: Literal["my_type"] = "my_type"`` is registered when it is defined.
+"""
+
+from __future__ import annotations
+
+import string
+import time
+import uuid
+from typing import Annotated, Any, ClassVar, Literal, Mapping
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    SerializeAsAny,
+    ValidationError,
+    field_serializer,
+)
+
+from .errors import InvalidResourcesError, UnknownResourceTypeError
+
+RolloutMode = Literal["train", "val", "test"]
+RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
+AttemptStatus = Literal["preparing", "running", "succeeded", "failed", "timeout", "worker_lost"]
+
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+"""A rollout in one of these statuses never changes again."""
+
+REVEAL_SECRETS = {"reveal_secrets": True}
+"""Serialization context under which secrets are written in clear (only for storage)."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class Resource(BaseModel):
+    """Base of every resource type. Subclasses are registered by their ``resource_type``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resource_type: str
+    _registry: ClassVar[dict[str, type[Resource]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        name = cls.model_fields["resource_type"].default
+        if not isinstance(name, str):
+            raise TypeError(
+                f"{cls.__name__} must declare `resource_type: Literal['<name>'] = '<name>'` "
+                "so snapshots can name it"
+            )
+        existing = Resource._registry.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise TypeError(f"resource_type {name!r} is already registered by {existing.__qualname__}")
+        Resource._registry[name] = cls
+
+    @classmethod
+    def registered_types(cls) -> dict[str, type[Resource]]:
+        return dict(Resource._registry)
+
+
+class LLM(Resource):
+    """An LLM endpoint (any OpenAI-compatible server) and how to sample from it.
+
+    ``api_key`` is a secret: ``repr``, ``str``, logs and the CLI show ``**********``.
+    """
+
+    resource_type: Literal["llm"] = "llm"
+    endpoint: str
+    model: str
+    api_key: SecretStr | None = None
+    sampling_parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_serializer("api_key", when_used="unless-none")
+    def _serialize_secret(self, value: SecretStr, info: SerializationInfo) -> str | SecretStr:
+        context = info.context or {}
+        if context.get("reveal_secrets"):
+            return value.get_secret_value()
+        return value if info.mode == "python" else "**********"
+
+
+class PromptTemplate(Resource):
+    """A text template, formatted with ``str.format`` (``f-string``) or Jinja2."""
+
+    resource_type: Literal["prompt_template"] = "prompt_template"
+    template: str
+    engine: Literal["f-string", "jinja"] = "f-string"
+
+    def format(self, **kwargs: Any) -> str:
+        """Fill the template. A missing variable raises ``KeyError`` naming it (both engines)."""
+        if self.engine == "f-string":
+            return self.template.format(**kwargs)
+        import jinja2
+
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+        try:
+            return env.from_string(self.template).render(**kwargs)
+        except jinja2.UndefinedError as exc:
+            raise KeyError(str(exc)) from exc
+
+    def variables(self) -> set[str]:
+        """Names the template uses (f-string engine: top-level field names only)."""
+        if self.engine == "f-string":
+            return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        import jinja2
+        from jinja2 import meta
+
+        return set(meta.find_undeclared_variables(jinja2.Environment().parse(self.template)))
+
+
+def _parse_resource(value: Any) -> Any:
+    if isinstance(value, Resource):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a resource must be an object with a resource_type, got {type(value).__name__}")
+    resource_type = value.get("resource_type")
+    cls = Resource._registry.get(resource_type) if isinstance(resource_type, str) else None
+    if cls is None:
+        raise UnknownResourceTypeError(resource_type, Resource._registry)
+    return cls.model_validate(value)
+
+
+AnyResource = Annotated[SerializeAsAny[Resource], BeforeValidator(_parse_resource)]
+NamedResources = dict[str, AnyResource]
+"""Resources by name, e.g. ``{"main_llm": LLM(...), "system_prompt": PromptTemplate(...)}``."""
+
+
+class _ResourcesHolder(BaseModel):
+    resources: NamedResources
+
+
+def validate_resources(resources: Mapping[str, Any]) -> dict[str, Resource]:
+    """Validate a resources mapping, raising one clear :class:`InvalidResourcesError`."""
+    if not isinstance(resources, Mapping):
+        raise InvalidResourcesError(f"resources must be a mapping of name -> resource, got {type(resources).__name__}")
+    if not resources:
+        raise InvalidResourcesError("resources must hold at least one resource")
+    try:
+        return _ResourcesHolder(resources=dict(resources)).resources
+    except UnknownResourceTypeError:
+        raise
+    except ValidationError as exc:
+        for error in exc.errors():
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, UnknownResourceTypeError):
+                raise UnknownResourceTypeError(cause.resource_type, Resource._registry) from None
+        raise InvalidResourcesError(f"invalid resources: {exc}") from None
+
+
+def dump_resources(resources: Mapping[str, Resource]) -> str:
+    """Serialize resources for storage, secrets included."""
+    return _ResourcesHolder.model_construct(resources=dict(resources)).model_dump_json(context=REVEAL_SECRETS)
+
+
+class ResourcesUpdate(BaseModel):
+    """One immutable version of a resource snapshot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    resources_id: str
+    version: int = Field(ge=1)
+    create_time: float
+    update_time: float
+    resources: NamedResources
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+class RolloutConfig(BaseModel):
+    """How a rollout is run: time limit and retries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: float | None = Field(None, gt=0, description="Soft time limit of one attempt.")
+    max_attempts: int = Field(1, ge=1, le=100, description="Attempts in all, the first one included.")
+    retry_condition: list[Literal["failed", "timeout", "worker_lost"]] = Field(
+        default_factory=lambda: ["failed", "timeout", "worker_lost"],
+        description="Attempt outcomes that may be retried while attempts remain.",
+    )
+
+
+class ErrorInfo(BaseModel):
+    """Why an attempt or rollout failed."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, with_traceback: bool = True) -> ErrorInfo:
+        import traceback as tb
+
+        text = "".join(tb.format_exception(exc)) if with_traceback else None
+        return cls(type=type(exc).__name__, message=str(exc), traceback=text)
+
+
+class RolloutResult(BaseModel):
+    """What an agent reports: a final reward, optional per-step rewards or trace, any JSON output."""
+
+    reward: float | None = None
+    step_rewards: list[float] | None = None
+    trace: list[dict[str, Any]] | None = None
+    output: Any = None
+
+
+class Rollout(BaseModel):
+    """One run of the agent on one task input.
+
+    ``resources_id`` is what the rollout was enqueued with: a snapshot id, or
+    ``None`` for "the latest when it runs". Each :class:`Attempt` records the
+    snapshot id and version it actually ran with.
+    """
+
+    rollout_id: str = Field(default_factory=lambda: new_id("ro"))
+    input: Any
+    mode: RolloutMode | None = "train"
+    resources_id: str | None = None
+    status: RolloutStatus = "queuing"
+    config: RolloutConfig = Field(default_factory=RolloutConfig)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    queue: str = "lightning_queue"
+    enqueue_time: float = Field(default_factory=time.time)
+    start_time: float | None = None
+    end_time: float | None = None
+    attempt_count: int = 0
+    error: ErrorInfo | None = None
+    result: RolloutResult | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def reward(self) -> float | None:
+        return self.result.reward if self.result else None
+
+
+class Attempt(BaseModel):
+    """One try at running a rollout, on one worker, with one concrete snapshot."""
+
+    rollout_id: str
+    sequence_id: int = Field(ge=1)
+    attempt_id: str
+    worker_id: str
+    status: AttemptStatus
+    start_time: float
+    end_time: float | None = None
+    resources_id: str | None = None
+    resources_version: int | None = None
+    error: ErrorInfo | None = None
+    result: RolloutResult | None = None
+
+
+class RolloutRequest(BaseModel):
+    """One rollout to enqueue in a batch, with its own snapshot, mode, config or metadata."""
+
+    input: Any
+    resources_id: str | None = None
+    mode: RolloutMode | None = "train"
+    config: RolloutConfig | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,184 @@
+"""The runner: the Celery task that runs one rollout on a worker.
+
+For each message it claims the rollout (opening an attempt), resolves the
+snapshot by the seed's rule (an explicit ``resources_id`` gives that
+snapshot, none gives the latest at the moment the rollout runs), injects the
+resources into the agent, runs it and records the outcome. Nothing is left
+stuck: a missing snapshot fails the rollout with an error naming the id and
+the message is acked; an agent exception fails the attempt and retries
+through Celery while ``max_attempts`` allows; a soft time limit raises inside
+the agent, a hard one kills the process and is recorded by the worker's main
+process; a worker that dies has its message redelivered, and the next claim
+marks the lost attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Literal
+
+import redis
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import Task
+from celery.exceptions import Reject
+from pydantic_core import PydanticSerializationError
+
+from .errors import (
+    InvalidRolloutResultError,
+    MissingResourceError,
+    ResourcesNotFoundError,
+    RolloutFailed,
+    RolloutNotFoundError,
+    SnapshotCorruptedError,
+)
+from .models import ErrorInfo, RolloutConfig
+
+if TYPE_CHECKING:
+    from .app import LightningCelery
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "lightning_queue.rollout"
+
+# Errors that another attempt cannot fix: retrying would only repeat them.
+_PERMANENT = (ResourcesNotFoundError, SnapshotCorruptedError, MissingResourceError)
+
+
+def next_status(
+    config: RolloutConfig, sequence_id: int, attempt_status: str, retryable: bool = True
+) -> Literal["succeeded", "failed", "requeuing"]:
+    """Where a rollout goes after attempt ``sequence_id`` ended with ``attempt_status``."""
+    if attempt_status == "succeeded":
+        return "succeeded"
+    if retryable and attempt_status in config.retry_condition and sequence_id < config.max_attempts:
+        return "requeuing"
+    return "failed"
+
+
+class RolloutTask(Task):
+    """Base class of the rollout task; handles what happens outside the task body."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = True
+    # An expected outcome: Flower shows the task failed, the worker logs no traceback.
+    throws = (RolloutFailed,)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # A hard time limit kills the child process; this runs in the worker's main process.
+        if isinstance(exc, TimeLimitExceeded):
+            record_hard_timeout(self.app, kwargs.get("rollout_id") or task_id, exc)
+
+
+def record_hard_timeout(app: LightningCelery, rollout_id: str, exc: BaseException) -> None:
+    """The agent ignored its soft time limit and its process was killed: record the
+    attempt as timed out and requeue the rollout if attempts remain."""
+    client = app.lightning
+    try:
+        rollout = client.store.get_rollout(rollout_id)
+    except RolloutNotFoundError:
+        return
+    if rollout.is_finished or rollout.attempt_count == 0:
+        return
+    seq = rollout.attempt_count
+    error = ErrorInfo(
+        type="TimeLimitExceeded",
+        message=f"the agent ignored its soft time limit and its process was killed ({exc})",
+    )
+    status = client.store.finish_attempt(
+        rollout_id, seq, "timeout", next_status(rollout.config, seq, "timeout"), error=error
+    )
+    if status == "requeuing":
+        client.publish([rollout])
+
+
+def run_rollout(task: RolloutTask, rollout_id: str, resources_id: str | None = None) -> dict[str, Any]:
+    """Run one rollout. ``resources_id`` in the message is informational (Flower
+    shows it); the rollout record is authoritative."""
+    app: LightningCelery = task.app  # type: ignore[assignment]
+    try:
+        return _run(task, app, rollout_id)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Redis stayed unreachable through the client's retries: give the message back
+        # so the rollout runs again once Redis is back, instead of acking it unrecorded.
+        log.error("rollout %s: lost the connection to Redis (%s); requeuing the message", rollout_id, exc)
+        raise Reject(str(exc), requeue=True) from exc
+
+
+def _run(task: RolloutTask, app: LightningCelery, rollout_id: str) -> dict[str, Any]:
+    client = app.lightning
+    store = client.store
+    worker_id = task.request.hostname or f"pid-{os.getpid()}"
+    try:
+        rollout = store.get_rollout(rollout_id)
+    except RolloutNotFoundError:
+        log.error("rollout %s: no such record (expired or deleted); dropping the message", rollout_id)
+        return {"rollout_id": rollout_id, "status": "missing"}
+
+    claim = store.claim(rollout, worker_id)
+    if claim.outcome != "claimed":
+        return {"rollout_id": rollout_id, "status": claim.status or claim.outcome}
+    seq = claim.sequence_id
+
+    try:
+        snapshot = client.registry.resolve(rollout.resources_id)
+    except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
+        status = store.finish_attempt(
+            rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)
+        )
+        if status == "failed":
+            raise RolloutFailed(rollout_id, type(exc).__name__, str(exc))
+        return {"rollout_id": rollout_id, "status": status}
+
+    if not store.start_attempt(rollout_id, seq, snapshot.resources_id, snapshot.version):
+        return {"rollout_id": rollout_id, "status": store.get_rollout(rollout_id).status}
+
+    error: ErrorInfo | None = None
+    result = None
+    attempt_status = "succeeded"
+    retryable = True
+    try:
+        result = app.agent.execute(rollout.input, snapshot.resources, rollout)
+        result.model_dump_json()  # the output must be JSON-able to be stored
+    except SoftTimeLimitExceeded as exc:
+        attempt_status, result = "timeout", None
+        error = ErrorInfo(
+            type="SoftTimeLimitExceeded",
+            message=f"the rollout ran past its time limit of {rollout.config.timeout_seconds or app.lightning_settings.default_timeout_seconds} s",
+            traceback=ErrorInfo.from_exception(exc).traceback,
+        )
+    except PydanticSerializationError as exc:
+        attempt_status, result = "failed", None
+        error = ErrorInfo.from_exception(
+            InvalidRolloutResultError(f"the agent's output is not JSON-serializable: {exc}")
+        )
+    except Exception as exc:  # the agent's own failure, whatever it is
+        attempt_status, result = "failed", None
+        retryable = not isinstance(exc, _PERMANENT)
+        if isinstance(exc, MissingResourceError):
+            exc = MissingResourceError(f"snapshot {snapshot.resources_id!r} (version {snapshot.version}): {exc}")
+        error = ErrorInfo.from_exception(exc)
+        log.warning("rollout %s attempt %d failed: %s: %s", rollout_id, seq, error.type, error.message)
+
+    status = store.finish_attempt(
+        rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
+        error=error, result=result,
+    )
+    if status == "requeuing":
+        # Celery's own retry: the same task id goes back to the queue with its time limits.
+        raise task.retry(max_retries=None, countdown=0)
+    if status == "failed" and error is not None:
+        raise RolloutFailed(rollout_id, error.type, error.message)
+    return {
+        "rollout_id": rollout_id,
+        "status": status,
+        "resources_id": snapshot.resources_id,
+        "version": snapshot.version,
+        "reward": result.reward if result else None,
+    }
+
+
+def register_tasks(app: LightningCelery) -> None:
+    app.task(bind=True, base=RolloutTask, name=TASK_NAME)(run_rollout)
+

@@ -1,0 +1,56 @@
+"""Configuration, from the environment (``LQ_*``) or from code."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .keys import Keys
+
+
+class Settings(BaseSettings):
+    """Everything a client or a worker needs to find each other.
+
+    Every field can be set from the environment with the ``LQ_`` prefix, e.g.
+    ``LQ_REDIS_URL=redis://10.0.0.5:6379/0``, ``LQ_KEY_PREFIX=exp42``,
+    ``LQ_QUEUE=calc``, ``LQ_AGENT=workers.calc_agent:agent``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LQ_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding the snapshot registry and rollout store; also the Celery broker.",
+    )
+    key_prefix: str = Field("lq", description="Prefix of every Redis key lightning-queue writes.")
+    queue: str = Field("lightning_queue", description="Celery queue rollouts are sent to by default.")
+    agent: str | None = Field(
+        None, description="Worker side: 'module:attribute' of the agent the worker runs."
+    )
+    visibility_timeout: int = Field(
+        3600,
+        ge=1,
+        description=(
+            "Seconds before a message taken by a worker that died is redelivered. "
+            "Must exceed the longest rollout, or a slow rollout is run twice."
+        ),
+    )
+    default_timeout_seconds: float | None = Field(
+        None, gt=0, description="Time limit for rollouts whose config sets none."
+    )
+    hard_timeout_grace_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="After the soft time limit, how long an agent may ignore it before its process is killed.",
+    )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_separator_at_ends(cls, value: str) -> str:
+        if not value or value.startswith(":") or value.endswith(":"):
+            raise ValueError("key_prefix must be non-empty and must not start or end with ':'")
+        return value
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.key_prefix)

@@ -1,0 +1,348 @@
+"""The rollout store: rollout and attempt records on Redis, and their status machine.
+
+Statuses::
+
+    queuing -> preparing -> running -> succeeded | failed
+                                    \\-> requeuing -> preparing ... (retry while attempts remain)
+    any non-final status -> cancelled
+
+Every transition is one Lua script, so readers never see a rollout in two
+status indexes or a finished rollout without its result. A rollout that
+reaches a final status has its id published on the events channel, which
+:meth:`RolloutStore.wait_for_rollouts` listens to.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import redis
+
+from .connections import load_script, script_source
+from .errors import RolloutNotFoundError
+from .keys import ROLLOUT_STATUSES, Keys
+from .models import Attempt, ErrorInfo, Rollout, RolloutResult, TERMINAL_STATUSES, new_id
+
+# Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
+_PLAIN_ROLLOUT_FIELDS = frozenset(
+    {"rollout_id", "status", "queue", "resources_id", "attempt_count", "enqueue_time", "start_time", "end_time"}
+)
+_PLAIN_ATTEMPT_FIELDS = frozenset(
+    {"rollout_id", "sequence_id", "attempt_id", "worker_id", "status", "start_time", "end_time",
+     "resources_id", "resources_version"}
+)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
+    return {
+        key: (str(value) if key in plain else json.dumps(value))
+        for key, value in data.items()
+        if value is not None
+    }
+
+
+def _decode(fields: Mapping[bytes | str, bytes | str], plain: frozenset[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for raw_key, raw_value in fields.items():
+        key, value = _text(raw_key), _text(raw_value)
+        out[key] = value if key in plain else json.loads(value)
+    return out
+
+
+def encode_rollout(rollout: Rollout) -> dict[str, str]:
+    return _encode(rollout.model_dump(mode="json"), _PLAIN_ROLLOUT_FIELDS)
+
+
+def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
+    return Rollout.model_validate(_decode(fields, _PLAIN_ROLLOUT_FIELDS))
+
+
+def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
+    return Attempt.model_validate(_decode(fields, _PLAIN_ATTEMPT_FIELDS))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`RolloutStore.claim` decided."""
+
+    outcome: Literal["claimed", "missing", "finished", "lost"]
+    sequence_id: int = 0
+    status: str | None = None
+
+
+class RolloutStore:
+    """Rollout and attempt records, their indexes, and completion notifications.
+
+    Contract:
+
+    * ``create_rollouts`` writes every record and index entry of a batch in one
+      MULTI/EXEC round trip: all or none are visible.
+    * ``claim``, ``start_attempt``, ``finish_attempt`` and ``terminate`` are
+      each one atomic Lua script. A final status (succeeded, failed,
+      cancelled) is never left again; a cancelled rollout stays cancelled
+      even if its attempt finishes afterwards.
+    * Lookups of an unknown id raise :class:`RolloutNotFoundError`.
+    * Queries return newest enqueued first.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        statuses = ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES)
+        prelude = script_source("_rollout_prelude").replace("__STATUSES__", statuses)
+        self._claim = load_script(client, "claim_rollout", prelude)
+        self._start = load_script(client, "start_rollout", prelude)
+        self._finish = load_script(client, "finish_attempt", prelude)
+        self._terminate = load_script(client, "terminate_rollout", prelude)
+
+    # -- writes -----------------------------------------------------------------------
+
+    def create_rollouts(self, rollouts: Sequence[Rollout]) -> None:
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        for rollout in rollouts:
+            rid, score = rollout.rollout_id, rollout.enqueue_time
+            pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))
+            pipe.zadd(k.rollouts, {rid: score})
+            pipe.zadd(k.rollouts_by_status(rollout.status), {rid: score})
+            if rollout.mode:
+                pipe.zadd(k.rollouts_by_mode(rollout.mode), {rid: score})
+            if rollout.resources_id:
+                pipe.zadd(k.rollouts_by_resources(rollout.resources_id), {rid: score})
+        pipe.execute()
+
+    def claim(self, rollout: Rollout, worker_id: str) -> Claim:
+        """Open the next attempt of ``rollout`` for ``worker_id``.
+
+        If the rollout still has an open attempt, its worker died (the broker
+        redelivered the message): that attempt is marked ``worker_lost``, and
+        the rollout fails if the config allows no further attempt.
+        """
+        config = rollout.config
+        lost_allowed = config.max_attempts if "worker_lost" in config.retry_condition else 0
+        lost_error = ErrorInfo(
+            type="WorkerLostError",
+            message="the worker running this attempt died or lost its connection; the broker redelivered the rollout",
+        ).model_dump_json()
+        reply = self._claim(
+            keys=[*self.keys.all_status_indexes(), self.keys.rollout(rollout.rollout_id),
+                  self.keys.rollouts_by_worker(worker_id)],
+            args=[rollout.rollout_id, worker_id, repr(time.time()), new_id("at"), lost_allowed,
+                  self.keys.attempt_prefix(rollout.rollout_id), lost_error],
+        )
+        outcome = _text(reply[0])
+        if outcome == "finished":
+            return Claim("finished", status=_text(reply[1]))
+        if outcome == "missing":
+            return Claim("missing")
+        return Claim(outcome, sequence_id=int(reply[1]))  # type: ignore[arg-type]
+
+    def start_attempt(self, rollout_id: str, sequence_id: int, resources_id: str, version: int) -> bool:
+        """Mark the attempt running with this concrete snapshot. False: do not run it
+        (the rollout was cancelled, or the attempt superseded)."""
+        k = self.keys
+        return bool(
+            self._start(
+                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id),
+                      k.rollouts_by_resources(resources_id)],
+                args=[rollout_id, sequence_id, resources_id, version],
+            )
+        )
+
+    def finish_attempt(
+        self,
+        rollout_id: str,
+        sequence_id: int,
+        attempt_status: str,
+        next_status: Literal["succeeded", "failed", "requeuing"],
+        error: ErrorInfo | None = None,
+        result: RolloutResult | None = None,
+    ) -> str:
+        """Record the attempt's outcome; return the rollout's status afterwards (or 'stale')."""
+        k = self.keys
+        reply = self._finish(
+            keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events],
+            args=[rollout_id, sequence_id, attempt_status, repr(time.time()),
+                  error.model_dump_json() if error else "", result.model_dump_json() if result else "",
+                  next_status],
+        )
+        return _text(reply)
+
+    def terminate(self, rollout_id: str, status: Literal["cancelled", "failed"], error: ErrorInfo | None = None) -> str:
+        """End a rollout that has not finished; return its status afterwards.
+
+        A rollout already finished is left as it is. Raises
+        :class:`RolloutNotFoundError` for an unknown id.
+        """
+        k = self.keys
+        reply = _text(
+            self._terminate(
+                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events],
+                args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else ""],
+            )
+        )
+        if reply == "missing":
+            raise RolloutNotFoundError(rollout_id)
+        return reply
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get_rollout(self, rollout_id: str) -> Rollout:
+        fields = self.redis.hgetall(self.keys.rollout(rollout_id))
+        if not fields:
+            raise RolloutNotFoundError(rollout_id)
+        return decode_rollout(fields)
+
+    def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
+        """The rollouts, in the order given, read in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rollout_ids:
+            pipe.hgetall(self.keys.rollout(rid))
+        out = []
+        for rid, fields in zip(rollout_ids, pipe.execute()):
+            if not fields:
+                raise RolloutNotFoundError(rid)
+            out.append(decode_rollout(fields))
+        return out
+
+    def get_attempts(self, rollout_id: str) -> list[Attempt]:
+        """Every attempt of the rollout, first to last."""
+        count = self.redis.hget(self.keys.rollout(rollout_id), "attempt_count")
+        if count is None and not self.redis.exists(self.keys.rollout(rollout_id)):
+            raise RolloutNotFoundError(rollout_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for seq in range(1, int(count or 0) + 1):
+            pipe.hgetall(self.keys.attempt(rollout_id, seq))
+        return [decode_attempt(fields) for fields in pipe.execute() if fields]
+
+    def statuses(self, rollout_ids: Sequence[str]) -> dict[str, str | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rollout_ids:
+            pipe.hget(self.keys.rollout(rid), "status")
+        return {rid: (_text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute())}
+
+    def query_rollouts(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        mode: str | None = None,
+        resources_id: str | None = None,
+        worker_id: str | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> list[Rollout]:
+        """Rollouts matching every filter given, newest enqueued first.
+
+        ``status`` may be one status or several; ``resources_id`` matches
+        rollouts pinned to that snapshot or that ran an attempt with it.
+        """
+        if offset < 0 or limit < 1:
+            raise ValueError("offset must be >= 0 and limit >= 1")
+        k = self.keys
+        filters: list[list[str]] = []
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            unknown = set(wanted) - set(ROLLOUT_STATUSES)
+            if unknown:
+                raise ValueError(f"unknown status {sorted(unknown)}; statuses are {', '.join(ROLLOUT_STATUSES)}")
+            filters.append([k.rollouts_by_status(s) for s in wanted])
+        if mode is not None:
+            filters.append([k.rollouts_by_mode(mode)])
+        if resources_id is not None:
+            filters.append([k.rollouts_by_resources(resources_id)])
+        if worker_id is not None:
+            filters.append([k.rollouts_by_worker(worker_id)])
+        if not filters:
+            ids = [_text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
+        else:
+            pipe = self.redis.pipeline(transaction=True)
+            for group in filters:
+                for key in group:
+                    pipe.zrange(key, 0, -1, withscores=True)
+            replies = iter(pipe.execute())
+            scores: dict[str, float] | None = None
+            for group in filters:
+                union: dict[str, float] = {}
+                for _ in group:
+                    union.update((_text(member), score) for member, score in next(replies))
+                scores = union if scores is None else {m: s for m, s in scores.items() if m in union}
+            assert scores is not None
+            ordered = sorted(scores, key=lambda m: scores[m], reverse=True)  # type: ignore[index]
+            ids = ordered[offset : offset + limit]
+        return self.get_rollouts(ids) if ids else []
+
+    def count_by_status(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=True)
+        for s in ROLLOUT_STATUSES:
+            pipe.zcard(self.keys.rollouts_by_status(s))
+        return dict(zip(ROLLOUT_STATUSES, pipe.execute()))
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def wait_for_rollouts(
+        self,
+        rollout_ids: Sequence[str],
+        timeout: float | None = None,
+        on_finished: Callable[[Rollout], None] | None = None,
+    ) -> list[Rollout]:
+        """Block until every rollout has finished, or ``timeout`` seconds pass.
+
+        Returns the finished rollouts, in the order of ``rollout_ids`` (fewer
+        than asked for on time-out). Woken by the completion notifications
+        that every final transition publishes, not by polling; statuses are
+        read once after subscribing (and again after a dropped connection),
+        so a rollout that finished before the call is never missed.
+        ``on_finished`` is called once per rollout as it finishes.
+        """
+        ids = list(dict.fromkeys(rollout_ids))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished: dict[str, Rollout] = {}
+
+        def collect(candidates: Iterable[str]) -> None:
+            candidates = [rid for rid in candidates if rid not in finished]
+            if not candidates:
+                return
+            statuses = self.statuses(candidates)
+            for rid, status in statuses.items():
+                if status is None:
+                    raise RolloutNotFoundError(rid)
+            done = [rid for rid, status in statuses.items() if status in TERMINAL_STATUSES]
+            for rollout in self.get_rollouts(done) if done else []:
+                finished[rollout.rollout_id] = rollout
+                if on_finished:
+                    on_finished(rollout)
+
+        wanted = set(ids)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.keys.events)
+            collect(ids)
+            while len(finished) < len(ids):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                try:
+                    # Wake at least every few seconds so a silently dead socket is noticed.
+                    message = pubsub.get_message(timeout=min(remaining or 5.0, 5.0))
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(0.2)
+                    pubsub.close()
+                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.keys.events)
+                    collect(ids)  # notifications sent while disconnected are lost: re-read
+                    continue
+                if message is None:
+                    continue
+                rid = _text(message["data"])
+                if rid in wanted and rid not in finished:
+                    collect([rid])
+        finally:
+            pubsub.close()
+        return [finished[rid] for rid in ids if rid in finished]
