@@ -50,7 +50,6 @@ class LocalFleet:
     count: int = 2
     concurrency: int = 1
     pythonpath: Sequence[str] = ()
-    loglevel: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)
     workers: list[WorkerProcess] = field(default_factory=list)
     _logdir: tempfile.TemporaryDirectory | None = None
@@ -73,7 +72,9 @@ class LocalFleet:
             log_path = Path(self._logdir.name) / f"worker{i + 1}.log"
             argv = [sys.executable, "-m", "celery", "-A", "lightning_queue.app", "worker",
                     "--hostname", name, "--concurrency", str(self.concurrency), "-Q", self.settings.queue,
-                    "--without-mingle", "--without-gossip", "--loglevel", self.loglevel]
+                    "--without-mingle", "--without-gossip",
+                    # INFO at least: readiness is read from the "ready." line of the log.
+                    "--loglevel", "INFO"]
             with open(log_path, "wb") as log:
                 process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)

@@ -1,0 +1,56 @@
+"""Baseline: run a dataset against one snapshot and report the mean reward.
+
+    python -m algorithms.baseline [RESOURCES_ID]     # default: the latest snapshot
+
+Uses LQ_REDIS_URL / LQ_KEY_PREFIX / LQ_QUEUE like every lightning-queue program.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass
+
+from lightning_queue import LightningClient, Rollout
+
+from algorithms.datasets import arithmetic
+
+
+@dataclass
+class BaselineReport:
+    resources_id: str | None
+    rollouts: list[Rollout]
+
+    @property
+    def mean_reward(self) -> float:
+        rewards = [r.reward for r in self.rollouts if r.status == "succeeded" and r.reward is not None]
+        return statistics.fmean(rewards) if rewards else 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status != "succeeded" for r in self.rollouts)
+
+
+def run_baseline(
+    client: LightningClient, dataset: list[dict], resources_id: str | None = None,
+    mode: str = "val", timeout: float = 600,
+) -> BaselineReport:
+    """Enqueue one rollout per row (pinned to ``resources_id``, or following the latest)
+    and wait for them all."""
+    rollouts = client.enqueue_rollouts(dataset, resources_id=resources_id, mode=mode)
+    finished = client.wait_for_rollouts([r.rollout_id for r in rollouts], timeout=timeout)
+    if len(finished) < len(rollouts):
+        raise TimeoutError(f"{len(rollouts) - len(finished)} rollouts did not finish within {timeout} s")
+    return BaselineReport(resources_id, finished)
+
+
+def main() -> None:
+    resources_id = sys.argv[1] if len(sys.argv) > 1 else None
+    with LightningClient() as client:
+        report = run_baseline(client, arithmetic(), resources_id)
+    target = resources_id or "latest"
+    print(f"{len(report.rollouts)} rollouts on {target}: mean reward {report.mean_reward:.3f}, {report.failed} failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""``lightning-queue demo``: prompt search on real workers, end to end.
+
+Uses the Redis named by the settings (default 127.0.0.1:6379); when none
+answers, starts an embedded one. Starts worker processes running
+``workers/demo_agent.py``, runs ``algorithms/prompt_search.py``, prints what
+ran where, and removes its keys afterwards (they live under a fresh prefix).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from .client import LightningClient
+from .connections import ensure_redis
+from .errors import ConfigurationError
+from .fleet import LocalFleet
+from .settings import Settings
+
+DEMO_AGENT = "workers.demo_agent:agent"
+
+
+def source_root() -> Path:
+    """The checkout holding ``workers/`` and ``algorithms/`` (the demo runs those examples)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "workers" / "demo_agent.py").exists() or not (root / "algorithms" / "prompt_search.py").exists():
+        raise ConfigurationError(
+            "the demo runs the examples in workers/ and algorithms/ of a source checkout; clone the "
+            "repository and install it with `pip install -e .`"
+        )
+    return root
+
+
+def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: bool = False,
+             console: Console | None = None) -> dict:
+    console = console or Console()
+    root = source_root()
+    sys.path.insert(0, str(root))
+    search = importlib.import_module("algorithms.prompt_search")
+    datasets = importlib.import_module("algorithms.datasets")
+
+    started = time.monotonic()
+    url, embedded = ensure_redis(settings.redis_url)
+    if embedded:
+        console.print(f"[yellow]No Redis at {settings.redis_url}[/]; started an embedded {embedded.kind} at {url}")
+    else:
+        console.print(f"Using Redis at {url}")
+    prefix = f"lq-demo-{uuid.uuid4().hex[:8]}"
+    demo_settings = settings.model_copy(update={"redis_url": url, "key_prefix": prefix, "queue": f"{prefix}-rollouts"})
+
+    client = LightningClient(demo_settings)
+    fleet = LocalFleet(demo_settings, DEMO_AGENT, count=workers, concurrency=concurrency, pythonpath=[str(root)])
+    try:
+        with console.status(f"starting {workers} worker processes ({concurrency} pool processes each)..."):
+            fleet.start(timeout=120)
+        console.print(f"{workers} workers ready: {', '.join(w.name for w in fleet.workers)}")
+        train, val = datasets.arithmetic("train"), datasets.arithmetic("val")
+        total = len(train) * len(search.CANDIDATES) + len(val)
+        with Progress(TextColumn("rollouts"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+            task = bar.add_task("rollouts", total=total)
+            report = search.prompt_search(client, train, val, on_finished=lambda _: bar.advance(task))
+
+        table = Table(title="Prompt search: one snapshot per candidate prompt, run side by side")
+        for column in ("candidate", "resources_id", "rollouts", "failed", "mean reward", "workers", ""):
+            table.add_column(column)
+        attempts_by_id = {}
+        for score in report.scores:
+            workers_used = Counter()
+            for r in score.rollouts:
+                attempt = client.get_attempts(r.rollout_id)[-1]
+                attempts_by_id[r.rollout_id] = attempt
+                workers_used[attempt.worker_id.split("@")[0].rsplit("-", 1)[-1]] += 1
+            promoted = "[bold green]promoted -> latest[/]" if score is report.promoted else ""
+            table.add_row(score.name, score.resources_id, str(len(score.rollouts)), str(score.failed),
+                          f"{score.mean_reward:.3f}", " ".join(f"{w}:{n}" for w, n in sorted(workers_used.items())),
+                          promoted)
+        console.print(table)
+        ran_with = Counter(client.get_attempts(r.rollout_id)[-1].resources_id for r in report.validation)
+        console.print(
+            f"Validation: {len(report.validation)} unpinned rollouts followed latest and ran with "
+            + ", ".join(f"{rid} ({n})" for rid, n in ran_with.items())
+            + f"; mean reward {report.validation_mean:.3f}"
+        )
+        elapsed = time.monotonic() - started
+        console.print(f"[bold]Done in {elapsed:.1f} s.[/] Promoted {report.promoted.name!r} "
+                      f"({report.promoted.resources_id}, version {report.promoted_version}).")
+        return {"promoted": report.promoted.name, "seconds": elapsed, "validation_mean": report.validation_mean}
+    except BaseException:
+        if fleet.workers:
+            console.print("[red]worker logs:[/]\n" + fleet.logs()[-6000:])
+        raise
+    finally:
+        fleet.close()
+        if not keep:
+            _delete_prefix(client, prefix)
+        else:
+            console.print(f"keys kept under prefix {prefix!r} (LQ_KEY_PREFIX={prefix} to inspect with the CLI)")
+        client.close()
+        if embedded:
+            embedded.stop()
+
+
+def _delete_prefix(client: LightningClient, prefix: str) -> None:
+    keys = list(client.redis.scan_iter(match=f"{prefix}:*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.redis.delete(*keys[i : i + 500])
