@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import numbers
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
@@ -175,6 +176,8 @@ def _resource_class(annotation: Any) -> type[Resource] | None:
     """``LLM``, ``LLM | None`` or ``Optional[LLM]`` -> LLM; anything else -> None."""
     if inspect.isclass(annotation) and issubclass(annotation, Resource):
         return annotation
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None  # list[LLM], dict[str, LLM]... are not one resource
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if len(args) == 1 and inspect.isclass(args[0]) and issubclass(args[0], Resource):
         return args[0]

@@ -41,10 +41,12 @@ def _text(value: bytes | str) -> str:
 
 
 def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
+    # A plain field that is None is left out (the Lua scripts test for its absence); a JSON
+    # field keeps its None as ``null``, or ``input=None``/``mode=None`` would not read back.
     return {
         key: (str(value) if key in plain else json.dumps(value))
         for key, value in data.items()
-        if value is not None
+        if value is not None or key not in plain
     }
 
 
@@ -133,7 +135,7 @@ class RolloutStore:
         ).model_dump_json()
         reply = self._claim(
             keys=[*self.keys.all_status_indexes(), self.keys.rollout(rollout.rollout_id),
-                  self.keys.rollouts_by_worker(worker_id)],
+                  self.keys.rollouts_by_worker(worker_id), self.keys.events],
             args=[rollout.rollout_id, worker_id, repr(time.time()), new_id("at"), lost_allowed,
                   self.keys.attempt_prefix(rollout.rollout_id), lost_error],
         )

@@ -1,5 +1,5 @@
 -- A worker takes a rollout: open a new attempt, atomically.
--- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset
+-- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset, KEYS[K+3] events channel
 -- ARGV[1] rollout_id, ARGV[2] worker_id, ARGV[3] now, ARGV[4] new attempt_id,
 -- ARGV[5] attempts allowed after a lost one (0: a lost attempt is final),
 -- ARGV[6] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[7] error JSON for a lost attempt
@@ -21,6 +21,7 @@ if status == 'preparing' or status == 'running' then
   if n >= tonumber(ARGV[5]) then
     redis.call('HSET', rollout_key, 'end_time', ARGV[3], 'error', ARGV[7])
     set_status(rollout_key, ARGV[1], status, 'failed')
+    redis.call('PUBLISH', KEYS[K + 3], ARGV[1])
     return {'lost', n}
   end
 end
@@ -32,5 +33,6 @@ if not redis.call('HGET', rollout_key, 'start_time') then
   redis.call('HSET', rollout_key, 'start_time', ARGV[3])
 end
 set_status(rollout_key, ARGV[1], status, 'preparing')
-redis.call('ZADD', KEYS[K + 2], ARGV[3], ARGV[1])
+-- Scored by enqueue time like every other index, so queries order the same whatever the filter.
+redis.call('ZADD', KEYS[K + 2], redis.call('HGET', rollout_key, 'enqueue_time'), ARGV[1])
 return {'claimed', n}
