@@ -1,0 +1,58 @@
+"""Fixtures shared by the unit tests (all on fakeredis, see ``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import pytest
+
+from lightning_queue import LLM, LightningClient, PromptTemplate, Rollout, RolloutConfig
+from lightning_queue.keys import ROLLOUT_STATUSES
+from lightning_queue.registry import SnapshotRegistry
+from lightning_queue.store import RolloutStore
+
+
+@pytest.fixture
+def llm() -> LLM:
+    return LLM(endpoint="http://llm.local/v1", model="tiny", api_key="sk-very-secret", sampling_parameters={"temperature": 0.2})
+
+
+@pytest.fixture
+def prompt() -> PromptTemplate:
+    return PromptTemplate(template="Solve: {question}")
+
+
+@pytest.fixture
+def registry(fake_client: LightningClient) -> SnapshotRegistry:
+    return fake_client.registry
+
+
+@pytest.fixture
+def store(fake_client: LightningClient) -> RolloutStore:
+    return fake_client.store
+
+
+@pytest.fixture
+def make_rollouts(store: RolloutStore) -> Callable[..., list[Rollout]]:
+    """Create rollouts with strictly increasing enqueue times (so "newest first" is well defined)."""
+    clock = itertools.count(1_000_000)
+
+    def make(n: int = 1, **fields: Any) -> list[Rollout]:
+        fields.setdefault("config", RolloutConfig())
+        rollouts = [Rollout(input={"i": i}, enqueue_time=float(next(clock)), **fields) for i in range(n)]
+        store.create_rollouts(rollouts)
+        return rollouts
+
+    return make
+
+
+@pytest.fixture
+def status_index_members(store: RolloutStore) -> Callable[[str], list[str]]:
+    """The status indexes that hold ``rollout_id`` (must always be exactly one)."""
+
+    def members(rollout_id: str) -> list[str]:
+        return [s for s in ROLLOUT_STATUSES
+                if store.redis.zscore(store.keys.rollouts_by_status(s), rollout_id) is not None]
+
+    return members

@@ -1,0 +1,202 @@
+"""The algorithm-side client on fakeredis; publishing to Celery is replaced by a stub."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import fakeredis
+import pytest
+
+from lightning_queue import (
+    LLM,
+    AsyncLightningClient,
+    EnqueueError,
+    LightningClient,
+    ResourcesNotFoundError,
+    Rollout,
+    RolloutConfig,
+    RolloutRequest,
+    RolloutResult,
+)
+from lightning_queue.runner import TASK_NAME
+
+
+@pytest.fixture
+def published(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The rollout ids of each ``publish`` call, instead of sending them to the broker."""
+    batches: list[list[str]] = []
+
+    def publish(self: LightningClient, rollouts: Sequence[Rollout]) -> None:
+        batches.append([r.rollout_id for r in rollouts])
+
+    monkeypatch.setattr(LightningClient, "publish", publish)
+    return batches
+
+
+def test_enqueue_rollout_writes_record_and_publishes(
+    fake_client: LightningClient, published: list[list[str]], llm: LLM
+) -> None:
+    snapshot = fake_client.add_resources({"main": llm})
+    rollout = fake_client.enqueue_rollout(
+        {"q": "2+2"}, resources_id=snapshot.resources_id, mode="val",
+        config=RolloutConfig(max_attempts=3), metadata={"exp": "a"},
+    )
+    assert published == [[rollout.rollout_id]]
+    stored = fake_client.get_rollout(rollout.rollout_id)
+    assert stored == rollout
+    assert (stored.status, stored.mode, stored.resources_id) == ("queuing", "val", snapshot.resources_id)
+    assert stored.config.max_attempts == 3 and stored.metadata == {"exp": "a"}
+    assert stored.queue == fake_client.settings.queue
+
+
+def test_enqueue_rollouts_batch_with_defaults_and_requests(
+    fake_client: LightningClient, published: list[list[str]], llm: LLM
+) -> None:
+    a = fake_client.add_resources({"main": llm}, "rs-a")
+    b = fake_client.add_resources({"main": llm}, "rs-b")
+    rollouts = fake_client.enqueue_rollouts(
+        [1, RolloutRequest(input=2, resources_id=b.resources_id, mode="test", config=RolloutConfig(max_attempts=2),
+                           metadata={"arm": "b"}), 3],
+        resources_id=a.resources_id, mode="val", metadata={"arm": "a"}, queue="fast",
+    )
+    assert len(published) == 1 and published[0] == [r.rollout_id for r in rollouts]  # one batch
+    assert [r.input for r in rollouts] == [1, 2, 3]
+    assert [r.resources_id for r in rollouts] == ["rs-a", "rs-b", "rs-a"]
+    assert [r.mode for r in rollouts] == ["val", "test", "val"]
+    assert [r.metadata for r in rollouts] == [{"arm": "a"}, {"arm": "b"}, {"arm": "a"}]
+    assert [r.config.max_attempts for r in rollouts] == [1, 2, 1]
+    assert {r.queue for r in rollouts} == {"fast"}
+    assert fake_client.get_rollouts([r.rollout_id for r in rollouts]) == rollouts
+    assert len({r.rollout_id for r in rollouts}) == 3
+
+
+def test_enqueue_unpinned_needs_no_snapshot(fake_client: LightningClient, published: list[list[str]]) -> None:
+    rollout = fake_client.enqueue_rollout("x")
+    assert rollout.resources_id is None
+    assert fake_client.get_rollout(rollout.rollout_id).status == "queuing"
+
+
+def test_enqueue_nothing(fake_client: LightningClient, published: list[list[str]]) -> None:
+    assert fake_client.enqueue_rollouts([]) == []
+    assert published == []
+
+
+def test_enqueue_unknown_snapshot_writes_nothing(
+    fake_client: LightningClient, published: list[list[str]], fake_redis: fakeredis.FakeRedis, llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+    before = sorted(fake_redis.keys("*"))
+    with pytest.raises(ResourcesNotFoundError, match="rs-nope") as info:
+        fake_client.enqueue_rollouts([1, RolloutRequest(input=2, resources_id="rs-nope")], resources_id="rs-a")
+    assert "nothing was enqueued" in str(info.value)
+    assert sorted(fake_redis.keys("*")) == before
+    assert published == []
+
+
+def test_enqueue_unknown_snapshot_unchecked(fake_client: LightningClient, published: list[list[str]]) -> None:
+    rollout = fake_client.enqueue_rollout(1, resources_id="rs-later", check_resources=False)
+    assert published == [[rollout.rollout_id]]
+
+
+class FakeProducer:
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        yield
+
+
+class FakeApp:
+    """The two things ``publish`` uses of the Celery app; ``fail`` makes the broker unreachable."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    @contextmanager
+    def producer_or_acquire(self) -> Iterator[FakeProducer]:
+        yield FakeProducer()
+
+    def send_task(self, name: str, **options: Any) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append((name, options))
+
+
+def test_publish_sends_one_message_per_rollout(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = FakeApp()
+    monkeypatch.setattr(fake_client, "_app", app)
+    monkeypatch.setattr(fake_client.settings, "default_timeout_seconds", 30.0)
+    plain, limited = fake_client.enqueue_rollouts(
+        [1, RolloutRequest(input=2, resources_id="rs-x", config=RolloutConfig(timeout_seconds=5))],
+        check_resources=False,
+    )
+    grace = fake_client.settings.hard_timeout_grace_seconds
+    assert [name for name, _ in app.sent] == [TASK_NAME, TASK_NAME]
+    (_, first), (_, second) = app.sent
+    assert first["task_id"] == plain.rollout_id and first["queue"] == fake_client.settings.queue
+    assert first["kwargs"] == {"rollout_id": plain.rollout_id, "resources_id": None}
+    assert (first["soft_time_limit"], first["time_limit"]) == (30.0, 30.0 + grace)  # the default limit
+    assert second["kwargs"] == {"rollout_id": limited.rollout_id, "resources_id": "rs-x"}
+    assert (second["soft_time_limit"], second["time_limit"]) == (5, 5 + grace)  # the rollout's own
+
+
+def test_publish_failure_fails_rollouts_and_raises(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    class BrokerDown(ConnectionError):
+        pass
+
+    monkeypatch.setattr(fake_client, "_app", FakeApp(fail=BrokerDown("connection refused")))
+    with pytest.raises(EnqueueError) as info:
+        fake_client.enqueue_rollouts(["a", "b"])
+    rollout_ids = info.value.rollout_ids
+    assert len(rollout_ids) == 2
+    assert "connection refused" in str(info.value) and "2 rollout" in str(info.value)
+    assert isinstance(info.value.__cause__, BrokerDown)
+    for rollout in fake_client.get_rollouts(rollout_ids):
+        assert rollout.status == "failed" and rollout.end_time is not None
+        assert rollout.error is not None and rollout.error.type == "BrokerDown"
+        assert "could not be published" in rollout.error.message
+    counts = fake_client.store.count_by_status()
+    assert (counts["failed"], counts["queuing"]) == (2, 0)
+    # Nothing waits on them forever.
+    assert [r.status for r in fake_client.wait_for_rollouts(rollout_ids, timeout=1)] == ["failed", "failed"]
+
+
+def test_resources_passthrough(fake_client: LightningClient, llm: LLM) -> None:
+    assert fake_client.get_latest_resources() is None
+    added = fake_client.add_resources({"main": llm}, "rs-a")
+    updated = fake_client.update_resources("rs-a", {"main": llm.model_copy(update={"model": "v2"})})
+    assert (added.version, updated.version) == (1, 2)
+    assert fake_client.get_resources_by_id("rs-a") == updated
+    assert fake_client.get_latest_resources() == updated
+    assert [u.resources_id for u in fake_client.query_resources()] == ["rs-a"]
+
+
+def test_cancel_and_queries(fake_client: LightningClient, published: list[list[str]]) -> None:
+    first, second = fake_client.enqueue_rollouts([1, 2], mode="val")
+    assert fake_client.cancel_rollout(first.rollout_id) == "cancelled"
+    assert fake_client.cancel_rollout(first.rollout_id) == "cancelled"
+    assert [r.rollout_id for r in fake_client.query_rollouts(status="cancelled")] == [first.rollout_id]
+    assert [r.rollout_id for r in fake_client.query_rollouts(mode="val", status="queuing")] == [second.rollout_id]
+    assert fake_client.get_attempts(second.rollout_id) == []
+    assert [r.status for r in fake_client.wait_for_rollouts([first.rollout_id], timeout=1)] == ["cancelled"]
+
+
+async def test_async_client(fake_client: LightningClient, published: list[list[str]], llm: LLM) -> None:
+    client = AsyncLightningClient(fake_client.settings, redis_client=fake_client.redis)
+    snapshot = await client.add_resources({"main": llm}, "rs-a")
+    assert (await client.get_latest_resources()) == snapshot
+    rollout = await client.enqueue_rollout({"q": 1}, resources_id="rs-a")
+    batch = await client.enqueue_rollouts([2, 3], mode="test")
+    assert published == [[rollout.rollout_id], [r.rollout_id for r in batch]]
+
+    store = fake_client.store
+    claim = store.claim(rollout, "w1")
+    store.start_attempt(rollout.rollout_id, claim.sequence_id, "rs-a", 1)
+    store.finish_attempt(rollout.rollout_id, claim.sequence_id, "succeeded", "succeeded", result=RolloutResult(reward=1))
+
+    done = await client.wait_for_rollouts([rollout.rollout_id], timeout=1)
+    assert [r.reward for r in done] == [1.0]
+    assert (await client.get_rollout(rollout.rollout_id)).status == "succeeded"
+    assert len(await client.get_attempts(rollout.rollout_id)) == 1
+    assert [r.rollout_id for r in await client.query_rollouts(mode="test")] == [r.rollout_id for r in reversed(batch)]
+    assert await client.cancel_rollout(batch[0].rollout_id) == "cancelled"

@@ -1,0 +1,468 @@
+"""The runner's task body (``_run``) and retry rules, with a stand-in for the Celery task."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import fakeredis
+import pytest
+import redis
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Reject
+
+from lightning_queue import (
+    LLM,
+    LightningClient,
+    LitAgent,
+    PromptTemplate,
+    Rollout,
+    RolloutConfig,
+    RolloutResult,
+    rollout,
+)
+from lightning_queue.errors import RolloutFailed
+from lightning_queue.runner import _run, next_status, record_hard_timeout, run_rollout
+
+
+class RetryRequested(Exception):
+    """What the stub ``task.retry`` raises in place of ``celery.exceptions.Retry``."""
+
+
+class FakeTask:
+    """What ``_run`` uses of a bound Celery task."""
+
+    def __init__(self, client: LightningClient, agent: LitAgent, hostname: str | None = "worker-1@host") -> None:
+        self.app = SimpleNamespace(lightning=client, agent=agent, lightning_settings=client.settings)
+        self.request = SimpleNamespace(hostname=hostname)
+        self.retries: list[dict[str, Any]] = []
+
+    def retry(self, **options: Any) -> RetryRequested:
+        self.retries.append(options)
+        raise RetryRequested()
+
+
+def run(task: FakeTask, rollout_id: str) -> dict[str, Any]:
+    return _run(task, task.app, rollout_id)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def published(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Rollout ids handed to ``publish`` (no broker in unit tests)."""
+    sent: list[str] = []
+
+    def publish(rollouts: Sequence[Rollout]) -> None:
+        sent.extend(r.rollout_id for r in rollouts)
+
+    monkeypatch.setattr(fake_client, "publish", publish)
+    return sent
+
+
+@pytest.fixture
+def enqueue(fake_client: LightningClient, published: list[str]) -> Callable[..., Rollout]:
+    def enqueue(input: Any = "task", **options: Any) -> Rollout:
+        return fake_client.enqueue_rollout(input, **options)
+
+    return enqueue
+
+
+def recording_agent(reward: float = 1.0) -> tuple[LitAgent, list[dict[str, Any]]]:
+    calls: list[dict[str, Any]] = []
+
+    @rollout
+    def agent(task: Any, llm: LLM, resources: dict, rollout: Rollout) -> float:
+        calls.append({"task": task, "llm": llm, "resources": resources, "rollout": rollout})
+        return reward
+
+    return agent, calls
+
+
+def failing_agent(exc: BaseException) -> tuple[LitAgent, list[int]]:
+    calls: list[int] = []
+
+    @rollout
+    def agent(task: Any) -> float:
+        calls.append(1)
+        raise exc
+
+    return agent, calls
+
+
+# --------------------------------------------------------------------------- next_status
+
+
+@pytest.mark.parametrize(
+    "config, seq, attempt_status, retryable, expected",
+    [
+        (RolloutConfig(), 1, "succeeded", True, "succeeded"),
+        (RolloutConfig(max_attempts=3), 3, "succeeded", False, "succeeded"),
+        (RolloutConfig(), 1, "failed", True, "failed"),  # one attempt only
+        (RolloutConfig(max_attempts=2), 1, "failed", True, "requeuing"),
+        (RolloutConfig(max_attempts=2), 2, "failed", True, "failed"),  # attempts used up
+        (RolloutConfig(max_attempts=2), 1, "failed", False, "failed"),  # a permanent error
+        (RolloutConfig(max_attempts=2), 1, "timeout", True, "requeuing"),
+        (RolloutConfig(max_attempts=2), 1, "worker_lost", True, "requeuing"),
+        (RolloutConfig(max_attempts=2, retry_condition=["timeout"]), 1, "failed", True, "failed"),
+        (RolloutConfig(max_attempts=2, retry_condition=["failed"]), 1, "timeout", True, "failed"),
+        (RolloutConfig(max_attempts=5, retry_condition=[]), 1, "failed", True, "failed"),
+    ],
+)
+def test_next_status(config: RolloutConfig, seq: int, attempt_status: str, retryable: bool, expected: str) -> None:
+    assert next_status(config, seq, attempt_status, retryable) == expected
+
+
+# --------------------------------------------------------------------------- success
+
+
+def test_success_records_reward_and_snapshot(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, prompt: PromptTemplate
+) -> None:
+    snapshot = fake_client.add_resources({"main": llm, "prompt": prompt}, "rs-a")
+    fake_client.update_resources("rs-a", {"main": llm, "prompt": prompt})  # version 2
+    queued = enqueue({"q": 1}, resources_id="rs-a", metadata={"k": "v"})
+    agent, calls = recording_agent(0.75)
+    task = FakeTask(fake_client, agent)
+
+    reply = run(task, queued.rollout_id)
+
+    assert reply == {"rollout_id": queued.rollout_id, "status": "succeeded", "resources_id": "rs-a",
+                     "version": 2, "reward": 0.75}
+    call, = calls
+    assert call["task"] == {"q": 1} and call["llm"] == llm
+    assert call["llm"].api_key.get_secret_value() == "sk-very-secret"  # the worker gets the real key
+    assert call["resources"] == {"main": llm, "prompt": prompt}
+    assert call["rollout"].rollout_id == queued.rollout_id and call["rollout"].metadata == {"k": "v"}
+    done = fake_client.get_rollout(queued.rollout_id)
+    assert done.status == "succeeded" and done.reward == 0.75 and done.error is None
+    attempt, = fake_client.get_attempts(queued.rollout_id)
+    assert (attempt.status, attempt.resources_id, attempt.resources_version) == ("succeeded", "rs-a", 2)
+    assert attempt.worker_id == "worker-1@host"
+    assert attempt.result == RolloutResult(reward=0.75)
+    assert task.retries == []
+    assert snapshot.version == 1
+
+
+def test_worker_id_falls_back_to_pid(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue()
+    run(FakeTask(fake_client, recording_agent()[0], hostname=None), queued.rollout_id)
+    assert fake_client.get_attempts(queued.rollout_id)[0].worker_id == f"pid-{os.getpid()}"
+
+
+def test_unpinned_rollout_uses_latest_at_run_time(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-old")
+    queued = enqueue()  # unpinned, while rs-old is the latest
+    newer = llm.model_copy(update={"model": "newer"})
+    fake_client.add_resources({"main": newer}, "rs-new")
+    agent, calls = recording_agent()
+
+    reply = run(FakeTask(fake_client, agent), queued.rollout_id)
+
+    assert (reply["resources_id"], reply["version"]) == ("rs-new", 1)
+    assert calls[0]["llm"] == newer
+    attempt, = fake_client.get_attempts(queued.rollout_id)
+    assert (attempt.resources_id, attempt.resources_version) == ("rs-new", 1)
+    assert fake_client.get_rollout(queued.rollout_id).resources_id is None  # still "latest" on the record
+    assert [r.rollout_id for r in fake_client.query_rollouts(resources_id="rs-new")] == [queued.rollout_id]
+
+
+def test_pinned_rollout_ignores_latest(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    fake_client.add_resources({"main": llm}, "rs-pinned")
+    queued = enqueue(resources_id="rs-pinned")
+    fake_client.add_resources({"main": llm.model_copy(update={"model": "other"})}, "rs-latest")
+    agent, calls = recording_agent()
+    assert run(FakeTask(fake_client, agent), queued.rollout_id)["resources_id"] == "rs-pinned"
+    assert calls[0]["llm"] == llm
+
+
+def test_async_agent_runs(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    @rollout
+    async def agent(task: str, llm: LLM) -> RolloutResult:
+        return RolloutResult(reward=0.5, output={"model": llm.model, "task": task})
+
+    fake_client.add_resources({"main": llm})
+    queued = enqueue("hi")
+    assert run(FakeTask(fake_client, agent), queued.rollout_id)["reward"] == 0.5
+    assert fake_client.get_rollout(queued.rollout_id).result == RolloutResult(reward=0.5, output={"model": "tiny", "task": "hi"})
+
+
+# --------------------------------------------------------------------------- snapshot problems
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])
+def test_unknown_resources_id_fails_without_retry(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, max_attempts: int
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+    queued = enqueue(resources_id="rs-gone", check_resources=False, config=RolloutConfig(max_attempts=max_attempts))
+    agent, calls = recording_agent()
+    task = FakeTask(fake_client, agent)
+
+    with pytest.raises(RolloutFailed, match="rs-gone") as info:
+        run(task, queued.rollout_id)
+
+    assert info.value.rollout_id == queued.rollout_id
+    assert calls == [] and task.retries == []
+    failed = fake_client.get_rollout(queued.rollout_id)
+    assert failed.status == "failed" and failed.end_time is not None
+    assert failed.error is not None and failed.error.type == "ResourcesNotFoundError"
+    assert "rs-gone" in failed.error.message
+    attempt, = fake_client.get_attempts(queued.rollout_id)
+    assert attempt.status == "failed" and attempt.error == failed.error
+
+
+def test_no_latest_snapshot_fails(fake_client: LightningClient, enqueue: Callable[..., Rollout]) -> None:
+    queued = enqueue(config=RolloutConfig(max_attempts=2))
+    task = FakeTask(fake_client, recording_agent()[0])
+    with pytest.raises(RolloutFailed, match="NoLatestResourcesError"):
+        run(task, queued.rollout_id)
+    failed = fake_client.get_rollout(queued.rollout_id)
+    assert failed.status == "failed" and "add_resources" in failed.error.message  # type: ignore[union-attr]
+    assert task.retries == []
+
+
+def test_corrupted_snapshot_fails(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], fake_redis: fakeredis.FakeRedis, llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+    fake_redis.hset(fake_client.keys.snapshot("rs-a"), "resources", "{garbage")
+    queued = enqueue(resources_id="rs-a", config=RolloutConfig(max_attempts=2))
+    task = FakeTask(fake_client, recording_agent()[0])
+    with pytest.raises(RolloutFailed, match="SnapshotCorruptedError"):
+        run(task, queued.rollout_id)
+    assert fake_client.get_rollout(queued.rollout_id).status == "failed"
+    assert task.retries == []
+
+
+# --------------------------------------------------------------------------- agent failures
+
+
+def test_agent_exception_retries_then_fails(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+    queued = enqueue(config=RolloutConfig(max_attempts=2))
+    agent, calls = failing_agent(ZeroDivisionError("division by zero in step 3"))
+    task = FakeTask(fake_client, agent)
+
+    with pytest.raises(RetryRequested):
+        run(task, queued.rollout_id)
+    assert task.retries == [{"max_retries": None, "countdown": 0}]
+    requeued = fake_client.get_rollout(queued.rollout_id)
+    assert requeued.status == "requeuing" and requeued.error is not None
+    first, = fake_client.get_attempts(queued.rollout_id)
+    assert first.status == "failed"
+    assert first.error is not None
+    assert (first.error.type, first.error.message) == ("ZeroDivisionError", "division by zero in step 3")
+    assert first.error.traceback is not None and "ZeroDivisionError" in first.error.traceback
+
+    with pytest.raises(RolloutFailed, match="ZeroDivisionError: division by zero in step 3"):
+        run(task, queued.rollout_id)  # the retried message
+    assert len(task.retries) == 1 and len(calls) == 2
+    failed = fake_client.get_rollout(queued.rollout_id)
+    assert failed.status == "failed" and failed.attempt_count == 2
+    assert failed.error is not None and failed.error.type == "ZeroDivisionError"
+    assert [a.status for a in fake_client.get_attempts(queued.rollout_id)] == ["failed", "failed"]
+
+
+def test_agent_exception_retried_then_succeeds(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    attempts: list[int] = []
+
+    @rollout
+    def flaky(task: Any) -> float:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TimeoutError("upstream LLM timed out")
+        return 1.0
+
+    fake_client.add_resources({"main": llm})
+    queued = enqueue(config=RolloutConfig(max_attempts=3))
+    task = FakeTask(fake_client, flaky)
+    with pytest.raises(RetryRequested):
+        run(task, queued.rollout_id)
+    assert run(task, queued.rollout_id)["status"] == "succeeded"
+    done = fake_client.get_rollout(queued.rollout_id)
+    assert done.status == "succeeded" and done.error is None and done.attempt_count == 2
+
+
+def test_agent_exception_not_retried_when_not_in_retry_condition(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue(config=RolloutConfig(max_attempts=3, retry_condition=["timeout"]))
+    task = FakeTask(fake_client, failing_agent(ValueError("bad"))[0])
+    with pytest.raises(RolloutFailed):
+        run(task, queued.rollout_id)
+    assert task.retries == []
+    assert fake_client.get_rollout(queued.rollout_id).status == "failed"
+
+
+def test_missing_resource_not_retried(fake_client: LightningClient, enqueue: Callable[..., Rollout], prompt: PromptTemplate) -> None:
+    @rollout
+    def agent(task: Any, llm: LLM) -> float:
+        return 1.0
+
+    fake_client.add_resources({"prompt": prompt}, "rs-prompt-only")
+    queued = enqueue(config=RolloutConfig(max_attempts=3))
+    task = FakeTask(fake_client, agent)
+    with pytest.raises(RolloutFailed, match="MissingResourceError"):
+        run(task, queued.rollout_id)
+    assert task.retries == []
+    failed = fake_client.get_rollout(queued.rollout_id)
+    assert failed.status == "failed" and failed.attempt_count == 1
+    assert failed.error is not None and failed.error.type == "MissingResourceError"
+    assert "rs-prompt-only" in failed.error.message and "version 1" in failed.error.message  # which snapshot
+    assert "'llm'" in failed.error.message and "LLM" in failed.error.message  # what was asked for
+
+
+def test_non_json_output_fails(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    @rollout
+    def agent(task: Any) -> RolloutResult:
+        return RolloutResult(reward=1.0, output=object())
+
+    fake_client.add_resources({"main": llm})
+    queued = enqueue()
+    with pytest.raises(RolloutFailed, match="InvalidRolloutResultError"):
+        run(FakeTask(fake_client, agent), queued.rollout_id)
+    failed = fake_client.get_rollout(queued.rollout_id)
+    assert failed.status == "failed" and failed.result is None
+    assert failed.error is not None and failed.error.type == "InvalidRolloutResultError"
+    assert "JSON" in failed.error.message
+    assert fake_client.get_attempts(queued.rollout_id)[0].status == "failed"
+
+
+def test_bad_return_type_fails(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    @rollout
+    def agent(task: Any) -> str:
+        return "perfect"
+
+    fake_client.add_resources({"main": llm})
+    queued = enqueue()
+    with pytest.raises(RolloutFailed, match="InvalidRolloutResultError"):
+        run(FakeTask(fake_client, agent), queued.rollout_id)
+
+
+def test_soft_time_limit_records_timeout_and_retries(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue(config=RolloutConfig(max_attempts=2, timeout_seconds=7))
+    task = FakeTask(fake_client, failing_agent(SoftTimeLimitExceeded())[0])
+    with pytest.raises(RetryRequested):
+        run(task, queued.rollout_id)
+    attempt, = fake_client.get_attempts(queued.rollout_id)
+    assert attempt.status == "timeout"
+    assert attempt.error is not None and attempt.error.type == "SoftTimeLimitExceeded"
+    assert "7" in attempt.error.message
+    with pytest.raises(RolloutFailed, match="SoftTimeLimitExceeded"):
+        run(task, queued.rollout_id)
+    assert [a.status for a in fake_client.get_attempts(queued.rollout_id)] == ["timeout", "timeout"]
+
+
+# --------------------------------------------------------------------------- messages that must not run
+
+
+def test_missing_rollout_is_dropped(fake_client: LightningClient) -> None:
+    agent, calls = recording_agent()
+    assert run(FakeTask(fake_client, agent), "ro-nope") == {"rollout_id": "ro-nope", "status": "missing"}
+    assert calls == []
+
+
+def test_cancelled_before_run_is_skipped(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue()
+    fake_client.cancel_rollout(queued.rollout_id)
+    agent, calls = recording_agent()
+    assert run(FakeTask(fake_client, agent), queued.rollout_id)["status"] == "cancelled"
+    assert calls == [] and fake_client.get_attempts(queued.rollout_id) == []
+
+
+def test_finished_rollout_is_not_run_again(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue()
+    agent, calls = recording_agent()
+    task = FakeTask(fake_client, agent)
+    run(task, queued.rollout_id)
+    assert run(task, queued.rollout_id) == {"rollout_id": queued.rollout_id, "status": "succeeded"}
+    assert len(calls) == 1
+
+
+def test_cancelled_while_running_stays_cancelled(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    @rollout
+    def agent(task: Any, rollout: Rollout) -> float:
+        fake_client.cancel_rollout(rollout.rollout_id)
+        return 1.0
+
+    fake_client.add_resources({"main": llm})
+    queued = enqueue()
+    assert run(FakeTask(fake_client, agent), queued.rollout_id)["status"] == "cancelled"
+    cancelled = fake_client.get_rollout(queued.rollout_id)
+    assert cancelled.status == "cancelled" and cancelled.result is None
+    assert fake_client.get_attempts(queued.rollout_id)[0].result == RolloutResult(reward=1.0)
+
+
+def test_redelivery_after_lost_worker(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
+    fake_client.add_resources({"main": llm})
+    retried = enqueue(config=RolloutConfig(max_attempts=2))
+    final = enqueue(config=RolloutConfig(max_attempts=1))
+    for queued in (retried, final):
+        fake_client.store.claim(queued, "dead-worker")  # that worker died mid-attempt
+
+    agent, calls = recording_agent()
+    task = FakeTask(fake_client, agent)
+    assert run(task, retried.rollout_id)["status"] == "succeeded"
+    assert [a.status for a in fake_client.get_attempts(retried.rollout_id)] == ["worker_lost", "succeeded"]
+
+    assert run(task, final.rollout_id)["status"] == "lost"
+    assert len(calls) == 1
+    lost = fake_client.get_rollout(final.rollout_id)
+    assert lost.status == "failed" and lost.error is not None and lost.error.type == "WorkerLostError"
+
+
+# --------------------------------------------------------------------------- outside the task body
+
+
+@pytest.mark.parametrize("max_attempts, expected", [(1, "failed"), (2, "requeuing")])
+def test_hard_time_limit_is_recorded(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], published: list[str], llm: LLM,
+    max_attempts: int, expected: str,
+) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue(config=RolloutConfig(max_attempts=max_attempts, timeout_seconds=1))
+    claim = fake_client.store.claim(queued, "w1")
+    fake_client.store.start_attempt(queued.rollout_id, claim.sequence_id, "rs", 1)
+    task = FakeTask(fake_client, recording_agent()[0])
+
+    record_hard_timeout(task.app, queued.rollout_id, TimeLimitExceeded(11))  # type: ignore[arg-type]
+
+    assert fake_client.get_rollout(queued.rollout_id).status == expected
+    attempt, = fake_client.get_attempts(queued.rollout_id)
+    assert attempt.status == "timeout" and attempt.error is not None and attempt.error.type == "TimeLimitExceeded"
+    assert published.count(queued.rollout_id) == (2 if expected == "requeuing" else 1)  # republished to retry
+
+
+def test_hard_time_limit_ignores_finished_and_unknown(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], published: list[str]
+) -> None:
+    queued = enqueue()
+    fake_client.cancel_rollout(queued.rollout_id)
+    task = FakeTask(fake_client, recording_agent()[0])
+    record_hard_timeout(task.app, queued.rollout_id, TimeLimitExceeded(1))  # type: ignore[arg-type]
+    record_hard_timeout(task.app, "ro-nope", TimeLimitExceeded(1))  # type: ignore[arg-type]
+    assert fake_client.get_rollout(queued.rollout_id).status == "cancelled"
+
+
+def test_redis_outage_requeues_the_message(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(rollout_id: str) -> Rollout:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(fake_client.store, "get_rollout", unreachable)
+    with pytest.raises(Reject) as info:
+        run_rollout(FakeTask(fake_client, recording_agent()[0]), "ro-x")  # type: ignore[arg-type]
+    assert info.value.requeue is True
+

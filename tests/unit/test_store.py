@@ -1,0 +1,575 @@
+"""The rollout store: records, status machine, indexes, queries and waiting."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import fakeredis
+import pytest
+
+from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutNotFoundError, RolloutResult
+from lightning_queue.keys import ROLLOUT_STATUSES
+from lightning_queue.models import ErrorInfo
+from lightning_queue.store import RolloutStore
+
+MakeRollouts = Callable[..., list[Rollout]]
+IndexMembers = Callable[[str], list[str]]
+
+
+def run_to_running(store: RolloutStore, rollout: Rollout, worker: str = "w1", resources_id: str = "rs-a") -> int:
+    claim = store.claim(rollout, worker)
+    assert claim.outcome == "claimed"
+    assert store.start_attempt(rollout.rollout_id, claim.sequence_id, resources_id, 1)
+    return claim.sequence_id
+
+
+def ids(rollouts: list[Rollout]) -> list[str]:
+    return [r.rollout_id for r in rollouts]
+
+
+# --------------------------------------------------------------------------- create
+
+
+def test_create_rollouts_writes_records_and_indexes(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers
+) -> None:
+    pinned, = make_rollouts(1, resources_id="rs-a", mode="val", metadata={"tag": "x"})
+    unpinned, = make_rollouts(1)
+
+    stored = store.get_rollout(pinned.rollout_id)
+    assert stored == pinned
+    assert stored.metadata == {"tag": "x"} and stored.config == RolloutConfig()
+    r = store.redis
+    k = store.keys
+    assert r.zscore(k.rollouts, pinned.rollout_id) == pinned.enqueue_time
+    assert r.zscore(k.rollouts_by_mode("val"), pinned.rollout_id) == pinned.enqueue_time
+    assert r.zscore(k.rollouts_by_resources("rs-a"), pinned.rollout_id) == pinned.enqueue_time
+    assert r.zscore(k.rollouts_by_resources("rs-a"), unpinned.rollout_id) is None
+    assert status_index_members(pinned.rollout_id) == ["queuing"]
+    assert store.count_by_status()["queuing"] == 2
+
+
+def test_none_input_and_mode_round_trip(store: RolloutStore) -> None:
+    rollout = Rollout(input=None, mode=None)
+    store.create_rollouts([rollout])
+    stored = store.get_rollout(rollout.rollout_id)
+    assert stored.input is None
+    assert stored.mode is None
+    assert stored == rollout
+
+
+def test_rich_input_round_trips(store: RolloutStore) -> None:
+    rollout = Rollout(input={"question": "2+2?", "nested": [1, 2.5, None, {"a": "é"}]}, mode="test")
+    store.create_rollouts([rollout])
+    assert store.get_rollout(rollout.rollout_id) == rollout
+
+
+def test_unknown_rollout_lookups_raise(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    known, = make_rollouts(1)
+    with pytest.raises(RolloutNotFoundError, match="ro-nope"):
+        store.get_rollout("ro-nope")
+    with pytest.raises(RolloutNotFoundError, match="ro-nope"):
+        store.get_rollouts([known.rollout_id, "ro-nope"])
+    with pytest.raises(RolloutNotFoundError, match="ro-nope"):
+        store.get_attempts("ro-nope")
+    with pytest.raises(RolloutNotFoundError, match="ro-nope"):
+        store.terminate("ro-nope", "cancelled")
+
+
+def test_get_rollouts_keeps_order(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    a, b, c = make_rollouts(3)
+    assert ids(store.get_rollouts([c.rollout_id, a.rollout_id, b.rollout_id])) == [c.rollout_id, a.rollout_id, b.rollout_id]
+
+
+# --------------------------------------------------------------------------- status machine
+
+
+def test_claim_start_finish_success(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers
+) -> None:
+    rollout, = make_rollouts(1)
+    rid = rollout.rollout_id
+
+    claim = store.claim(rollout, "w1")
+    assert (claim.outcome, claim.sequence_id) == ("claimed", 1)
+    assert status_index_members(rid) == ["preparing"]
+    after_claim = store.get_rollout(rid)
+    assert after_claim.status == "preparing" and after_claim.attempt_count == 1
+    assert after_claim.start_time is not None
+    attempt, = store.get_attempts(rid)
+    assert (attempt.sequence_id, attempt.worker_id, attempt.status) == (1, "w1", "preparing")
+    assert attempt.attempt_id.startswith("at-")
+    assert attempt.resources_id is None
+
+    assert store.start_attempt(rid, 1, "rs-a", 4)
+    assert status_index_members(rid) == ["running"]
+    attempt, = store.get_attempts(rid)
+    assert (attempt.status, attempt.resources_id, attempt.resources_version) == ("running", "rs-a", 4)
+    # An unpinned rollout is indexed under the snapshot it actually ran with.
+    assert store.redis.zscore(store.keys.rollouts_by_resources("rs-a"), rid) == rollout.enqueue_time
+
+    result = RolloutResult(reward=0.75, output={"answer": 4})
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded", result=result) == "succeeded"
+    assert status_index_members(rid) == ["succeeded"]
+    done = store.get_rollout(rid)
+    assert done.status == "succeeded" and done.is_finished
+    assert done.result == result and done.reward == 0.75
+    assert done.end_time is not None and done.error is None
+    attempt, = store.get_attempts(rid)
+    assert attempt.status == "succeeded" and attempt.result == result and attempt.end_time is not None
+
+
+def test_failed_attempt_requeues_then_succeeds(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    run_to_running(store, rollout)
+    error = ErrorInfo(type="ValueError", message="boom")
+    assert store.finish_attempt(rid, 1, "failed", "requeuing", error=error) == "requeuing"
+    assert status_index_members(rid) == ["requeuing"]
+    requeued = store.get_rollout(rid)
+    assert requeued.error == error and requeued.end_time is None and not requeued.is_finished
+
+    assert run_to_running(store, rollout, worker="w2") == 2
+    assert store.finish_attempt(rid, 2, "succeeded", "succeeded", result=RolloutResult(reward=1)) == "succeeded"
+    done = store.get_rollout(rid)
+    assert done.status == "succeeded" and done.attempt_count == 2
+    assert done.error is None  # a success clears the earlier attempt's error
+    first, second = store.get_attempts(rid)
+    assert (first.status, first.worker_id, first.error) == ("failed", "w1", error)
+    assert (second.status, second.worker_id) == ("succeeded", "w2")
+    assert status_index_members(rid) == ["succeeded"]
+
+
+def test_final_failure_keeps_error(store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers) -> None:
+    rollout, = make_rollouts(1)
+    run_to_running(store, rollout)
+    error = ErrorInfo(type="RuntimeError", message="nope", traceback="tb")
+    assert store.finish_attempt(rollout.rollout_id, 1, "failed", "failed", error=error) == "failed"
+    failed = store.get_rollout(rollout.rollout_id)
+    assert failed.status == "failed" and failed.error == error and failed.end_time is not None
+    assert status_index_members(rollout.rollout_id) == ["failed"]
+
+
+def test_claim_of_finished_rollout(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    done, cancelled = make_rollouts(2)
+    run_to_running(store, done)
+    store.finish_attempt(done.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
+    store.terminate(cancelled.rollout_id, "cancelled")
+
+    claim = store.claim(done, "w2")
+    assert (claim.outcome, claim.status) == ("finished", "succeeded")
+    assert store.claim(cancelled, "w2").status == "cancelled"
+    assert store.get_rollout(done.rollout_id).attempt_count == 1
+    assert store.get_rollout(cancelled.rollout_id).attempt_count == 0
+
+
+def test_claim_of_missing_rollout(store: RolloutStore) -> None:
+    assert store.claim(Rollout(input=1), "w1").outcome == "missing"
+
+
+@pytest.mark.parametrize("opened_to", ["preparing", "running"])
+def test_claim_with_open_attempt_marks_it_worker_lost(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers, opened_to: str
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    store.claim(rollout, "w-dead")
+    if opened_to == "running":
+        store.start_attempt(rid, 1, "rs-a", 1)
+
+    claim = store.claim(rollout, "w-alive")  # the broker redelivered the message
+    assert (claim.outcome, claim.sequence_id) == ("claimed", 2)
+    lost, current = store.get_attempts(rid)
+    assert lost.status == "worker_lost" and lost.end_time is not None
+    assert lost.error is not None and lost.error.type == "WorkerLostError"
+    assert (current.status, current.worker_id) == ("preparing", "w-alive")
+    assert status_index_members(rid) == ["preparing"]
+    # The dead worker's late report is stale and changes nothing.
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded", result=RolloutResult(reward=1)) == "stale"
+    assert store.get_attempts(rid)[0].status == "worker_lost"
+    assert store.get_rollout(rid).status == "preparing"
+    assert not store.start_attempt(rid, 1, "rs-a", 1)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [RolloutConfig(max_attempts=1), RolloutConfig(max_attempts=3, retry_condition=["failed", "timeout"])],
+    ids=["no-attempt-left", "worker_lost-not-retried"],
+)
+def test_claim_with_open_attempt_fails_rollout_when_not_retryable(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers, config: RolloutConfig
+) -> None:
+    rollout, = make_rollouts(1, config=config)
+    rid = rollout.rollout_id
+    run_to_running(store, rollout, worker="w-dead")
+
+    claim = store.claim(rollout, "w-alive")
+    assert (claim.outcome, claim.sequence_id) == ("lost", 1)
+    failed = store.get_rollout(rid)
+    assert failed.status == "failed" and failed.attempt_count == 1
+    assert failed.error is not None and failed.error.type == "WorkerLostError"
+    assert failed.end_time is not None
+    attempt, = store.get_attempts(rid)
+    assert attempt.status == "worker_lost"
+    assert status_index_members(rid) == ["failed"]
+
+
+def test_claim_lost_publishes_completion(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    run_to_running(store, rollout, worker="w-dead")
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(store.keys.events)
+    try:
+        assert store.claim(rollout, "w-alive").outcome == "lost"
+        deadline = time.monotonic() + 1
+        message = None
+        while message is None and time.monotonic() < deadline:  # the first read eats the subscribe reply
+            message = pubsub.get_message(timeout=0.1)
+        assert message is not None and message["data"] == rollout.rollout_id.encode()
+    finally:
+        pubsub.close()
+
+
+def test_start_attempt_refused_after_cancel(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    claim = store.claim(rollout, "w1")
+    assert store.terminate(rollout.rollout_id, "cancelled") == "cancelled"
+    assert not store.start_attempt(rollout.rollout_id, claim.sequence_id, "rs-a", 1)
+    assert store.get_rollout(rollout.rollout_id).status == "cancelled"
+
+
+def test_finish_after_cancel_keeps_cancelled(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers
+) -> None:
+    rollout, = make_rollouts(1)
+    rid = rollout.rollout_id
+    run_to_running(store, rollout)
+    assert store.terminate(rid, "cancelled") == "cancelled"
+
+    result = RolloutResult(reward=1.0)
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded", result=result) == "cancelled"
+    cancelled = store.get_rollout(rid)
+    assert cancelled.status == "cancelled" and cancelled.result is None
+    attempt, = store.get_attempts(rid)
+    assert attempt.status == "succeeded" and attempt.result == result  # kept on the attempt only
+    assert status_index_members(rid) == ["cancelled"]
+
+
+def test_stale_finish_returns_stale(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=3))
+    rid = rollout.rollout_id
+    run_to_running(store, rollout)
+    store.finish_attempt(rid, 1, "failed", "requeuing", error=ErrorInfo(type="E", message="m"))
+    run_to_running(store, rollout)
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded") == "stale"
+    assert store.finish_attempt(rid, 5, "succeeded", "succeeded") == "stale"
+    assert store.get_rollout(rid).status == "running"
+    assert store.get_attempts(rid)[0].status == "failed"
+
+
+@pytest.mark.parametrize("status", ["queuing", "preparing", "running", "requeuing"])
+def test_terminate_unfinished(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers, status: str
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    if status != "queuing":
+        store.claim(rollout, "w1")
+    if status in ("running", "requeuing"):
+        store.start_attempt(rid, 1, "rs-a", 1)
+    if status == "requeuing":
+        store.finish_attempt(rid, 1, "failed", "requeuing")
+    assert store.get_rollout(rid).status == status
+
+    assert store.terminate(rid, "cancelled") == "cancelled"
+    cancelled = store.get_rollout(rid)
+    assert cancelled.status == "cancelled" and cancelled.end_time is not None
+    assert status_index_members(rid) == ["cancelled"]
+
+
+def test_terminate_failed_records_error(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    error = ErrorInfo(type="OperationalError", message="broker down")
+    assert store.terminate(rollout.rollout_id, "failed", error) == "failed"
+    failed = store.get_rollout(rollout.rollout_id)
+    assert failed.status == "failed" and failed.error == error
+
+
+def test_terminate_finished_leaves_it(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers
+) -> None:
+    rollout, = make_rollouts(1)
+    run_to_running(store, rollout)
+    store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
+    before = store.get_rollout(rollout.rollout_id)
+    assert store.terminate(rollout.rollout_id, "cancelled") == "succeeded"
+    assert store.terminate(rollout.rollout_id, "failed", ErrorInfo(type="E", message="m")) == "succeeded"
+    assert store.get_rollout(rollout.rollout_id) == before
+    assert status_index_members(rollout.rollout_id) == ["succeeded"]
+
+
+def test_every_key_is_under_the_prefix(
+    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, prefix: str
+) -> None:
+    a, b = make_rollouts(2, resources_id="rs-a")
+    run_to_running(store, a)
+    store.finish_attempt(a.rollout_id, 1, "succeeded", "succeeded")
+    store.terminate(b.rollout_id, "cancelled")
+    keys = [k.decode() for k in fake_redis.keys("*")]
+    assert len(keys) > 5
+    assert all(k.startswith(f"{prefix}:") for k in keys), keys
+
+
+# --------------------------------------------------------------------------- queries
+
+
+@pytest.fixture
+def populated(store: RolloutStore, make_rollouts: MakeRollouts) -> dict[str, Rollout]:
+    """Six rollouts in increasing enqueue order, in various states."""
+    r = {}
+    r["train_a_ok"], = make_rollouts(1, mode="train", resources_id="rs-a")
+    r["val_a_failed"], = make_rollouts(1, mode="val", resources_id="rs-a")
+    r["train_latest_ok"], = make_rollouts(1, mode="train")  # ran with rs-b
+    r["train_b_queued"], = make_rollouts(1, mode="train", resources_id="rs-b")
+    r["val_latest_running"], = make_rollouts(1, mode="val")  # runs with rs-a
+    r["test_cancelled"], = make_rollouts(1, mode="test")
+
+    run_to_running(store, r["train_a_ok"], worker="w1", resources_id="rs-a")
+    store.finish_attempt(r["train_a_ok"].rollout_id, 1, "succeeded", "succeeded")
+    run_to_running(store, r["val_a_failed"], worker="w2", resources_id="rs-a")
+    store.finish_attempt(r["val_a_failed"].rollout_id, 1, "failed", "failed")
+    run_to_running(store, r["train_latest_ok"], worker="w1", resources_id="rs-b")
+    store.finish_attempt(r["train_latest_ok"].rollout_id, 1, "succeeded", "succeeded")
+    run_to_running(store, r["val_latest_running"], worker="w2", resources_id="rs-a")
+    store.terminate(r["test_cancelled"].rollout_id, "cancelled")
+    return r
+
+
+def names(populated: dict[str, Rollout], rollouts: list[Rollout]) -> list[str]:
+    by_id = {r.rollout_id: name for name, r in populated.items()}
+    return [by_id[r.rollout_id] for r in rollouts]
+
+
+def test_query_all_newest_first_with_pagination(store: RolloutStore, populated: dict[str, Rollout]) -> None:
+    everything = ["test_cancelled", "val_latest_running", "train_b_queued", "train_latest_ok", "val_a_failed", "train_a_ok"]
+    assert names(populated, store.query_rollouts()) == everything
+    assert names(populated, store.query_rollouts(offset=2, limit=3)) == everything[2:5]
+    assert store.query_rollouts(offset=6) == []
+
+
+@pytest.mark.parametrize(
+    "filters, expected",
+    [
+        ({"status": "succeeded"}, ["train_latest_ok", "train_a_ok"]),
+        ({"status": ["failed", "cancelled"]}, ["test_cancelled", "val_a_failed"]),
+        ({"status": ("queuing", "running")}, ["val_latest_running", "train_b_queued"]),
+        ({"mode": "val"}, ["val_latest_running", "val_a_failed"]),
+        ({"mode": "test"}, ["test_cancelled"]),
+        ({"resources_id": "rs-a"}, ["val_latest_running", "val_a_failed", "train_a_ok"]),
+        ({"resources_id": "rs-b"}, ["train_b_queued", "train_latest_ok"]),
+        ({"worker_id": "w1"}, ["train_latest_ok", "train_a_ok"]),
+        ({"worker_id": "w2"}, ["val_latest_running", "val_a_failed"]),
+        ({"mode": "train", "status": "succeeded"}, ["train_latest_ok", "train_a_ok"]),
+        ({"mode": "train", "resources_id": "rs-b"}, ["train_b_queued", "train_latest_ok"]),
+        ({"mode": "val", "status": "failed", "resources_id": "rs-a", "worker_id": "w2"}, ["val_a_failed"]),
+        ({"worker_id": "w1", "resources_id": "rs-b", "status": "succeeded"}, ["train_latest_ok"]),
+        ({"mode": "test", "status": "succeeded"}, []),
+        ({"worker_id": "w-unknown"}, []),
+        ({"resources_id": "rs-unknown"}, []),
+    ],
+)
+def test_query_filters(store: RolloutStore, populated: dict[str, Rollout], filters: dict, expected: list[str]) -> None:
+    assert names(populated, store.query_rollouts(**filters)) == expected
+
+
+def test_query_filtered_pagination(store: RolloutStore, populated: dict[str, Rollout]) -> None:
+    assert names(populated, store.query_rollouts(resources_id="rs-a", offset=1, limit=1)) == ["val_a_failed"]
+    assert names(populated, store.query_rollouts(mode="train", limit=2)) == ["train_b_queued", "train_latest_ok"]
+    assert store.query_rollouts(mode="train", offset=10) == []
+
+
+def test_query_by_worker_orders_by_enqueue_time_not_claim_time(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    older, newer = make_rollouts(2)
+    run_to_running(store, newer, worker="w1")
+    run_to_running(store, older, worker="w1")  # claimed last, but enqueued first
+    assert ids(store.query_rollouts(worker_id="w1")) == [newer.rollout_id, older.rollout_id]
+
+
+def test_query_invalid_status(store: RolloutStore) -> None:
+    with pytest.raises(ValueError, match="done"):
+        store.query_rollouts(status="done")
+    with pytest.raises(ValueError, match="nope"):
+        store.query_rollouts(status=["succeeded", "nope"])
+
+
+@pytest.mark.parametrize("offset, limit", [(-1, 10), (0, 0)])
+def test_query_bad_pagination(store: RolloutStore, offset: int, limit: int) -> None:
+    with pytest.raises(ValueError):
+        store.query_rollouts(offset=offset, limit=limit)
+
+
+def test_count_by_status(store: RolloutStore, populated: dict[str, Rollout]) -> None:
+    counts = store.count_by_status()
+    assert set(counts) == set(ROLLOUT_STATUSES)
+    assert counts == {"queuing": 1, "preparing": 0, "running": 1, "requeuing": 0,
+                      "succeeded": 2, "failed": 1, "cancelled": 1}
+
+
+def test_statuses(store: RolloutStore, populated: dict[str, Rollout]) -> None:
+    rid = populated["train_a_ok"].rollout_id
+    assert store.statuses([rid, "ro-nope"]) == {rid: "succeeded", "ro-nope": None}
+
+
+def test_get_attempts_first_to_last(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=3))
+    rid = rollout.rollout_id
+    assert store.get_attempts(rid) == []
+    for seq, worker in [(1, "w1"), (2, "w2")]:
+        run_to_running(store, rollout, worker=worker)
+        store.finish_attempt(rid, seq, "failed", "requeuing", error=ErrorInfo(type="E", message=str(seq)))
+    run_to_running(store, rollout, worker="w3")
+    attempts = store.get_attempts(rid)
+    assert [(a.sequence_id, a.worker_id, a.status) for a in attempts] == [
+        (1, "w1", "failed"), (2, "w2", "failed"), (3, "w3", "running")
+    ]
+    assert [a.error.message for a in attempts[:2]] == ["1", "2"]  # type: ignore[union-attr]
+    assert len({a.attempt_id for a in attempts}) == 3
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def finish(store: RolloutStore, rollout: Rollout, reward: float = 1.0) -> None:
+    seq = run_to_running(store, rollout)
+    store.finish_attempt(rollout.rollout_id, seq, "succeeded", "succeeded", result=RolloutResult(reward=reward))
+
+
+def test_wait_returns_at_once_for_finished(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    a, b = make_rollouts(2)
+    finish(store, a, 0.1)
+    store.terminate(b.rollout_id, "cancelled")
+    seen: list[str] = []
+    started = time.monotonic()
+    done = store.wait_for_rollouts([b.rollout_id, a.rollout_id, b.rollout_id], timeout=2,
+                                   on_finished=lambda r: seen.append(r.rollout_id))
+    assert time.monotonic() - started < 1
+    assert ids(done) == [b.rollout_id, a.rollout_id]
+    assert [r.status for r in done] == ["cancelled", "succeeded"]
+    assert sorted(seen) == sorted([a.rollout_id, b.rollout_id])
+
+
+def test_wait_empty(store: RolloutStore) -> None:
+    assert store.wait_for_rollouts([], timeout=1) == []
+
+
+def test_wait_unknown_id_raises(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    a, = make_rollouts(1)
+    with pytest.raises(RolloutNotFoundError, match="ro-ghost"):
+        store.wait_for_rollouts([a.rollout_id, "ro-ghost"], timeout=1)
+
+
+def test_wait_times_out_with_partial_list(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    a, b, c = make_rollouts(3)
+    finish(store, b)
+    started = time.monotonic()
+    done = store.wait_for_rollouts(ids([a, b, c]), timeout=0.2)
+    elapsed = time.monotonic() - started
+    assert ids(done) == [b.rollout_id]
+    assert 0.15 <= elapsed < 2
+
+
+def another_client(fake_redis: fakeredis.FakeRedis, fake_client: LightningClient) -> LightningClient:
+    """A second client on the same fake server, like a worker in another process."""
+    server = fake_redis.connection_pool.connection_kwargs["server"]
+    return LightningClient(fake_client.settings, redis_client=fakeredis.FakeRedis(server=server))
+
+
+def test_wait_wakes_on_notification_from_another_client(
+    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient
+) -> None:
+    a, b, c = make_rollouts(3)
+    worker = another_client(fake_redis, fake_client)
+    seen: list[tuple[str, float | None]] = []
+    lock = threading.Lock()
+
+    def on_finished(rollout: Rollout) -> None:
+        with lock:
+            seen.append((rollout.rollout_id, rollout.reward))
+
+    def work() -> None:
+        time.sleep(0.05)
+        finish(worker.store, b, 2.0)
+        time.sleep(0.05)
+        finish(worker.store, a, 1.0)
+        time.sleep(0.05)
+        worker.store.terminate(c.rollout_id, "cancelled")
+
+    thread = threading.Thread(target=work)
+    started = time.monotonic()
+    thread.start()
+    try:
+        done = store.wait_for_rollouts(ids([a, b, c]), timeout=10, on_finished=on_finished)
+    finally:
+        thread.join()
+        worker.close()
+    elapsed = time.monotonic() - started
+    assert elapsed < 3  # woken by notifications, not by the 5 s safety wake-up
+    assert ids(done) == ids([a, b, c])  # in the order asked for
+    assert [r.status for r in done] == ["succeeded", "succeeded", "cancelled"]
+    assert seen == [(b.rollout_id, 2.0), (a.rollout_id, 1.0), (c.rollout_id, None)]  # once each, as they finish
+
+
+def test_wait_ignores_requeues_and_other_rollouts(
+    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient
+) -> None:
+    wanted, other = make_rollouts(2, config=RolloutConfig(max_attempts=2))
+    worker = another_client(fake_redis, fake_client)
+
+    def work() -> None:
+        time.sleep(0.05)
+        finish(worker.store, other)
+        seq = run_to_running(worker.store, wanted)
+        worker.store.finish_attempt(wanted.rollout_id, seq, "failed", "requeuing")
+        time.sleep(0.05)
+        finish(worker.store, wanted, 3.0)
+
+    calls: list[Rollout] = []
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        done = store.wait_for_rollouts([wanted.rollout_id], timeout=10, on_finished=calls.append)
+    finally:
+        thread.join()
+        worker.close()
+    assert ids(done) == [wanted.rollout_id]
+    assert done[0].reward == 3.0 and done[0].attempt_count == 2
+    assert ids(calls) == [wanted.rollout_id]
+
+
+def test_wait_wakes_when_a_lost_worker_fails_the_rollout(
+    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient
+) -> None:
+    rollout, = make_rollouts(1)
+    run_to_running(store, rollout, worker="w-dead")
+    worker = another_client(fake_redis, fake_client)
+
+    def redeliver() -> None:
+        time.sleep(0.05)
+        worker.store.claim(rollout, "w-alive")
+
+    thread = threading.Thread(target=redeliver)
+    started = time.monotonic()
+    thread.start()
+    try:
+        done = store.wait_for_rollouts([rollout.rollout_id], timeout=2)
+    finally:
+        thread.join()
+        worker.close()
+    assert time.monotonic() - started < 1.5
+    assert [r.status for r in done] == ["failed"]
