@@ -15,9 +15,10 @@ from .models import (
     RolloutConfig,
     RolloutMode,
     RolloutRequest,
+    ResolveMode,
     Attempt,
 )
-from .registry import SnapshotRegistry
+from .registry import LATEST, DeleteReport, PointerMove, SnapshotRegistry
 from .runner import TASK_NAME
 from .settings import Settings
 from .store import RolloutStore
@@ -47,9 +48,10 @@ class LightningClient:
         self.settings = settings or Settings()
         self.redis = redis_client if redis_client is not None else connect(self.settings.redis_url)
         self.keys = self.settings.keys
-        self.registry = SnapshotRegistry(self.redis, self.keys)
+        self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
         self.store = RolloutStore(self.redis, self.keys)
         self._app = app
+        self.cache: Any = None  # worker processes attach a SnapshotCache
 
     @property
     def app(self) -> LightningCelery:
@@ -74,18 +76,63 @@ class LightningClient:
         """Store a new snapshot (version 1) and make it the latest, atomically."""
         return self.registry.add_resources(resources, resources_id)
 
-    def update_resources(self, resources_id: str, resources: ResourcesLike) -> ResourcesUpdate:
-        """Store the next version under an existing id and make it the latest, atomically."""
-        return self.registry.update_resources(resources_id, resources)
+    def add_resources_batch(
+        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]]
+    ) -> list[ResourcesUpdate]:
+        """Add many snapshots in one pipelined round trip (the last becomes latest)."""
+        return self.registry.add_resources_batch(items)
 
-    def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate:
-        return self.registry.get_resources_by_id(resources_id)
+    def update_resources(
+        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None
+    ) -> ResourcesUpdate:
+        """Store the next version under an existing id and make it the latest, atomically.
+
+        With ``expected_version`` this is a compare-and-set: a concurrent
+        writer makes it raise :class:`VersionConflictError` (carrying the
+        current version) instead of being silently overwritten.
+        """
+        return self.registry.update_resources(resources_id, resources, expected_version)
+
+    def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate:
+        """A snapshot by id or pointer name; ``version`` reads an earlier version."""
+        return self.registry.get_resources_by_id(resources_id, version)
+
+    def delete_resources(self, resources_id: str, force: bool = False) -> DeleteReport:
+        """Delete a snapshot; refused while pointers or unfinished rollouts use it unless ``force``."""
+        return self.registry.delete_resources(resources_id, force=force)
+
+    # -- pointers -------------------------------------------------------------------------
+
+    def set_pointer(self, name: str, target: str, expected: str | None = None) -> str:
+        """Point ``name`` (``prod``, ``canary``...) at a snapshot; return the id it names."""
+        return self.registry.set_pointer(name, target, expected=expected)
+
+    def get_pointer(self, name: str) -> str | None:
+        return self.registry.get_pointer(name)
+
+    def pointers(self) -> dict[str, str]:
+        return self.registry.pointers()
+
+    def rollback(self, pointer: str = "latest") -> PointerMove:
+        """Move ``pointer`` back to its previous target in one atomic step."""
+        return self.registry.rollback(pointer)
+
+    def pointer_history(self, pointer: str = "latest", limit: int = 20) -> list[PointerMove]:
+        return self.registry.pointer_history(pointer, limit)
 
     def get_latest_resources(self) -> ResourcesUpdate | None:
         return self.registry.get_latest_resources()
 
     def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
         return self.registry.query_resources(offset, limit)
+
+    def load_snapshot(self, ref: str | None, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate:
+        """The snapshot a rollout runs with (``None`` = latest), through this process's
+        cache when it has one. ``min_seq`` is the registry sequence the answer must
+        be at least as fresh as."""
+        if self.cache is not None:
+            return self.cache.get(ref or LATEST, version, min_seq)
+        return self.registry.fetch(ref or LATEST, version).snapshot
 
     # -- rollouts -------------------------------------------------------------------------
 
@@ -94,6 +141,7 @@ class LightningClient:
         input: Any,
         *,
         resources_id: str | None = None,
+        resolve: ResolveMode | None = None,
         mode: RolloutMode | None = "train",
         config: RolloutConfig | None = None,
         metadata: dict[str, Any] | None = None,
@@ -102,7 +150,7 @@ class LightningClient:
     ) -> Rollout:
         """Enqueue one rollout. See :meth:`enqueue_rollouts`."""
         return self.enqueue_rollouts(
-            [input], resources_id=resources_id, mode=mode, config=config, metadata=metadata,
+            [input], resources_id=resources_id, resolve=resolve, mode=mode, config=config, metadata=metadata,
             queue=queue, check_resources=check_resources,
         )[0]
 
@@ -111,6 +159,7 @@ class LightningClient:
         inputs: Iterable[Any | RolloutRequest],
         *,
         resources_id: str | None = None,
+        resolve: ResolveMode | None = None,
         mode: RolloutMode | None = "train",
         config: RolloutConfig | None = None,
         metadata: dict[str, Any] | None = None,
@@ -120,28 +169,35 @@ class LightningClient:
         """Enqueue a batch of rollouts, in a constant number of round trips.
 
         Each item is a task input, or a :class:`RolloutRequest` carrying its own
-        ``resources_id``/mode/config/metadata; the keyword arguments are the
-        defaults for plain inputs. ``resources_id=None`` means "the latest
-        snapshot when the rollout runs".
+        ``resources_id``/``resolve``/mode/config/metadata; the keyword arguments
+        are the defaults for plain inputs.
 
-        Round trips: one to check that the named snapshots exist (skipped with
-        ``check_resources=False``; an unknown id raises
-        :class:`ResourcesNotFoundError` before anything is written), one
-        MULTI/EXEC for all records, one pipeline for all task messages.
-        If publishing fails the records are marked ``failed`` and
-        :class:`EnqueueError` is raised.
+        ``resources_id`` is a snapshot id or a pointer name (``prod``,
+        ``canary``...). ``resolve="pinned"`` (the default when one is given)
+        fixes the concrete id and version now, so the rollout is reproducible;
+        ``resolve="following"`` (the default when none is given, meaning
+        ``latest``) resolves it when the rollout starts.
+
+        Round trips: one to resolve the named snapshots (skipped with
+        ``check_resources=False``, which also leaves pinned versions to run
+        time; an unknown id raises :class:`ResourcesNotFoundError` before
+        anything is written), one MULTI/EXEC for all records, one pipeline for
+        all task messages. If publishing fails the records are marked
+        ``failed`` and :class:`EnqueueError` is raised.
         """
         queue = queue or self.settings.queue
         rollouts = []
         for item in inputs:
             request = item if isinstance(item, RolloutRequest) else RolloutRequest(
-                input=item, resources_id=resources_id, mode=mode, config=config, metadata=metadata or {}
+                input=item, resources_id=resources_id, resolve=resolve, mode=mode, config=config,
+                metadata=metadata or {},
             )
             rollouts.append(
                 Rollout(
                     input=request.input,
                     mode=request.mode,
                     resources_id=request.resources_id,
+                    resolve=request.resolve or ("pinned" if request.resources_id else "following"),
                     config=request.config or config or RolloutConfig(),
                     metadata=request.metadata,
                     queue=queue,
@@ -150,16 +206,24 @@ class LightningClient:
         if not rollouts:
             return []
         if check_resources:
-            named = sorted({r.resources_id for r in rollouts if r.resources_id})
-            for rid, exists in zip(named, self.registry.exists(*named)):
-                if not exists:
-                    raise ResourcesNotFoundError(rid, hint="nothing was enqueued; add the snapshot first")
-        self.store.create_rollouts(rollouts)
-        self.publish(rollouts)
+            refs = sorted({r.resources_id for r in rollouts if r.resources_id})
+            resolved = self.registry.current_versions(refs) if refs else {}
+            for ref in refs:
+                if resolved[ref] is None:
+                    raise ResourcesNotFoundError(ref, hint="nothing was enqueued; add the snapshot first")
+            for rollout in rollouts:
+                if rollout.resolve == "pinned" and rollout.resources_id:
+                    rollout.resources_id, rollout.resources_version = resolved[rollout.resources_id]  # type: ignore[misc]
+        seq = self.store.create_rollouts(rollouts)
+        self.publish(rollouts, seq)
         return rollouts
 
-    def publish(self, rollouts: Sequence[Rollout]) -> None:
-        """Send one task message per rollout (ids only), batched into one Redis pipeline."""
+    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
+        """Send one task message per rollout (ids only), batched into one Redis pipeline.
+
+        ``registry_seq`` tells worker caches how recent a registry state the
+        rollouts need (see :mod:`lightning_queue.cache`).
+        """
         settings = self.settings
         try:
             with self.app.producer_or_acquire() as producer, producer.batch():
@@ -168,7 +232,8 @@ class LightningClient:
                     limits = {"soft_time_limit": limit, "time_limit": limit + settings.hard_timeout_grace_seconds} if limit else {}
                     self.app.send_task(
                         TASK_NAME,
-                        kwargs={"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id},
+                        kwargs={"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id,
+                                "resources_version": rollout.resources_version, "registry_seq": registry_seq},
                         task_id=rollout.rollout_id,
                         queue=rollout.queue,
                         producer=producer,

@@ -135,3 +135,60 @@ class RolloutFailed(LightningQueueError):
     def __init__(self, rollout_id: str, error_type: str, message: str) -> None:
         super().__init__(f"rollout {rollout_id} failed: {error_type}: {message}")
         self.rollout_id = rollout_id
+        self.error_type = error_type
+        self.error_message = message
+
+    def __reduce__(self) -> tuple[type[RolloutFailed], tuple[str, str, str]]:
+        # Celery checks that an exception survives pickling before logging it; without this it
+        # becomes a plain LightningQueueError, `throws` no longer matches, and every failed
+        # rollout is logged as "raised unexpected" with a traceback.
+        return (type(self), (self.rollout_id, self.error_type, self.error_message))
+
+
+class SnapshotTooLargeError(InvalidResourcesError):
+    """A snapshot's serialized resources exceed the configured size limit."""
+
+    def __init__(self, resources_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"snapshot {resources_id!r} is {size} bytes serialized, over the limit of {limit} bytes "
+            "(LQ_MAX_SNAPSHOT_BYTES); keep large data (datasets, documents) outside snapshots and store a "
+            "reference to it instead"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class VersionConflictError(LightningQueueError):
+    """A compare-and-set update lost to a concurrent writer."""
+
+    def __init__(self, resources_id: str, expected: int, current: int) -> None:
+        super().__init__(
+            f"snapshot {resources_id!r} is at version {current}, not the expected {expected}: another writer "
+            "updated it first; read it again and retry (see lightning_queue.retry_on_conflict)"
+        )
+        self.resources_id = resources_id
+        self.expected = expected
+        self.current_version = current
+
+
+class PointerError(LightningQueueError):
+    """A pointer operation that cannot be done (bad name, nothing to roll back to...)."""
+
+
+class SnapshotInUseError(LightningQueueError):
+    """A snapshot cannot be deleted: rollouts or pointers still need it."""
+
+    def __init__(self, resources_id: str, pointers: list[str], rollout_ids: list[str]) -> None:
+        reasons = []
+        if pointers:
+            reasons.append(f"pointers {', '.join(sorted(pointers))} name it")
+        if rollout_ids:
+            shown = ", ".join(rollout_ids[:5]) + (" ..." if len(rollout_ids) > 5 else "")
+            reasons.append(f"{len(rollout_ids)} queued or running rollouts use it ({shown})")
+        super().__init__(
+            f"snapshot {resources_id!r} is in use: {'; '.join(reasons)}. Move the pointers and let the rollouts "
+            "finish, or delete with force=True (those rollouts then fail with 'snapshot deleted')"
+        )
+        self.resources_id = resources_id
+        self.pointers = pointers
+        self.rollout_ids = rollout_ids

@@ -2,10 +2,14 @@
 
 Snapshot registry::
 
-    {p}:snapshot:{resources_id}   hash   resources (JSON), version, create_time, update_time
-    {p}:snapshots                 zset   resources_id -> sequence of its last write (newest = highest)
-    {p}:pointers                  hash   pointer name ("latest", ...) -> resources_id
-    {p}:seq                       string global write counter, orders snapshots
+    {p}:snapshot:{resources_id}       hash   the current version: resources (payload), encoding, checksum,
+                                             size, version, create_time, update_time
+    {p}:snapshot:{resources_id}:v:{n} hash   an earlier version n, unchanged since it was replaced
+    {p}:snapshots                     zset   resources_id -> sequence of its last write (newest = highest)
+    {p}:pointers                      hash   pointer name ("latest", "prod", ...) -> resources_id
+    {p}:pointer-history:{name}        list   the pointer's last moves, newest first (JSON: from, to, time, by)
+    {p}:seq                           string registry sequence: bumped by every write, move and delete
+    {p}:snapshot-events               pub/sub JSON of each registry change (worker caches listen)
 
 Rollout store::
 
@@ -34,24 +38,51 @@ class Keys:
     prefix: str = "lq"
 
     # -- snapshot registry --------------------------------------------------
+    @property
+    def snapshot_prefix(self) -> str:
+        return f"{self.prefix}:snapshot:"
+
     def snapshot(self, resources_id: str) -> str:
-        return f"{self.prefix}:snapshot:{resources_id}"
+        return f"{self.snapshot_prefix}{resources_id}"
 
     @property
     def snapshots(self) -> str:
         return f"{self.prefix}:snapshots"
+
+    VERSION_INFIX = ":v:"
+
+    def snapshot_version_prefix(self, resources_id: str) -> str:
+        return f"{self.snapshot(resources_id)}{self.VERSION_INFIX}"
+
+    def snapshot_version(self, resources_id: str, version: int) -> str:
+        return f"{self.snapshot_version_prefix(resources_id)}{version}"
 
     @property
     def pointers(self) -> str:
         return f"{self.prefix}:pointers"
 
     @property
+    def pointer_history_prefix(self) -> str:
+        return f"{self.prefix}:pointer-history:"
+
+    def pointer_history(self, name: str) -> str:
+        return f"{self.pointer_history_prefix}{name}"
+
+    @property
+    def snapshot_events(self) -> str:
+        return f"{self.prefix}:snapshot-events"
+
+    @property
     def seq(self) -> str:
         return f"{self.prefix}:seq"
 
     # -- rollout store --------------------------------------------------------
+    @property
+    def rollout_prefix(self) -> str:
+        return f"{self.prefix}:rollout:"
+
     def rollout(self, rollout_id: str) -> str:
-        return f"{self.prefix}:rollout:{rollout_id}"
+        return f"{self.rollout_prefix}{rollout_id}"
 
     def attempt_prefix(self, rollout_id: str) -> str:
         return f"{self.prefix}:rollout:{rollout_id}:attempt:"

@@ -29,6 +29,7 @@ from .errors import InvalidResourcesError, UnknownResourceTypeError
 
 RolloutMode = Literal["train", "val", "test"]
 RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
+ResolveMode = Literal["pinned", "following"]
 AttemptStatus = Literal["preparing", "running", "succeeded", "failed", "timeout", "worker_lost"]
 
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -220,15 +221,24 @@ class RolloutResult(BaseModel):
 class Rollout(BaseModel):
     """One run of the agent on one task input.
 
-    ``resources_id`` is what the rollout was enqueued with: a snapshot id, or
-    ``None`` for "the latest when it runs". Each :class:`Attempt` records the
-    snapshot id and version it actually ran with.
+    Which snapshot it runs with:
+
+    * ``resolve="pinned"``: ``resources_id`` and ``resources_version`` were
+      fixed when it was enqueued (a pointer given then was resolved then), so
+      the rollout is reproducible;
+    * ``resolve="following"``: ``resources_id`` (an id or a pointer name;
+      ``None`` means ``latest``) is resolved when the rollout starts, so queued
+      work picks up a switch made while it waited.
+
+    Each :class:`Attempt` records the concrete id and version it ran with.
     """
 
     rollout_id: str = Field(default_factory=lambda: new_id("ro"))
     input: Any
     mode: RolloutMode | None = "train"
     resources_id: str | None = None
+    resources_version: int | None = None
+    resolve: ResolveMode = "following"
     status: RolloutStatus = "queuing"
     config: RolloutConfig = Field(default_factory=RolloutConfig)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -266,10 +276,15 @@ class Attempt(BaseModel):
 
 
 class RolloutRequest(BaseModel):
-    """One rollout to enqueue in a batch, with its own snapshot, mode, config or metadata."""
+    """One rollout to enqueue in a batch, with its own snapshot, mode, config or metadata.
+
+    ``resolve`` defaults to ``"pinned"`` when ``resources_id`` is given and
+    ``"following"`` (the latest at run time) when it is not.
+    """
 
     input: Any
     resources_id: str | None = None
+    resolve: ResolveMode | None = None
     mode: RolloutMode | None = "train"
     config: RolloutConfig | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)

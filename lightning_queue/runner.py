@@ -93,12 +93,20 @@ def record_hard_timeout(app: LightningCelery, rollout_id: str, exc: BaseExceptio
         client.publish([rollout])
 
 
-def run_rollout(task: RolloutTask, rollout_id: str, resources_id: str | None = None) -> dict[str, Any]:
-    """Run one rollout. ``resources_id`` in the message is informational (Flower
-    shows it); the rollout record is authoritative."""
+def run_rollout(
+    task: RolloutTask,
+    rollout_id: str,
+    resources_id: str | None = None,
+    resources_version: int | None = None,
+    registry_seq: int = 0,
+) -> dict[str, Any]:
+    """Run one rollout. ``resources_id``/``resources_version`` in the message are
+    informational (Flower shows them); the rollout record is authoritative.
+    ``registry_seq`` is the registry state at enqueue: the snapshot cache must
+    have caught up with it before it may answer without asking Redis."""
     app: LightningCelery = task.app  # type: ignore[assignment]
     try:
-        return _run(task, app, rollout_id)
+        return _run(task, app, rollout_id, registry_seq)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # Redis stayed unreachable through the client's retries: give the message back
         # so the rollout runs again once Redis is back, instead of acking it unrecorded.
@@ -106,7 +114,7 @@ def run_rollout(task: RolloutTask, rollout_id: str, resources_id: str | None = N
         raise Reject(str(exc), requeue=True) from exc
 
 
-def _run(task: RolloutTask, app: LightningCelery, rollout_id: str) -> dict[str, Any]:
+def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq: int = 0) -> dict[str, Any]:
     client = app.lightning
     store = client.store
     worker_id = task.request.hostname or f"pid-{os.getpid()}"
@@ -122,7 +130,8 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str) -> dict[str, 
     seq = claim.sequence_id
 
     try:
-        snapshot = client.registry.resolve(rollout.resources_id)
+        version = rollout.resources_version if rollout.resolve == "pinned" else None
+        snapshot = client.load_snapshot(rollout.resources_id, version, registry_seq)
     except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
         status = store.finish_attempt(
             rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)

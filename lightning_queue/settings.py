@@ -44,6 +44,27 @@ class Settings(BaseSettings):
         description="After the soft time limit, how long an agent may ignore it before its process is killed.",
     )
 
+    compress_threshold_bytes: int = Field(
+        8192, ge=0, description="Snapshots at least this big (serialized) are stored zlib-compressed."
+    )
+    max_snapshot_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest snapshot accepted, serialized and uncompressed."
+    )
+    pointer_history_length: int = Field(100, ge=1, description="Moves kept per pointer for history and rollback.")
+    cache_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="Worker-side snapshot cache size per process (0 disables it)."
+    )
+    rollout_ttl_seconds: int | None = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="Finished rollout records (and their attempts) expire this long after they finish; "
+        "unset to keep them forever.",
+    )
+    gc_keep: int = Field(50, ge=1, description="Retention: snapshots kept besides those pointed at or in use.")
+    gc_interval_seconds: float | None = Field(
+        None, gt=0, description="Run the retention policy on this schedule (needs `celery beat` or `worker -B`)."
+    )
+
     @field_validator("key_prefix")
     @classmethod
     def _no_separator_at_ends(cls, value: str) -> str:

@@ -28,7 +28,8 @@ from .models import Attempt, ErrorInfo, Rollout, RolloutResult, TERMINAL_STATUSE
 
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
-    {"rollout_id", "status", "queue", "resources_id", "attempt_count", "enqueue_time", "start_time", "end_time"}
+    {"rollout_id", "status", "queue", "resources_id", "resources_version", "resolve", "attempt_count",
+     "enqueue_time", "start_time", "end_time"}
 )
 _PLAIN_ATTEMPT_FIELDS = frozenset(
     {"rollout_id", "sequence_id", "attempt_id", "worker_id", "status", "start_time", "end_time",
@@ -106,9 +107,12 @@ class RolloutStore:
 
     # -- writes -----------------------------------------------------------------------
 
-    def create_rollouts(self, rollouts: Sequence[Rollout]) -> None:
+    def create_rollouts(self, rollouts: Sequence[Rollout]) -> int:
+        """Write the batch; return the registry sequence number at that moment (task
+        messages carry it, so worker caches know how fresh they must be)."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=True)
+        pipe.get(k.seq)
         for rollout in rollouts:
             rid, score = rollout.rollout_id, rollout.enqueue_time
             pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))
@@ -118,7 +122,7 @@ class RolloutStore:
                 pipe.zadd(k.rollouts_by_mode(rollout.mode), {rid: score})
             if rollout.resources_id:
                 pipe.zadd(k.rollouts_by_resources(rollout.resources_id), {rid: score})
-        pipe.execute()
+        return int(pipe.execute()[0] or 0)
 
     def claim(self, rollout: Rollout, worker_id: str) -> Claim:
         """Open the next attempt of ``rollout`` for ``worker_id``.

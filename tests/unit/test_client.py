@@ -27,7 +27,7 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The rollout ids of each ``publish`` call, instead of sending them to the broker."""
     batches: list[list[str]] = []
 
-    def publish(self: LightningClient, rollouts: Sequence[Rollout]) -> None:
+    def publish(self: LightningClient, rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
         batches.append([r.rollout_id for r in rollouts])
 
     monkeypatch.setattr(LightningClient, "publish", publish)
@@ -134,9 +134,11 @@ def test_publish_sends_one_message_per_rollout(fake_client: LightningClient, mon
     assert [name for name, _ in app.sent] == [TASK_NAME, TASK_NAME]
     (_, first), (_, second) = app.sent
     assert first["task_id"] == plain.rollout_id and first["queue"] == fake_client.settings.queue
-    assert first["kwargs"] == {"rollout_id": plain.rollout_id, "resources_id": None}
+    assert first["kwargs"] == {"rollout_id": plain.rollout_id, "resources_id": None, "resources_version": None,
+                               "registry_seq": 0}
     assert (first["soft_time_limit"], first["time_limit"]) == (30.0, 30.0 + grace)  # the default limit
-    assert second["kwargs"] == {"rollout_id": limited.rollout_id, "resources_id": "rs-x"}
+    assert second["kwargs"] == {"rollout_id": limited.rollout_id, "resources_id": "rs-x",
+                                "resources_version": None, "registry_seq": 0}
     assert (second["soft_time_limit"], second["time_limit"]) == (5, 5 + grace)  # the rollout's own
 
 

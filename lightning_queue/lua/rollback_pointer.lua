@@ -1,0 +1,13 @@
+-- Move a pointer back to the target it had before its last move, atomically.
+-- KEYS[1] pointers hash, KEYS[2] sequence, KEYS[3] snapshot events channel
+-- ARGV[1] pointer name, ARGV[2] now, ARGV[3] who, ARGV[4] history length, ARGV[5] history key prefix,
+-- ARGV[6] snapshot key prefix
+-- Returns {'ok', to, from} | {'nothing'} (no earlier target) | {'gone', id} (it was deleted).
+local last = redis.call('LINDEX', ARGV[5] .. ARGV[1], 0)
+if not last then return {'nothing'} end
+local previous = cjson.decode(last)['from']
+if not previous then return {'nothing'} end
+if redis.call('EXISTS', ARGV[6] .. previous) == 0 then return {'gone', previous} end
+local from = move_pointer(KEYS[1], ARGV[5], ARGV[1], previous, ARGV[2], ARGV[3], ARGV[4])
+announce(KEYS[2], KEYS[3], {op = 'pointer', pointers = {[ARGV[1]] = previous}})
+return {'ok', previous, from or ''}
