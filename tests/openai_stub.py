@@ -1,0 +1,155 @@
+"""A tiny OpenAI-compatible chat server for tests, in a thread of the test process.
+
+``POST /v1/chat/completions`` answers like a model that always uses its
+calculator: when the last message is the user's and holds an arithmetic
+expression, it calls the ``calculator`` tool with that expression; when the
+last message is a tool result, it answers ``"The answer is <result>"``.
+Every request is recorded (model, body, Authorization header) for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import pytest
+
+# The longest run of numbers, operators and parentheses holding at least one operator.
+_EXPRESSION = re.compile(r"[-(]*\s*\d[\d.\s()+\-*/%]*[+\-*/%][\d.\s()+\-*/%]*\d\s*\)*")
+
+
+def extract_expression(text: str) -> str | None:
+    """``"What is 12 * (3 + 4)?"`` -> ``"12 * (3 + 4)"``; None when there is no arithmetic."""
+    found = [m.group(0).strip() for m in _EXPRESSION.finditer(text)]
+    if not found:
+        return None
+    expression = max(found, key=len)
+    # Drop parentheses that the match cut out of balance ("(3 + 4" or "3 + 4)").
+    while expression.count("(") > expression.count(")") and expression.startswith("("):
+        expression = expression[1:].strip()
+    while expression.count(")") > expression.count("(") and expression.endswith(")"):
+        expression = expression[:-1].strip()
+    return expression
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    path: str
+    authorization: str | None
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str | None:
+        return self.body.get("model")
+
+
+class OpenAIStub:
+    """Start with :meth:`start` (or ``with OpenAIStub() as stub``); point an LLM at :attr:`endpoint`.
+
+    ``fail_status`` makes every request answer with that HTTP status.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.fail_status: int | None = None
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start the stub first"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> OpenAIStub:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                except ValueError:
+                    return self._reply(400, {"error": {"message": "the body is not JSON"}})
+                with stub._lock:
+                    stub.requests.append(RecordedRequest(self.path, self.headers.get("Authorization"), body))
+                if self.path != "/v1/chat/completions":
+                    return self._reply(404, {"error": {"message": f"no route {self.path}"}})
+                if stub.fail_status is not None:
+                    return self._reply(stub.fail_status, {"error": {"message": "the stub was told to fail"}})
+                return self._reply(200, completion(body))
+
+            def _reply(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="openai-stub", daemon=True
+        ).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> OpenAIStub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.path == "/v1/chat/completions"]
+
+
+def completion(body: dict[str, Any]) -> dict[str, Any]:
+    """The stub model's answer to one chat request."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else {}
+    message: dict[str, Any]
+    if last.get("role") == "tool":
+        message = {"role": "assistant", "content": f"The answer is {last.get('content')}"}
+    elif last.get("role") == "user" and (expression := extract_expression(str(last.get("content") or ""))):
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:12]}",
+            "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})},
+        }
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    else:
+        message = {"role": "assistant", "content": "I can only do arithmetic."}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}
+        ],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+@pytest.fixture
+def openai_stub() -> Iterator[OpenAIStub]:
+    """A local OpenAI-compatible server; point an LLM at ``openai_stub.endpoint``."""
+    with OpenAIStub() as stub:
+        yield stub
