@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis
@@ -142,6 +143,9 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq:
 
     if not store.start_attempt(rollout_id, seq, snapshot.resources_id, snapshot.version):
         return {"rollout_id": rollout_id, "status": store.get_rollout(rollout_id).status}
+    # The agent sees the record as it now stands: running, on this attempt.
+    rollout = rollout.model_copy(update={"status": "running", "attempt_count": seq,
+                                         "start_time": rollout.start_time or time.time()})
 
     error: ErrorInfo | None = None
     result = None

@@ -466,3 +466,25 @@ def test_redis_outage_requeues_the_message(fake_client: LightningClient, monkeyp
         run_rollout(FakeTask(fake_client, recording_agent()[0]), "ro-x")  # type: ignore[arg-type]
     assert info.value.requeue is True
 
+
+
+def test_agent_sees_the_record_of_its_own_attempt(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm})
+    seen: list[Rollout] = []
+
+    @rollout
+    def agent(task: Any, rollout: Rollout) -> float:
+        seen.append(rollout)
+        if len(seen) == 1:
+            raise RuntimeError("first attempt fails")
+        return 1.0
+
+    queued = enqueue(config=RolloutConfig(max_attempts=2))
+    task = FakeTask(fake_client, agent)
+    with pytest.raises(RetryRequested):
+        run(task, queued.rollout_id)
+    run(task, queued.rollout_id)
+    assert [(r.status, r.attempt_count) for r in seen] == [("running", 1), ("running", 2)]
+    assert all(r.start_time is not None for r in seen)
