@@ -14,6 +14,7 @@ from celery import Celery, signals
 
 from .agent import LitAgent
 from .errors import AgentNotConfiguredError, ConfigurationError
+from .retention import register_retention
 from .runner import TASK_NAME, register_tasks
 from .settings import Settings
 
@@ -113,13 +114,15 @@ class LightningCelery(Celery):
 
 
 def create_app(settings: Settings | None = None, agent: LitAgent | str | None = None) -> LightningCelery:
-    """Build a Celery app for lightning-queue, with the rollout task registered.
+    """Build a Celery app for lightning-queue, with the rollout and retention tasks registered
+    (retention is scheduled for ``celery beat`` when ``gc_interval_seconds`` is set).
 
     ``settings`` defaults to :class:`Settings` read from the environment.
     ``agent`` (an agent or a ``"module:attr"`` string) is only needed on workers.
     """
     app = LightningCelery(settings or Settings(), agent=agent)
     register_tasks(app)
+    register_retention(app)
 
     @signals.worker_init.connect(weak=False)
     def _check_agent(sender: Any = None, **_: Any) -> None:

@@ -1,4 +1,4 @@
-"""The ``lightning-queue`` command: workers, snapshots, rollouts, the demo."""
+"""The ``lightning-queue`` command: workers, snapshots and pointers, retention, rollouts, the demo."""
 
 from __future__ import annotations
 
@@ -8,21 +8,40 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .client import LightningClient
 from .errors import ConfigurationError, LightningQueueError
 from .models import ResourcesUpdate, Rollout, RolloutConfig
+from .retention import RetentionReport
 from .settings import Settings
 
 console = Console()
 err = Console(stderr=True)
 
+
+class _Commands(typer.core.TyperGroup):
+    """The top-level group: an error the user caused ends the command with one line on
+    stderr and exit code 1, never a traceback (every subcommand runs inside ``invoke``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:  # noqa: BLE001 - sorted by _user_error; the rest propagates
+            message = _user_error(exc)
+            if message is None:
+                raise
+            raise typer.Exit(_fail(message)) from None
+
+
 app = typer.Typer(
-    help="A distributed rollout queue for optimizing AI agents.", no_args_is_help=True, pretty_exceptions_enable=False
+    help="A distributed rollout queue for optimizing AI agents.", no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 resources_app = typer.Typer(help="Store and inspect resource snapshots.", no_args_is_help=True)
 rollouts_app = typer.Typer(help="Submit and follow rollouts.", no_args_is_help=True)
@@ -59,7 +78,10 @@ def _read_json(value: Optional[str], file: Optional[Path], what: str) -> Any:
     try:
         return json.loads(text)  # type: ignore[arg-type]
     except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"the {what} is not valid JSON: {exc}") from None
+        source = str(file) if file is not None else "argument"
+        raise ConfigurationError(
+            f"the {what} ({source}) is not valid JSON: {exc}; in a shell, wrap the JSON in single quotes"
+        ) from None
 
 
 def _show_snapshot(update: ResourcesUpdate) -> None:
@@ -117,17 +139,25 @@ def resources_update(
     resources_id: str,
     resources: Optional[str] = typer.Argument(None),
     file: Optional[Path] = typer.Option(None, "--file", "-f", exists=True, dir_okay=False),
+    expected_version: Optional[int] = typer.Option(
+        None, min=1, help="Write only if the current version is this one (refused if another writer got there first)."
+    ),
 ) -> None:
     """Store a new version under an existing id; it becomes the latest."""
     with _client() as client:
-        _show_snapshot(client.update_resources(resources_id, _read_json(resources, file, "resources")))
+        _show_snapshot(
+            client.update_resources(resources_id, _read_json(resources, file, "resources"), expected_version)
+        )
 
 
 @resources_app.command("get")
-def resources_get(resources_id: str) -> None:
+def resources_get(
+    resources_id: str = typer.Argument(..., help="A snapshot id or a pointer name."),
+    version: Optional[int] = typer.Option(None, min=1, help="An earlier version (default: the current one)."),
+) -> None:
     """Show one snapshot (secrets masked)."""
     with _client() as client:
-        _show_snapshot(client.get_resources_by_id(resources_id))
+        _show_snapshot(client.get_resources_by_id(resources_id, version))
 
 
 @resources_app.command("latest")
@@ -156,6 +186,97 @@ def resources_list(
     console.print(table)
 
 
+@resources_app.command("pointer")
+def resources_pointer(
+    name: str = typer.Argument(..., help="The pointer: prod, canary..."),
+    target: str = typer.Argument(..., help="A snapshot id, or another pointer (its current target is copied)."),
+) -> None:
+    """Point NAME at TARGET (recorded in the pointer's history)."""
+    with _client() as client:
+        old = client.get_pointer(name)
+        # Compare-and-set on what we read, so the old -> new printed is exactly the move made.
+        new = client.set_pointer(name, target, expected=old)
+    console.print(f"{name}: {old or '(unset)'} -> {new}")
+
+
+@resources_app.command("pointers")
+def resources_pointers() -> None:
+    """List the pointers and the snapshot each names."""
+    with _client() as client:
+        pointers = client.pointers()
+        versions = client.registry.current_versions(sorted(pointers))
+    table = Table("pointer", "resources_id", "version")
+    for name in sorted(pointers):
+        current = versions.get(name)
+        table.add_row(name, pointers[name], str(current[1]) if current else "")
+    console.print(table)
+
+
+@resources_app.command("history")
+def resources_history(
+    pointer: str = typer.Argument("latest"), limit: int = typer.Option(20, min=1, help="Moves to show.")
+) -> None:
+    """Show a pointer's last moves, newest first."""
+    with _client() as client:
+        moves = client.pointer_history(pointer, limit)
+    if not moves:
+        raise typer.Exit(_fail(f"pointer {pointer!r} has never been moved; list pointers with `resources pointers`"))
+    table = Table("from", "to", "when", "by")
+    for m in moves:
+        table.add_row(m.from_id or "(unset)", m.to_id or "(unset)", _when(m.time), m.by)
+    console.print(table)
+
+
+@resources_app.command("rollback")
+def resources_rollback(pointer: str = typer.Argument("latest")) -> None:
+    """Move a pointer back to its previous target (a second rollback undoes the first)."""
+    with _client() as client:
+        move = client.rollback(pointer)
+    console.print(f"{pointer}: {move.from_id or '(unset)'} -> {move.to_id}")
+
+
+@resources_app.command("delete")
+def resources_delete(
+    resources_id: str,
+    force: bool = typer.Option(
+        False, "--force", help="Delete even if in use: pointers naming it are unset, rollouts using it fail."
+    ),
+) -> None:
+    """Delete a snapshot and all its versions; refused while pointers or queued/running rollouts use it."""
+    with _client() as client:
+        report = client.delete_resources(resources_id, force=force)
+        latest = client.get_pointer("latest") if "latest" in report.moved_pointers else None
+    console.print(f"deleted {report.resources_id}")
+    for name in sorted(report.moved_pointers):
+        console.print(f"  {name}: {resources_id} -> {latest or '(unset)'}" if name == "latest" else f"  {name}: unset")
+    if report.failed_rollouts:
+        console.print(f"  {len(report.failed_rollouts)} queued/running rollouts failed: "
+                      + ", ".join(report.failed_rollouts))
+
+
+@resources_app.command("gc")
+def resources_gc(
+    keep: Optional[int] = typer.Option(None, min=0, help="Newest snapshots to keep (default: LQ_GC_KEEP)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be deleted; delete nothing."),
+) -> None:
+    """Apply the retention policy: keep the newest snapshots and every one pointed at or in use."""
+    with _client() as client:
+        report = client.apply_retention(keep, dry_run)
+    _show_retention(report)
+
+
+def _show_retention(report: RetentionReport) -> None:
+    table = Table("resources_id", "action", "why")
+    for rid, reasons in report.kept.items():
+        table.add_row(rid, "keep", ", ".join(reasons))
+    for rid in report.deleted:
+        table.add_row(rid, "would delete" if report.dry_run else "deleted", "")
+    for rid, reason in report.skipped.items():
+        table.add_row(rid, "skipped", reason)
+    console.print(table)
+    console.print(report.summary())
+
+
 # ---------------------------------------------------------------------------------- rollouts
 
 
@@ -166,16 +287,27 @@ def _inputs(inputs: List[str], file: Optional[Path]) -> Iterator[Any]:
         except json.JSONDecodeError:
             yield raw  # a bare word is a string input
     if file is not None:
-        for line in file.read_text().splitlines():
+        for number, line in enumerate(file.read_text().splitlines(), 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigurationError(
+                        f"{file}, line {number}: not valid JSON ({exc}); put one JSON value per line"
+                    ) from None
 
 
 @rollouts_app.command("submit")
 def rollouts_submit(
     inputs: List[str] = typer.Argument(None, help="Task inputs, each JSON (a bare word is a string)."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", exists=True, dir_okay=False, help="JSON lines, one input each."),
-    resources_id: Optional[str] = typer.Option(None, "--resources-id", "-r", help="Pin to a snapshot (default: latest at run time)."),
+    resources_id: Optional[str] = typer.Option(
+        None, "--resources-id", "-r",
+        help="A snapshot id or pointer name, pinned now (default: latest at run time).",
+    ),
+    follow: bool = typer.Option(
+        False, "--follow", help="Resolve the id or pointer when each rollout runs, not at submit time."
+    ),
     mode: str = typer.Option("train", help="train, val or test."),
     max_attempts: int = typer.Option(1, min=1),
     timeout: Optional[float] = typer.Option(None, help="Time limit of one attempt, seconds."),
@@ -187,7 +319,10 @@ def rollouts_submit(
         raise typer.BadParameter("give at least one input, or --file")
     config = RolloutConfig(max_attempts=max_attempts, timeout_seconds=timeout)
     with _client() as client:
-        rollouts = client.enqueue_rollouts(items, resources_id=resources_id, mode=mode, config=config)  # type: ignore[arg-type]
+        rollouts = client.enqueue_rollouts(
+            items, resources_id=resources_id, resolve="following" if follow else None, mode=mode,  # type: ignore[arg-type]
+            config=config,
+        )
         for r in rollouts:
             console.print(r.rollout_id)
         if wait:
@@ -284,22 +419,25 @@ def _when(timestamp: float) -> str:
 
 
 def _fail(message: str) -> int:
-    err.print(f"[bold red]error:[/] {message}")
+    # soft_wrap: one line whatever the width, so scripts can grep it and terminals wrap it.
+    # escape: messages quote user input, which may hold [brackets] rich would read as markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     return 1
 
 
-def main() -> None:
-    """Entry point: user errors print one line, not a traceback."""
-    try:
-        app()
-    except (LightningQueueError, ConfigurationError) as exc:
-        raise SystemExit(_fail(str(exc))) from None
-    except Exception as exc:  # noqa: BLE001 - redis errors and pydantic errors at the edge
-        import redis
-        from pydantic import ValidationError
+def _user_error(exc: BaseException) -> str | None:
+    """The one-line message for an error the user caused (bad input, unknown id, no Redis),
+    or None for a bug, which keeps its traceback."""
+    import redis
+    from pydantic import ValidationError
 
-        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-            raise SystemExit(_fail(f"cannot reach Redis at {_settings().redis_url}: {exc}")) from None
-        if isinstance(exc, ValidationError):
-            raise SystemExit(_fail(str(exc))) from None
-        raise
+    if isinstance(exc, (LightningQueueError, ConfigurationError, ValidationError)):
+        return str(exc)
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"cannot reach Redis at {_settings().redis_url}: {exc}"
+    return None
+
+
+def main() -> None:
+    """Entry point: user errors print one line, not a traceback (see :class:`_Commands`)."""
+    app()

@@ -19,6 +19,7 @@ from .models import (
     Attempt,
 )
 from .registry import LATEST, DeleteReport, PointerMove, SnapshotRegistry
+from .retention import RetentionReport, apply_retention
 from .runner import TASK_NAME
 from .settings import Settings
 from .store import RolloutStore
@@ -49,7 +50,7 @@ class LightningClient:
         self.redis = redis_client if redis_client is not None else connect(self.settings.redis_url)
         self.keys = self.settings.keys
         self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
-        self.store = RolloutStore(self.redis, self.keys)
+        self.store = RolloutStore(self.redis, self.keys, self.settings.rollout_ttl_seconds)
         self._app = app
         self.cache: Any = None  # worker processes attach a SnapshotCache
 
@@ -122,6 +123,12 @@ class LightningClient:
 
     def get_latest_resources(self) -> ResourcesUpdate | None:
         return self.registry.get_latest_resources()
+
+    def apply_retention(self, keep: int | None = None, dry_run: bool = False) -> RetentionReport:
+        """Delete old snapshots: keep the newest ``keep`` (default ``settings.gc_keep``) and
+        every one a pointer names or a queued/running rollout uses; prune index entries of
+        expired rollouts. See :func:`lightning_queue.retention.apply_retention`."""
+        return apply_retention(self.registry, self.store, self.settings.gc_keep if keep is None else keep, dry_run)
 
     def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
         return self.registry.query_resources(offset, limit)

@@ -105,11 +105,13 @@ class InvalidRolloutResultError(LightningQueueError, TypeError):
 
 
 class RolloutNotFoundError(LightningQueueError, LookupError):
-    """No rollout is stored under the requested id."""
+    """No rollout is stored under the requested id (never was, or it finished and expired)."""
 
     def __init__(self, rollout_id: str) -> None:
         super().__init__(
-            f"no rollout with id {rollout_id!r}; list rollouts with `lightning-queue rollouts list`"
+            f"no rollout with id {rollout_id!r}: it was never enqueued here, or it finished and its record "
+            "expired (finished rollouts are kept LQ_ROLLOUT_TTL_SECONDS); list rollouts with "
+            "`lightning-queue rollouts list`"
         )
         self.rollout_id = rollout_id
 
@@ -187,7 +189,8 @@ class SnapshotInUseError(LightningQueueError):
             reasons.append(f"{len(rollout_ids)} queued or running rollouts use it ({shown})")
         super().__init__(
             f"snapshot {resources_id!r} is in use: {'; '.join(reasons)}. Move the pointers and let the rollouts "
-            "finish, or delete with force=True (those rollouts then fail with 'snapshot deleted')"
+            "finish, or delete with force=True (`--force` on the command line; those rollouts then fail with "
+            "'snapshot deleted')"
         )
         self.resources_id = resources_id
         self.pointers = pointers

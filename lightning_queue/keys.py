@@ -13,14 +13,18 @@ Snapshot registry::
 
 Rollout store::
 
-    {p}:rollout:{rollout_id}             hash  the Rollout record, one field per model field
-    {p}:rollout:{rollout_id}:attempt:{n} hash  attempt n (1-based) of that rollout
+    {p}:rollout:{rollout_id}             hash  the Rollout record, one field per model field; expires
+                                               ``rollout_ttl_seconds`` after the rollout finishes
+    {p}:rollout:{rollout_id}:attempt:{n} hash  attempt n (1-based) of that rollout; expires with it
     {p}:rollouts                         zset  rollout_id -> enqueue time
     {p}:rollouts:status:{status}         zset  rollout_id -> enqueue time, one per status
     {p}:rollouts:mode:{mode}             zset  rollout_id -> enqueue time
     {p}:rollouts:resources:{id}          zset  rollouts pinned to, or run with, that snapshot
     {p}:rollouts:worker:{worker_id}      zset  rollouts that worker ran an attempt of
     {p}:events                           pub/sub channel; a finished rollout's id is published
+
+The ``rollouts*`` indexes outlive expired records: readers skip ids whose record is gone,
+and retention (:mod:`lightning_queue.retention`) prunes them.
 
 Celery's broker keys (queues, unacked messages, pidbox) live under ``{p}:celery:``
 through kombu's ``global_keyprefix`` transport option.
@@ -84,8 +88,10 @@ class Keys:
     def rollout(self, rollout_id: str) -> str:
         return f"{self.rollout_prefix}{rollout_id}"
 
+    ATTEMPT_INFIX = ":attempt:"
+
     def attempt_prefix(self, rollout_id: str) -> str:
-        return f"{self.prefix}:rollout:{rollout_id}:attempt:"
+        return f"{self.rollout(rollout_id)}{self.ATTEMPT_INFIX}"
 
     def attempt(self, rollout_id: str, sequence_id: int) -> str:
         return f"{self.attempt_prefix(rollout_id)}{sequence_id}"
@@ -109,6 +115,11 @@ class Keys:
 
     def rollouts_by_worker(self, worker_id: str) -> str:
         return f"{self.prefix}:rollouts:worker:{worker_id}"
+
+    @property
+    def rollout_index_pattern(self) -> str:
+        """Glob matching every rollout index zset (``{p}:rollouts`` and ``{p}:rollouts:*``)."""
+        return f"{self.prefix}:rollouts*"
 
     @property
     def events(self) -> str:

@@ -131,6 +131,7 @@ class SnapshotRegistry:
         self.compress_threshold = settings.compress_threshold_bytes
         self.max_bytes = settings.max_snapshot_bytes
         self.history_length = settings.pointer_history_length
+        self.rollout_ttl_seconds = settings.rollout_ttl_seconds  # for rollouts a forced delete fails
         registry_prelude = script_source("_registry_prelude")
         statuses = ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES)
         rollout_prelude = script_source("_rollout_prelude").replace("__STATUSES__", statuses)
@@ -386,7 +387,7 @@ class SnapshotRegistry:
         name it or queued/running rollouts use it. ``force=True`` deletes
         anyway: those pointers are unset (``latest`` falls back to the newest
         remaining snapshot) and those rollouts fail with a "snapshot deleted"
-        error, in the same atomic step.
+        error (and expire like any finished rollout), in the same atomic step.
         """
         k = self.keys
         error = ErrorInfo(
@@ -397,7 +398,8 @@ class SnapshotRegistry:
             keys=[*k.all_status_indexes(), k.snapshot(resources_id), k.snapshots, k.pointers, k.seq,
                   k.snapshot_events, k.rollouts_by_resources(resources_id), k.events],
             args=[resources_id, "1" if force else "0", repr(time.time()), error, k.rollout_prefix,
-                  k.pointer_history_prefix, self.history_length, by, k.snapshot_version_prefix(resources_id)],
+                  k.pointer_history_prefix, self.history_length, by, k.snapshot_version_prefix(resources_id),
+                  self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX],
         )
         status = _text(reply[0])
         if status == "missing":

@@ -9,7 +9,8 @@ Statuses::
 Every transition is one Lua script, so readers never see a rollout in two
 status indexes or a finished rollout without its result. A rollout that
 reaches a final status has its id published on the events channel, which
-:meth:`RolloutStore.wait_for_rollouts` listens to.
+:meth:`RolloutStore.wait_for_rollouts` listens to, and (when a TTL is set)
+its record and attempts expire that many seconds later, in the same step.
 """
 
 from __future__ import annotations
@@ -91,13 +92,19 @@ class RolloutStore:
       each one atomic Lua script. A final status (succeeded, failed,
       cancelled) is never left again; a cancelled rollout stays cancelled
       even if its attempt finishes afterwards.
-    * Lookups of an unknown id raise :class:`RolloutNotFoundError`.
-    * Queries return newest enqueued first.
+    * A rollout reaching a final status (by any path) has its record and
+      every attempt set to expire ``rollout_ttl_seconds`` later, atomically
+      with that transition (``None``: kept forever).
+    * Lookups of an unknown or expired id raise :class:`RolloutNotFoundError`.
+    * Queries return newest enqueued first, and skip ids whose record has
+      expired (dropping them from the indexes they read).
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None) -> None:
         self.redis = client
         self.keys = keys
+        self.rollout_ttl_seconds = rollout_ttl_seconds
+        self._ttl_arg = rollout_ttl_seconds or ""
         statuses = ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES)
         prelude = script_source("_rollout_prelude").replace("__STATUSES__", statuses)
         self._claim = load_script(client, "claim_rollout", prelude)
@@ -141,7 +148,7 @@ class RolloutStore:
             keys=[*self.keys.all_status_indexes(), self.keys.rollout(rollout.rollout_id),
                   self.keys.rollouts_by_worker(worker_id), self.keys.events],
             args=[rollout.rollout_id, worker_id, repr(time.time()), new_id("at"), lost_allowed,
-                  self.keys.attempt_prefix(rollout.rollout_id), lost_error],
+                  self.keys.attempt_prefix(rollout.rollout_id), lost_error, self._ttl_arg],
         )
         outcome = _text(reply[0])
         if outcome == "finished":
@@ -177,7 +184,7 @@ class RolloutStore:
             keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events],
             args=[rollout_id, sequence_id, attempt_status, repr(time.time()),
                   error.model_dump_json() if error else "", result.model_dump_json() if result else "",
-                  next_status],
+                  next_status, self._ttl_arg, k.attempt_prefix(rollout_id)],
         )
         return _text(reply)
 
@@ -191,7 +198,8 @@ class RolloutStore:
         reply = _text(
             self._terminate(
                 keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events],
-                args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else ""],
+                args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else "",
+                      self._ttl_arg, k.attempt_prefix(rollout_id)],
             )
         )
         if reply == "missing":
@@ -208,15 +216,53 @@ class RolloutStore:
 
     def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
         """The rollouts, in the order given, read in one round trip."""
+        out = []
+        for rid, rollout in zip(rollout_ids, self._read(rollout_ids)):
+            if rollout is None:
+                raise RolloutNotFoundError(rid)
+            out.append(rollout)
+        return out
+
+    def _read(self, rollout_ids: Sequence[str]) -> list[Rollout | None]:
+        # One round trip; None where the record is gone (never existed, or expired).
         pipe = self.redis.pipeline(transaction=False)
         for rid in rollout_ids:
             pipe.hgetall(self.keys.rollout(rid))
-        out = []
-        for rid, fields in zip(rollout_ids, pipe.execute()):
-            if not fields:
-                raise RolloutNotFoundError(rid)
-            out.append(decode_rollout(fields))
-        return out
+        return [decode_rollout(fields) if fields else None for fields in pipe.execute()]
+
+    def forget(self, rollout_ids: Sequence[str], index_keys: Iterable[str] = ()) -> int:
+        """Drop ids whose record has expired from the main and status indexes and from
+        ``index_keys``; return how many entries were removed. Only for ids known to be
+        gone: a record never comes back once it has expired."""
+        if not rollout_ids:
+            return 0
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for key in dict.fromkeys([k.rollouts, *k.all_status_indexes(), *index_keys]):
+            pipe.zrem(key, *rollout_ids)
+        return sum(pipe.execute())
+
+    def prune_expired(self, dry_run: bool = False, chunk: int = 500) -> int:
+        """Remove the entries of expired rollouts from every rollout index under the prefix
+        (main, status, mode, resources and worker zsets); return how many were removed
+        (on a dry run: found). Each index is read ``chunk`` members at a time, with one
+        pipelined EXISTS per chunk; an index left empty disappears."""
+        k = self.keys
+        removed = 0
+        for raw in self.redis.scan_iter(match=k.rollout_index_pattern, count=1000, _type="ZSET"):
+            key = _text(raw)
+            if key != k.rollouts and not key.startswith(f"{k.rollouts}:"):
+                continue  # another deployment's key whose prefix happens to extend ours
+            start = 0
+            while members := [_text(m) for m in self.redis.zrange(key, start, start + chunk - 1)]:
+                pipe = self.redis.pipeline(transaction=False)
+                for rid in members:
+                    pipe.exists(k.rollout(rid))
+                gone = [rid for rid, alive in zip(members, pipe.execute()) if not alive]
+                dropped = len(gone) if dry_run or not gone else int(self.redis.zrem(key, *gone))
+                removed += dropped
+                start += len(members) - (0 if dry_run else dropped)
+        return removed
 
     def get_attempts(self, rollout_id: str) -> list[Attempt]:
         """Every attempt of the rollout, first to last."""
@@ -248,6 +294,9 @@ class RolloutStore:
 
         ``status`` may be one status or several; ``resources_id`` matches
         rollouts pinned to that snapshot or that ran an attempt with it.
+        Ids whose record has expired are skipped and removed from the indexes
+        read, and the page is filled from the entries after it, so paging
+        with ``offset`` stays consistent.
         """
         if offset < 0 or limit < 1:
             raise ValueError("offset must be >= 0 and limit >= 1")
@@ -265,9 +314,8 @@ class RolloutStore:
             filters.append([k.rollouts_by_resources(resources_id)])
         if worker_id is not None:
             filters.append([k.rollouts_by_worker(worker_id)])
-        if not filters:
-            ids = [_text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
-        else:
+        ordered: list[str] | None = None  # with filters: every match, newest first
+        if filters:
             pipe = self.redis.pipeline(transaction=True)
             for group in filters:
                 for key in group:
@@ -281,8 +329,26 @@ class RolloutStore:
                 scores = union if scores is None else {m: s for m, s in scores.items() if m in union}
             assert scores is not None
             ordered = sorted(scores, key=lambda m: scores[m], reverse=True)  # type: ignore[index]
-            ids = ordered[offset : offset + limit]
-        return self.get_rollouts(ids) if ids else []
+        found: dict[str, Rollout] = {}
+        while True:
+            if ordered is None:
+                ids = [_text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
+            else:
+                ids = ordered[offset : offset + limit]
+            unread = [rid for rid in ids if rid not in found]
+            gone = []
+            for rid, rollout in zip(unread, self._read(unread)):
+                if rollout is None:
+                    gone.append(rid)
+                else:
+                    found[rid] = rollout
+            if not gone:
+                return [found[rid] for rid in ids]
+            # Expired: drop them, so the page takes in the entries after it (each pass drops one or more).
+            self.forget(gone, [key for group in filters for key in group])
+            if ordered is not None:
+                dropped = set(gone)
+                ordered = [rid for rid in ordered if rid not in dropped]
 
     def count_by_status(self) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=True)

@@ -17,3 +17,16 @@ local function set_status(rollout_key, rollout_id, from, to)
   redis.call('ZADD', STATUS_INDEX[to], score, rollout_id)
   redis.call('HSET', rollout_key, 'status', to)
 end
+
+-- A rollout that reached a final status expires `ttl` seconds later, with every attempt, so a
+-- long run holds bounded memory. `ttl` '' or '0': kept forever. The index zsets keep the id;
+-- readers skip ids whose record is gone and retention prunes them.
+local function expire_rollout(rollout_key, attempt_prefix, ttl)
+  ttl = tonumber(ttl)
+  if not ttl or ttl <= 0 then return end
+  redis.call('EXPIRE', rollout_key, ttl)
+  local n = tonumber(redis.call('HGET', rollout_key, 'attempt_count') or '0')
+  for i = 1, n do
+    redis.call('EXPIRE', attempt_prefix .. i, ttl)
+  end
+end

@@ -2,7 +2,8 @@
 -- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset, KEYS[K+3] events channel
 -- ARGV[1] rollout_id, ARGV[2] worker_id, ARGV[3] now, ARGV[4] new attempt_id,
 -- ARGV[5] attempts allowed after a lost one (0: a lost attempt is final),
--- ARGV[6] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[7] error JSON for a lost attempt
+-- ARGV[6] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[7] error JSON for a lost attempt,
+-- ARGV[8] TTL of a finished rollout in seconds or '' (none)
 -- Returns {'missing'} | {'finished', status} | {'lost', n} (the rollout failed: attempt n was
 -- lost and no attempt is left) | {'claimed', n}.
 local rollout_key = KEYS[K + 1]
@@ -21,6 +22,7 @@ if status == 'preparing' or status == 'running' then
   if n >= tonumber(ARGV[5]) then
     redis.call('HSET', rollout_key, 'end_time', ARGV[3], 'error', ARGV[7])
     set_status(rollout_key, ARGV[1], status, 'failed')
+    expire_rollout(rollout_key, ARGV[6], ARGV[8])
     redis.call('PUBLISH', KEYS[K + 3], ARGV[1])
     return {'lost', n}
   end

@@ -6,7 +6,8 @@
 -- KEYS[K+5] snapshot events channel, KEYS[K+6] the snapshot's rollouts index, KEYS[K+7] rollout events channel
 -- ARGV[1] resources_id, ARGV[2] '1' to force, ARGV[3] now, ARGV[4] error JSON for failed rollouts,
 -- ARGV[5] rollout key prefix ("{p}:rollout:"), ARGV[6] history key prefix, ARGV[7] history length,
--- ARGV[8] who, ARGV[9] old-version key prefix ("{p}:snapshot:{id}:v:")
+-- ARGV[8] who, ARGV[9] old-version key prefix ("{p}:snapshot:{id}:v:"),
+-- ARGV[10] TTL of a finished rollout in seconds or '' (none), ARGV[11] attempt infix (":attempt:")
 -- Returns {'missing'} | {'in_use', cjson {pointers, rollouts}} | {'deleted', cjson {pointers, rollouts}}.
 local id = ARGV[1]
 local version = redis.call('HGET', KEYS[K + 1], 'version')
@@ -29,6 +30,7 @@ for _, rid in ipairs(active) do
   local key = ARGV[5] .. rid
   redis.call('HSET', key, 'end_time', ARGV[3], 'error', ARGV[4])
   set_status(key, rid, redis.call('HGET', key, 'status'), 'failed')
+  expire_rollout(key, key .. ARGV[11], ARGV[10])
   redis.call('PUBLISH', KEYS[K + 7], rid)
 end
 for v = 1, tonumber(version) - 1 do

@@ -2,7 +2,8 @@
 -- KEYS[K+1] rollout hash, KEYS[K+2] attempt hash, KEYS[K+3] events channel
 -- ARGV[1] rollout_id, ARGV[2] sequence_id, ARGV[3] attempt status, ARGV[4] now,
 -- ARGV[5] error JSON or '', ARGV[6] result JSON or '', ARGV[7] next rollout status
--- (succeeded | failed | requeuing)
+-- (succeeded | failed | requeuing), ARGV[8] TTL of a finished rollout in seconds or '' (none),
+-- ARGV[9] attempt key prefix ("{p}:rollout:{id}:attempt:")
 -- Returns the rollout's status afterwards, or 'stale' when the attempt had already been
 -- declared lost and superseded (nothing is written then).
 local rollout_key = KEYS[K + 1]
@@ -15,7 +16,10 @@ if ARGV[6] ~= '' then table.insert(attempt, 'result'); table.insert(attempt, ARG
 redis.call('HSET', KEYS[K + 2], unpack(attempt))
 local status = redis.call('HGET', rollout_key, 'status')
 if TERMINAL[status] then
-  return status  -- cancelled while it ran: the outcome is kept on the attempt only
+  -- Cancelled while it ran: the outcome is kept on the attempt only, which expires with the rollout.
+  local ttl = redis.call('PTTL', rollout_key)
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[K + 2], ttl) end
+  return status
 end
 local next_status = ARGV[7]
 if ARGV[5] ~= '' then redis.call('HSET', rollout_key, 'error', ARGV[5]) end
@@ -26,6 +30,7 @@ if TERMINAL[next_status] then
 end
 set_status(rollout_key, ARGV[1], status, next_status)
 if TERMINAL[next_status] then
+  expire_rollout(rollout_key, ARGV[9], ARGV[8])
   redis.call('PUBLISH', KEYS[K + 3], ARGV[1])
 end
 return next_status

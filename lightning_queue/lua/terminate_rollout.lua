@@ -1,6 +1,7 @@
 -- End a rollout that has not finished yet (cancel, or fail one that could not be published).
 -- KEYS[K+1] rollout hash, KEYS[K+2] events channel
--- ARGV[1] rollout_id, ARGV[2] terminal status, ARGV[3] now, ARGV[4] error JSON or ''
+-- ARGV[1] rollout_id, ARGV[2] terminal status, ARGV[3] now, ARGV[4] error JSON or '',
+-- ARGV[5] TTL of a finished rollout in seconds or '' (none), ARGV[6] attempt key prefix
 -- Returns the rollout's status afterwards, or 'missing'.
 local rollout_key = KEYS[K + 1]
 local status = redis.call('HGET', rollout_key, 'status')
@@ -13,5 +14,6 @@ end
 redis.call('HSET', rollout_key, 'end_time', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', rollout_key, 'error', ARGV[4]) end
 set_status(rollout_key, ARGV[1], status, ARGV[2])
+expire_rollout(rollout_key, ARGV[6], ARGV[5])
 redis.call('PUBLISH', KEYS[K + 2], ARGV[1])
 return ARGV[2]
