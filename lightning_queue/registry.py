@@ -51,6 +51,14 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def _check_new_id(resources_id: str) -> str:
+    # The script refuses the names of existing pointers; "latest" is refused even before it exists.
+    check_name(resources_id, "resources_id")
+    if resources_id == LATEST:
+        raise ResourcesExistError(resources_id)
+    return resources_id
+
+
 def decode_snapshot(resources_id: str, fields: Mapping[bytes | str, bytes | str]) -> ResourcesUpdate:
     """Turn a snapshot hash into a :class:`ResourcesUpdate`; a bad payload raises
     :class:`SnapshotCorruptedError` naming the id."""
@@ -176,9 +184,7 @@ class SnapshotRegistry:
     def add_resources(
         self, resources: ResourcesLike, resources_id: str | None = None, *, by: str = "add_resources"
     ) -> ResourcesUpdate:
-        resources_id = check_name(resources_id or new_id("rs"), "resources_id")
-        if resources_id == LATEST:
-            raise ResourcesExistError(resources_id)
+        resources_id = _check_new_id(resources_id or new_id("rs"))
         reply, validated, now = self._write_call("add", resources_id, resources, None, by)
         return self._written(reply, resources_id, validated, now, None)
 
@@ -195,7 +201,7 @@ class SnapshotRegistry:
         staged = []
         for item in items:
             rid, resources = item if isinstance(item, tuple) else (new_id("rs"), item)
-            check_name(rid, "resources_id")
+            _check_new_id(rid)
             _, validated, now = self._write_call("add", rid, resources, None, by, client=pipe)
             staged.append((rid, validated, now))
         out, error = [], None
