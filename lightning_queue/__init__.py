@@ -18,12 +18,17 @@ from .errors import (
     LightningQueueError,
     MissingResourceError,
     NoLatestResourcesError,
+    PointerError,
     RedisUnavailableError,
     ResourcesExistError,
     ResourcesNotFoundError,
+    RolloutFailed,
     RolloutNotFoundError,
     SnapshotCorruptedError,
+    SnapshotInUseError,
+    SnapshotTooLargeError,
     UnknownResourceTypeError,
+    VersionConflictError,
 )
 from .models import (
     LLM,
@@ -38,6 +43,8 @@ from .models import (
     RolloutRequest,
     RolloutResult,
 )
+from .registry import DeleteReport, PointerMove, retry_on_conflict
+from .retention import RetentionReport
 from .settings import Settings
 
 __version__ = "0.1.0"
@@ -60,6 +67,15 @@ __all__ = [
     "MissingResourceError",
     "NamedResources",
     "NoLatestResourcesError",
+    "PointerError",
+    "DeleteReport",
+    "PointerMove",
+    "RetentionReport",
+    "RolloutFailed",
+    "SnapshotInUseError",
+    "SnapshotTooLargeError",
+    "VersionConflictError",
+    "retry_on_conflict",
     "PromptTemplate",
     "RedisUnavailableError",
     "Resource",

@@ -47,9 +47,14 @@ class LitAgent:
 
     ``resources`` maps names to the resources of the snapshot the rollout
     runs with; ``rollout`` is the rollout record (id, mode, metadata, ...).
+
+    ``default_resources`` (a snapshot id or pointer name, e.g. ``"prod"``) is
+    what rollouts that name no snapshot run with on this agent's workers;
+    ``None`` means ``latest``.
     """
 
     name: str | None = None
+    default_resources: str | None = None
 
     def rollout(self, task: Any, resources: Mapping[str, Resource], rollout: Rollout) -> RawResult:
         raise NotImplementedError(f"{type(self).__name__} must implement rollout() or rollout_async()")
@@ -108,9 +113,15 @@ def pick_resource(
 class FunctionalLitAgent(LitAgent):
     """An agent made from a plain function by :func:`rollout`."""
 
-    def __init__(self, func: Callable[..., RawResult | Awaitable[RawResult]], name: str | None = None) -> None:
+    def __init__(
+        self,
+        func: Callable[..., RawResult | Awaitable[RawResult]],
+        name: str | None = None,
+        default_resources: str | None = None,
+    ) -> None:
         self.func = func
         self.name = name or func.__name__
+        self.default_resources = default_resources
         self._async = inspect.iscoroutinefunction(func)
         self._plan = self._plan_injections(func)
         self.__doc__ = func.__doc__
@@ -185,7 +196,7 @@ def _resource_class(annotation: Any) -> type[Resource] | None:
 
 
 def rollout(
-    func: Callable[..., Any] | None = None, *, name: str | None = None
+    func: Callable[..., Any] | None = None, *, name: str | None = None, default_resources: str | None = None
 ) -> FunctionalLitAgent | Callable[[Callable[..., Any]], FunctionalLitAgent]:
     """Turn a sync or async function into an agent, injecting by parameter.
 
@@ -199,9 +210,12 @@ def rollout(
 
     A snapshot lacking a requested resource fails the rollout with
     :class:`MissingResourceError` (unless the parameter has a default).
+
+    ``@rollout(default_resources="prod")`` runs rollouts that name no
+    snapshot with the one ``prod`` names when they start, instead of ``latest``.
     """
 
     def wrap(f: Callable[..., Any]) -> FunctionalLitAgent:
-        return FunctionalLitAgent(f, name=name)
+        return FunctionalLitAgent(f, name=name, default_resources=default_resources)
 
     return wrap(func) if func is not None else wrap

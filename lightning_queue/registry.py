@@ -123,9 +123,12 @@ class SnapshotRegistry:
       ``expected_version`` it is a compare-and-set: if another writer got
       there first, nothing is written and :class:`VersionConflictError`
       carries the current version.
-    * Anywhere a ``resources_id`` is accepted, a pointer name is accepted and
-      followed (pointer names are checked first; ids and pointer names never
-      collide). Reading a pointer and the snapshot it names is one atomic step.
+    * Wherever a snapshot is read or run with (``get_resources_by_id``,
+      ``resolve``, ``fetch``, a pointer's target, enqueue, an agent's default),
+      a pointer name is accepted and followed; ids and pointer names never
+      collide. Reading a pointer and the snapshot it names is one atomic step.
+      Writes and deletes take ids, so a pointer moving meanwhile cannot
+      redirect them.
     * Pointers only ever name snapshots that exist: a move to a missing id is
       refused, and deleting a snapshot a pointer names is refused (or, forced,
       unsets the pointer in the same step).
@@ -191,7 +194,10 @@ class SnapshotRegistry:
     def add_resources_batch(
         self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, by: str = "add_resources"
     ) -> list[ResourcesUpdate]:
-        """Add many snapshots in one pipelined round trip; each is its own atomic add.
+        """Add many snapshots in one pipeline; each is its own atomic add.
+
+        Two round trips whatever the batch size: redis-py's SCRIPT EXISTS
+        check, then the pipeline.
 
         Items are resources mappings or ``(resources_id, resources)`` pairs.
         The last one added ends up ``latest``. If an id is taken, the others

@@ -132,7 +132,8 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq:
 
     try:
         version = rollout.resources_version if rollout.resolve == "pinned" else None
-        snapshot = client.load_snapshot(rollout.resources_id, version, registry_seq)
+        ref = rollout.resources_id or app.agent.default_resources  # None: latest
+        snapshot = client.load_snapshot(ref, version, registry_seq)
     except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
         status = store.finish_attempt(
             rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)

@@ -488,3 +488,25 @@ def test_agent_sees_the_record_of_its_own_attempt(
     run(task, queued.rollout_id)
     assert [(r.status, r.attempt_count) for r in seen] == [("running", 1), ("running", 2)]
     assert all(r.start_time is not None for r in seen)
+
+
+def test_agent_default_resources_replaces_latest_for_unpinned_rollouts(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm, "prompt": PromptTemplate(template="prod {x}")}, "rs-prod")
+    fake_client.set_pointer("prod", "rs-prod")
+    fake_client.add_resources({"main": llm, "prompt": PromptTemplate(template="newer {x}")}, "rs-newer")  # latest
+    seen: list[str] = []
+
+    @rollout(default_resources="prod")
+    def agent(task: Any, prompt: PromptTemplate) -> float:
+        seen.append(prompt.template)
+        return 1.0
+
+    unpinned = enqueue()
+    pinned = enqueue(resources_id="rs-newer")
+    task = FakeTask(fake_client, agent)
+    run(task, unpinned.rollout_id)
+    run(task, pinned.rollout_id)
+    assert seen == ["prod {x}", "newer {x}"]
+    assert fake_client.get_attempts(unpinned.rollout_id)[0].resources_id == "rs-prod"
