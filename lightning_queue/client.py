@@ -289,7 +289,7 @@ class LightningClient:
 class AsyncLightningClient:
     """The same API as :class:`LightningClient`, for asyncio code.
 
-    Each call runs the synchronous client in a worker thread
+    Each call runs the synchronous client's method in a worker thread
     (``asyncio.to_thread``): the Redis work is short round trips, and
     ``wait_for_rollouts`` blocks only its own thread, never the event loop.
     """
@@ -303,47 +303,24 @@ class AsyncLightningClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self.sync.close)
 
-    async def add_resources(self, resources: ResourcesLike, resources_id: str | None = None) -> ResourcesUpdate:
-        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id)
+def _in_thread(name: str) -> Callable[..., Any]:
+    method = getattr(LightningClient, name)
 
-    async def update_resources(self, resources_id: str, resources: ResourcesLike) -> ResourcesUpdate:
-        return await asyncio.to_thread(self.sync.update_resources, resources_id, resources)
+    async def call(self: AsyncLightningClient, *args: Any, **kwargs: Any) -> Any:
+        if args and name in ("enqueue_rollouts", "add_resources_batch"):
+            args = (list(args[0]), *args[1:])  # consume a generator here, not in the thread
+        return await asyncio.to_thread(getattr(self.sync, name), *args, **kwargs)
 
-    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate:
-        return await asyncio.to_thread(self.sync.get_resources_by_id, resources_id)
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = method.__doc__
+    return call
 
-    async def get_latest_resources(self) -> ResourcesUpdate | None:
-        return await asyncio.to_thread(self.sync.get_latest_resources)
 
-    async def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
-        return await asyncio.to_thread(self.sync.query_resources, offset, limit)
-
-    async def enqueue_rollout(self, input: Any, **kwargs: Any) -> Rollout:
-        return await asyncio.to_thread(lambda: self.sync.enqueue_rollout(input, **kwargs))
-
-    async def enqueue_rollouts(self, inputs: Iterable[Any | RolloutRequest], **kwargs: Any) -> list[Rollout]:
-        items = list(inputs)
-        return await asyncio.to_thread(lambda: self.sync.enqueue_rollouts(items, **kwargs))
-
-    async def wait_for_rollouts(
-        self,
-        rollout_ids: Sequence[str],
-        timeout: float | None = None,
-        on_finished: Callable[[Rollout], None] | None = None,
-    ) -> list[Rollout]:
-        return await asyncio.to_thread(self.sync.wait_for_rollouts, rollout_ids, timeout, on_finished)
-
-    async def get_rollout(self, rollout_id: str) -> Rollout:
-        return await asyncio.to_thread(self.sync.get_rollout, rollout_id)
-
-    async def get_attempts(self, rollout_id: str) -> list[Attempt]:
-        return await asyncio.to_thread(self.sync.get_attempts, rollout_id)
-
-    async def query_rollouts(self, **filters: Any) -> list[Rollout]:
-        return await asyncio.to_thread(lambda: self.sync.query_rollouts(**filters))
-
-    async def cancel_rollout(self, rollout_id: str) -> str:
-        return await asyncio.to_thread(self.sync.cancel_rollout, rollout_id)
+for _name in (
+    "close", "add_resources", "add_resources_batch", "update_resources", "get_resources_by_id",
+    "get_latest_resources", "query_resources", "delete_resources", "set_pointer", "get_pointer", "pointers",
+    "rollback", "pointer_history", "enqueue_rollout", "enqueue_rollouts", "wait_for_rollouts", "get_rollout",
+    "get_rollouts", "get_attempts", "query_rollouts", "cancel_rollout", "apply_retention",
+):
+    setattr(AsyncLightningClient, _name, _in_thread(_name))

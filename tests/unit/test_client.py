@@ -202,3 +202,18 @@ async def test_async_client(fake_client: LightningClient, published: list[list[s
     assert len(await client.get_attempts(rollout.rollout_id)) == 1
     assert [r.rollout_id for r in await client.query_rollouts(mode="test")] == [r.rollout_id for r in reversed(batch)]
     assert await client.cancel_rollout(batch[0].rollout_id) == "cancelled"
+
+
+async def test_async_client_has_every_method_of_the_sync_one(fake_client: LightningClient, llm: LLM) -> None:
+    public = {n for n in vars(LightningClient) if not n.startswith("_") and callable(getattr(LightningClient, n))}
+    worker_side = {"publish", "load_snapshot"}  # used by workers and the runner, not by algorithms
+    missing = public - worker_side - {n for n in vars(AsyncLightningClient) if not n.startswith("_")}
+    assert not missing, f"AsyncLightningClient lacks {sorted(missing)}"
+
+    client = AsyncLightningClient(fake_client.settings, redis_client=fake_client.redis)
+    await client.add_resources_batch((("rs-%d" % i, {"main": llm}) for i in range(3)))  # a generator is fine
+    assert await client.set_pointer("prod", "rs-0") == "rs-0"
+    assert (await client.pointers())["prod"] == "rs-0"
+    await client.set_pointer("prod", "rs-1")
+    assert (await client.rollback("prod")).to_id == "rs-0"
+    assert [m.to_id for m in await client.pointer_history("prod")] == ["rs-0", "rs-1", "rs-0"]
