@@ -8,6 +8,7 @@ be started with ``celery -A yourmodule worker``.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from celery import Celery, signals
@@ -19,6 +20,8 @@ from .runner import TASK_NAME, register_tasks
 from .settings import Settings
 
 __all__ = ["TASK_NAME", "LightningCelery", "app", "celery_config", "create_app", "load_agent"]
+
+log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -89,6 +92,7 @@ class LightningCelery(Celery):
         self._agent_spec = agent if agent is not None else settings.agent
         self._agent: LitAgent | None = agent if isinstance(agent, LitAgent) else None
         self._lightning_client: Any = None
+        self.is_worker = False  # set in the worker's main process; its pool processes inherit it
         self.conf.update(celery_config(settings))
 
     @property
@@ -129,6 +133,24 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
         # Fail at start-up, not on the first rollout, when a worker has no usable agent.
         if getattr(sender, "app", None) is app:
             app.agent  # noqa: B018
+            app.is_worker = True
+
+    @signals.worker_process_init.connect(weak=False)
+    def _start_cache(**_: Any) -> None:
+        # Each pool process builds its own client after the fork: a cache's listener
+        # thread does not survive a fork, so nothing is inherited from the parent.
+        if app.is_worker:
+            from .cache import attach_cache
+
+            app._lightning_client = None
+            attach_cache(app.lightning)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _stop_cache(**_: Any) -> None:
+        cache = getattr(app._lightning_client, "cache", None)
+        if cache is not None:
+            cache.close()
+            log.info("snapshot cache stats: %s", cache.stats())
 
     return app
 
