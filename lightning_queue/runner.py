@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis
@@ -153,7 +154,8 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq:
     attempt_status = "succeeded"
     retryable = True
     try:
-        result = app.agent.execute(rollout.input, snapshot.resources, rollout)
+        # Read-only: the snapshot may be the worker cache's own copy, shared by later rollouts.
+        result = app.agent.execute(rollout.input, MappingProxyType(snapshot.resources), rollout)
         result.model_dump_json()  # the output must be JSON-able to be stored
     except SoftTimeLimitExceeded as exc:
         attempt_status, result = "timeout", None

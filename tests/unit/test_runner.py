@@ -510,3 +510,19 @@ def test_agent_default_resources_replaces_latest_for_unpinned_rollouts(
     run(task, pinned.rollout_id)
     assert seen == ["prod {x}", "newer {x}"]
     assert fake_client.get_attempts(unpinned.rollout_id)[0].resources_id == "rs-prod"
+
+
+def test_agent_cannot_change_the_snapshot_it_runs_with(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+
+    @rollout
+    def agent(task: Any, resources: dict) -> float:
+        resources["main"] = "something else"  # type: ignore[index]
+        return 1.0
+
+    queued = enqueue(resources_id="rs-a")
+    with pytest.raises(RolloutFailed, match="does not support item assignment"):
+        run(FakeTask(fake_client, agent), queued.rollout_id)
+    assert fake_client.get_resources_by_id("rs-a").resources["main"] == llm
