@@ -7,11 +7,10 @@ Uses LQ_REDIS_URL / LQ_KEY_PREFIX / LQ_QUEUE like every lightning-queue program.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from dataclasses import dataclass
 
-from lightning_queue import LightningClient, Rollout
+from lightning_queue import LightningClient, RewardSummary, Rollout
 
 from algorithms.datasets import arithmetic
 
@@ -22,13 +21,8 @@ class BaselineReport:
     rollouts: list[Rollout]
 
     @property
-    def mean_reward(self) -> float:
-        rewards = [r.reward for r in self.rollouts if r.status == "succeeded" and r.reward is not None]
-        return statistics.fmean(rewards) if rewards else 0.0
-
-    @property
-    def failed(self) -> int:
-        return sum(r.status != "succeeded" for r in self.rollouts)
+    def summary(self) -> RewardSummary:
+        return RewardSummary.of(self.rollouts)
 
 
 def run_baseline(
@@ -49,7 +43,7 @@ def main() -> None:
     with LightningClient() as client:
         report = run_baseline(client, arithmetic(), resources_id)
     target = resources_id or "latest"
-    print(f"{len(report.rollouts)} rollouts on {target}: mean reward {report.mean_reward:.3f}, {report.failed} failed")
+    print(f"{len(report.rollouts)} rollouts on {target}: mean reward {report.summary.mean_reward:.3f}, {report.summary.failed} failed")
 
 
 if __name__ == "__main__":

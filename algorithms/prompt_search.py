@@ -12,13 +12,12 @@ Uses LQ_REDIS_URL / LQ_KEY_PREFIX / LQ_QUEUE like every lightning-queue program.
 
 from __future__ import annotations
 
-import statistics
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lightning_queue import LightningClient, PromptTemplate, Rollout, RolloutRequest
+from lightning_queue import LightningClient, RewardSummary, PromptTemplate, Rollout, RolloutRequest
 
 from algorithms.datasets import arithmetic
 
@@ -37,13 +36,8 @@ class CandidateScore:
     rollouts: list[Rollout] = field(default_factory=list)
 
     @property
-    def mean_reward(self) -> float:
-        rewards = [r.reward for r in self.rollouts if r.status == "succeeded" and r.reward is not None]
-        return statistics.fmean(rewards) if rewards else 0.0
-
-    @property
-    def failed(self) -> int:
-        return sum(r.status != "succeeded" for r in self.rollouts)
+    def summary(self) -> RewardSummary:
+        return RewardSummary.of(self.rollouts)
 
 
 @dataclass
@@ -54,9 +48,8 @@ class SearchReport:
     validation: list[Rollout]
 
     @property
-    def validation_mean(self) -> float:
-        rewards = [r.reward for r in self.validation if r.reward is not None]
-        return statistics.fmean(rewards) if rewards else 0.0
+    def validation_summary(self) -> RewardSummary:
+        return RewardSummary.of(self.validation)
 
 
 def prompt_search(
@@ -90,7 +83,7 @@ def prompt_search(
     for name, score in scores.items():
         score.rollouts = by_candidate[name]
 
-    best = max(scores.values(), key=lambda s: s.mean_reward)
+    best = max(scores.values(), key=lambda s: s.summary.mean_reward)
     # Promote: a new version of the winner becomes latest, atomically.
     promoted = client.update_resources(best.resources_id, client.get_resources_by_id(best.resources_id).resources)
 
@@ -104,9 +97,9 @@ def main() -> None:
     with LightningClient() as client:
         report = prompt_search(client, arithmetic("train"), arithmetic("val"))
     for score in report.scores:
-        print(f"{score.name:<20} {score.resources_id:<32} {len(score.rollouts):>3} rollouts  mean {score.mean_reward:.3f}")
+        print(f"{score.name:<20} {score.resources_id:<32} {len(score.rollouts):>3} rollouts  mean {score.summary.mean_reward:.3f}")
     print(f"promoted {report.promoted.resources_id} (v{report.promoted_version}); "
-          f"validation on latest: mean {report.validation_mean:.3f} over {len(report.validation)} rollouts")
+          f"validation on latest: mean {report.validation_summary.mean_reward:.3f} over {len(report.validation)} rollouts")
 
 
 if __name__ == "__main__":

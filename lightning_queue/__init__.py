@@ -45,6 +45,7 @@ from .models import (
 )
 from .registry import DeleteReport, PointerMove, retry_on_conflict
 from .retention import RetentionReport
+from .metrics import RewardSummary
 from .settings import Settings
 
 __version__ = "0.1.0"
@@ -71,6 +72,7 @@ __all__ = [
     "DeleteReport",
     "PointerMove",
     "RetentionReport",
+    "RewardSummary",
     "RolloutFailed",
     "SnapshotInUseError",
     "SnapshotTooLargeError",

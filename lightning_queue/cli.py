@@ -441,3 +441,7 @@ def _user_error(exc: BaseException) -> str | None:
 def main() -> None:
     """Entry point: user errors print one line, not a traceback (see :class:`_Commands`)."""
     app()
+
+
+if __name__ == "__main__":
+    main()

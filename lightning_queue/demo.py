@@ -71,28 +71,27 @@ def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: b
         table = Table(title="Prompt search: one snapshot per candidate prompt, run side by side")
         for column in ("candidate", "resources_id", "rollouts", "failed", "mean reward", "workers", ""):
             table.add_column(column)
-        attempts_by_id = {}
+        short_names = {w.hostname: w.name.split("-")[0] for w in fleet.workers}  # w1-<prefix>@host -> w1
         for score in report.scores:
             workers_used = Counter()
             for r in score.rollouts:
                 attempt = client.get_attempts(r.rollout_id)[-1]
-                attempts_by_id[r.rollout_id] = attempt
-                workers_used[attempt.worker_id.split("@")[0].rsplit("-", 1)[-1]] += 1
+                workers_used[short_names.get(attempt.worker_id, attempt.worker_id)] += 1
             promoted = "[bold green]promoted -> latest[/]" if score is report.promoted else ""
-            table.add_row(score.name, score.resources_id, str(len(score.rollouts)), str(score.failed),
-                          f"{score.mean_reward:.3f}", " ".join(f"{w}:{n}" for w, n in sorted(workers_used.items())),
+            table.add_row(score.name, score.resources_id, str(len(score.rollouts)), str(score.summary.failed),
+                          f"{score.summary.mean_reward:.3f}", " ".join(f"{w}:{n}" for w, n in sorted(workers_used.items())),
                           promoted)
         console.print(table)
         ran_with = Counter(client.get_attempts(r.rollout_id)[-1].resources_id for r in report.validation)
         console.print(
             f"Validation: {len(report.validation)} unpinned rollouts followed latest and ran with "
             + ", ".join(f"{rid} ({n})" for rid, n in ran_with.items())
-            + f"; mean reward {report.validation_mean:.3f}"
+            + f"; mean reward {report.validation_summary.mean_reward:.3f}"
         )
         elapsed = time.monotonic() - started
         console.print(f"[bold]Done in {elapsed:.1f} s.[/] Promoted {report.promoted.name!r} "
                       f"({report.promoted.resources_id}, version {report.promoted_version}).")
-        return {"promoted": report.promoted.name, "seconds": elapsed, "validation_mean": report.validation_mean}
+        return {"promoted": report.promoted.name, "seconds": elapsed, "validation_mean": report.validation_summary.mean_reward}
     except BaseException:
         if fleet.workers:
             console.print("[red]worker logs:[/]\n" + fleet.logs()[-6000:])

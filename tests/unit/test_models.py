@@ -208,3 +208,17 @@ def test_error_info_from_exception() -> None:
     assert (info.type, info.message) == ("ValueError", "bad input")
     assert info.traceback is not None and "raise ValueError" in info.traceback
     assert bare.traceback is None
+
+
+def test_reward_summary_averages_succeeded_rewards_only() -> None:
+    from lightning_queue import RewardSummary, Rollout, RolloutResult
+
+    rollouts = [
+        Rollout(input=1, status="succeeded", result=RolloutResult(reward=1.0)),
+        Rollout(input=2, status="succeeded", result=RolloutResult(reward=0.0)),
+        Rollout(input=3, status="succeeded", result=RolloutResult()),  # no reward reported
+        Rollout(input=4, status="failed"),
+        Rollout(input=5, status="cancelled", result=RolloutResult(reward=1.0)),
+    ]
+    assert RewardSummary.of(rollouts) == RewardSummary(count=5, succeeded=3, failed=2, mean_reward=0.5)
+    assert RewardSummary.of([]) == RewardSummary(0, 0, 0, 0.0)
