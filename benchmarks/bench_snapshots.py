@@ -11,6 +11,7 @@ deleted at the end. See ``benchmarks/README.md`` for the latest numbers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -52,7 +53,10 @@ OPENINGS = [
 
 
 def english_like(rng: random.Random, n_bytes: int) -> str:
-    """Varied prompt-like text: instructions, numbered rules and few-shot examples."""
+    """Varied prompt-like text: instructions, numbered rules and few-shot examples.
+
+    Each sentence is drawn word by word, so it has little of the repetition real prompts have: a worst case
+    for compression. :func:`few_shot_prompt` is the realistic counterpart."""
     weights = [1 / (rank + 1) for rank in range(len(WORDS))]
     parts: list[str] = [rng.choice(OPENINGS).replace("{task}", rng.choice(["math", "retrieval", "coding"]))]
     size, example = 0, 0
@@ -74,13 +78,136 @@ def english_like(rng: random.Random, n_bytes: int) -> str:
     return "".join(parts)
 
 
-def prompt_snapshot(rng: random.Random, total_bytes: int, n_prompts: int = 6) -> dict[str, Any]:
+# Names, items and places for the few-shot examples: small lists, as in real hand-written prompts.
+NAMES = ["Ava", "Ben", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kofi", "Lena",
+         "Mateo", "Nadia", "Omar", "Priya"]
+ITEMS = ["apples", "marbles", "stamps", "books", "pencils", "seashells", "coins", "stickers", "tickets", "cookies"]
+CITIES = ["Lisbon", "Osaka", "Nairobi", "Toronto", "Krakow", "Lima", "Hanoi", "Oslo"]
+PRODUCTS = ["laptop stand", "desk lamp", "water bottle", "backpack", "headphones", "notebook", "phone case"]
+
+SYSTEM_RULES = [
+    "Read the whole question before you start; note every quantity it gives and what it asks for.",
+    "Reason step by step and write down each intermediate result with its unit.",
+    "Prefer calling a tool to guessing: look up orders, prices and dates instead of assuming them.",
+    "Check the result of every tool call before you use it; if a call fails, say so and retry once.",
+    "If the question is ambiguous, state the reading you chose in one sentence and continue.",
+    "Never invent customer data, order numbers or prices that no tool returned.",
+    "Round money to two decimals and counts down to whole units, and say that you rounded.",
+    "Keep the reasoning short and plain; the user reads the answer, not the reasoning.",
+    "Answer in the language of the question.",
+    "If a request is outside your tools and knowledge, say what you cannot do and what the user can try instead.",
+]
+
+TOOLS = [
+    ("search_orders", "Find a customer's orders, newest first.",
+     {"customer": ("string", "Customer name as written in the question."),
+      "status": ("string", "One of 'open', 'shipped', 'delivered', 'returned'."),
+      "limit": ("integer", "At most this many orders (1-50).")}),
+    ("get_price", "Current unit price of a product, in the given currency.",
+     {"product": ("string", "Product name."), "currency": ("string", "ISO 4217 code, e.g. 'EUR'.")}),
+    ("convert_currency", "Convert an amount between currencies at today's rate.",
+     {"amount": ("number", "Amount to convert."), "from": ("string", "ISO 4217 code."),
+      "to": ("string", "ISO 4217 code.")}),
+    ("calculator", "Evaluate an arithmetic expression exactly.",
+     {"expression": ("string", "E.g. '(17 + 5) / 4'. Only + - * / ( ) and numbers.")}),
+    ("weather", "Forecast for a city and date.",
+     {"city": ("string", "City name."), "date": ("string", "ISO date, e.g. '2024-06-07'.")}),
+    ("shipping_time", "Estimated delivery days between two cities.",
+     {"origin": ("string", "City name."), "destination": ("string", "City name."),
+      "express": ("boolean", "Whether express shipping is used.")}),
+]
+
+OUTPUT_FORMAT = """## Output format
+
+Reply with exactly one JSON object and nothing else:
+
+{"reasoning": "<your step-by-step reasoning, at most 120 words>",
+ "tool_calls": [{"name": "<tool name>", "arguments": {<arguments>}}],
+ "answer": "<the final answer: a number, a date, or one short sentence>",
+ "confidence": <a number between 0 and 1>}
+
+- "tool_calls" lists the calls you made, in order; use [] when you made none.
+- "answer" must not repeat the reasoning.
+- Numbers in "answer" have no thousands separators and use "." for decimals."""
+
+
+def tool_schema(name: str, description: str, params: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object",
+        "properties": {p: {"type": t, "description": d} for p, (t, d) in params.items()},
+        "required": list(params)[:2],
+    }}}
+
+
+def shot(rng: random.Random) -> str:
+    """One worked example, ``Question/Reasoning/Answer``, of one of a few kinds of question."""
+    name, other = rng.sample(NAMES, 2)
+    item, kind = rng.choice(ITEMS), rng.randrange(4)
+    if kind == 0:
+        a, b, c = rng.randint(5, 300), rng.randint(2, 90), rng.randint(2, 12)
+        return (f"Question: {name} has {a} {item}. {other} gives {name} {b} more, and {name} then shares them "
+                f"equally among {c} friends, keeping none. How many {item} does each friend get?\n"
+                f"Reasoning: {name} starts with {a} {item} and receives {b}, so {a} + {b} = {a + b}. "
+                f"Split among {c} friends: {a + b} / {c} = {(a + b) / c:.2f}, rounded down to {(a + b) // c}.\n"
+                f"Answer: {(a + b) // c}")
+    if kind == 1:
+        product, qty = rng.choice(PRODUCTS), rng.randint(2, 9)
+        price, rate = rng.randint(500, 20000) / 100, rng.randint(80, 160) / 100
+        return (f"Question: {name} wants {qty} of the {product} and pays in USD. What is the total?\n"
+                f'Reasoning: I call get_price with {{"product": "{product}", "currency": "EUR"}}: {price:.2f} EUR. '
+                f"{qty} x {price:.2f} = {qty * price:.2f} EUR. I call convert_currency with "
+                f'{{"amount": {qty * price:.2f}, "from": "EUR", "to": "USD"}}: rate {rate:.2f}, '
+                f"{qty * price * rate:.2f} USD.\n"
+                f"Answer: {qty * price * rate:.2f}")
+    if kind == 2:
+        origin, dest = rng.sample(CITIES, 2)
+        days, express = rng.randint(2, 14), rng.random() < 0.5
+        taken = max(1, days // 2) if express else days
+        return (f"Question: {name} ordered {item} shipped from {origin} to {dest}"
+                f"{' with express shipping' if express else ''}, on day {rng.randint(1, 20)} of the month. "
+                f"How many days until delivery?\n"
+                f'Reasoning: I call shipping_time with {{"origin": "{origin}", "destination": "{dest}", '
+                f'"express": {str(express).lower()}}}: {taken} days. No other delay is mentioned.\n'
+                f"Answer: {taken}")
+    n, status = rng.randint(0, 6), rng.choice(["open", "shipped", "delivered", "returned"])
+    orders = [f"#{rng.randint(10000, 99999)}" for _ in range(n)]
+    return (f"Question: Which of {name}'s orders are {status}?\n"
+            f'Reasoning: I call search_orders with {{"customer": "{name}", "status": "{status}", "limit": 50}}: '
+            f"{n} order{'s' if n != 1 else ''}{': ' + ', '.join(orders) if orders else ''}.\n"
+            f"Answer: {', '.join(orders) if orders else f'{name} has no {status} orders.'}")
+
+
+def few_shot_prompt(rng: random.Random, n_bytes: int) -> str:
+    """A prompt built like a real one: instructions, tools as JSON schemas, an output format, then
+    worked examples in a fixed structure with varied content, up to about ``n_bytes``."""
+    task = rng.choice(["customer support", "shopping assistant", "order tracking"])
+    rules = rng.sample(SYSTEM_RULES, rng.randint(6, len(SYSTEM_RULES)))
+    tools = [tool_schema(*t) for t in rng.sample(TOOLS, rng.randint(4, len(TOOLS)))]
+    parts = [f"You are a careful {task} agent for an online store. Follow these rules:\n"
+             + "\n".join(f"{i}. {rule}" for i, rule in enumerate(rules, 1)),
+             "## Tools\n\nYou can call these functions:\n\n" + json.dumps(tools, indent=2),
+             OUTPUT_FORMAT, "## Examples"]
+    size = sum(len(p) + 2 for p in parts)
+    while size < n_bytes:
+        parts.append(shot(rng))
+        size += len(parts[-1]) + 2
+    parts.append("Question: {question}\nReasoning:")
+    return "\n\n".join(parts)
+
+
+def prompt_snapshot(rng: random.Random, total_bytes: int, n_prompts: int = 6,
+                    text: Callable[[random.Random, int], str] = english_like) -> dict[str, Any]:
     resources: dict[str, Any] = {
         "main_llm": LLM(endpoint="http://llm.local/v1", model="policy-7b", sampling_parameters={"temperature": 0.7}),
     }
     for i in range(n_prompts):
-        resources[f"prompt_{i}"] = PromptTemplate(template=english_like(rng, total_bytes // n_prompts))
+        resources[f"prompt_{i}"] = PromptTemplate(template=text(rng, total_bytes // n_prompts))
     return resources
+
+
+def realistic_snapshot(rng: random.Random, total_bytes: int) -> dict[str, Any]:
+    """An LLM with a policy prompt and a judge prompt, each built like :func:`few_shot_prompt`."""
+    return prompt_snapshot(rng, total_bytes, n_prompts=2, text=few_shot_prompt)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -143,37 +270,47 @@ def run(url: str, prefix: str, quick: bool) -> list[tuple[str, str, str]]:
     client = LightningClient(on)
     plain = SnapshotRegistry(connect(url), on.keys, off)
 
-    # (2) and (3): one ~1 MB prompt-heavy snapshot, stored compressed and not.
-    big = prompt_snapshot(rng, 1_000_000)
-    raw_size = len(dump_resources(big).encode())
-    z = client.registry.add_resources(big, "big-zlib")
-    p = plain.add_resources(big, "big-plain")
-    # Interleaved, so a noisy neighbour slows both sides alike.
-    fetch_on, fetch_off, transfer_on, transfer_off = [], [], [], []
-    for _ in range(fetch_runs):
-        fetch_on += timed(lambda: client.registry.fetch(z.resources_id), 1)
-        fetch_off += timed(lambda: plain.fetch(p.resources_id), 1)
-        transfer_on += timed(lambda: client.redis.hget(on.keys.snapshot(z.resources_id), "resources"), 1)
-        transfer_off += timed(lambda: client.redis.hget(on.keys.snapshot(p.resources_id), "resources"), 1)
-    (on_med, on_p99), (off_med, off_p99) = percentiles(fetch_on), percentiles(fetch_off)
-    stored_z = client.redis.hstrlen(on.keys.snapshot(z.resources_id), "resources")
-    stored_p = client.redis.hstrlen(on.keys.snapshot(p.resources_id), "resources")
-    rows.append((f"cold fetch {raw_size / 1e6:.2f} MB, zlib (default threshold)",
-                 f"median {on_med * 1e3:.2f} ms, p99 {on_p99 * 1e3:.2f} ms", "< 10 ms"))
-    rows.append((f"cold fetch {raw_size / 1e6:.2f} MB, uncompressed",
-                 f"median {off_med * 1e3:.2f} ms, p99 {off_p99 * 1e3:.2f} ms", ""))
-    rows.append(("  of which the payload transfer (HGET), zlib / plain",
-                 f"{statistics.median(transfer_on) * 1e3:.2f} ms / {statistics.median(transfer_off) * 1e3:.2f} ms", ""))
-    rows.append(("  stored bytes, zlib / plain", f"{stored_z:,} / {stored_p:,}", ""))
+    def cold_fetch(resources: dict[str, Any], name: str, corpus: str) -> tuple[str, float]:
+        """Store ``resources`` compressed and not, fetch both ``fetch_runs`` times; the compressed id
+        and its median fetch time."""
+        raw_size = len(dump_resources(resources).encode())
+        z = client.registry.add_resources(resources, f"{name}-zstd")
+        p = plain.add_resources(resources, f"{name}-plain")
+        # Interleaved, so a noisy neighbour slows both sides alike.
+        fetch_on, fetch_off, transfer_on, transfer_off = [], [], [], []
+        for _ in range(fetch_runs):
+            fetch_on += timed(lambda: client.registry.fetch(z.resources_id), 1)
+            fetch_off += timed(lambda: plain.fetch(p.resources_id), 1)
+            transfer_on += timed(lambda: client.redis.hget(on.keys.snapshot(z.resources_id), "resources"), 1)
+            transfer_off += timed(lambda: client.redis.hget(on.keys.snapshot(p.resources_id), "resources"), 1)
+        (on_med, on_p99), (off_med, off_p99) = percentiles(fetch_on), percentiles(fetch_off)
+        stored_z = client.redis.hstrlen(on.keys.snapshot(z.resources_id), "resources")
+        stored_p = client.redis.hstrlen(on.keys.snapshot(p.resources_id), "resources")
+        rows.append((f"cold fetch {raw_size / 1e6:.2f} MB {corpus}, zstd (default threshold)",
+                     f"median {on_med * 1e3:.2f} ms, p99 {on_p99 * 1e3:.2f} ms", "< 10 ms"))
+        rows.append((f"cold fetch {raw_size / 1e6:.2f} MB {corpus}, uncompressed",
+                     f"median {off_med * 1e3:.2f} ms, p99 {off_p99 * 1e3:.2f} ms", ""))
+        rows.append(("  of which the payload transfer (HGET), zstd / plain",
+                     f"{statistics.median(transfer_on) * 1e3:.2f} ms / {statistics.median(transfer_off) * 1e3:.2f} ms",
+                     ""))
+        rows.append(("  stored bytes, zstd / plain", f"{stored_z:,} / {stored_p:,}", ""))
+        return z.resources_id, on_med
+
+    # (2) and (3): ~1 MB prompt-heavy snapshots, stored compressed and not, and compression ratios. The
+    # realistic corpus has its own RNG so the random-word snapshots stay the same as before it was added.
+    realistic_rng = random.Random(20240608)
+    big_id, on_med = cold_fetch(prompt_snapshot(rng, 1_000_000), "big", "random words")
+    cold_fetch(realistic_snapshot(realistic_rng, 1_000_000), "big-realistic", "realistic")
     for size in (10_000, 100_000, 1_000_000):
-        resources = prompt_snapshot(rng, size)
-        raw = len(dump_resources(resources).encode())
-        snap = client.registry.add_resources(resources)
-        stored = client.redis.hstrlen(on.keys.snapshot(snap.resources_id), "resources")
-        rows.append((f"compression ratio, {raw / 1e3:.0f} KB text snapshot", f"{raw / stored:.2f}x", ">= 3x"))
+        for corpus, resources in (("random-word", prompt_snapshot(rng, size)),
+                                  ("realistic", realistic_snapshot(realistic_rng, size))):
+            raw = len(dump_resources(resources).encode())
+            snap = client.registry.add_resources(resources)
+            stored = client.redis.hstrlen(on.keys.snapshot(snap.resources_id), "resources")
+            rows.append((f"compression ratio, {raw / 1e3:.0f} KB {corpus} snapshot", f"{raw / stored:.2f}x", ">= 3x"))
 
     # (1) cache hits, on the 1 MB snapshot and a small one.
-    client.registry.set_pointer("prod", z.resources_id)
+    client.registry.set_pointer("prod", big_id)
     small = client.registry.add_resources(prompt_snapshot(rng, 2_000, 1), "small")
     cache = SnapshotCache(client.registry, 256 * 1024 * 1024)
     assert cache.start(), "the cache listener did not subscribe"
@@ -183,7 +320,7 @@ def run(url: str, prefix: str, quick: bool) -> list[tuple[str, str, str]]:
         time.sleep(0.001)
     counter = CommandCounter(client.redis)
     samples: dict[str, list[float]] = {"small": [], "prod": [], "pinned": []}
-    refs = {"small": (small.resources_id, None), "prod": ("prod", None), "pinned": (z.resources_id, 1)}
+    refs = {"small": (small.resources_id, None), "prod": ("prod", None), "pinned": (big_id, 1)}
     for _ in range(hits_n):
         for name, (ref, version) in refs.items():
             start = time.perf_counter_ns()

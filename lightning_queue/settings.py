@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     )
 
     compress_threshold_bytes: int = Field(
-        8192, ge=0, description="Snapshots at least this big (serialized) are stored zlib-compressed."
+        8192, ge=0, description="Snapshots at least this big (serialized) are stored zstd-compressed."
     )
     max_snapshot_bytes: int = Field(
         64 * 1024 * 1024, ge=1, description="Largest snapshot accepted, serialized and uncompressed."

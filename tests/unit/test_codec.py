@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from typing import Any, Callable
 
 import fakeredis
 import pytest
 import redis
+import zstandard
 
 from lightning_queue import (
     LLM,
@@ -76,6 +76,10 @@ def registry_with(fake_redis: fakeredis.FakeRedis, prefix: str, **settings: Any)
 # --------------------------------------------------------------------------- the codec
 
 
+def zstd(raw: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=codec.LEVEL).compress(raw)
+
+
 def test_codec_round_trips_plain_and_compressed() -> None:
     small = b'{"resources": {}}'
     text = json.dumps({"t": few_shot_prompt()}).encode()
@@ -84,7 +88,7 @@ def test_codec_round_trips_plain_and_compressed() -> None:
     packed = codec.encode(text, compress_threshold=1024, max_bytes=10**6)
 
     assert (plain.encoding, plain.data, plain.size) == (codec.PLAIN, small, len(small))
-    assert packed.encoding == codec.ZLIB and packed.size == len(text) and len(packed.data) * 3 <= len(text)
+    assert packed.encoding == codec.ZSTD and packed.size == len(text) and len(packed.data) * 3 <= len(text)
     for encoded, raw in [(plain, small), (packed, text)]:
         assert encoded.checksum == codec.checksum(raw)
         assert codec.decode(encoded.data, encoded.encoding, encoded.checksum, "rs-a") == raw
@@ -92,7 +96,7 @@ def test_codec_round_trips_plain_and_compressed() -> None:
 
 def test_codec_threshold_and_incompressible_payloads() -> None:
     raw = b"x" * 100
-    assert codec.encode(raw, compress_threshold=100, max_bytes=10**6).encoding == codec.ZLIB  # at the threshold
+    assert codec.encode(raw, compress_threshold=100, max_bytes=10**6).encoding == codec.ZSTD  # at the threshold
     assert codec.encode(raw, compress_threshold=101, max_bytes=10**6).encoding == codec.PLAIN
     noise = os.urandom(4096)  # compression would only make it bigger: kept plain
     encoded = codec.encode(noise, compress_threshold=0, max_bytes=10**6)
@@ -111,12 +115,12 @@ def test_codec_size_limit_is_on_the_uncompressed_payload() -> None:
     "data, encoding, checksum, reason",
     [
         (b'{"resources": {"other": 1}}', codec.PLAIN, codec.checksum(b'{"resources": {}}'), "checksum mismatch"),
-        (zlib.compress(b'{"resources": 2}'), codec.ZLIB, codec.checksum(b'{"resources": 1}'), "checksum mismatch"),
-        (b"not zlib at all", codec.ZLIB, None, "payload does not decompress"),
-        (zlib.compress(b'{"resources": {}}')[:-4], codec.ZLIB, None, "payload does not decompress"),
+        (zstd(b'{"resources": 2}'), codec.ZSTD, codec.checksum(b'{"resources": 1}'), "checksum mismatch"),
+        (b"not zstd at all", codec.ZSTD, None, "payload does not decompress"),
+        (zstd(b'{"resources": {}}')[:-4], codec.ZSTD, None, "payload does not decompress"),
         (b'{"resources": {}}', "brotli", None, "unknown payload encoding 'brotli'"),
     ],
-    ids=["plain-checksum", "zlib-checksum", "not-zlib", "truncated-zlib", "unknown-encoding"],
+    ids=["plain-checksum", "zstd-checksum", "not-zstd", "truncated-zstd", "unknown-encoding"],
 )
 def test_codec_rejects_damaged_payloads(data: bytes, encoding: str, checksum: str | None, reason: str) -> None:
     with pytest.raises(SnapshotCorruptedError) as info:
@@ -142,7 +146,7 @@ def test_large_text_snapshots_are_compressed_at_least_3x(registry: SnapshotRegis
     fields = stored_fields(registry, "rs-big")
     size, stored = int(fields["size"]), len(fields["resources"])
 
-    assert fields["encoding"] == codec.ZLIB.encode()
+    assert fields["encoding"] == codec.ZSTD.encode()
     assert size == len(dump_resources(big).encode()) and size > 8192
     assert size / stored >= 3, f"{size} bytes stored as {stored}"
     assert registry.fetch("rs-big").size == size
@@ -157,7 +161,7 @@ def test_round_trip_is_exact(registry: SnapshotRegistry, big: dict[str, Any], ll
     assert registry.get_resources_by_id("rs-a", 1).resources == small
     assert registry.get_resources_by_id("rs-a", 2).resources == big
     assert registry.get_resources_by_id("rs-a").resources == small
-    assert stored_fields(registry, "rs-a", 2)["encoding"] == codec.ZLIB.encode()  # kept as it was written
+    assert stored_fields(registry, "rs-a", 2)["encoding"] == codec.ZSTD.encode()  # kept as it was written
     secret = registry.get_resources_by_id("rs-a", 2).resources["main"].api_key  # type: ignore[attr-defined]
     assert secret.get_secret_value() == "sk-very-secret"
     assert dump_resources(registry.get_resources_by_id("rs-a", 2).resources) == dump_resources(big)
@@ -169,23 +173,23 @@ def corrupt(registry: SnapshotRegistry, resources_id: str, how: str) -> str:
     fields = stored_fields(registry, resources_id)
     if how == "checksum":
         # A payload that still decodes and validates, but is not what was written.
-        if fields["encoding"] == codec.ZLIB.encode():
-            payload = json.loads(zlib.decompress(fields["resources"]))
+        if fields["encoding"] == codec.ZSTD.encode():
+            payload = json.loads(zstandard.ZstdDecompressor().decompress(fields["resources"]))
             payload["resources"]["judge"]["template"] = "tampered"
-            registry.redis.hset(key, "resources", zlib.compress(json.dumps(payload).encode()))
+            registry.redis.hset(key, "resources", zstd(json.dumps(payload).encode()))
         else:
             payload = json.loads(fields["resources"])
             payload["resources"]["main"]["model"] = "tampered"
             registry.redis.hset(key, "resources", json.dumps(payload))
         return "checksum mismatch"
-    if how == "zlib":
-        registry.redis.hset(key, mapping={"encoding": codec.ZLIB, "resources": fields["resources"][:40]})
+    if how == "zstd":
+        registry.redis.hset(key, mapping={"encoding": codec.ZSTD, "resources": fields["resources"][:40]})
         return "payload does not decompress"
     registry.redis.hset(key, "encoding", "lz4")
     return "unknown payload encoding 'lz4'"
 
 
-CORRUPTIONS = ["checksum", "zlib", "encoding"]
+CORRUPTIONS = ["checksum", "zstd", "encoding"]
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
