@@ -32,6 +32,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # Every broker key under our prefix: several deployments share one Redis safely.
             "global_keyprefix": settings.keys.celery_prefix,
             "visibility_timeout": settings.visibility_timeout,
+            # Sweep for messages of vanished workers a few times per visibility timeout (kombu's
+            # default sweeps every ~100 s), so they are redelivered soon after it expires.
+            "unacked_restore_interval": max(1, min(30, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
         },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

@@ -56,6 +56,8 @@ def decode(data: bytes, encoding: str, expected_checksum: str | None, resources_
             raw = zstandard.ZstdDecompressor().decompress(data)
         except zstandard.ZstdError as exc:
             raise SnapshotCorruptedError(resources_id, f"payload does not decompress: {exc}") from None
+        except MemoryError:  # a damaged frame header can claim an absurd content size
+            raise SnapshotCorruptedError(resources_id, "payload's frame header declares an impossible size") from None
     elif encoding == PLAIN:
         raw = data
     else:

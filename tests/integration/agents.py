@@ -117,3 +117,12 @@ async def async_echo(task: dict[str, Any], prompt: PromptTemplate, rollout: Roll
         reward=float(sum(squares)),
         output={"text": prompt.format(**task), "squares": squares, "rollout_id": rollout.rollout_id},
     )
+
+
+@rollout
+def slow_first(task: dict[str, Any], rollout: Rollout) -> RolloutResult:
+    """Hangs on its first attempt (long enough for the test to kill its worker), then is quick."""
+    if _first_time(task, rollout.rollout_id, "slow"):
+        (Path(task["marker_dir"]) / f"{rollout.rollout_id}.started").touch()
+        time.sleep(task.get("first_sleep", 120))
+    return RolloutResult(reward=1.0, output={"pid": os.getpid()})

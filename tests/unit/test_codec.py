@@ -360,3 +360,10 @@ def test_client_batch_delegates(fake_client: LightningClient, llm: LLM) -> None:
     added = fake_client.add_resources_batch([("rs-1", {"main": llm}), ("rs-2", {"main": llm})])
     assert [u.resources_id for u in added] == ["rs-1", "rs-2"]
     assert fake_client.get_latest_resources().resources_id == "rs-2"  # type: ignore[union-attr]
+
+
+def test_frame_header_claiming_an_impossible_size_is_corruption() -> None:
+    # A zstd frame header (magic, descriptor with an 8-byte content size) declaring 2**50 bytes.
+    forged = b"\x28\xb5\x2f\xfd" + bytes([0xC0]) + (2**50).to_bytes(8, "little") + b"\x01\x00\x00"
+    with pytest.raises(SnapshotCorruptedError, match="rs-x"):
+        codec.decode(forged, codec.ZSTD, None, "rs-x")
