@@ -106,10 +106,10 @@ def worker(
 
     sys.path.insert(0, os.getcwd())
     load_agent(agent)  # fail here, with a clear message, rather than inside celery
+    from .fleet import worker_env
+
     settings = _settings()
-    env = dict(os.environ, LQ_AGENT=agent, LQ_REDIS_URL=settings.redis_url, LQ_KEY_PREFIX=settings.key_prefix,
-               LQ_QUEUE=settings.queue)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+    env = worker_env(settings, agent, pythonpath=[os.getcwd()])
     argv = [sys.executable, "-m", "celery", "-A", "lightning_queue.app", "worker", "-Q", settings.queue,
             "--loglevel", loglevel]
     if concurrency:
