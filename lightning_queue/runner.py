@@ -140,7 +140,7 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq:
             rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)
         )
         if status == "failed":
-            raise RolloutFailed(rollout_id, type(exc).__name__, str(exc))
+            raise RolloutFailed(rollout_id, type(exc).__name__, str(exc)) from None
         return {"rollout_id": rollout_id, "status": status}
 
     if not store.start_attempt(rollout_id, seq, snapshot.resources_id, snapshot.version):

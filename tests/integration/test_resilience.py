@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import redis
 
 from lightning_queue import LightningClient, RolloutConfig, Settings
 from lightning_queue.connections import free_port, ping
