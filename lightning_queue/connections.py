@@ -24,6 +24,11 @@ from .errors import RedisUnavailableError
 log = logging.getLogger(__name__)
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as ``str`` (clients here return bytes: snapshot payloads are binary)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def connect(url: str) -> redis.Redis:
     """A client for ``url`` that rides out short connection drops.
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import redis
 
 from . import codec
-from .connections import load_script, script_source
+from .connections import load_script, script_source, text
 from .errors import (
     NoLatestResourcesError,
     PointerError,
@@ -37,9 +37,6 @@ LATEST = "latest"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ResourcesLike = Mapping[str, Resource | Mapping[str, Any]]
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def check_name(name: str, what: str) -> str:
@@ -62,13 +59,13 @@ def _check_new_id(resources_id: str) -> str:
 def decode_snapshot(resources_id: str, fields: Mapping[bytes | str, bytes | str]) -> ResourcesUpdate:
     """Turn a snapshot hash into a :class:`ResourcesUpdate`; a bad payload raises
     :class:`SnapshotCorruptedError` naming the id."""
-    data = {_text(k): v for k, v in fields.items()}
+    data = {text(k): v for k, v in fields.items()}
     try:
         payload = data["resources"]
         raw = codec.decode(
             payload if isinstance(payload, bytes) else payload.encode(),
-            _text(data.get("encoding", codec.PLAIN)),
-            _text(data["checksum"]) if "checksum" in data else None,
+            text(data.get("encoding", codec.PLAIN)),
+            text(data["checksum"]) if "checksum" in data else None,
             resources_id,
         )
         return ResourcesUpdate(
@@ -174,7 +171,7 @@ class SnapshotRegistry:
 
     def _written(self, reply: Any, resources_id: str, validated: dict[str, Resource], now: float,
                  expected_version: int | None) -> ResourcesUpdate:
-        status = _text(reply[0])
+        status = text(reply[0])
         if status in ("exists", "name_taken"):
             raise ResourcesExistError(resources_id)
         if status == "missing":
@@ -241,20 +238,20 @@ class SnapshotRegistry:
             keys=[k.pointers, k.seq],
             args=[ref, "" if version is None else version, k.snapshot_prefix, k.VERSION_INFIX],
         )
-        status = _text(reply[0])
+        status = text(reply[0])
         if status == "missing":
-            if _text(reply[2]):  # cannot happen through this API: pointers only name stored snapshots
-                raise SnapshotCorruptedError(_text(reply[1]), f"pointer {ref!r} names it but it is not stored")
+            if text(reply[2]):  # cannot happen through this API: pointers only name stored snapshots
+                raise SnapshotCorruptedError(text(reply[1]), f"pointer {ref!r} names it but it is not stored")
             if ref == LATEST:
                 raise NoLatestResourcesError()
             raise ResourcesNotFoundError(ref)
         if status == "no_version":
             raise ResourcesNotFoundError(
-                f"{_text(reply[1])}@{version}",
-                hint=f"version {version} is not stored (the current version is {_text(reply[2])}; earlier "
+                f"{text(reply[1])}@{version}",
+                hint=f"version {version} is not stored (the current version is {text(reply[2])}; earlier "
                 "versions are removed when the snapshot is deleted)",
             )
-        resources_id, seq, pointer = _text(reply[1]), int(reply[2]), _text(reply[3]) or None
+        resources_id, seq, pointer = text(reply[1]), int(reply[2]), text(reply[3]) or None
         flat = reply[4:]
         fields = dict(zip(flat[::2], flat[1::2]))
         snapshot = decode_snapshot(resources_id, fields)
@@ -284,7 +281,7 @@ class SnapshotRegistry:
         for rid in resources_ids:
             pipe.exists(self.keys.snapshot(rid))
         pointers, *found = pipe.execute()
-        names = {_text(n) for n in pointers}
+        names = {text(n) for n in pointers}
         return [rid in names or bool(n) for rid, n in zip(resources_ids, found)]
 
     def current_versions(self, refs: Sequence[str]) -> dict[str, tuple[str, int] | None]:
@@ -294,7 +291,7 @@ class SnapshotRegistry:
         for ref in refs:
             pipe.hget(self.keys.snapshot(ref), "version")
         pointers_raw, *versions = pipe.execute()
-        pointers = {_text(n): _text(t) for n, t in pointers_raw.items()}
+        pointers = {text(n): text(t) for n, t in pointers_raw.items()}
         out: dict[str, tuple[str, int] | None] = {}
         via_pointer = []
         for ref, version in zip(refs, versions):
@@ -314,7 +311,7 @@ class SnapshotRegistry:
         """Snapshots, newest write first, ``limit`` of them from ``offset``."""
         if offset < 0 or limit < 1:
             raise ValueError("offset must be >= 0 and limit >= 1")
-        ids = [_text(i) for i in self.redis.zrevrange(self.keys.snapshots, offset, offset + limit - 1)]
+        ids = [text(i) for i in self.redis.zrevrange(self.keys.snapshots, offset, offset + limit - 1)]
         pipe = self.redis.pipeline(transaction=True)
         for rid in ids:
             pipe.hgetall(self.keys.snapshot(rid))
@@ -322,7 +319,7 @@ class SnapshotRegistry:
 
     def list_ids(self) -> list[str]:
         """Every snapshot id, newest write first."""
-        return [_text(i) for i in self.redis.zrevrange(self.keys.snapshots, 0, -1)]
+        return [text(i) for i in self.redis.zrevrange(self.keys.snapshots, 0, -1)]
 
     def count(self) -> int:
         return int(self.redis.zcard(self.keys.snapshots))
@@ -331,11 +328,11 @@ class SnapshotRegistry:
 
     def pointers(self) -> dict[str, str]:
         """Every pointer and the id it names."""
-        return {_text(n): _text(t) for n, t in self.redis.hgetall(self.keys.pointers).items()}
+        return {text(n): text(t) for n, t in self.redis.hgetall(self.keys.pointers).items()}
 
     def get_pointer(self, name: str) -> str | None:
         target = self.redis.hget(self.keys.pointers, name)
-        return _text(target) if target is not None else None
+        return text(target) if target is not None else None
 
     def set_pointer(self, name: str, target: str, *, expected: str | None = None, by: str = "set_pointer") -> str:
         """Point ``name`` at ``target`` (an id, or another pointer's current target);
@@ -348,15 +345,15 @@ class SnapshotRegistry:
             args=[name, target, repr(time.time()), by, self.history_length, k.pointer_history_prefix, k.snapshot_prefix,
                   expected or ""],
         )
-        status = _text(reply[0])
+        status = text(reply[0])
         if status == "missing":
-            raise ResourcesNotFoundError(_text(reply[1]), hint=f"pointer {name!r} was not moved")
+            raise ResourcesNotFoundError(text(reply[1]), hint=f"pointer {name!r} was not moved")
         if status == "name_taken":
             raise PointerError(f"{name!r} is the id of a snapshot; pick another pointer name")
         if status == "conflict":
-            current = _text(reply[1]) or None
+            current = text(reply[1]) or None
             raise PointerError(f"pointer {name!r} names {current!r}, not the expected {expected!r}; it was not moved")
-        return _text(reply[1])
+        return text(reply[1])
 
     def rollback(self, name: str = LATEST, *, by: str = "rollback") -> PointerMove:
         """Move ``name`` back to the target it had before its last move, atomically.
@@ -370,15 +367,15 @@ class SnapshotRegistry:
             keys=[k.pointers, k.seq, k.snapshot_events],
             args=[name, repr(now), by, self.history_length, k.pointer_history_prefix, k.snapshot_prefix],
         )
-        status = _text(reply[0])
+        status = text(reply[0])
         if status == "nothing":
             raise PointerError(f"pointer {name!r} has no earlier target to roll back to")
         if status == "gone":
             raise PointerError(
-                f"cannot roll {name!r} back: its previous target {_text(reply[1])!r} has been deleted; "
+                f"cannot roll {name!r} back: its previous target {text(reply[1])!r} has been deleted; "
                 "pick a target from `resources history` and set it"
             )
-        return PointerMove(name, _text(reply[2]) or None, _text(reply[1]), now, by)
+        return PointerMove(name, text(reply[2]) or None, text(reply[1]), now, by)
 
     def pointer_history(self, name: str = LATEST, limit: int = 20) -> list[PointerMove]:
         """The pointer's last moves, newest first."""
@@ -413,7 +410,7 @@ class SnapshotRegistry:
                   k.pointer_history_prefix, self.history_length, by, k.snapshot_version_prefix(resources_id),
                   self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX],
         )
-        status = _text(reply[0])
+        status = text(reply[0])
         if status == "missing":
             raise ResourcesNotFoundError(resources_id)
         report = json.loads(reply[1])

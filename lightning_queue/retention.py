@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from .connections import text
 from .errors import ResourcesNotFoundError, SnapshotInUseError
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def in_use(store: RolloutStore) -> dict[str, int]:
     pipe = redis.pipeline(transaction=True)
     for status in ACTIVE_STATUSES:
         pipe.zrange(k.rollouts_by_status(status), 0, -1)
-    active = list(dict.fromkeys(_text(rid) for members in pipe.execute() for rid in members))
+    active = list(dict.fromkeys(text(rid) for members in pipe.execute() for rid in members))
     counts: dict[str, int] = {}
     for chunk in _chunks(active):
         pipe = redis.pipeline(transaction=False)
@@ -141,8 +142,8 @@ def in_use(store: RolloutStore) -> dict[str, int]:
                 pipe.hget(k.attempt(rid, n), "resources_id")
         attempt_ids = iter(pipe.execute())
         for (pinned, attempts) in records:
-            used = {_text(pinned)} if pinned else set()
-            used.update(_text(a) for a in (next(attempt_ids) for _ in range(int(attempts or 0))) if a)
+            used = {text(pinned)} if pinned else set()
+            used.update(text(a) for a in (next(attempt_ids) for _ in range(int(attempts or 0))) if a)
             for rid in used:
                 counts[rid] = counts.get(rid, 0) + 1
     return counts
@@ -161,9 +162,6 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # -- the scheduled task ---------------------------------------------------------------------

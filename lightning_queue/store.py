@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import redis
 
-from .connections import load_script, script_source
+from .connections import load_script, script_source, text
 from .errors import RolloutNotFoundError
 from .keys import ROLLOUT_STATUSES, Keys
 from .models import Attempt, ErrorInfo, Rollout, RolloutResult, TERMINAL_STATUSES, new_id
@@ -38,9 +38,6 @@ _PLAIN_ATTEMPT_FIELDS = frozenset(
 )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
     # A plain field that is None is left out (the Lua scripts test for its absence); a JSON
@@ -55,7 +52,7 @@ def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
 def _decode(fields: Mapping[bytes | str, bytes | str], plain: frozenset[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for raw_key, raw_value in fields.items():
-        key, value = _text(raw_key), _text(raw_value)
+        key, value = text(raw_key), text(raw_value)
         out[key] = value if key in plain else json.loads(value)
     return out
 
@@ -150,9 +147,9 @@ class RolloutStore:
             args=[rollout.rollout_id, worker_id, repr(time.time()), new_id("at"), lost_allowed,
                   self.keys.attempt_prefix(rollout.rollout_id), lost_error, self._ttl_arg],
         )
-        outcome = _text(reply[0])
+        outcome = text(reply[0])
         if outcome == "finished":
-            return Claim("finished", status=_text(reply[1]))
+            return Claim("finished", status=text(reply[1]))
         if outcome == "missing":
             return Claim("missing")
         return Claim(outcome, sequence_id=int(reply[1]))  # type: ignore[arg-type]
@@ -186,7 +183,7 @@ class RolloutStore:
                   error.model_dump_json() if error else "", result.model_dump_json() if result else "",
                   next_status, self._ttl_arg, k.attempt_prefix(rollout_id)],
         )
-        return _text(reply)
+        return text(reply)
 
     def terminate(self, rollout_id: str, status: Literal["cancelled", "failed"], error: ErrorInfo | None = None) -> str:
         """End a rollout that has not finished; return its status afterwards.
@@ -195,7 +192,7 @@ class RolloutStore:
         :class:`RolloutNotFoundError` for an unknown id.
         """
         k = self.keys
-        reply = _text(
+        reply = text(
             self._terminate(
                 keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events],
                 args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else "",
@@ -250,11 +247,11 @@ class RolloutStore:
         k = self.keys
         removed = 0
         for raw in self.redis.scan_iter(match=k.rollout_index_pattern, count=1000, _type="ZSET"):
-            key = _text(raw)
+            key = text(raw)
             if key != k.rollouts and not key.startswith(f"{k.rollouts}:"):
                 continue  # another deployment's key whose prefix happens to extend ours
             start = 0
-            while members := [_text(m) for m in self.redis.zrange(key, start, start + chunk - 1)]:
+            while members := [text(m) for m in self.redis.zrange(key, start, start + chunk - 1)]:
                 pipe = self.redis.pipeline(transaction=False)
                 for rid in members:
                     pipe.exists(k.rollout(rid))
@@ -278,7 +275,7 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=False)
         for rid in rollout_ids:
             pipe.hget(self.keys.rollout(rid), "status")
-        return {rid: (_text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute())}
+        return {rid: (text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute())}
 
     def query_rollouts(
         self,
@@ -325,14 +322,14 @@ class RolloutStore:
             for group in filters:
                 union: dict[str, float] = {}
                 for _ in group:
-                    union.update((_text(member), score) for member, score in next(replies))
+                    union.update((text(member), score) for member, score in next(replies))
                 scores = union if scores is None else {m: s for m, s in scores.items() if m in union}
             assert scores is not None
             ordered = sorted(scores, key=lambda m: scores[m], reverse=True)  # type: ignore[index]
         found: dict[str, Rollout] = {}
         while True:
             if ordered is None:
-                ids = [_text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
+                ids = [text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
             else:
                 ids = ordered[offset : offset + limit]
             unread = [rid for rid in ids if rid not in found]
@@ -412,7 +409,7 @@ class RolloutStore:
                     continue
                 if message is None:
                     continue
-                rid = _text(message["data"])
+                rid = text(message["data"])
                 if rid in wanted and rid not in finished:
                     collect([rid])
         finally:
