@@ -20,6 +20,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from .errors import RedisUnavailableError
+from .keys import ROLLOUT_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,15 @@ def require(url: str) -> None:
 
 @cache
 def _script_source(name: str) -> str:
-    return importlib_resources.files("lightning_queue").joinpath("lua", f"{name}.lua").read_text()
+    source = importlib_resources.files("lightning_queue").joinpath("lua", f"{name}.lua").read_text()
+    # The rollout statuses, in the order the status index keys are passed (Keys.all_status_indexes).
+    return source.replace("__STATUSES__", ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES))
 
 
-def load_script(client: redis.Redis, name: str, prelude: str = "") -> Script:
-    """Register ``lua/<name>.lua``, after ``prelude``, on ``client`` (EVALSHA, falling back to EVAL)."""
-    return client.register_script(prelude + _script_source(name))
-
-
-def script_source(name: str) -> str:
-    """The text of ``lua/<name>.lua``."""
-    return _script_source(name)
+def load_script(client: redis.Redis, name: str, *preludes: str) -> Script:
+    """Register ``lua/<name>.lua`` on ``client``, after the shared ``lua/<prelude>.lua``
+    files it builds on (EVALSHA, falling back to EVAL)."""
+    return client.register_script("".join(_script_source(p) for p in (*preludes, name)))
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import redis
 
 from . import codec
-from .connections import load_script, script_source, text
+from .connections import load_script, text
 from .errors import (
     NoLatestResourcesError,
     PointerError,
@@ -29,7 +29,7 @@ from .errors import (
     SnapshotInUseError,
     VersionConflictError,
 )
-from .keys import ROLLOUT_STATUSES, Keys
+from .keys import Keys
 from .models import ErrorInfo, Resource, ResourcesUpdate, dump_resources, new_id, validate_resources
 from .settings import Settings
 
@@ -140,14 +140,11 @@ class SnapshotRegistry:
         self.max_bytes = settings.max_snapshot_bytes
         self.history_length = settings.pointer_history_length
         self.rollout_ttl_seconds = settings.rollout_ttl_seconds  # for rollouts a forced delete fails
-        registry_prelude = script_source("_registry_prelude")
-        statuses = ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES)
-        rollout_prelude = script_source("_rollout_prelude").replace("__STATUSES__", statuses)
-        self._write = load_script(client, "write_snapshot", registry_prelude)
+        self._write = load_script(client, "write_snapshot", "_registry_prelude")
         self._get = load_script(client, "get_snapshot")
-        self._set_pointer = load_script(client, "set_pointer", registry_prelude)
-        self._rollback = load_script(client, "rollback_pointer", registry_prelude)
-        self._delete = load_script(client, "delete_snapshot", rollout_prelude + registry_prelude)
+        self._set_pointer = load_script(client, "set_pointer", "_registry_prelude")
+        self._rollback = load_script(client, "rollback_pointer", "_registry_prelude")
+        self._delete = load_script(client, "delete_snapshot", "_rollout_prelude", "_registry_prelude")
 
     # -- writes -------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import redis
 
-from .connections import load_script, script_source, text
+from .connections import load_script, text
 from .errors import RolloutNotFoundError
 from .keys import ROLLOUT_STATUSES, Keys
 from .models import Attempt, ErrorInfo, Rollout, RolloutResult, TERMINAL_STATUSES, new_id
@@ -102,12 +102,10 @@ class RolloutStore:
         self.keys = keys
         self.rollout_ttl_seconds = rollout_ttl_seconds
         self._ttl_arg = rollout_ttl_seconds or ""
-        statuses = ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES)
-        prelude = script_source("_rollout_prelude").replace("__STATUSES__", statuses)
-        self._claim = load_script(client, "claim_rollout", prelude)
-        self._start = load_script(client, "start_rollout", prelude)
-        self._finish = load_script(client, "finish_attempt", prelude)
-        self._terminate = load_script(client, "terminate_rollout", prelude)
+        self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
+        self._start = load_script(client, "start_rollout", "_rollout_prelude")
+        self._finish = load_script(client, "finish_attempt", "_rollout_prelude")
+        self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude")
 
     # -- writes -----------------------------------------------------------------------
 
