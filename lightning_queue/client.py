@@ -276,14 +276,20 @@ class LightningClient:
         """See :meth:`RolloutStore.query_rollouts` for the filters."""
         return self.store.query_rollouts(**filters)
 
-    def cancel_rollout(self, rollout_id: str) -> str:
+    def cancel_rollout(self, rollout_id: str, terminate: bool = True) -> str:
         """Cancel a rollout that has not finished; return its status afterwards.
 
-        A queued rollout is skipped when a worker takes it; a running one
-        keeps running, but its outcome is recorded on the attempt only and the
-        rollout stays ``cancelled``.
+        The rollout (and its open attempt) become ``cancelled`` at once, for
+        good. A queued rollout is skipped when a worker takes it. A running one
+        is stopped through Celery's ``revoke(terminate=True)``: its worker
+        process gets SIGTERM and is replaced, freeing the slot. With
+        ``terminate=False`` the agent runs to the end instead; its outcome is
+        kept on the attempt only.
         """
-        return self.store.terminate(rollout_id, "cancelled")
+        status = self.store.terminate(rollout_id, "cancelled")
+        if status == "cancelled" and terminate:
+            self.app.control.revoke(rollout_id, terminate=True, signal="SIGTERM")
+        return status
 
 
 class AsyncLightningClient:

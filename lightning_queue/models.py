@@ -30,7 +30,7 @@ from .errors import InvalidResourcesError, UnknownResourceTypeError
 RolloutMode = Literal["train", "val", "test"]
 RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
 ResolveMode = Literal["pinned", "following"]
-AttemptStatus = Literal["preparing", "running", "succeeded", "failed", "timeout", "worker_lost"]
+AttemptStatus = Literal["preparing", "running", "succeeded", "failed", "timeout", "worker_lost", "cancelled"]
 
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 """A rollout in one of these statuses never changes again."""

@@ -2,6 +2,7 @@
 -- KEYS[K+1] rollout hash, KEYS[K+2] events channel
 -- ARGV[1] rollout_id, ARGV[2] terminal status, ARGV[3] now, ARGV[4] error JSON or '',
 -- ARGV[5] TTL of a finished rollout in seconds or '' (none), ARGV[6] attempt key prefix
+-- An open attempt (preparing or running) is closed with the same status.
 -- Returns the rollout's status afterwards, or 'missing'.
 local rollout_key = KEYS[K + 1]
 local status = redis.call('HGET', rollout_key, 'status')
@@ -13,6 +14,11 @@ if TERMINAL[status] then
 end
 redis.call('HSET', rollout_key, 'end_time', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', rollout_key, 'error', ARGV[4]) end
+if status == 'preparing' or status == 'running' then
+  -- Close the open attempt too; if its agent still finishes, finish_attempt records that outcome.
+  local open = ARGV[6] .. redis.call('HGET', rollout_key, 'attempt_count')
+  redis.call('HSET', open, 'status', ARGV[2], 'end_time', ARGV[3])
+end
 set_status(rollout_key, ARGV[1], status, ARGV[2])
 expire_rollout(rollout_key, ARGV[6], ARGV[5])
 redis.call('PUBLISH', KEYS[K + 2], ARGV[1])

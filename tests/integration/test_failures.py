@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from lightning_queue import LightningClient, PromptTemplate, RolloutConfig, RolloutRequest
@@ -160,3 +161,22 @@ def test_cancelled_queued_rollout_is_never_run(client, start_workers, worker_poo
     assert client.get_attempts(cancelled.rollout_id) == []
     assert not (Path(marker_dir) / f"{cancelled.rollout_id}.ran").exists()
     assert (Path(marker_dir) / f"{kept.rollout_id}.ran").exists()
+
+
+def test_cancelling_a_running_rollout_stops_it_and_frees_the_worker(client, start_workers, worker_pool):
+    add_prompt(client)
+    start_workers(f"{AGENTS}:sleeper", count=1)  # one worker, one pool process: one slot
+    hanging = client.enqueue_rollout({"sleep": 120})
+    deadline = time.monotonic() + WAIT
+    while client.get_rollout(hanging.rollout_id).status != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    started = time.monotonic()
+    assert client.cancel_rollout(hanging.rollout_id) == "cancelled"
+    quick = client.enqueue_rollout({"sleep": 0})
+    (done,) = client.wait_for_rollouts([quick.rollout_id], timeout=WAIT)
+    assert done.status == "succeeded" and time.monotonic() - started < WAIT  # the slot was freed, not after 120 s
+    assert client.get_rollout(hanging.rollout_id).status == "cancelled"
+    assert [a.status for a in client.get_attempts(hanging.rollout_id)] == ["cancelled"]
+    worker_pool.wait_for_log(f"Terminating {hanging.rollout_id}", timeout=WAIT)

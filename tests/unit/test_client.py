@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import fakeredis
@@ -175,8 +176,8 @@ def test_resources_passthrough(fake_client: LightningClient, llm: LLM) -> None:
 
 def test_cancel_and_queries(fake_client: LightningClient, published: list[list[str]]) -> None:
     first, second = fake_client.enqueue_rollouts([1, 2], mode="val")
-    assert fake_client.cancel_rollout(first.rollout_id) == "cancelled"
-    assert fake_client.cancel_rollout(first.rollout_id) == "cancelled"
+    assert fake_client.cancel_rollout(first.rollout_id, terminate=False) == "cancelled"
+    assert fake_client.cancel_rollout(first.rollout_id, terminate=False) == "cancelled"
     assert [r.rollout_id for r in fake_client.query_rollouts(status="cancelled")] == [first.rollout_id]
     assert [r.rollout_id for r in fake_client.query_rollouts(mode="val", status="queuing")] == [second.rollout_id]
     assert fake_client.get_attempts(second.rollout_id) == []
@@ -201,7 +202,7 @@ async def test_async_client(fake_client: LightningClient, published: list[list[s
     assert (await client.get_rollout(rollout.rollout_id)).status == "succeeded"
     assert len(await client.get_attempts(rollout.rollout_id)) == 1
     assert [r.rollout_id for r in await client.query_rollouts(mode="test")] == [r.rollout_id for r in reversed(batch)]
-    assert await client.cancel_rollout(batch[0].rollout_id) == "cancelled"
+    assert await client.cancel_rollout(batch[0].rollout_id, terminate=False) == "cancelled"
 
 
 async def test_async_client_has_every_method_of_the_sync_one(fake_client: LightningClient, llm: LLM) -> None:
@@ -217,3 +218,22 @@ async def test_async_client_has_every_method_of_the_sync_one(fake_client: Lightn
     await client.set_pointer("prod", "rs-1")
     assert (await client.rollback("prod")).to_id == "rs-0"
     assert [m.to_id for m in await client.pointer_history("prod")] == ["rs-0", "rs-1", "rs-0"]
+
+
+def test_cancel_revokes_with_terminate_only_what_it_cancelled(
+    fake_client: LightningClient, published: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revoked: list[tuple[str, dict[str, Any]]] = []
+    control = SimpleNamespace(revoke=lambda task_id, **options: revoked.append((task_id, options)))
+    monkeypatch.setattr(fake_client, "_app", SimpleNamespace(control=control))
+    running, done = fake_client.enqueue_rollouts([1, 2], check_resources=False)
+    store = fake_client.store
+    claim = store.claim(running, "w1")
+    store.start_attempt(running.rollout_id, claim.sequence_id, "rs-a", 1)
+    store.terminate(done.rollout_id, "failed")
+
+    assert fake_client.cancel_rollout(running.rollout_id) == "cancelled"
+    assert fake_client.cancel_rollout(done.rollout_id) == "failed"  # finished already: nothing to stop
+    assert revoked == [(running.rollout_id, {"terminate": True, "signal": "SIGTERM"})]
+    (attempt,) = fake_client.get_attempts(running.rollout_id)
+    assert attempt.status == "cancelled" and attempt.end_time is not None  # the open attempt is closed

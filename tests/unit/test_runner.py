@@ -374,7 +374,7 @@ def test_missing_rollout_is_dropped(fake_client: LightningClient) -> None:
 def test_cancelled_before_run_is_skipped(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
     fake_client.add_resources({"main": llm})
     queued = enqueue()
-    fake_client.cancel_rollout(queued.rollout_id)
+    fake_client.cancel_rollout(queued.rollout_id, terminate=False)
     agent, calls = recording_agent()
     assert run(FakeTask(fake_client, agent), queued.rollout_id)["status"] == "cancelled"
     assert calls == [] and fake_client.get_attempts(queued.rollout_id) == []
@@ -395,7 +395,7 @@ def test_cancelled_while_running_stays_cancelled(
 ) -> None:
     @rollout
     def agent(task: Any, rollout: Rollout) -> float:
-        fake_client.cancel_rollout(rollout.rollout_id)
+        fake_client.cancel_rollout(rollout.rollout_id, terminate=False)
         return 1.0
 
     fake_client.add_resources({"main": llm})
@@ -450,7 +450,7 @@ def test_hard_time_limit_ignores_finished_and_unknown(
     fake_client: LightningClient, enqueue: Callable[..., Rollout], published: list[str]
 ) -> None:
     queued = enqueue()
-    fake_client.cancel_rollout(queued.rollout_id)
+    fake_client.cancel_rollout(queued.rollout_id, terminate=False)
     task = FakeTask(fake_client, recording_agent()[0])
     record_hard_timeout(task.app, queued.rollout_id, TimeLimitExceeded(1))  # type: ignore[arg-type]
     record_hard_timeout(task.app, "ro-nope", TimeLimitExceeded(1))  # type: ignore[arg-type]
