@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .connections import connect
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     import redis
 
     from .app import LightningCelery
+
+log = logging.getLogger(__name__)
 
 ResourcesLike = Mapping[str, Resource | Mapping[str, Any]]
 
@@ -237,6 +240,12 @@ class LightningClient:
                 for rollout in rollouts:
                     limit = rollout.config.timeout_seconds or settings.default_timeout_seconds
                     limits = {"soft_time_limit": limit, "time_limit": limit + settings.hard_timeout_grace_seconds} if limit else {}
+                    if limit and limits["time_limit"] > settings.visibility_timeout:
+                        log.warning(
+                            "rollout %s may run %.0f s, longer than the visibility timeout (%d s): the broker "
+                            "would hand it to a second worker meanwhile; raise LQ_VISIBILITY_TIMEOUT on workers "
+                            "and clients", rollout.rollout_id, limits["time_limit"], settings.visibility_timeout,
+                        )
                     self.app.send_task(
                         TASK_NAME,
                         kwargs={"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id,

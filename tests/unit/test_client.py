@@ -237,3 +237,14 @@ def test_cancel_revokes_with_terminate_only_what_it_cancelled(
     assert revoked == [(running.rollout_id, {"terminate": True, "signal": "SIGTERM"})]
     (attempt,) = fake_client.get_attempts(running.rollout_id)
     assert attempt.status == "cancelled" and attempt.end_time is not None  # the open attempt is closed
+
+
+def test_publish_warns_when_a_time_limit_outlasts_the_visibility_timeout(
+    fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fake_client, "_app", FakeApp())
+    monkeypatch.setattr(fake_client.settings, "visibility_timeout", 100)
+    fake_client.enqueue_rollout(1, config=RolloutConfig(timeout_seconds=50), check_resources=False)
+    assert "visibility timeout" not in caplog.text
+    long = fake_client.enqueue_rollout(2, config=RolloutConfig(timeout_seconds=95), check_resources=False)
+    assert f"rollout {long.rollout_id} may run 105 s, longer than the visibility timeout (100 s)" in caplog.text
