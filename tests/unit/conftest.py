@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -56,3 +56,23 @@ def status_index_members(store: RolloutStore) -> Callable[[str], list[str]]:
                 if store.redis.zscore(store.keys.rollouts_by_status(s), rollout_id) is not None]
 
     return members
+
+
+@pytest.fixture
+def published(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Rollout ids handed to ``publish`` (no broker in unit tests)."""
+    sent: list[str] = []
+
+    def publish(rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
+        sent.extend(r.rollout_id for r in rollouts)
+
+    monkeypatch.setattr(fake_client, "publish", publish)
+    return sent
+
+
+@pytest.fixture
+def enqueue(fake_client: LightningClient, published: list[str]) -> Callable[..., Rollout]:
+    def enqueue(input: Any = "task", **options: Any) -> Rollout:
+        return fake_client.enqueue_rollout(input, **options)
+
+    return enqueue

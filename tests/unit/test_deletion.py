@@ -37,16 +37,6 @@ def snapshot_keys(client: LightningClient, resources_id: str) -> list[bytes]:
 
 
 @pytest.fixture
-def enqueue(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Rollout]:
-    monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)  # no broker here
-
-    def enqueue(input: Any = "task", **options: Any) -> Rollout:
-        return fake_client.enqueue_rollout(input, **options)
-
-    return enqueue
-
-
-@pytest.fixture
 def three(fake_client: LightningClient) -> LightningClient:
     """rs-a (versions 1-3), rs-b, rs-c; latest names rs-c."""
     fake_client.add_resources(prompt("a1"), "rs-a")

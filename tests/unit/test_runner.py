@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import fakeredis
 import pytest
@@ -45,26 +45,6 @@ class FakeTask:
 
 def run(task: FakeTask, rollout_id: str) -> dict[str, Any]:
     return _run(task, task.app, rollout_id)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def published(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Rollout ids handed to ``publish`` (no broker in unit tests)."""
-    sent: list[str] = []
-
-    def publish(rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
-        sent.extend(r.rollout_id for r in rollouts)
-
-    monkeypatch.setattr(fake_client, "publish", publish)
-    return sent
-
-
-@pytest.fixture
-def enqueue(fake_client: LightningClient, published: list[str]) -> Callable[..., Rollout]:
-    def enqueue(input: Any = "task", **options: Any) -> Rollout:
-        return fake_client.enqueue_rollout(input, **options)
-
-    return enqueue
 
 
 def recording_agent(reward: float = 1.0) -> tuple[LitAgent, list[dict[str, Any]]]:

@@ -56,16 +56,6 @@ def prompt_agent() -> tuple[Any, list[tuple[str, str]]]:
     return agent, seen
 
 
-@pytest.fixture
-def enqueue(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Rollout]:
-    monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)  # no broker here
-
-    def enqueue(input: Any = "task", **options: Any) -> Rollout:
-        return fake_client.enqueue_rollout(input, **options)
-
-    return enqueue
-
-
 def attempts_ran_with(client: LightningClient, rollout_id: str) -> list[tuple[str | None, int | None, str]]:
     return [(a.resources_id, a.resources_version, a.status) for a in client.get_attempts(rollout_id)]
 
