@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any
 
 from celery import Celery, signals
@@ -97,6 +98,7 @@ class LightningCelery(Celery):
         self._agent: LitAgent | None = agent if isinstance(agent, LitAgent) else None
         self._lightning_client: Any = None
         self.is_worker = False  # set in the worker's main process; its pool processes inherit it
+        self.worker_hostname = ""
         self.conf.update(celery_config(settings))
 
     @property
@@ -138,6 +140,7 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
         if getattr(sender, "app", None) is app:
             app.agent  # noqa: B018
             app.is_worker = True
+            app.worker_hostname = sender.hostname
 
     @signals.worker_process_init.connect(weak=False)
     def _start_cache(**_: Any) -> None:
@@ -147,7 +150,7 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
             from .cache import attach_cache
 
             app._lightning_client = None
-            attach_cache(app.lightning)
+            attach_cache(app.lightning, f"{app.worker_hostname}:{os.getpid()}")
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _stop_cache(**_: Any) -> None:

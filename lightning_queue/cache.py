@@ -52,12 +52,25 @@ class SnapshotCache:
       (the models are frozen; do not mutate their ``resources`` dict).
     """
 
-    def __init__(self, registry: SnapshotRegistry, max_bytes: int, *, poll_seconds: float = 0.2) -> None:
+    def __init__(
+        self,
+        registry: SnapshotRegistry,
+        max_bytes: int,
+        *,
+        poll_seconds: float = 0.2,
+        stats_key: str | None = None,
+        stats_interval: float = 10.0,
+    ) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1 (a cache of 0 bytes is no cache: leave client.cache None)")
         self.registry = registry
         self.max_bytes = max_bytes
         self.poll_seconds = poll_seconds
+        # The listener publishes stats() under stats_key every stats_interval seconds (expiring
+        # after a few missed reports), so a fleet's hit ratio can be read live.
+        self.stats_key = stats_key
+        self.stats_interval = stats_interval
+        self._next_report = 0.0
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, int], tuple[ResourcesUpdate, int]] = OrderedDict()
         self._bytes = 0
@@ -220,6 +233,7 @@ class SnapshotCache:
                 pubsub.subscribe(channel)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=self.poll_seconds)
+                    self._maybe_report()
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
@@ -238,6 +252,16 @@ class SnapshotCache:
                     pubsub.close()
                 except Exception:  # the connection may already be gone
                     pass
+
+    def _maybe_report(self) -> None:
+        if self.stats_key is None or time.monotonic() < self._next_report:
+            return
+        self._next_report = time.monotonic() + self.stats_interval
+        try:
+            self.registry.redis.set(self.stats_key, json.dumps({**self.stats(), "time": time.time()}),
+                                    ex=max(1, round(3 * self.stats_interval)))
+        except redis.RedisError as exc:  # stats are best effort: never disturb the listener
+            log.debug("snapshot cache: could not report stats: %s", exc)
 
     def _resubscribed(self) -> None:
         # Read after the subscription is confirmed: every later change arrives as an event.
@@ -273,14 +297,20 @@ class SnapshotCache:
             self._applied_seq = max(self._applied_seq, seq)
 
 
-def attach_cache(client: LightningClient) -> SnapshotCache | None:
+def attach_cache(client: LightningClient, process: str | None = None) -> SnapshotCache | None:
     """Give a worker process's client a started, pre-warmed cache of
     ``settings.cache_max_bytes`` (none when that is 0). A failed pre-warm is
-    logged, not raised: the cache then fills on use."""
-    max_bytes = client.settings.cache_max_bytes
-    if max_bytes == 0:
+    logged, not raised: the cache then fills on use. With ``process`` (a name
+    unique in the fleet, e.g. ``node@host:pid``) the cache reports its stats
+    under :meth:`Keys.cache_stats`, for ``lightning-queue workers``."""
+    settings = client.settings
+    if settings.cache_max_bytes == 0:
         return None
-    cache = SnapshotCache(client.registry, max_bytes)
+    cache = SnapshotCache(
+        client.registry, settings.cache_max_bytes,
+        stats_key=client.keys.cache_stats(process) if process else None,
+        stats_interval=settings.cache_stats_interval_seconds,
+    )
     if not cache.start():
         log.warning("snapshot cache: not subscribed to registry events yet; fetching until it is")
     try:

@@ -394,6 +394,26 @@ def _rollout_table(rollouts: list[Rollout]) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------------------------- workers
+
+
+@app.command()
+def workers() -> None:
+    """Show each live worker process's snapshot cache: hit ratio, size, load latency."""
+    with _client() as client:
+        stats = client.cache_stats()
+    if not stats:
+        console.print("no worker process has reported cache stats (they do every LQ_CACHE_STATS_INTERVAL_SECONDS)")
+        return
+    table = Table("worker process", "hits", "misses", "hit ratio", "entries", "MB", "evictions", "mean load ms")
+    for process, s in stats.items():
+        table.add_row(process, str(s["hits"]), str(s["misses"]), f"{s['hit_ratio']:.1%}", str(s["entries"]),
+                      f"{s['bytes'] / 1e6:.2f}", str(s["evictions"]), f"{s['mean_load_ms']:.2f}")
+    hits, misses = sum(s["hits"] for s in stats.values()), sum(s["misses"] for s in stats.values())
+    console.print(table)
+    console.print(f"fleet: {len(stats)} process(es), hit ratio {hits / max(1, hits + misses):.1%}")
+
+
 # ---------------------------------------------------------------------------------- demo
 
 

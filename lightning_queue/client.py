@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from .connections import connect
+from .connections import connect, text
 from .errors import EnqueueError, ResourcesNotFoundError
 from .models import (
     ErrorInfo,
@@ -135,6 +136,14 @@ class LightningClient:
 
     def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
         return self.registry.query_resources(offset, limit)
+
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """The snapshot-cache stats each live worker process last reported, by
+        ``node@host:pid`` (hits, misses, hit_ratio, entries, bytes, mean_load_ms...)."""
+        keys = sorted(self.redis.scan_iter(match=self.keys.cache_stats_pattern, count=1000))
+        prefix = len(self.keys.cache_stats(""))
+        values = self.redis.mget(keys) if keys else []
+        return {text(k)[prefix:]: json.loads(v) for k, v in zip(keys, values) if v is not None}
 
     def load_snapshot(self, ref: str | None, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate:
         """The snapshot a rollout runs with (``None`` = latest), through this process's
@@ -336,6 +345,6 @@ for _name in (
     "close", "add_resources", "add_resources_batch", "update_resources", "get_resources_by_id",
     "get_latest_resources", "query_resources", "delete_resources", "set_pointer", "get_pointer", "pointers",
     "rollback", "pointer_history", "enqueue_rollout", "enqueue_rollouts", "wait_for_rollouts", "get_rollout",
-    "get_rollouts", "get_attempts", "query_rollouts", "cancel_rollout", "apply_retention",
+    "get_rollouts", "get_attempts", "query_rollouts", "cancel_rollout", "apply_retention", "cache_stats",
 ):
     setattr(AsyncLightningClient, _name, _in_thread(_name))

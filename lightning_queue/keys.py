@@ -10,6 +10,7 @@ Snapshot registry::
     {p}:pointer-history:{name}        list   the pointer's last moves, newest first (JSON: from, to, time, by)
     {p}:seq                           string registry sequence: bumped by every write, move and delete
     {p}:snapshot-events               pub/sub JSON of each registry change (worker caches listen)
+    {p}:cache-stats:{worker}:{pid}    string JSON stats of one worker process's snapshot cache (expires)
 
 Rollout store::
 
@@ -124,6 +125,14 @@ class Keys:
     @property
     def events(self) -> str:
         return f"{self.prefix}:events"
+
+    # -- worker-side snapshot caches ---------------------------------------------------
+    def cache_stats(self, process: str) -> str:
+        return f"{self.prefix}:cache-stats:{process}"
+
+    @property
+    def cache_stats_pattern(self) -> str:
+        return f"{self.prefix}:cache-stats:*"
 
     # -- celery -----------------------------------------------------------------
     @property

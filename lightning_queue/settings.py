@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(
         256 * 1024 * 1024, ge=0, description="Worker-side snapshot cache size per process (0 disables it)."
     )
+    cache_stats_interval_seconds: float = Field(
+        10.0, gt=0, description="How often each worker process reports its cache stats to Redis."
+    )
     rollout_ttl_seconds: int | None = Field(
         7 * 24 * 3600,
         ge=1,

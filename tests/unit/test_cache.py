@@ -384,3 +384,25 @@ def test_a_read_from_before_a_resubscription_or_a_deletion_is_not_learned(
     assert cache.get("rs-b", 1).resources_id == "rs-b"  # the caller gets what it read...
     assert cache.stats()["entries"] == 1  # ...but a snapshot deleted meanwhile is not cached (only rs-a is)
     assert cache._pointers == {"latest": (None, cache.stats()["applied_seq"])}
+
+
+def test_cache_reports_its_stats_for_the_fleet_view(fake_client: LightningClient, llm: LLM) -> None:
+    from lightning_queue.cache import attach_cache
+
+    fake_client.add_resources({"main": llm}, "rs-a")
+    fake_client.settings.cache_stats_interval_seconds = 0.05
+    cache = attach_cache(fake_client, "w1@host:123")
+    assert cache is not None
+    try:
+        fake_client.load_snapshot("rs-a", 1)  # pre-warmed by id and version: a hit
+        fake_client.load_snapshot("rs-a", None, min_seq=10**9)  # not caught up that far: a miss
+        deadline = time.monotonic() + 5
+        while fake_client.cache_stats().get("w1@host:123", {}).get("misses") != 1:
+            assert time.monotonic() < deadline, fake_client.cache_stats()
+            time.sleep(0.02)
+        reported = fake_client.cache_stats()["w1@host:123"]
+        assert reported["hits"] == 1 and reported["hit_ratio"] == 0.5 and reported["entries"] == 1
+        ttl = fake_client.redis.ttl(fake_client.keys.cache_stats("w1@host:123"))
+        assert 0 < ttl <= 1  # expires after a few missed reports: dead processes drop out
+    finally:
+        cache.close()

@@ -223,3 +223,16 @@ def test_submit_with_an_unknown_resources_id_enqueues_nothing(invoke: Invoke, tw
 
 def test_unknown_rollout_is_a_one_line_error(invoke: Invoke, client: LightningClient) -> None:
     one_line_error(invoke("rollouts", "status", "ro-nope"), "'ro-nope'", "expired")
+
+
+def test_workers_shows_each_process_cache_and_the_fleet_hit_ratio(client: LightningClient, invoke: Invoke) -> None:
+    assert "no worker process has reported" in invoke("workers").output
+    stats = {"hits": 9, "misses": 1, "hit_ratio": 0.9, "entries": 2, "bytes": 2_000_000, "evictions": 0,
+             "mean_load_ms": 2.5}
+    client.redis.set(client.keys.cache_stats("w1@h:11"), json.dumps(stats))
+    client.redis.set(client.keys.cache_stats("w2@h:12"), json.dumps({**stats, "hits": 1, "misses": 9,
+                                                                      "hit_ratio": 0.1}))
+    result = invoke("workers")
+    assert result.exit_code == 0, result.output
+    assert "w1@h:11" in result.output and "90.0%" in result.output and "2.00" in result.output
+    assert "fleet: 2 process(es), hit ratio 50.0%" in result.output
