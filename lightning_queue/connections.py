@@ -57,12 +57,6 @@ def ping(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def require(url: str) -> None:
-    """Raise :class:`RedisUnavailableError` unless ``url`` answers PING."""
-    if not ping(url):
-        raise RedisUnavailableError(url)
-
-
 @cache
 def _script_source(name: str) -> str:
     source = importlib_resources.files("lightning_queue").joinpath("lua", f"{name}.lua").read_text()

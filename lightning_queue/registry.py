@@ -271,16 +271,6 @@ class SnapshotRegistry:
         :class:`NoLatestResourcesError`) when there is nothing to run with."""
         return self.fetch(ref or LATEST, version).snapshot
 
-    def exists(self, *resources_ids: str) -> list[bool]:
-        """Whether each reference (id or pointer name) names a stored snapshot; one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.keys.pointers)
-        for rid in resources_ids:
-            pipe.exists(self.keys.snapshot(rid))
-        pointers, *found = pipe.execute()
-        names = {text(n) for n in pointers}
-        return [rid in names or bool(n) for rid, n in zip(resources_ids, found)]
-
     def current_versions(self, refs: Sequence[str]) -> dict[str, tuple[str, int] | None]:
         """Each reference resolved to (resources_id, current version), or None; one round trip."""
         pipe = self.redis.pipeline(transaction=True)

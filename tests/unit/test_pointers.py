@@ -77,7 +77,9 @@ def test_pointer_name_is_accepted_wherever_an_id_is(two: SnapshotRegistry) -> No
     assert two.resolve("prod").resources_id == "rs-a"
     assert two.resolve("latest").resources_id == "rs-b"
     assert two.fetch("prod").pointer == "prod" and two.fetch("rs-a").pointer is None
-    assert two.exists("prod", "latest", "rs-a", "nope") == [True, True, True, False]
+    assert two.current_versions(["prod", "latest", "rs-a", "nope"]) == {
+        "prod": ("rs-a", 1), "latest": ("rs-b", 1), "rs-a": ("rs-a", 1), "nope": None
+    }
     assert two.current_versions(["prod", "rs-b", "nope"]) == {"prod": ("rs-a", 1), "rs-b": ("rs-b", 1), "nope": None}
 
     two.set_pointer("prod", "rs-b")

@@ -133,10 +133,10 @@ def test_no_latest_is_a_resources_not_found_error() -> None:
     assert issubclass(NoLatestResourcesError, ResourcesNotFoundError)
 
 
-def test_exists(registry: SnapshotRegistry, llm: LLM) -> None:
+def test_current_versions_tells_what_exists(registry: SnapshotRegistry, llm: LLM) -> None:
     registry.add_resources({"main": llm}, "rs-a")
-    assert registry.exists("rs-a", "rs-b") == [True, False]
-    assert registry.exists() == []
+    assert registry.current_versions(["rs-a", "rs-b"]) == {"rs-a": ("rs-a", 1), "rs-b": None}
+    assert registry.current_versions([]) == {}
 
 
 def test_query_resources_newest_write_first_with_pagination(registry: SnapshotRegistry, llm: LLM) -> None:
