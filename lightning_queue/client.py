@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .connections import connect, text
-from .errors import EnqueueError, ResourcesNotFoundError
+from .errors import DuplicateRolloutIdError, EnqueueError, ResourcesNotFoundError
 from .models import (
     ErrorInfo,
     Resource,
@@ -54,9 +54,12 @@ class LightningClient:
         self.redis = redis_client if redis_client is not None else connect(self.settings.redis_url)
         self.keys = self.settings.keys
         self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
-        self.store = RolloutStore(self.redis, self.keys, self.settings.rollout_ttl_seconds)
+        self.store = RolloutStore(
+            self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline
+        )
         self._app = app
         self.cache: Any = None  # worker processes attach a SnapshotCache
+        self.heartbeat: Any = None  # worker processes beat through a watchdog.Heartbeat
 
     @property
     def app(self) -> LightningCelery:
@@ -166,12 +169,16 @@ class LightningClient:
         metadata: dict[str, Any] | None = None,
         queue: str | None = None,
         check_resources: bool = True,
+        rollout_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Rollout:
-        """Enqueue one rollout. See :meth:`enqueue_rollouts`."""
-        return self.enqueue_rollouts(
-            [input], resources_id=resources_id, resolve=resolve, mode=mode, config=config, metadata=metadata,
-            queue=queue, check_resources=check_resources,
-        )[0]
+        """Enqueue one rollout. See :meth:`enqueue_rollouts`; ``rollout_id`` or
+        ``idempotency_key`` make it idempotent (see :class:`RolloutRequest`)."""
+        request = RolloutRequest(
+            input=input, resources_id=resources_id, resolve=resolve, mode=mode, config=config,
+            metadata=metadata or {}, rollout_id=rollout_id, idempotency_key=idempotency_key,
+        )
+        return self.enqueue_rollouts([request], queue=queue, check_resources=check_resources)[0]
 
     def enqueue_rollouts(
         self,
@@ -203,16 +210,33 @@ class LightningClient:
         anything is written), one MULTI/EXEC for all records, one pipeline for
         all task messages. If publishing fails the records are marked
         ``failed`` and :class:`EnqueueError` is raised.
+
+        Idempotent enqueue: a request with a ``rollout_id`` (or an
+        ``idempotency_key``, which names one) whose rollout already exists
+        creates nothing and returns the stored rollout, so an enqueue retried
+        after a network error never makes a second rollout. Such requests are
+        written by one script that skips the ids already taken (instead of the
+        MULTI/EXEC), and one more round trip records that their messages were
+        sent. A crash between writing a record and publishing its message
+        leaves a ``queuing`` record without that mark: the retried enqueue
+        publishes it then. A crash after publishing but before the mark makes
+        the retry publish a second message; that one is harmless, as the
+        claim lets only one delivery run (it is dropped as a duplicate while
+        the first runs, or as finished after).
         """
         queue = queue or self.settings.queue
         rollouts = []
+        chosen = False
         for item in inputs:
             request = item if isinstance(item, RolloutRequest) else RolloutRequest(
                 input=item, resources_id=resources_id, resolve=resolve, mode=mode, config=config,
                 metadata=metadata or {},
             )
+            ids = {"rollout_id": request.requested_id} if request.requested_id else {}
+            chosen = chosen or bool(ids)
             rollouts.append(
                 Rollout(
+                    **ids,
                     input=request.input,
                     mode=request.mode,
                     resources_id=request.resources_id,
@@ -233,15 +257,31 @@ class LightningClient:
             for rollout in rollouts:
                 if rollout.resolve == "pinned" and rollout.resources_id:
                     rollout.resources_id, rollout.resources_version = resolved[rollout.resources_id]  # type: ignore[misc]
-        seq = self.store.create_rollouts(rollouts)
-        self.publish(rollouts, seq)
-        return rollouts
+        if not chosen:
+            seq = self.store.create_rollouts(rollouts)
+            self.publish(rollouts, seq)
+            return rollouts
+        seen: set[str] = set()
+        for rollout in rollouts:
+            if rollout.rollout_id in seen:
+                raise DuplicateRolloutIdError(rollout.rollout_id)
+            seen.add(rollout.rollout_id)
+        seq, existing = self.store.create_rollouts_if_absent(rollouts)
+        unsent = [r for r in rollouts if r.rollout_id not in existing]
+        # Written by an earlier call that may have crashed before publishing: send it now.
+        unsent += [r for r, published in existing.values()
+                   if not published and r.status == "queuing" and r.attempt_count == 0]
+        if unsent:
+            self.publish(unsent, seq)
+            self.store.mark_published([r.rollout_id for r in unsent])
+        return [existing[r.rollout_id][0] if r.rollout_id in existing else r for r in rollouts]
 
-    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
+    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0, countdown: float | None = None) -> None:
         """Send one task message per rollout (ids only), batched into one Redis pipeline.
 
         ``registry_seq`` tells worker caches how recent a registry state the
-        rollouts need (see :mod:`lightning_queue.cache`).
+        rollouts need (see :mod:`lightning_queue.cache`). ``countdown`` delays
+        the messages (a retry's backoff).
         """
         settings = self.settings
         try:
@@ -262,6 +302,7 @@ class LightningClient:
                         task_id=rollout.rollout_id,
                         queue=rollout.queue,
                         producer=producer,
+                        countdown=countdown,
                         **limits,
                     )
         except Exception as exc:

@@ -195,3 +195,14 @@ class SnapshotInUseError(LightningQueueError):
         self.resources_id = resources_id
         self.pointers = pointers
         self.rollout_ids = rollout_ids
+
+
+class DuplicateRolloutIdError(LightningQueueError, ValueError):
+    """One enqueue batch names the same rollout id (or idempotency key) twice."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(
+            f"rollout id {rollout_id!r} appears twice in one enqueue batch (as rollout_id or through an "
+            "idempotency_key); give each rollout its own id or key, nothing was enqueued"
+        )
+        self.rollout_id = rollout_id

@@ -23,6 +23,13 @@ Rollout store::
     {p}:rollouts:resources:{id}          zset  rollouts pinned to, or run with, that snapshot
     {p}:rollouts:worker:{worker_id}      zset  rollouts that worker ran an attempt of
     {p}:events                           pub/sub channel; a finished rollout's id is published
+    {p}:heartbeats                       zset  rollout_id -> deadline of its open attempt's heartbeat
+                                               (the watchdog reads only the expired head)
+
+Workers::
+
+    {p}:worker:{hostname}                string JSON health of one worker's main process (last message
+                                               received, active, concurrency, queues); expires
 
 The ``rollouts*`` indexes outlive expired records: readers skip ids whose record is gone,
 and retention (:mod:`lightning_queue.retention`) prunes them.
@@ -125,6 +132,18 @@ class Keys:
     @property
     def events(self) -> str:
         return f"{self.prefix}:events"
+
+    @property
+    def heartbeats(self) -> str:
+        return f"{self.prefix}:heartbeats"
+
+    # -- worker health ---------------------------------------------------------------
+    def worker_health(self, hostname: str) -> str:
+        return f"{self.prefix}:worker:{hostname}"
+
+    @property
+    def worker_health_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
 
     # -- worker-side snapshot caches ---------------------------------------------------
     def cache_stats(self, process: str) -> str:

@@ -8,6 +8,7 @@ extend: any subclass of :class:`Resource` that declares
 
 from __future__ import annotations
 
+import random
 import string
 import time
 import uuid
@@ -23,6 +24,7 @@ from pydantic import (
     SerializeAsAny,
     ValidationError,
     field_serializer,
+    model_validator,
 )
 
 from .errors import InvalidResourcesError, UnknownResourceTypeError
@@ -30,7 +32,10 @@ from .errors import InvalidResourcesError, UnknownResourceTypeError
 RolloutMode = Literal["train", "val", "test"]
 RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
 ResolveMode = Literal["pinned", "following"]
-AttemptStatus = Literal["preparing", "running", "succeeded", "failed", "timeout", "worker_lost", "cancelled"]
+AttemptStatus = Literal[
+    "preparing", "running", "succeeded", "failed", "timeout", "worker_lost", "unresponsive", "cancelled"
+]
+RetryableStatus = Literal["failed", "timeout", "worker_lost", "unresponsive"]
 
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 """A rollout in one of these statuses never changes again."""
@@ -182,16 +187,36 @@ class ResourcesUpdate(BaseModel):
 
 
 class RolloutConfig(BaseModel):
-    """How a rollout is run: time limit and retries."""
+    """How a rollout is run: time limit, retries and the backoff between them.
+
+    Attempt ``n`` (``n >= 2``) is sent back to the queue
+    ``retry_delay(n - 1)`` seconds after attempt ``n - 1`` ended:
+    ``retry_backoff_seconds * 2 ** (n - 2)``, capped at
+    ``retry_backoff_max_seconds``, and with ``retry_jitter`` a uniformly
+    random delay between 0 and that ("full jitter", as Celery's own
+    ``retry_jitter``), so a fleet-wide failure does not come back as one wave.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     timeout_seconds: float | None = Field(None, gt=0, description="Soft time limit of one attempt.")
     max_attempts: int = Field(1, ge=1, le=100, description="Attempts in all, the first one included.")
-    retry_condition: list[Literal["failed", "timeout", "worker_lost"]] = Field(
-        default_factory=lambda: ["failed", "timeout", "worker_lost"],
+    retry_condition: list[RetryableStatus] = Field(
+        default_factory=lambda: ["failed", "timeout", "worker_lost", "unresponsive"],
         description="Attempt outcomes that may be retried while attempts remain.",
     )
+    retry_backoff_seconds: float = Field(
+        0.0, ge=0, description="Delay before the first retry; doubled for each later one (0: retry at once)."
+    )
+    retry_backoff_max_seconds: float = Field(600.0, ge=0, description="Upper bound of the retry delay.")
+    retry_jitter: bool = Field(False, description="Draw each delay uniformly between 0 and its computed value.")
+
+    def retry_delay(self, sequence_id: int) -> float:
+        """Seconds to wait before the attempt after attempt ``sequence_id`` (1-based)."""
+        if self.retry_backoff_seconds <= 0:
+            return 0.0
+        delay = min(self.retry_backoff_max_seconds, self.retry_backoff_seconds * 2 ** max(0, sequence_id - 1))
+        return random.uniform(0, delay) if self.retry_jitter else delay
 
 
 class ErrorInfo(BaseModel):
@@ -275,14 +300,44 @@ class Attempt(BaseModel):
     result: RolloutResult | None = None
 
 
+ROLLOUT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
+"""Caller-chosen rollout ids: 1-200 characters, letters, digits and ``._:@-``."""
+
+
+def idempotent_rollout_id(idempotency_key: str) -> str:
+    """The rollout id an idempotency key stands for: the same key always names the same rollout."""
+    import hashlib
+
+    return "ro-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+
+
 class RolloutRequest(BaseModel):
     """One rollout to enqueue in a batch, with its own snapshot, mode, config or metadata.
 
     ``resolve`` defaults to ``"pinned"`` when ``resources_id`` is given and
     ``"following"`` (the latest at run time) when it is not.
+
+    ``rollout_id`` (or ``idempotency_key``, which names a rollout id derived
+    from it) makes the enqueue idempotent: enqueuing a request whose rollout
+    already exists returns the stored rollout and creates nothing.
     """
 
     input: Any
+    rollout_id: str | None = Field(None, pattern=ROLLOUT_ID_PATTERN)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one_id_source(self) -> RolloutRequest:
+        if self.rollout_id is not None and self.idempotency_key is not None:
+            raise ValueError("give rollout_id or idempotency_key, not both (the key names a rollout id itself)")
+        return self
+
+    @property
+    def requested_id(self) -> str | None:
+        """The rollout id the caller asked for, if any."""
+        if self.idempotency_key is not None:
+            return idempotent_rollout_id(self.idempotency_key)
+        return self.rollout_id
     resources_id: str | None = None
     resolve: ResolveMode | None = None
     mode: RolloutMode | None = "train"

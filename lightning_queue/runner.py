@@ -10,6 +10,12 @@ through Celery while ``max_attempts`` allows; a soft time limit raises inside
 the agent, a hard one kills the process and is recorded by the worker's main
 process; a worker that dies has its message redelivered, and the next claim
 marks the lost attempt.
+
+While the attempt is open the process heartbeats it (:mod:`lightning_queue.watchdog`).
+A second delivery of a message whose attempt still beats is dropped without
+running, and an outcome the store refuses (the attempt was superseded, or
+closed as unresponsive, lost or cancelled meanwhile) is logged and not
+recorded. Retries wait the config's backoff (``RolloutConfig.retry_delay``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from .errors import (
     RolloutNotFoundError,
     SnapshotCorruptedError,
 )
-from .models import ErrorInfo, RolloutConfig
+from .models import ErrorInfo, Rollout, RolloutConfig
+from .watchdog import heartbeat_of
 
 if TYPE_CHECKING:
     from .app import LightningCelery
@@ -92,7 +99,23 @@ def record_hard_timeout(app: LightningCelery, rollout_id: str, exc: BaseExceptio
         rollout_id, seq, "timeout", next_status(rollout.config, seq, "timeout"), error=error
     )
     if status == "requeuing":
-        client.publish([rollout])
+        client.publish([rollout], countdown=rollout.config.retry_delay(seq) or None)
+    elif status == "stale":
+        log.warning("rollout %s attempt %d: hard time-out not recorded, the attempt was already closed",
+                    rollout_id, seq)
+
+
+def log_refused(rollout_id: str, seq: int, status: str, attempt_status: str) -> None:
+    """Say why an attempt's outcome was not recorded on the rollout."""
+    if status == "stale":
+        log.warning(
+            "rollout %s attempt %d: result (%s) refused: the attempt was superseded or already closed "
+            "(unresponsive, worker lost or timed out); the rollout keeps its current state",
+            rollout_id, seq, attempt_status,
+        )
+    elif status == "cancelled":
+        log.warning("rollout %s attempt %d: result (%s) refused: the rollout was cancelled while it ran",
+                    rollout_id, seq, attempt_status)
 
 
 def run_rollout(
@@ -127,10 +150,22 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq:
         return {"rollout_id": rollout_id, "status": "missing"}
 
     claim = store.claim(rollout, worker_id)
+    if claim.outcome == "duplicate":
+        log.warning("rollout %s: delivered again while attempt %d runs on a live worker; dropping this duplicate",
+                    rollout_id, claim.sequence_id)
     if claim.outcome != "claimed":
         return {"rollout_id": rollout_id, "status": claim.status or claim.outcome}
     seq = claim.sequence_id
+    with heartbeat_of(client).attempt(rollout_id, seq):
+        return _run_attempt(task, app, rollout, seq, registry_seq)
 
+
+def _run_attempt(
+    task: RolloutTask, app: LightningCelery, rollout: Rollout, seq: int, registry_seq: int
+) -> dict[str, Any]:
+    client = app.lightning
+    store = client.store
+    rollout_id = rollout.rollout_id
     try:
         version = rollout.resources_version if rollout.resolve == "pinned" else None
         ref = rollout.resources_id or app.agent.default_resources  # None: latest
@@ -181,9 +216,10 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq:
         rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
         error=error, result=result,
     )
+    log_refused(rollout_id, seq, status, attempt_status)
     if status == "requeuing":
         # Celery's own retry: the same task id goes back to the queue with its time limits.
-        raise task.retry(max_retries=None, countdown=0)
+        raise task.retry(max_retries=None, countdown=rollout.config.retry_delay(seq))
     if status == "failed" and error is not None:
         raise RolloutFailed(rollout_id, error.type, error.message)
     return {

@@ -44,6 +44,25 @@ class Settings(BaseSettings):
         description="After the soft time limit, how long an agent may ignore it before its process is killed.",
     )
 
+    heartbeat_interval: float = Field(
+        10.0, gt=0, description="How often a worker process heartbeats the attempt it runs (seconds)."
+    )
+    heartbeat_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="An attempt whose last heartbeat is older than this is unresponsive (default: 3 heartbeat "
+        "intervals). Every worker's watchdog then requeues or fails its rollout.",
+    )
+    watchdog_interval: float | None = Field(
+        None, gt=0, description="How often each worker sweeps for unresponsive attempts (default: one heartbeat interval)."
+    )
+    stall_threshold_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A worker with free slots that received nothing while messages waited in its queue this "
+        "long is reported stalled.",
+    )
+
     compress_threshold_bytes: int = Field(
         8192, ge=0, description="Snapshots at least this big (serialized) are stored zstd-compressed."
     )
@@ -74,6 +93,15 @@ class Settings(BaseSettings):
         if not value or value.startswith(":") or value.endswith(":"):
             raise ValueError("key_prefix must be non-empty and must not start or end with ':'")
         return value
+
+    @property
+    def heartbeat_deadline(self) -> float:
+        """Seconds after its last heartbeat that an attempt is presumed unresponsive."""
+        return self.heartbeat_timeout or 3 * self.heartbeat_interval
+
+    @property
+    def sweep_interval(self) -> float:
+        return self.watchdog_interval or self.heartbeat_interval
 
     @property
     def keys(self) -> Keys:

@@ -6,6 +6,12 @@ Statuses::
                                     \\-> requeuing -> preparing ... (retry while attempts remain)
     any non-final status -> cancelled
 
+Attempt statuses: ``preparing -> running -> succeeded | failed | timeout``, or
+closed from outside: ``worker_lost`` (its message came back and its heartbeat
+had expired), ``unresponsive`` (the watchdog found its heartbeat expired),
+``cancelled``. Only the rollout's current, open attempt may record an outcome
+(fencing): a late report from a closed or superseded attempt is refused.
+
 Every transition is one Lua script, so readers never see a rollout in two
 status indexes or a finished rollout without its result. A rollout that
 reaches a final status has its id published on the events channel, which
@@ -30,7 +36,7 @@ from .models import Attempt, ErrorInfo, Rollout, RolloutResult, TERMINAL_STATUSE
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
     {"rollout_id", "status", "queue", "resources_id", "resources_version", "resolve", "attempt_count",
-     "enqueue_time", "start_time", "end_time"}
+     "enqueue_time", "start_time", "end_time", "published"}
 )
 _PLAIN_ATTEMPT_FIELDS = frozenset(
     {"rollout_id", "sequence_id", "attempt_id", "worker_id", "status", "start_time", "end_time",
@@ -62,7 +68,9 @@ def encode_rollout(rollout: Rollout) -> dict[str, str]:
 
 
 def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
-    return Rollout.model_validate(_decode(fields, _PLAIN_ROLLOUT_FIELDS))
+    data = _decode(fields, _PLAIN_ROLLOUT_FIELDS)
+    data.pop("published", None)  # bookkeeping of idempotent enqueue, not part of the model
+    return Rollout.model_validate(data)
 
 
 def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
@@ -73,7 +81,7 @@ def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
 class Claim:
     """What :meth:`RolloutStore.claim` decided."""
 
-    outcome: Literal["claimed", "missing", "finished", "lost"]
+    outcome: Literal["claimed", "missing", "finished", "lost", "duplicate"]
     sequence_id: int = 0
     status: str | None = None
 
@@ -97,11 +105,18 @@ class RolloutStore:
       expired (dropping them from the indexes they read).
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None, heartbeat_timeout: float = 30.0
+    ) -> None:
         self.redis = client
         self.keys = keys
         self.rollout_ttl_seconds = rollout_ttl_seconds
+        self.heartbeat_timeout = heartbeat_timeout
         self._ttl_arg = rollout_ttl_seconds or ""
+        self._create = load_script(client, "create_rollouts")
+        self._mark_published = load_script(client, "mark_published")
+        self._heartbeat = load_script(client, "heartbeat")
+        self._sweep = load_script(client, "sweep_unresponsive", "_rollout_prelude")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
         self._finish = load_script(client, "finish_attempt", "_rollout_prelude")
@@ -126,12 +141,52 @@ class RolloutStore:
                 pipe.zadd(k.rollouts_by_resources(rollout.resources_id), {rid: score})
         return int(pipe.execute()[0] or 0)
 
+    def create_rollouts_if_absent(
+        self, rollouts: Sequence[Rollout]
+    ) -> tuple[int, dict[str, tuple[Rollout, bool]]]:
+        """Write the rollouts whose id is not taken yet, in one atomic script; return the registry
+        sequence and, by id, the stored record of each rollout that already existed (left as it
+        is) with whether its message was marked sent (:meth:`mark_published`). For
+        caller-chosen ids, so a retried enqueue never creates a rollout twice."""
+        k = self.keys
+        items = []
+        for rollout in rollouts:
+            rid = rollout.rollout_id
+            indexes = [k.rollouts, k.rollouts_by_status(rollout.status)]
+            if rollout.mode:
+                indexes.append(k.rollouts_by_mode(rollout.mode))
+            if rollout.resources_id:
+                indexes.append(k.rollouts_by_resources(rollout.resources_id))
+            items.append(json.dumps({"id": rid, "key": k.rollout(rid), "score": repr(rollout.enqueue_time),
+                                     "fields": encode_rollout(rollout), "indexes": indexes}))
+        reply = self._create(keys=[k.seq], args=items)
+        existing = {}
+        for rollout, fields in zip(rollouts, reply[1:]):
+            if fields:
+                stored = dict(zip(fields[::2], fields[1::2]))
+                published = b"published" in stored or "published" in stored
+                existing[rollout.rollout_id] = (decode_rollout(stored), published)
+        return int(reply[0] or 0), existing
+
+    def mark_published(self, rollout_ids: Sequence[str]) -> None:
+        """Record that these rollouts' task messages were sent (records that expired are not recreated)."""
+        if rollout_ids:
+            self._mark_published(keys=[self.keys.rollout(rid) for rid in rollout_ids], args=[repr(time.time())])
+
     def claim(self, rollout: Rollout, worker_id: str) -> Claim:
         """Open the next attempt of ``rollout`` for ``worker_id``.
 
-        If the rollout still has an open attempt, its worker died (the broker
-        redelivered the message): that attempt is marked ``worker_lost``, and
-        the rollout fails if the config allows no further attempt.
+        The new attempt's first heartbeat is written with it (deadline
+        ``heartbeat_timeout`` from now), so a rollout shorter than one
+        heartbeat interval costs no heartbeat command.
+
+        If the rollout still has an open attempt, the broker delivered its
+        message again. While that attempt's heartbeat is fresh its worker is
+        alive (the visibility timeout ran out while it worked): the outcome is
+        ``duplicate`` and nothing is written; the caller drops the message.
+        Once the heartbeat expired the worker is presumed dead: that attempt is
+        marked ``worker_lost``, and the rollout fails if the config allows no
+        further attempt.
         """
         config = rollout.config
         lost_allowed = config.max_attempts if "worker_lost" in config.retry_condition else 0
@@ -139,11 +194,13 @@ class RolloutStore:
             type="WorkerLostError",
             message="the worker running this attempt died or lost its connection; the broker redelivered the rollout",
         ).model_dump_json()
+        now = time.time()
         reply = self._claim(
             keys=[*self.keys.all_status_indexes(), self.keys.rollout(rollout.rollout_id),
-                  self.keys.rollouts_by_worker(worker_id), self.keys.events],
-            args=[rollout.rollout_id, worker_id, repr(time.time()), new_id("at"), lost_allowed,
-                  self.keys.attempt_prefix(rollout.rollout_id), lost_error, self._ttl_arg],
+                  self.keys.rollouts_by_worker(worker_id), self.keys.events, self.keys.heartbeats],
+            args=[rollout.rollout_id, worker_id, repr(now), new_id("at"), lost_allowed,
+                  self.keys.attempt_prefix(rollout.rollout_id), lost_error, self._ttl_arg,
+                  repr(now + self.heartbeat_timeout)],
         )
         outcome = text(reply[0])
         if outcome == "finished":
@@ -173,10 +230,17 @@ class RolloutStore:
         error: ErrorInfo | None = None,
         result: RolloutResult | None = None,
     ) -> str:
-        """Record the attempt's outcome; return the rollout's status afterwards (or 'stale')."""
+        """Record the attempt's outcome; return the rollout's status afterwards.
+
+        ``'stale'``: the outcome was refused, nothing written (the attempt was
+        superseded, or already closed as lost, unresponsive or timed out). A
+        rollout already final keeps its status (a cancelled one keeps the late
+        outcome on the attempt only), so it never flips from failed to succeeded.
+        """
         k = self.keys
         reply = self._finish(
-            keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events],
+            keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events,
+                  k.heartbeats],
             args=[rollout_id, sequence_id, attempt_status, repr(time.time()),
                   error.model_dump_json() if error else "", result.model_dump_json() if result else "",
                   next_status, self._ttl_arg, k.attempt_prefix(rollout_id)],
@@ -192,7 +256,7 @@ class RolloutStore:
         k = self.keys
         reply = text(
             self._terminate(
-                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events],
+                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events, k.heartbeats],
                 args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else "",
                       self._ttl_arg, k.attempt_prefix(rollout_id)],
             )
@@ -200,6 +264,37 @@ class RolloutStore:
         if reply == "missing":
             raise RolloutNotFoundError(rollout_id)
         return reply
+
+    def heartbeat(self, rollout_id: str, sequence_id: int) -> bool:
+        """Push the open attempt's heartbeat deadline ``heartbeat_timeout`` ahead (one script).
+        False: the attempt is no longer open (finished, cancelled, declared unresponsive or
+        lost), so there is nothing to keep alive."""
+        k = self.keys
+        return bool(self._heartbeat(keys=[k.rollout(rollout_id), k.heartbeats],
+                                    args=[rollout_id, sequence_id, repr(time.time() + self.heartbeat_timeout)]))
+
+    def sweep_unresponsive(self, limit: int = 100, now: float | None = None) -> list[tuple[str, str, int]]:
+        """Close open attempts whose heartbeat deadline passed (at most ``limit``), atomically
+        (one script; concurrent sweeps each take distinct entries). Reads only the expired head
+        of the heartbeat index, so a sweep costs O(expired), not a scan.
+
+        Each such attempt becomes ``unresponsive``; its rollout goes to ``requeuing`` (the
+        caller must publish it again) when ``retry_condition`` holds ``unresponsive`` and
+        attempts remain, else to ``failed``. Returns ``(rollout_id, next status, sequence_id)``
+        for each rollout moved.
+        """
+        k = self.keys
+        error = ErrorInfo(
+            type="UnresponsiveAttemptError",
+            message=f"the attempt sent no heartbeat for {self.heartbeat_timeout:g} s (its worker process hung, "
+            "was stopped or lost Redis); the watchdog closed it",
+        ).model_dump_json()
+        reply = self._sweep(
+            keys=[*k.all_status_indexes(), k.heartbeats, k.events],
+            args=[repr(time.time() if now is None else now), limit, k.rollout_prefix, k.ATTEMPT_INFIX, error,
+                  self._ttl_arg],
+        )
+        return [(text(reply[i]), text(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
 
     # -- reads --------------------------------------------------------------------------
 

@@ -1,11 +1,14 @@
 -- A worker takes a rollout: open a new attempt, atomically.
--- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset, KEYS[K+3] events channel
+-- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset, KEYS[K+3] events channel,
+-- KEYS[K+4] heartbeat index zset (rollout_id -> heartbeat deadline)
 -- ARGV[1] rollout_id, ARGV[2] worker_id, ARGV[3] now, ARGV[4] new attempt_id,
 -- ARGV[5] attempts allowed after a lost one (0: a lost attempt is final),
 -- ARGV[6] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[7] error JSON for a lost attempt,
--- ARGV[8] TTL of a finished rollout in seconds or '' (none)
--- Returns {'missing'} | {'finished', status} | {'lost', n} (the rollout failed: attempt n was
--- lost and no attempt is left) | {'claimed', n}.
+-- ARGV[8] TTL of a finished rollout in seconds or '' (none), ARGV[9] heartbeat deadline of the
+-- new attempt (its first heartbeat: a short rollout never sends another)
+-- Returns {'missing'} | {'finished', status} | {'duplicate', n} (attempt n is open and its
+-- heartbeat fresh: this is a second delivery of a message still being run; nothing is written) |
+-- {'lost', n} (the rollout failed: attempt n was lost and no attempt is left) | {'claimed', n}.
 local rollout_key = KEYS[K + 1]
 local status = redis.call('HGET', rollout_key, 'status')
 if not status then
@@ -16,7 +19,14 @@ if TERMINAL[status] then
 end
 local n = tonumber(redis.call('HGET', rollout_key, 'attempt_count') or '0')
 if status == 'preparing' or status == 'running' then
-  -- The message came back while an attempt was open: that attempt's worker died.
+  local deadline = redis.call('ZSCORE', KEYS[K + 4], ARGV[1])
+  if deadline and tonumber(deadline) > tonumber(ARGV[3]) then
+    -- The broker redelivered a message whose attempt is alive (its visibility timeout passed
+    -- while the attempt ran): running it again would run the rollout twice.
+    return {'duplicate', n}
+  end
+  -- The message came back and the open attempt's heartbeat expired: its worker died.
+  redis.call('ZREM', KEYS[K + 4], ARGV[1])
   local open = ARGV[6] .. n
   redis.call('HSET', open, 'status', 'worker_lost', 'end_time', ARGV[3], 'error', ARGV[7])
   if n >= tonumber(ARGV[5]) then
@@ -35,6 +45,7 @@ if not redis.call('HGET', rollout_key, 'start_time') then
   redis.call('HSET', rollout_key, 'start_time', ARGV[3])
 end
 set_status(rollout_key, ARGV[1], status, 'preparing')
+redis.call('ZADD', KEYS[K + 4], ARGV[9], ARGV[1])
 -- Scored by enqueue time like every other index, so queries order the same whatever the filter.
 redis.call('ZADD', KEYS[K + 2], redis.call('HGET', rollout_key, 'enqueue_time'), ARGV[1])
 return {'claimed', n}

@@ -1,15 +1,21 @@
 -- Record an attempt's outcome and move the rollout on, atomically.
--- KEYS[K+1] rollout hash, KEYS[K+2] attempt hash, KEYS[K+3] events channel
+-- KEYS[K+1] rollout hash, KEYS[K+2] attempt hash, KEYS[K+3] events channel, KEYS[K+4] heartbeat index
 -- ARGV[1] rollout_id, ARGV[2] sequence_id, ARGV[3] attempt status, ARGV[4] now,
 -- ARGV[5] error JSON or '', ARGV[6] result JSON or '', ARGV[7] next rollout status
 -- (succeeded | failed | requeuing), ARGV[8] TTL of a finished rollout in seconds or '' (none),
 -- ARGV[9] attempt key prefix ("{p}:rollout:{id}:attempt:")
--- Returns the rollout's status afterwards, or 'stale' when the attempt had already been
--- declared lost and superseded (nothing is written then).
+-- Returns the rollout's status afterwards, or 'stale' when the attempt is no longer the
+-- rollout's current one or was already closed as lost, unresponsive or timed out (its
+-- outcome is refused: nothing is written).
 local rollout_key = KEYS[K + 1]
 if redis.call('HGET', rollout_key, 'attempt_count') ~= ARGV[2] then
   return 'stale'
 end
+local closed = redis.call('HGET', KEYS[K + 2], 'status')
+if closed == 'worker_lost' or closed == 'unresponsive' or closed == 'timeout' then
+  return 'stale'
+end
+redis.call('ZREM', KEYS[K + 4], ARGV[1])
 local attempt = {'status', ARGV[3], 'end_time', ARGV[4]}
 if ARGV[5] ~= '' then table.insert(attempt, 'error'); table.insert(attempt, ARGV[5]) end
 if ARGV[6] ~= '' then table.insert(attempt, 'result'); table.insert(attempt, ARGV[6]) end

@@ -1,5 +1,5 @@
 -- End a rollout that has not finished yet (cancel, or fail one that could not be published).
--- KEYS[K+1] rollout hash, KEYS[K+2] events channel
+-- KEYS[K+1] rollout hash, KEYS[K+2] events channel, KEYS[K+3] heartbeat index
 -- ARGV[1] rollout_id, ARGV[2] terminal status, ARGV[3] now, ARGV[4] error JSON or '',
 -- ARGV[5] TTL of a finished rollout in seconds or '' (none), ARGV[6] attempt key prefix
 -- An open attempt (preparing or running) is closed with the same status.
@@ -19,6 +19,7 @@ if status == 'preparing' or status == 'running' then
   local open = ARGV[6] .. redis.call('HGET', rollout_key, 'attempt_count')
   redis.call('HSET', open, 'status', ARGV[2], 'end_time', ARGV[3])
 end
+redis.call('ZREM', KEYS[K + 3], ARGV[1])
 set_status(rollout_key, ARGV[1], status, ARGV[2])
 expire_rollout(rollout_key, ARGV[6], ARGV[5])
 redis.call('PUBLISH', KEYS[K + 2], ARGV[1])

@@ -63,7 +63,7 @@ def published(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> 
     """Rollout ids handed to ``publish`` (no broker in unit tests)."""
     sent: list[str] = []
 
-    def publish(rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
+    def publish(rollouts: Sequence[Rollout], registry_seq: int = 0, countdown: float | None = None) -> None:
         sent.extend(r.rollout_id for r in rollouts)
 
     monkeypatch.setattr(fake_client, "publish", publish)

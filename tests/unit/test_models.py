@@ -172,7 +172,7 @@ def test_rollout_config_defaults() -> None:
     config = RolloutConfig()
     assert config.max_attempts == 1
     assert config.timeout_seconds is None
-    assert set(config.retry_condition) == {"failed", "timeout", "worker_lost"}
+    assert set(config.retry_condition) == {"failed", "timeout", "worker_lost", "unresponsive"}
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,11 @@ MakeRollouts = Callable[..., list[Rollout]]
 TTL = 7 * 24 * 3600  # the default of Settings.rollout_ttl_seconds, which fake_client uses
 
 
+def expire_heartbeat(store: RolloutStore, rollout_id: str) -> None:
+    """The open attempt's worker stopped beating long ago (it died): its deadline is in the past."""
+    store.redis.zadd(store.keys.heartbeats, {rollout_id: 0})
+
+
 def run_to_running(store: RolloutStore, rollout: Rollout, worker: str = "w1", resources_id: str = "rs-a") -> int:
     claim = store.claim(rollout, worker)
     assert claim.outcome == "claimed"
@@ -94,6 +99,7 @@ def test_cancel_sets_ttl_and_a_late_attempt_outcome_expires_with_it(
 def test_lost_attempt_that_fails_the_rollout_sets_ttl(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollout, = make_rollouts(1)
     run_to_running(store, rollout, worker="w-dead")
+    expire_heartbeat(store, rollout.rollout_id)
     assert store.claim(rollout, "w-alive").outcome == "lost"
     assert expires_with_ttl(ttls(store, rollout.rollout_id))
 

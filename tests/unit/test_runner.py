@@ -392,6 +392,7 @@ def test_redelivery_after_lost_worker(fake_client: LightningClient, enqueue: Cal
     final = enqueue(config=RolloutConfig(max_attempts=1))
     for queued in (retried, final):
         fake_client.store.claim(queued, "dead-worker")  # that worker died mid-attempt
+        fake_client.redis.zadd(fake_client.keys.heartbeats, {queued.rollout_id: 0})  # and stopped beating
 
     agent, calls = recording_agent()
     task = FakeTask(fake_client, agent)

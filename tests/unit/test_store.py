@@ -18,6 +18,11 @@ MakeRollouts = Callable[..., list[Rollout]]
 IndexMembers = Callable[[str], list[str]]
 
 
+def expire_heartbeat(store: RolloutStore, rollout_id: str) -> None:
+    """The open attempt's worker stopped beating long ago (it died): its deadline is in the past."""
+    store.redis.zadd(store.keys.heartbeats, {rollout_id: 0})
+
+
 def run_to_running(store: RolloutStore, rollout: Rollout, worker: str = "w1", resources_id: str = "rs-a") -> int:
     claim = store.claim(rollout, worker)
     assert claim.outcome == "claimed"
@@ -180,6 +185,7 @@ def test_claim_with_open_attempt_marks_it_worker_lost(
     store.claim(rollout, "w-dead")
     if opened_to == "running":
         store.start_attempt(rid, 1, "rs-a", 1)
+    expire_heartbeat(store, rid)
 
     claim = store.claim(rollout, "w-alive")  # the broker redelivered the message
     assert (claim.outcome, claim.sequence_id) == ("claimed", 2)
@@ -206,6 +212,7 @@ def test_claim_with_open_attempt_fails_rollout_when_not_retryable(
     rollout, = make_rollouts(1, config=config)
     rid = rollout.rollout_id
     run_to_running(store, rollout, worker="w-dead")
+    expire_heartbeat(store, rollout.rollout_id)
 
     claim = store.claim(rollout, "w-alive")
     assert (claim.outcome, claim.sequence_id) == ("lost", 1)
@@ -221,6 +228,7 @@ def test_claim_with_open_attempt_fails_rollout_when_not_retryable(
 def test_claim_lost_publishes_completion(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollout, = make_rollouts(1)
     run_to_running(store, rollout, worker="w-dead")
+    expire_heartbeat(store, rollout.rollout_id)
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(store.keys.events)
     try:
@@ -557,6 +565,7 @@ def test_wait_wakes_when_a_lost_worker_fails_the_rollout(
 ) -> None:
     rollout, = make_rollouts(1)
     run_to_running(store, rollout, worker="w-dead")
+    expire_heartbeat(store, rollout.rollout_id)
     worker = another_client(fake_redis, fake_client)
 
     def redeliver() -> None:

@@ -1,0 +1,134 @@
+"""Heartbeats and the unresponsive-attempt watchdog.
+
+Worker side (pool process): while an attempt is open, one daemon thread per
+process pushes its heartbeat deadline forward every ``heartbeat_interval``
+seconds. The claim that opens an attempt writes its first deadline, so a
+rollout shorter than one interval costs no heartbeat command at all.
+
+Fleet side (every worker's main process): :func:`sweep` closes the attempts
+whose deadline passed (``heartbeat_timeout`` without a beat: the process hung,
+was stopped, or lost Redis) as ``unresponsive`` and sends their rollouts back
+to the queue, or fails them, per their ``retry_condition``. Every live worker
+sweeps on its own timer, so the watchdog has no single point of failure; the
+sweep is one Lua script that takes each expired entry once, so concurrent
+sweeps are safe, and it reads only the expired head of a zset ordered by
+deadline, so it costs O(expired), not a scan.
+
+If a worker dies between the sweep moving a rollout to ``requeuing`` and
+publishing it again, the rollout is not lost: the hung attempt's own message
+is still unacked, and the broker redelivers it after its visibility timeout;
+the claim then opens the next attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Iterator
+
+import redis
+
+if TYPE_CHECKING:
+    from .client import LightningClient
+    from .store import RolloutStore
+
+log = logging.getLogger(__name__)
+
+
+class _Open:
+    """The attempt a process is running, as the heartbeat thread sees it."""
+
+    __slots__ = ("rollout_id", "sequence_id", "last_beat", "alive")
+
+    def __init__(self, rollout_id: str, sequence_id: int) -> None:
+        self.rollout_id = rollout_id
+        self.sequence_id = sequence_id
+        self.last_beat = time.monotonic()  # the claim was the first beat
+        self.alive = True
+
+
+class Heartbeat:
+    """Keeps the heartbeat of the attempt this process runs fresh, from a daemon thread.
+
+    One per process, started on first use (after the pool's fork: threads do
+    not survive one). The rollout's own thread only sets and clears which
+    attempt is open, so a short rollout pays nothing.
+    """
+
+    def __init__(self, store: RolloutStore, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._open: _Open | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def attempt(self, rollout_id: str, sequence_id: int) -> Iterator[None]:
+        """Beat for attempt ``sequence_id`` of ``rollout_id`` while the block runs."""
+        self._start()
+        self._open = _Open(rollout_id, sequence_id)
+        try:
+            yield
+        finally:
+            self._open = None
+
+    def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lq-heartbeat", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        # Wake twice per interval so a beat is never more than 1.5 intervals after the last.
+        while True:
+            time.sleep(self.interval / 2)
+            current = self._open
+            if current is None or not current.alive or time.monotonic() - current.last_beat < self.interval:
+                continue
+            try:
+                current.alive = self.store.heartbeat(current.rollout_id, current.sequence_id)
+                current.last_beat = time.monotonic()
+            except redis.RedisError as exc:
+                # Keep trying: if Redis stays away long enough the watchdog will close the attempt.
+                log.warning("rollout %s: heartbeat failed (%s)", current.rollout_id, exc)
+                continue
+            if not current.alive:
+                log.warning(
+                    "rollout %s attempt %d is no longer open (declared unresponsive or lost, or cancelled); "
+                    "its result will be refused", current.rollout_id, current.sequence_id,
+                )
+
+
+def heartbeat_of(client: LightningClient) -> Heartbeat:
+    """This process's :class:`Heartbeat` for ``client`` (made on first use)."""
+    beat = client.heartbeat
+    if beat is None:
+        beat = client.heartbeat = Heartbeat(client.store, client.settings.heartbeat_interval)
+    return beat
+
+
+def sweep(client: LightningClient, limit: int = 100) -> list[tuple[str, str, int]]:
+    """Close expired attempts as ``unresponsive`` and publish again the rollouts that are
+    retried (after their backoff); return what moved, as :meth:`RolloutStore.sweep_unresponsive`."""
+    moved = client.store.sweep_unresponsive(limit)
+    for rollout_id, status, seq in moved:
+        log.warning(
+            "rollout %s attempt %d sent no heartbeat for %g s: marked unresponsive, rollout %s",
+            rollout_id, seq, client.store.heartbeat_timeout, "requeued" if status == "requeuing" else "failed",
+        )
+    requeued = {rid: seq for rid, status, seq in moved if status == "requeuing"}
+    for rollout in client.store.get_rollouts(list(requeued)) if requeued else []:
+        client.publish([rollout], countdown=rollout.config.retry_delay(requeued[rollout.rollout_id]) or None)
+    return moved
+
+
+def run_sweep(client: LightningClient) -> None:
+    """One sweep from a timer: errors are logged, never raised (the next tick tries again)."""
+    try:
+        sweep(client)
+    except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+        log.error("unresponsive-attempt sweep failed: %s: %s", type(exc).__name__, exc)
