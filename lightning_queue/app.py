@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 
 from .agent import LitAgent
 from .errors import AgentNotConfiguredError, ConfigurationError
@@ -99,6 +99,7 @@ class LightningCelery(Celery):
         self._lightning_client: Any = None
         self.is_worker = False  # set in the worker's main process; its pool processes inherit it
         self.worker_hostname = ""
+        self.health: Any = None  # the main process's health.HealthRecorder, on workers
         self.conf.update(celery_config(settings))
 
     @property
@@ -123,6 +124,81 @@ class LightningCelery(Celery):
         return self._lightning_client
 
 
+class FleetDuties(bootsteps.StartStopStep):
+    """What every worker's main process does for the fleet, on the worker's own timer:
+    sweep for unresponsive attempts (:mod:`lightning_queue.watchdog`) and record its
+    consumption health (:mod:`lightning_queue.health`).
+
+    A consumer bootstep, so it runs in each worker and restarts with the consumer
+    after a lost connection; with every worker sweeping, the watchdog has no
+    single point of failure. A failing tick is logged and the next one tries again.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.queues: list[str] | None = None
+
+    def start(self, c: Any) -> None:
+        app = c.app
+        if not isinstance(app, LightningCelery):
+            return
+        if self.queues is None:
+            # The queues it was started for: cancel_consumer later deselects them, and a
+            # worker that stopped consuming one must still be judged on it.
+            selected = app.amqp.queues.consume_from or app.amqp.queues
+            self.queues = sorted(selected)
+        settings = app.lightning_settings
+        if app.health is None:
+            from .health import HealthRecorder
+
+            app.health = HealthRecorder(app.lightning, c.hostname, ttl=3 * settings.sweep_interval + 5)
+        self.tref = c.timer.call_repeatedly(settings.sweep_interval, self.tick, (c,), priority=10)
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def tick(self, c: Any) -> None:
+        from celery.worker import state
+
+        from .watchdog import run_sweep
+
+        app: LightningCelery = c.app
+        run_sweep(app.lightning)
+        try:
+            consuming = sorted(q.name for q in (c.task_consumer.queues if c.task_consumer else []))
+            concurrency = int(getattr(c.controller, "concurrency", 0) or getattr(c.pool, "num_processes", 1) or 1)
+            app.health.report(self.queues or [], consuming, len(state.active_requests), concurrency)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("worker health report failed: %s: %s", type(exc).__name__, exc)
+
+
+def check_visibility_timeout(settings: Settings) -> str | None:
+    """A warning when this worker's settings let a rollout run longer than the broker's
+    visibility timeout (the broker would then hand its message to a second worker, which
+    drops it while the attempt still heartbeats, but the hand-over wastes a delivery and,
+    if heartbeats stop, redelivers late), else None."""
+    limit = settings.default_timeout_seconds
+    if limit and limit + settings.hard_timeout_grace_seconds > settings.visibility_timeout:
+        return (
+            f"LQ_DEFAULT_TIMEOUT_SECONDS ({limit:g} s) plus LQ_HARD_TIMEOUT_GRACE_SECONDS "
+            f"({settings.hard_timeout_grace_seconds:g} s) is above LQ_VISIBILITY_TIMEOUT "
+            f"({settings.visibility_timeout} s): raise LQ_VISIBILITY_TIMEOUT above the longest rollout, on "
+            "workers and clients alike"
+        )
+    if settings.heartbeat_deadline >= settings.visibility_timeout:
+        return (
+            f"the heartbeat timeout ({settings.heartbeat_deadline:g} s) is not below LQ_VISIBILITY_TIMEOUT "
+            f"({settings.visibility_timeout} s): a redelivered message could find its attempt still counted "
+            "alive and be dropped; lower LQ_HEARTBEAT_TIMEOUT or raise the visibility timeout"
+        )
+    return None
+
+
 def create_app(settings: Settings | None = None, agent: LitAgent | str | None = None) -> LightningCelery:
     """Build a Celery app for lightning-queue, with the rollout and retention tasks registered
     (retention is scheduled for ``celery beat`` when ``gc_interval_seconds`` is set).
@@ -133,6 +209,7 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
     app = LightningCelery(settings or Settings(), agent=agent)
     register_tasks(app)
     register_retention(app)
+    app.steps["consumer"].add(FleetDuties)
 
     @signals.worker_init.connect(weak=False)
     def _check_agent(sender: Any = None, **_: Any) -> None:
@@ -141,6 +218,15 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
             app.agent  # noqa: B018
             app.is_worker = True
             app.worker_hostname = sender.hostname
+            warning = check_visibility_timeout(app.lightning_settings)
+            if warning:
+                log.warning("%s", warning)
+
+    @signals.task_received.connect(weak=False)
+    def _note_received(sender: Any = None, **_: Any) -> None:
+        # Liveness is judged by consumption: the main process notes every message it takes.
+        if getattr(sender, "app", None) is app and app.health is not None:
+            app.health.received()
 
     @signals.worker_process_init.connect(weak=False)
     def _start_cache(**_: Any) -> None:

@@ -20,6 +20,7 @@ from .models import (
     ResolveMode,
     Attempt,
 )
+from .health import WorkerHealth, worker_health
 from .registry import LATEST, DeleteReport, PointerMove, SnapshotRegistry
 from .retention import RetentionReport, apply_retention
 from .runner import TASK_NAME
@@ -147,6 +148,18 @@ class LightningClient:
         prefix = len(self.keys.cache_stats(""))
         values = self.redis.mget(keys) if keys else []
         return {text(k)[prefix:]: json.loads(v) for k, v in zip(keys, values) if v is not None}
+
+    def worker_health(self, stall_threshold_seconds: float | None = None) -> list[WorkerHealth]:
+        """Every live worker's consumption health, as its main process last recorded it.
+
+        A worker is ``stalled`` when messages waited in its queues at least
+        ``stall_threshold_seconds`` (default ``settings.stall_threshold_seconds``)
+        while it had free slots and received nothing: its process is up but it
+        does not consume (e.g. after a Redis reconnect); ``reason`` says what was
+        seen. A worker whose main process died or hung drops out once its record
+        expires (about three sweep intervals). See :mod:`lightning_queue.health`.
+        """
+        return worker_health(self, stall_threshold_seconds)
 
     def load_snapshot(self, ref: str | None, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate:
         """The snapshot a rollout runs with (``None`` = latest), through this process's
@@ -387,5 +400,6 @@ for _name in (
     "get_latest_resources", "query_resources", "delete_resources", "set_pointer", "get_pointer", "pointers",
     "rollback", "pointer_history", "enqueue_rollout", "enqueue_rollouts", "wait_for_rollouts", "get_rollout",
     "get_rollouts", "get_attempts", "query_rollouts", "cancel_rollout", "apply_retention", "cache_stats",
+    "worker_health",
 ):
     setattr(AsyncLightningClient, _name, _in_thread(_name))

@@ -27,9 +27,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis
-from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery import Task
 from celery.exceptions import Reject
+from celery.worker.request import Request
 from pydantic_core import PydanticSerializationError
 
 from .errors import (
@@ -65,9 +66,30 @@ def next_status(
     return "failed"
 
 
+class RolloutTaskRequest(Request):
+    """The worker's main process's view of one rollout message.
+
+    When the pool process running it dies (SIGKILL, OOM), Celery requeues the
+    message at once; the attempt's heartbeat is dropped first, so the
+    redelivery claims the rollout (marking the attempt ``worker_lost``)
+    instead of being dropped as a duplicate of an attempt that seems alive.
+    """
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(exc, WorkerLostError) or isinstance(getattr(exc, "exc", None), WorkerLostError):
+            rollout_id = (self.kwargs or {}).get("rollout_id") or self.id
+            try:
+                self.task.app.lightning.store.release_lost(rollout_id, self.hostname)
+            except Exception as err:  # noqa: BLE001 - the watchdog still recovers the attempt later
+                log.warning("rollout %s: could not release the lost attempt (%s)", rollout_id, err)
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
 class RolloutTask(Task):
     """Base class of the rollout task; handles what happens outside the task body."""
 
+    Request = RolloutTaskRequest
     acks_late = True
     reject_on_worker_lost = True
     typing = True

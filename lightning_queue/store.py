@@ -117,6 +117,7 @@ class RolloutStore:
         self._mark_published = load_script(client, "mark_published")
         self._heartbeat = load_script(client, "heartbeat")
         self._sweep = load_script(client, "sweep_unresponsive", "_rollout_prelude")
+        self._release_lost = load_script(client, "release_lost")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
         self._finish = load_script(client, "finish_attempt", "_rollout_prelude")
@@ -272,6 +273,14 @@ class RolloutStore:
         k = self.keys
         return bool(self._heartbeat(keys=[k.rollout(rollout_id), k.heartbeats],
                                     args=[rollout_id, sequence_id, repr(time.time() + self.heartbeat_timeout)]))
+
+    def release_lost(self, rollout_id: str, worker_id: str) -> bool:
+        """The process of ``worker_id`` running the rollout's open attempt died: drop that
+        attempt's heartbeat (one script), so the redelivered message claims the rollout at once
+        and marks the attempt ``worker_lost``. False: the open attempt is not that worker's."""
+        k = self.keys
+        return bool(self._release_lost(keys=[k.rollout(rollout_id), k.heartbeats],
+                                       args=[rollout_id, worker_id, k.attempt_prefix(rollout_id)]))
 
     def sweep_unresponsive(self, limit: int = 100, now: float | None = None) -> list[tuple[str, str, int]]:
         """Close open attempts whose heartbeat deadline passed (at most ``limit``), atomically

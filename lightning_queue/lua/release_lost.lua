@@ -1,0 +1,15 @@
+-- A worker's main process saw the pool process running this rollout die: let the redelivered
+-- message claim it at once, instead of being dropped as a duplicate until the heartbeat expires.
+-- KEYS[1] rollout hash, KEYS[2] heartbeat index zset
+-- ARGV[1] rollout_id, ARGV[2] worker_id of the process that died, ARGV[3] attempt key prefix
+-- Returns 1 when the open attempt was that worker's and its heartbeat was dropped, else 0.
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'preparing' and status ~= 'running' then
+  return 0
+end
+local n = redis.call('HGET', KEYS[1], 'attempt_count')
+if redis.call('HGET', ARGV[3] .. n, 'worker_id') ~= ARGV[2] then
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1

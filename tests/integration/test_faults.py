@@ -1,0 +1,136 @@
+"""Faults the rollout state machine survives, with real Redis and real worker processes:
+a hung (SIGSTOPped) pool process, duplicate deliveries, a worker that stops consuming."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from lightning_queue import LightningClient, PromptTemplate, RolloutConfig, Settings
+
+AGENTS = "tests.integration.fault_agents"
+WAIT = 90.0
+
+
+def wait_until(condition: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def runs(marker_dir: str, rollout_id: str) -> list[str]:
+    path = Path(marker_dir) / f"{rollout_id}.runs"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_stopped_pool_process_is_declared_unresponsive_and_its_late_result_refused(
+    settings: Settings, start_workers, worker_pool, marker_dir
+):
+    settings = settings.model_copy(update={"heartbeat_interval": 0.5, "heartbeat_timeout": 3.0})
+    with LightningClient(settings) as client:
+        client.add_resources({"prompt": PromptTemplate(template="p")})
+        start_workers(f"{AGENTS}:held_first", count=2, settings=settings)
+        rollout = client.enqueue_rollout({"marker_dir": marker_dir}, config=RolloutConfig(max_attempts=2))
+        rid = rollout.rollout_id
+        pid_file = Path(marker_dir) / f"{rid}.pid"
+        pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), what="the first run")
+                  )  # type: ignore[arg-type]
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            [done] = client.wait_for_rollouts([rid], timeout=WAIT)
+            assert (done.status, done.reward, done.attempt_count) == ("succeeded", 2.0, 2)
+            first, second = client.get_attempts(rid)
+            assert first.status == "unresponsive" and first.error.type == "UnresponsiveAttemptError"
+            assert second.status == "succeeded" and second.result.output["pid"] != pid
+        finally:
+            (Path(marker_dir) / "go").touch()
+            os.kill(pid, signal.SIGCONT)
+
+        # The old attempt finishes now: its result is refused and logged, the rollout keeps the new one.
+        worker_pool.wait_for_log(f"rollout {rid} attempt 1: result (succeeded) refused", timeout=WAIT)
+        assert len(runs(marker_dir, rid)) == 2
+        after = client.get_rollout(rid)
+        assert (after.status, after.reward) == ("succeeded", 2.0)
+        assert [a.status for a in client.get_attempts(rid)] == ["unresponsive", "succeeded"]
+
+
+def test_stopped_pool_process_fails_the_rollout_when_no_attempt_is_left(
+    settings: Settings, start_workers, worker_pool, marker_dir
+):
+    settings = settings.model_copy(update={"heartbeat_interval": 0.5, "heartbeat_timeout": 3.0})
+    with LightningClient(settings) as client:
+        client.add_resources({"prompt": PromptTemplate(template="p")})
+        start_workers(f"{AGENTS}:held_first", count=1, settings=settings)
+        rid = client.enqueue_rollout({"marker_dir": marker_dir}).rollout_id  # max_attempts=1
+        pid_file = Path(marker_dir) / f"{rid}.pid"
+        pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), what="the first run"))  # type: ignore[arg-type]
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            [done] = client.wait_for_rollouts([rid], timeout=WAIT)
+        finally:
+            (Path(marker_dir) / "go").touch()
+            os.kill(pid, signal.SIGCONT)
+        assert (done.status, done.error.type) == ("failed", "UnresponsiveAttemptError")
+
+        # Never flips from failed to succeeded.
+        worker_pool.wait_for_log(f"rollout {rid} attempt 1: result (succeeded) refused", timeout=WAIT)
+        after = client.get_rollout(rid)
+        assert (after.status, after.result) == ("failed", None)
+        assert [a.status for a in client.get_attempts(rid)] == ["unresponsive"]
+
+
+def test_duplicate_delivery_while_running_is_dropped_and_runs_once(
+    settings: Settings, start_workers, worker_pool, marker_dir
+):
+    # The broker hands the message to a second worker 3 s after the first took it, while the
+    # first still runs it (10 s): the duplicate must be dropped, never run, never recorded.
+    settings = settings.model_copy(update={"visibility_timeout": 3, "heartbeat_interval": 0.4,
+                                           "heartbeat_timeout": 2.5})
+    with LightningClient(settings) as client:
+        client.add_resources({"prompt": PromptTemplate(template="p")})
+        start_workers(f"{AGENTS}:counted_sleeper", count=2, settings=settings)
+        rid = client.enqueue_rollout({"marker_dir": marker_dir, "sleep": 10},
+                                     config=RolloutConfig(max_attempts=3)).rollout_id
+
+        worker_pool.wait_for_log(f"rollout {rid}: delivered again while attempt 1 runs", timeout=WAIT)
+        [done] = client.wait_for_rollouts([rid], timeout=WAIT)
+
+        assert (done.status, done.attempt_count) == ("succeeded", 1)
+        assert [a.status for a in client.get_attempts(rid)] == ["succeeded"]
+        assert len(runs(marker_dir, rid)) == 1
+
+
+def test_worker_that_stops_consuming_is_reported_stalled(settings: Settings, start_workers, marker_dir):
+    settings = settings.model_copy(update={"heartbeat_interval": 0.5, "stall_threshold_seconds": 3.0})
+    with LightningClient(settings) as client:
+        client.add_resources({"prompt": PromptTemplate(template="p")})
+        stuck, healthy = start_workers(f"{AGENTS}:counted_sleeper", count=2, settings=settings)
+        wait_until(lambda: len(client.worker_health()) == 2, what="both workers' health records")
+        # Alive but no longer consuming, as after the kombu reconnect bug.
+        replies = client.app.control.cancel_consumer(settings.queue, destination=[stuck.hostname], reply=True,
+                                                     timeout=10)
+        assert replies, "the worker did not answer the remote control command"
+
+        # The healthy worker takes one, the others wait in the queue.
+        client.enqueue_rollouts([{"marker_dir": marker_dir, "sleep": 30} for _ in range(3)])
+
+        def stalled() -> list:
+            return [h for h in client.worker_health() if h.stalled]
+
+        [report] = wait_until(stalled, what="a stalled worker")  # type: ignore[misc]
+        assert report.hostname == stuck.hostname
+        assert report.free_slots == 1 and report.last_received is None
+        assert settings.queue in report.queues and settings.queue not in report.consuming
+        assert "no longer consumes" in report.reason
+        by_host = {h.hostname: h for h in client.worker_health()}
+        assert not by_host[healthy.hostname].stalled
+        assert by_host[healthy.hostname].active == 1
