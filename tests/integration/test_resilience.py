@@ -28,8 +28,10 @@ def _wait_for(path: Path, timeout: float = 30.0) -> None:
 def test_rollout_of_a_vanished_worker_is_redelivered_to_another(
     settings: Settings, start_workers, marker_dir: str
 ) -> None:
-    # A short visibility timeout stands in for a machine that never comes back.
-    settings = settings.model_copy(update={"visibility_timeout": 3})
+    # A short visibility timeout stands in for a machine that never comes back; heartbeats
+    # expire before it, so the redelivered message is not mistaken for a duplicate.
+    settings = settings.model_copy(update={"visibility_timeout": 3, "heartbeat_interval": 0.5,
+                                           "heartbeat_timeout": 2.0})
     client = LightningClient(settings)
     client.add_resources({"prompt": {"resource_type": "prompt_template", "template": "{x}"}}, "rs-a")
     (first,) = start_workers("tests.integration.agents:slow_first", count=1, settings=settings)
@@ -43,10 +45,13 @@ def test_rollout_of_a_vanished_worker_is_redelivered_to_another(
     (done,) = client.wait_for_rollouts([queued.rollout_id], timeout=60)
     attempts = client.get_attempts(queued.rollout_id)
     assert done.status == "succeeded"
-    assert [(a.status, a.worker_id) for a in attempts] == [
-        ("worker_lost", first.hostname), ("succeeded", second.hostname)
-    ]
-    assert "WorkerLostError" in (attempts[0].error.type if attempts[0].error else "")
+    # Whichever sees it first closes the dead attempt: the redelivery's claim (worker_lost) or
+    # the second worker's watchdog (unresponsive, then it publishes the rollout again).
+    assert [(a.status, a.worker_id) for a in attempts] in (
+        [("worker_lost", first.hostname), ("succeeded", second.hostname)],
+        [("unresponsive", first.hostname), ("succeeded", second.hostname)],
+    )
+    assert attempts[0].error.type in ("WorkerLostError", "UnresponsiveAttemptError")
     client.close()
 
 
