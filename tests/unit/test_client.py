@@ -248,3 +248,93 @@ def test_publish_warns_when_a_time_limit_outlasts_the_visibility_timeout(
     assert "visibility timeout" not in caplog.text
     long = fake_client.enqueue_rollout(2, config=RolloutConfig(timeout_seconds=95), check_resources=False)
     assert f"rollout {long.rollout_id} may run 105 s, longer than the visibility timeout (100 s)" in caplog.text
+
+
+# --------------------------------------------------------------------------- idempotent enqueue
+
+
+def test_enqueue_with_a_rollout_id_twice_creates_and_publishes_once(
+    fake_client: LightningClient, published: list[list[str]]
+) -> None:
+    first = fake_client.enqueue_rollout({"q": 1}, rollout_id="job-42", metadata={"try": 1})
+    again = fake_client.enqueue_rollout({"q": "other"}, rollout_id="job-42", metadata={"try": 2})
+
+    assert first.rollout_id == again.rollout_id == "job-42"
+    assert again == fake_client.get_rollout("job-42")  # the stored one, unchanged
+    assert again.input == {"q": 1} and again.metadata == {"try": 1}
+    assert published == [["job-42"]]
+    assert fake_client.query_rollouts() == [again]
+
+
+def test_idempotency_key_names_one_rollout(fake_client: LightningClient, published: list[list[str]]) -> None:
+    a = fake_client.enqueue_rollouts([RolloutRequest(input=1, idempotency_key="exp-7/item-3"),
+                                      RolloutRequest(input=2, idempotency_key="exp-7/item-4")])
+    b = fake_client.enqueue_rollouts([RolloutRequest(input=1, idempotency_key="exp-7/item-3"), 5])
+    assert a[0].rollout_id == b[0].rollout_id != a[1].rollout_id
+    assert published == [[a[0].rollout_id, a[1].rollout_id], [b[1].rollout_id]]
+    assert len(fake_client.query_rollouts()) == 3
+
+
+def test_retried_enqueue_publishes_a_record_whose_message_was_never_sent(
+    fake_client: LightningClient, published: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("the process died between writing and publishing")
+
+    monkeypatch.setattr(LightningClient, "publish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fake_client.enqueue_rollout(1, rollout_id="job-1")
+    assert fake_client.get_rollout("job-1").status == "queuing"
+    monkeypatch.undo()
+    batches: list[list[str]] = []
+    monkeypatch.setattr(LightningClient, "publish", lambda self, rollouts, seq=0: batches.append(
+        [r.rollout_id for r in rollouts]))
+
+    fake_client.enqueue_rollout(1, rollout_id="job-1")
+    fake_client.enqueue_rollout(1, rollout_id="job-1")  # now marked sent: not again
+    assert batches == [["job-1"]]
+
+
+def test_idempotent_enqueue_does_not_republish_a_rollout_that_started(
+    fake_client: LightningClient, published: list[list[str]]
+) -> None:
+    rollout = fake_client.enqueue_rollout(1, rollout_id="job-1")
+    fake_client.redis.hdel(fake_client.keys.rollout("job-1"), "published")  # as if the mark were lost
+    fake_client.store.claim(rollout, "w1")
+    fake_client.enqueue_rollout(1, rollout_id="job-1")
+    assert published == [["job-1"]]
+
+
+def test_idempotent_enqueue_refuses_bad_ids(fake_client: LightningClient, published: list[list[str]]) -> None:
+    from pydantic import ValidationError
+
+    from lightning_queue.errors import DuplicateRolloutIdError
+
+    with pytest.raises(DuplicateRolloutIdError, match="'job-1' appears twice"):
+        fake_client.enqueue_rollouts([RolloutRequest(input=1, rollout_id="job-1"),
+                                      RolloutRequest(input=2, rollout_id="job-1")])
+    with pytest.raises(ValidationError, match="rollout_id or idempotency_key, not both"):
+        RolloutRequest(input=1, rollout_id="a", idempotency_key="b")
+    with pytest.raises(ValidationError, match="rollout_id"):
+        RolloutRequest(input=1, rollout_id="has space")
+    assert published == [] and fake_client.query_rollouts() == []
+
+
+def test_idempotent_enqueue_round_trips_do_not_grow_with_the_batch(
+    fake_client: LightningClient, published: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = fake_client.redis.execute_command
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    fake_client.enqueue_rollout(0, rollout_id="warm-up")  # loads the scripts
+    monkeypatch.setattr(fake_client.redis, "execute_command", counting)
+    fake_client.enqueue_rollouts([RolloutRequest(input=i, rollout_id=f"a-{i}") for i in range(3)])
+    small = len(calls)
+    assert calls == ["EVALSHA", "EVALSHA"]  # create-if-absent, then mark-published
+    calls.clear()
+    fake_client.enqueue_rollouts([RolloutRequest(input=i, rollout_id=f"b-{i}") for i in range(300)])
+    assert len(calls) == small

@@ -86,6 +86,7 @@ def failing_agent(exc: BaseException) -> tuple[LitAgent, list[int]]:
         (RolloutConfig(max_attempts=2, retry_condition=["timeout"]), 1, "failed", True, "failed"),
         (RolloutConfig(max_attempts=2, retry_condition=["failed"]), 1, "timeout", True, "failed"),
         (RolloutConfig(max_attempts=5, retry_condition=[]), 1, "failed", True, "failed"),
+        (RolloutConfig(max_attempts=2), 1, "unresponsive", True, "requeuing"),
     ],
 )
 def test_next_status(config: RolloutConfig, seq: int, attempt_status: str, retryable: bool, expected: str) -> None:
@@ -507,3 +508,108 @@ def test_agent_cannot_change_the_snapshot_it_runs_with(
     with pytest.raises(RolloutFailed, match="does not support item assignment"):
         run(FakeTask(fake_client, agent), queued.rollout_id)
     assert fake_client.get_resources_by_id("rs-a").resources["main"] == llm
+
+
+# --------------------------------------------------------------------------- heartbeats, duplicates, backoff
+
+
+def test_duplicate_delivery_is_dropped_without_running(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue(config=RolloutConfig(max_attempts=3))
+    fake_client.store.claim(queued, "worker-0@host")  # another worker runs it and still beats
+    agent, calls = recording_agent()
+
+    reply = run(FakeTask(fake_client, agent), queued.rollout_id)
+
+    assert reply == {"rollout_id": queued.rollout_id, "status": "duplicate"}
+    assert calls == []
+    assert [a.worker_id for a in fake_client.get_attempts(queued.rollout_id)] == ["worker-0@host"]
+    assert f"rollout {queued.rollout_id}: delivered again while attempt 1 runs" in caplog.text
+
+
+def test_result_of_an_attempt_closed_meanwhile_is_refused_and_logged(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue(config=RolloutConfig(max_attempts=1))
+    store = fake_client.store
+
+    @rollout
+    def hangs(task: Any) -> float:
+        # While it "hangs", the watchdog declares it unresponsive and fails the rollout.
+        store.redis.zadd(store.keys.heartbeats, {queued.rollout_id: 0})
+        assert store.sweep_unresponsive() == [(queued.rollout_id, "failed", 1)]
+        return 1.0
+
+    reply = run(FakeTask(fake_client, hangs), queued.rollout_id)
+
+    assert reply["status"] == "stale"
+    done = fake_client.get_rollout(queued.rollout_id)
+    assert (done.status, done.result) == ("failed", None)  # never flips to succeeded
+    assert [a.status for a in fake_client.get_attempts(queued.rollout_id)] == ["unresponsive"]
+    assert f"rollout {queued.rollout_id} attempt 1: result (succeeded) refused" in caplog.text
+
+
+def test_the_attempt_is_heartbeated_while_the_agent_runs(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    fake_client.add_resources({"main": llm})
+    queued = enqueue()
+    monkeypatch.setattr(fake_client.settings, "heartbeat_interval", 0.02)
+    beats: list[tuple[str, int]] = []
+    real = fake_client.store.heartbeat
+    monkeypatch.setattr(fake_client.store, "heartbeat", lambda rid, seq: beats.append((rid, seq)) or real(rid, seq))
+
+    @rollout
+    def slow(task: Any) -> float:
+        limit = time.monotonic() + 30
+        while not beats:
+            assert time.monotonic() < limit
+            time.sleep(0.01)
+        return 1.0
+
+    assert run(FakeTask(fake_client, slow), queued.rollout_id)["status"] == "succeeded"
+    assert beats[0] == (queued.rollout_id, 1)
+    assert fake_client.redis.zscore(fake_client.keys.heartbeats, queued.rollout_id) is None
+
+
+def test_retry_waits_the_configured_backoff(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"main": llm})
+    config = RolloutConfig(max_attempts=4, retry_backoff_seconds=2, retry_backoff_max_seconds=5)
+    queued = enqueue(config=config)
+    task = FakeTask(fake_client, failing_agent(ValueError("flaky"))[0])
+    for _ in range(3):
+        with pytest.raises(RetryRequested):
+            run(task, queued.rollout_id)
+    assert [r["countdown"] for r in task.retries] == [2, 4, 5]  # doubled, then capped
+    with pytest.raises(RolloutFailed, match="ValueError: flaky"):
+        run(task, queued.rollout_id)
+    failed = fake_client.get_rollout(queued.rollout_id)
+    assert (failed.status, failed.attempt_count, failed.error.message) == ("failed", 4, "flaky")
+
+
+def test_hard_timeout_republishes_with_backoff(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queued = enqueue(config=RolloutConfig(max_attempts=2, retry_backoff_seconds=3))
+    fake_client.store.claim(queued, "w1")
+    sent: list[tuple[str, float | None]] = []
+    monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0, countdown=None: sent.extend(
+        (r.rollout_id, countdown) for r in rollouts))
+    app = SimpleNamespace(lightning=fake_client)
+    record_hard_timeout(app, queued.rollout_id, TimeLimitExceeded(4))  # type: ignore[arg-type]
+    assert sent == [(queued.rollout_id, 3.0)]
+
+
+def test_retry_delay_with_jitter_stays_within_the_backoff() -> None:
+    config = RolloutConfig(retry_backoff_seconds=1, retry_backoff_max_seconds=8, retry_jitter=True)
+    delays = [config.retry_delay(seq) for seq in range(1, 7) for _ in range(50)]
+    assert all(0 <= d <= 8 for d in delays)
+    assert len(set(delays)) > 1
+    assert RolloutConfig().retry_delay(3) == 0.0

@@ -1,0 +1,278 @@
+"""Heartbeats, the unresponsive-attempt sweep and worker health, on fakeredis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import pytest
+
+from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResult
+from lightning_queue.health import HealthRecorder, judge
+from lightning_queue.store import RolloutStore
+from lightning_queue.watchdog import Heartbeat, run_sweep, sweep
+
+MakeRollouts = Callable[..., list[Rollout]]
+
+
+def running(store: RolloutStore, rollout: Rollout, worker: str = "w1") -> int:
+    claim = store.claim(rollout, worker)
+    assert claim.outcome == "claimed"
+    assert store.start_attempt(rollout.rollout_id, claim.sequence_id, "rs-a", 1)
+    return claim.sequence_id
+
+
+def deadline(store: RolloutStore, rollout_id: str) -> float | None:
+    return store.redis.zscore(store.keys.heartbeats, rollout_id)
+
+
+# --------------------------------------------------------------------------- heartbeats in the store
+
+
+def test_claim_writes_the_first_heartbeat_and_finish_clears_it(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    before = time.time()
+    seq = running(store, rollout)
+    assert before + store.heartbeat_timeout <= deadline(store, rollout.rollout_id) <= time.time() + store.heartbeat_timeout
+    store.finish_attempt(rollout.rollout_id, seq, "succeeded", "succeeded")
+    assert deadline(store, rollout.rollout_id) is None
+
+
+def test_heartbeat_moves_the_deadline_only_for_the_open_attempt(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    seq = running(store, rollout)
+    store.redis.zadd(store.keys.heartbeats, {rid: 5.0})
+    assert store.heartbeat(rid, seq)
+    assert deadline(store, rid) > time.time()
+    assert not store.heartbeat(rid, seq + 1)  # not the open attempt
+    store.finish_attempt(rid, seq, "failed", "requeuing")
+    assert not store.heartbeat(rid, seq)  # closed: nothing to keep alive, the index is left alone
+    assert deadline(store, rid) is None
+
+
+def test_terminate_clears_the_heartbeat(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    running(store, rollout)
+    store.terminate(rollout.rollout_id, "cancelled")
+    assert deadline(store, rollout.rollout_id) is None
+
+
+def test_duplicate_delivery_while_the_attempt_beats_is_refused_without_writing(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=3))
+    rid = rollout.rollout_id
+    running(store, rollout, "w1")
+    claim = store.claim(rollout, "w2")  # the broker redelivered while w1 still runs it
+    assert (claim.outcome, claim.sequence_id) == ("duplicate", 1)
+    [attempt] = store.get_attempts(rid)
+    assert (attempt.status, attempt.worker_id) == ("running", "w1")
+    assert store.get_rollout(rid).attempt_count == 1
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded", result=RolloutResult(reward=1)) == "succeeded"
+
+
+def test_release_lost_lets_the_redelivery_claim_at_once(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    running(store, rollout, "w1")
+    assert not store.release_lost(rid, "w2")  # not w2's attempt
+    assert store.claim(rollout, "w2").outcome == "duplicate"
+    assert store.release_lost(rid, "w1")
+    claim = store.claim(rollout, "w2")
+    assert (claim.outcome, claim.sequence_id) == ("claimed", 2)
+    assert [a.status for a in store.get_attempts(rid)] == ["worker_lost", "preparing"]
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def test_sweep_requeues_an_expired_attempt_and_refuses_its_late_result(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: Callable[[str], list[str]]
+) -> None:
+    rollout, fresh = make_rollouts(2, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    running(store, rollout)
+    running(store, fresh)
+    store.redis.zadd(store.keys.heartbeats, {rid: time.time() - 1})
+
+    assert store.sweep_unresponsive() == [(rid, "requeuing", 1)]
+    assert store.sweep_unresponsive() == []  # taken once
+    [attempt] = store.get_attempts(rid)
+    assert attempt.status == "unresponsive" and attempt.error.type == "UnresponsiveAttemptError"
+    assert status_index_members(rid) == ["requeuing"]
+    assert store.get_rollout(fresh.rollout_id).status == "running"  # its heartbeat is fresh
+    # The hung process wakes up and reports: refused, nothing written.
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded", result=RolloutResult(reward=1)) == "stale"
+    assert store.get_attempts(rid)[0].status == "unresponsive"
+    assert not store.heartbeat(rid, 1)
+    # The republished message claims the next attempt.
+    assert store.claim(rollout, "w2").sequence_id == 2
+
+
+@pytest.mark.parametrize(
+    "config",
+    [RolloutConfig(max_attempts=1), RolloutConfig(max_attempts=3, retry_condition=["failed", "worker_lost"])],
+    ids=["no-attempt-left", "unresponsive-not-retried"],
+)
+def test_sweep_fails_the_rollout_and_it_never_flips_to_succeeded(
+    store: RolloutStore, make_rollouts: MakeRollouts, config: RolloutConfig
+) -> None:
+    rollout, = make_rollouts(1, config=config)
+    rid = rollout.rollout_id
+    running(store, rollout)
+    store.redis.zadd(store.keys.heartbeats, {rid: 0})
+
+    assert store.sweep_unresponsive() == [(rid, "failed", 1)]
+    failed = store.get_rollout(rid)
+    assert failed.status == "failed" and failed.error.type == "UnresponsiveAttemptError"
+    assert failed.end_time is not None
+    assert store.redis.ttl(store.keys.rollout(rid)) > 0  # expires like any finished rollout
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded", result=RolloutResult(reward=1)) == "stale"
+    after = store.get_rollout(rid)
+    assert (after.status, after.result) == ("failed", None)
+
+
+def test_sweep_reads_only_the_expired_head(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollouts = make_rollouts(5, config=RolloutConfig(max_attempts=2))
+    for r in rollouts:
+        running(store, r)
+    now = time.time()
+    store.redis.zadd(store.keys.heartbeats, {r.rollout_id: now - 10 + i for i, r in enumerate(rollouts[:3])})
+    moved = store.sweep_unresponsive(limit=2)
+    assert [m[0] for m in moved] == [r.rollout_id for r in rollouts[:2]]
+    assert [m[0] for m in store.sweep_unresponsive(limit=2)] == [rollouts[2].rollout_id]
+    assert store.sweep_unresponsive() == []
+
+
+def test_concurrent_sweeps_take_each_expired_attempt_once(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollouts = make_rollouts(30, config=RolloutConfig(max_attempts=2))
+    for r in rollouts:
+        running(store, r)
+    store.redis.zadd(store.keys.heartbeats, {r.rollout_id: 0 for r in rollouts})
+    results: list[list[tuple[str, str, int]]] = []
+    threads = [threading.Thread(target=lambda: results.append(store.sweep_unresponsive(limit=7))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taken = [m[0] for batch in results for m in batch]
+    assert sorted(taken) == sorted(r.rollout_id for r in rollouts)
+
+
+def test_sweep_republishes_requeued_rollouts_with_their_backoff(
+    fake_client: LightningClient, make_rollouts: MakeRollouts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = fake_client.store
+    retried, final = make_rollouts(1, config=RolloutConfig(max_attempts=3, retry_backoff_seconds=4))[0], \
+        make_rollouts(1)[0]
+    for r in (retried, final):
+        running(store, r)
+        store.redis.zadd(store.keys.heartbeats, {r.rollout_id: 0})
+    sent: list[tuple[str, float | None]] = []
+    monkeypatch.setattr(fake_client, "publish",
+                        lambda rollouts, registry_seq=0, countdown=None: sent.extend(
+                            (r.rollout_id, countdown) for r in rollouts))
+
+    moved = sweep(fake_client)
+
+    assert sorted(moved) == sorted([(retried.rollout_id, "requeuing", 1), (final.rollout_id, "failed", 1)])
+    assert sent == [(retried.rollout_id, 4.0)]
+
+
+def test_run_sweep_logs_instead_of_raising(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    def broken(limit: int = 100) -> None:
+        raise RuntimeError("redis went away")
+
+    monkeypatch.setattr(fake_client.store, "sweep_unresponsive", broken)
+    run_sweep(fake_client)
+    assert "sweep failed: RuntimeError: redis went away" in caplog.text
+
+
+# --------------------------------------------------------------------------- the heartbeat thread
+
+
+def test_heartbeat_thread_beats_while_the_attempt_runs(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    rid = rollout.rollout_id
+    seq = running(store, rollout)
+    store.redis.zadd(store.keys.heartbeats, {rid: 1.0})
+    beat = Heartbeat(store, interval=0.05)
+    with beat.attempt(rid, seq):
+        limit = time.monotonic() + 30
+        while deadline(store, rid) == 1.0:
+            assert time.monotonic() < limit, "no heartbeat was sent"
+            time.sleep(0.01)
+    assert deadline(store, rid) > time.time()
+    # After the block nothing beats any more.
+    store.redis.zadd(store.keys.heartbeats, {rid: 2.0})
+    time.sleep(0.2)
+    assert deadline(store, rid) == 2.0
+
+
+def test_a_short_attempt_sends_no_heartbeat(store: RolloutStore, make_rollouts: MakeRollouts,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    rollout, = make_rollouts(1)
+    seq = running(store, rollout)
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(store, "heartbeat", lambda rid, s: calls.append((rid, s)) or True)
+    beat = Heartbeat(store, interval=60.0)
+    with beat.attempt(rollout.rollout_id, seq):
+        pass
+    assert calls == []
+
+
+# --------------------------------------------------------------------------- worker health
+
+
+def record(**fields: object) -> dict:
+    base = {"hostname": "w1@h", "pid": 1, "concurrency": 2, "active": 0, "queues": ["q"], "consuming": ["q"],
+            "queued": {"q": 3}, "last_received": None, "backlog_since": None, "updated": 1000.0}
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize(
+    "fields, stalled",
+    [
+        ({"backlog_since": 900.0}, True),  # waited 100 s, free slots, never received
+        ({"backlog_since": 990.0}, False),  # waited only 10 s
+        ({"backlog_since": 900.0, "last_received": 995.0}, False),  # received recently
+        ({"backlog_since": 900.0, "active": 2}, False),  # busy: no free slot
+        ({"backlog_since": None, "queued": {"q": 0}}, False),  # nothing waiting
+        ({"backlog_since": 900.0, "last_received": 800.0, "consuming": []}, True),
+    ],
+)
+def test_judge_stalled_by_consumption(fields: dict, stalled: bool) -> None:
+    health = judge(record(**fields), threshold=60, now=1000.0)
+    assert health.stalled is stalled
+    assert (health.reason is not None) is stalled
+
+
+def test_judge_names_the_queue_it_no_longer_consumes() -> None:
+    health = judge(record(backlog_since=900.0, consuming=[]), threshold=60, now=1000.0)
+    assert "no longer consumes q" in health.reason
+
+
+def test_recorder_tracks_the_backlog_and_client_reports_it(fake_client: LightningClient) -> None:
+    recorder = HealthRecorder(fake_client, "w1@h", ttl=30)
+    queue_key = f"{fake_client.keys.celery_prefix}q"
+    first = recorder.report(["q"], ["q"], active=0, concurrency=1)
+    assert first["backlog_since"] is None and first["queued"] == {"q": 0}
+    fake_client.redis.lpush(queue_key, "message")
+    second = recorder.report(["q"], ["q"], active=0, concurrency=1)
+    assert second["backlog_since"] is not None
+    assert recorder.report(["q"], ["q"], 0, 1)["backlog_since"] == second["backlog_since"]  # still waiting
+    recorder.received()
+    assert recorder.report(["q"], ["q"], 1, 1)["backlog_since"] != second["backlog_since"]
+    assert fake_client.redis.ttl(fake_client.keys.worker_health("w1@h")) > 0
+
+    [health] = fake_client.worker_health(stall_threshold_seconds=0)
+    assert (health.hostname, health.active, health.concurrency) == ("w1@h", 1, 1)
+    assert not health.stalled  # busy
+    fake_client.redis.delete(queue_key)
+    recorder.report(["q"], ["q"], 0, 1)
+    assert fake_client.worker_health(stall_threshold_seconds=0)[0].backlog_since is None
