@@ -236,3 +236,23 @@ def test_workers_shows_each_process_cache_and_the_fleet_hit_ratio(client: Lightn
     assert result.exit_code == 0, result.output
     assert "w1@h:11" in result.output and "90.0%" in result.output and "2.00" in result.output
     assert "fleet: 2 process(es), hit ratio 50.0%" in result.output
+
+
+def test_workers_reports_a_stalled_worker_and_exits_1(client: LightningClient, invoke: Invoke) -> None:
+    import time
+
+    now = time.time()
+    base = {"pid": 1, "concurrency": 1, "queues": ["q"], "queued": {"q": 4}, "updated": now}
+    client.redis.set(client.keys.worker_health("stuck@h"), json.dumps(
+        {**base, "hostname": "stuck@h", "active": 0, "consuming": [], "last_received": None,
+         "backlog_since": now - 3600}))
+    client.redis.set(client.keys.worker_health("busy@h"), json.dumps(
+        {**base, "hostname": "busy@h", "active": 1, "consuming": ["q"], "last_received": now - 5,
+         "backlog_since": now - 3600}))
+    result = invoke("workers")
+    assert result.exit_code == 1, result.output
+    assert "STALLED" in result.output and "busy@h" in result.output
+    assert "stalled: stuck@h: messages waited" in result.output and "no longer consumes q" in result.output
+    assert "stalled: busy@h" not in result.output
+    client.redis.delete(client.keys.worker_health("stuck@h"))
+    assert invoke("workers").exit_code == 0

@@ -276,3 +276,21 @@ def test_recorder_tracks_the_backlog_and_client_reports_it(fake_client: Lightnin
     fake_client.redis.delete(queue_key)
     recorder.report(["q"], ["q"], 0, 1)
     assert fake_client.worker_health(stall_threshold_seconds=0)[0].backlog_since is None
+
+
+# --------------------------------------------------------------------------- settings consistency
+
+
+def test_worker_warns_when_its_time_limits_outlast_the_visibility_timeout() -> None:
+    from lightning_queue import Settings
+    from lightning_queue.app import celery_config, check_visibility_timeout
+
+    ok = Settings(visibility_timeout=600, default_timeout_seconds=300, heartbeat_interval=10)
+    assert check_visibility_timeout(ok) is None
+    assert celery_config(ok)["broker_transport_options"]["visibility_timeout"] == 600
+    too_long = ok.model_copy(update={"default_timeout_seconds": 595})  # + 10 s grace > 600
+    assert "LQ_VISIBILITY_TIMEOUT" in check_visibility_timeout(too_long)
+    slow_beats = ok.model_copy(update={"heartbeat_timeout": 600})
+    assert "heartbeat timeout" in check_visibility_timeout(slow_beats)
+    assert Settings(heartbeat_interval=4).heartbeat_deadline == 12
+    assert Settings(heartbeat_interval=4).sweep_interval == 4
