@@ -134,3 +134,41 @@ def test_worker_that_stops_consuming_is_reported_stalled(settings: Settings, sta
         by_host = {h.hostname: h for h in client.worker_health()}
         assert not by_host[healthy.hostname].stalled
         assert by_host[healthy.hostname].active == 1
+
+
+def test_idempotent_enqueue_runs_the_rollout_once(settings: Settings, start_workers, worker_pool, marker_dir):
+    with LightningClient(settings) as client:
+        client.add_resources({"prompt": PromptTemplate(template="p")})
+        start_workers(f"{AGENTS}:counted_sleeper", count=2, settings=settings)
+        task = {"marker_dir": marker_dir, "sleep": 0.2}
+        first = client.enqueue_rollout(task, idempotency_key="experiment-1/item-1")
+        # The caller retries the same enqueue (say after a network error), while and after it runs.
+        again = client.enqueue_rollout(task, idempotency_key="experiment-1/item-1")
+        [done] = client.wait_for_rollouts([first.rollout_id], timeout=WAIT)
+        late = client.enqueue_rollout(task, idempotency_key="experiment-1/item-1")
+
+        assert first.rollout_id == again.rollout_id == late.rollout_id
+        assert late.status == "succeeded" and done.attempt_count == 1
+        assert len(client.query_rollouts()) == 1
+        assert len(runs(marker_dir, first.rollout_id)) == 1
+        # One message was ever sent: none waits in the queue and the workers received one.
+        assert client.redis.llen(f"{settings.keys.celery_prefix}{settings.queue}") == 0
+        received = f"Task lightning_queue.rollout[{first.rollout_id}] received"
+        assert sum(w.log().count(received) for w in worker_pool.workers) == 1
+
+
+def test_retries_wait_their_backoff_and_end_failed_with_the_last_error(settings: Settings, start_workers):
+    with LightningClient(settings) as client:
+        client.add_resources({"prompt": PromptTemplate(template="p")})
+        start_workers("tests.integration.agents:failing", count=1, settings=settings)
+        config = RolloutConfig(max_attempts=3, retry_backoff_seconds=1.0)
+        rid = client.enqueue_rollout({"name": "backoff"}, config=config).rollout_id
+
+        [done] = client.wait_for_rollouts([rid], timeout=WAIT)
+
+        assert (done.status, done.attempt_count) == ("failed", 3)
+        assert (done.error.type, done.error.message) == ("ValueError", "boom on backoff")
+        attempts = client.get_attempts(rid)
+        # Each retry was sent with its countdown: it cannot have started before the backoff ran out.
+        gaps = [later.start_time - earlier.end_time for earlier, later in zip(attempts, attempts[1:])]
+        assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
