@@ -14,10 +14,16 @@ sweep is one Lua script that takes each expired entry once, so concurrent
 sweeps are safe, and it reads only the expired head of a zset ordered by
 deadline, so it costs O(expired), not a scan.
 
-If a worker dies between the sweep moving a rollout to ``requeuing`` and
-publishing it again, the rollout is not lost: the hung attempt's own message
-is still unacked, and the broker redelivers it after its visibility timeout;
-the claim then opens the next attempt.
+If publishing fails, :meth:`LightningClient.publish` fails the rollout with
+the broker's error. If the sweeping worker dies between the script and the
+publish, the hung attempt's own message is still unacked and the broker
+redelivers it after its visibility timeout (the claim then opens the next
+attempt); only if the hung process also wakes up in that window and acks its
+message is the rollout left ``requeuing`` (a known, narrow gap).
+
+Deadlines are wall-clock times written by the beating worker and compared by
+the sweeping one: keep worker clocks in sync (NTP) to well under
+``heartbeat_timeout``.
 """
 
 from __future__ import annotations
