@@ -63,8 +63,8 @@ def judge(record: dict[str, Any], threshold: float, now: float | None = None) ->
         missing = sorted(set(health.queues) - set(health.consuming))
         health.reason = (
             f"messages waited {waited:.0f} s in {', '.join(q for q, n in health.queued.items() if n) or 'its queue'} "
-            f"while it had {health.free_slots} free slot(s) and received nothing for "
-            f"{'ever' if health.last_received is None else f'{idle:.0f} s'}"
+            f"while it had {health.free_slots} free slot(s) and received nothing "
+            f"{'since it started' if health.last_received is None else f'for {idle:.0f} s'}"
             + (f"; it no longer consumes {', '.join(missing)}" if missing else "")
             + ". Restart it (its process is up but it does not consume)"
         )
