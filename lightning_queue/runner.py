@@ -41,11 +41,13 @@ from .errors import (
     RolloutNotFoundError,
     SnapshotCorruptedError,
 )
+from .connections import text
 from .models import ErrorInfo, Rollout, RolloutConfig
 from .watchdog import heartbeat_of
 
 if TYPE_CHECKING:
     from .app import LightningCelery
+    from .store import RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +129,18 @@ def record_hard_timeout(app: LightningCelery, rollout_id: str, exc: BaseExceptio
                     rollout_id, seq)
 
 
-def log_refused(rollout_id: str, seq: int, status: str, attempt_status: str) -> None:
-    """Say why an attempt's outcome was not recorded on the rollout."""
+def log_refused(store: RolloutStore, rollout_id: str, seq: int, status: str, attempt_status: str) -> None:
+    """Say why an attempt's outcome was not recorded on the rollout (reads the attempt
+    only then: a refusal is rare, the normal path pays nothing)."""
     if status == "stale":
-        log.warning(
-            "rollout %s attempt %d: result (%s) refused: the attempt was superseded or already closed "
-            "(unresponsive, worker lost or timed out); the rollout keeps its current state",
-            rollout_id, seq, attempt_status,
-        )
+        current = store.redis.hget(store.keys.rollout(rollout_id), "attempt_count")
+        if current is not None and int(current) != seq:
+            reason = f"superseded by attempt {int(current)}"
+        else:
+            closed = store.redis.hget(store.keys.attempt(rollout_id, seq), "status")
+            reason = f"already closed as {text(closed) if closed else 'gone'}"
+        log.warning("rollout %s attempt %d: result (%s) refused: the attempt was %s; the rollout keeps its state",
+                    rollout_id, seq, attempt_status, reason)
     elif status == "cancelled":
         log.warning("rollout %s attempt %d: result (%s) refused: the rollout was cancelled while it ran",
                     rollout_id, seq, attempt_status)
@@ -238,7 +244,7 @@ def _run_attempt(
         rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
         error=error, result=result,
     )
-    log_refused(rollout_id, seq, status, attempt_status)
+    log_refused(store, rollout_id, seq, status, attempt_status)
     if status == "requeuing":
         # Celery's own retry: the same task id goes back to the queue with its time limits.
         raise task.retry(max_retries=None, countdown=rollout.config.retry_delay(seq))

@@ -372,7 +372,7 @@ def test_finished_rollout_is_not_run_again(fake_client: LightningClient, enqueue
 
 
 def test_cancelled_while_running_stays_cancelled(
-    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, caplog: pytest.LogCaptureFixture
 ) -> None:
     @rollout
     def agent(task: Any, rollout: Rollout) -> float:
@@ -385,6 +385,7 @@ def test_cancelled_while_running_stays_cancelled(
     cancelled = fake_client.get_rollout(queued.rollout_id)
     assert cancelled.status == "cancelled" and cancelled.result is None
     assert fake_client.get_attempts(queued.rollout_id)[0].result == RolloutResult(reward=1.0)
+    assert f"rollout {queued.rollout_id} attempt 1: result (succeeded) refused: the rollout was cancelled" in caplog.text
 
 
 def test_redelivery_after_lost_worker(fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM) -> None:
@@ -549,7 +550,8 @@ def test_result_of_an_attempt_closed_meanwhile_is_refused_and_logged(
     done = fake_client.get_rollout(queued.rollout_id)
     assert (done.status, done.result) == ("failed", None)  # never flips to succeeded
     assert [a.status for a in fake_client.get_attempts(queued.rollout_id)] == ["unresponsive"]
-    assert f"rollout {queued.rollout_id} attempt 1: result (succeeded) refused" in caplog.text
+    assert (f"rollout {queued.rollout_id} attempt 1: result (succeeded) refused: the attempt was already "
+            "closed as unresponsive") in caplog.text
 
 
 def test_the_attempt_is_heartbeated_while_the_agent_runs(
@@ -613,3 +615,24 @@ def test_retry_delay_with_jitter_stays_within_the_backoff() -> None:
     assert all(0 <= d <= 8 for d in delays)
     assert len(set(delays)) > 1
     assert RolloutConfig().retry_delay(3) == 0.0
+
+
+def test_result_of_a_superseded_attempt_is_refused_naming_the_new_one(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_client.add_resources({"main": llm})
+    queued = enqueue(config=RolloutConfig(max_attempts=2))
+    store = fake_client.store
+
+    @rollout
+    def overtaken(task: Any, rollout: Rollout) -> float:
+        # Meanwhile its heartbeat lapsed and a redelivery opened attempt 2 on another worker.
+        store.redis.zadd(store.keys.heartbeats, {rollout.rollout_id: 0})
+        assert store.claim(rollout, "worker-2@host").sequence_id == 2
+        return 1.0
+
+    assert run(FakeTask(fake_client, overtaken), queued.rollout_id)["status"] == "stale"
+    assert [a.status for a in fake_client.get_attempts(queued.rollout_id)] == ["worker_lost", "preparing"]
+    assert fake_client.get_rollout(queued.rollout_id).result is None
+    assert f"rollout {queued.rollout_id} attempt 1: result (succeeded) refused: the attempt was superseded by attempt 2" \
+        in caplog.text
