@@ -233,7 +233,8 @@ class Experiment(BaseModel):
         return unit_value(value)
 
 
-def _validate(data: Mapping[str, Any]) -> Experiment:
+def parse_experiment(data: Mapping[str, Any]) -> Experiment:
+    """Validate an experiment definition, raising one :class:`InvalidExperimentError` naming each bad field."""
     try:
         return Experiment.model_validate(data)
     except ValidationError as exc:
@@ -305,7 +306,7 @@ class Experiments:
     def create(self, experiment: Experiment | Mapping[str, Any]) -> Experiment:
         """Store a new experiment as a draft. Every variant's snapshot (and the fallback)
         must exist now: :class:`ResourcesNotFoundError` names the first one missing."""
-        exp = experiment if isinstance(experiment, Experiment) else _validate(experiment)
+        exp = experiment if isinstance(experiment, Experiment) else parse_experiment(experiment)
         exp = exp.model_copy(update={"status": "draft", "revision": 0, "start_time": None, "stop_time": None,
                                      "stop_reason": None, "winner": None})
         refs = sorted({v.resources_id for v in exp.variants} | ({exp.fallback} if exp.fallback else set()))
@@ -392,7 +393,7 @@ class Experiments:
             for variant in weights:
                 exp.variant(variant)  # raises naming the unknown one
             variants = [v.model_copy(update={"weight": float(weights.get(v.name, v.weight))}) for v in exp.variants]
-            return _validate({**exp.model_dump(), "variants": [v.model_dump() for v in variants]})
+            return parse_experiment({**exp.model_dump(), "variants": [v.model_dump() for v in variants]})
 
         return self._update(name, change)
 

@@ -54,8 +54,8 @@ class Comparison:
     """One treatment against the control.
 
     ``verdict`` rests on the sequential (always-valid) test, so it may be read
-    after every batch: ``insufficient data`` below ``min_sample`` rewards per
-    variant (pairs, for a paired experiment), then ``better``/``worse`` when
+    after every batch: ``too few: n/min`` below ``min_sample`` rewards in the
+    smaller variant (pairs, for a paired experiment), then ``better``/``worse`` when
     the always-valid p-value is below alpha, else ``no significant difference``.
     """
 
@@ -116,29 +116,33 @@ class ExperimentReport:
         exp = self.experiment
         kind = "paired" if exp.paired else f"unit {exp.unit_key}"
         variants = Table(title=f"experiment {exp.name} ({exp.status}, {kind}, bucket v{exp.bucket_version})")
-        for column in ("variant", "resources_id", "weight", "units", "rollouts", "success", "mean reward",
-                       "95% CI", "std", "p50 s", "p95 s", "errors"):
+        variants.add_column("variant", no_wrap=True)
+        for column in ("resources_id", "weight", "units", "rollouts", "success", "reward mean [95% CI]", "std",
+                       "p50/p95 s", "errors"):
             variants.add_column(column)
         for v in self.variants:
+            reward = _num(v.mean_reward) + (f" [{v.reward_ci[0]:.3f}, {v.reward_ci[1]:.3f}]" if v.reward_ci else "")
+            latency = f"{v.latency_p50:.2f}/{v.latency_p95:.2f}" if v.latency_p50 is not None else ""
             variants.add_row(
                 v.name, v.resources_id, "" if exp.paired else f"{v.weight:g}", str(v.units), str(v.rollouts),
-                _pct(v.success_rate), _num(v.mean_reward),
-                f"[{v.reward_ci[0]:.3f}, {v.reward_ci[1]:.3f}]" if v.reward_ci else "", _num(v.std_reward),
-                _num(v.latency_p50, 2), _num(v.latency_p95, 2),
+                _pct(v.success_rate), reward, _num(v.std_reward), latency,
                 ", ".join(f"{t}:{n}" for t, n in sorted(v.errors.items())),
             )
         comparisons = Table(title=f"against control {exp.control.name} (alpha {self.alpha:g})")
-        for column in ("variant", "diff", "95% CI", "lift", "p (Welch)", "p (paired t)", "p (Wilcoxon)",
-                       "p (sequential)", "P(beats)", "verdict"):
+        comparisons.add_column("variant", no_wrap=True)
+        comparisons.add_column("verdict", no_wrap=True)
+        tests = ("p paired t", "p Wilcoxon") if exp.paired else ("lift", "p Welch", "P(beats)")
+        for column in ("diff [95% CI]", "p sequential", *tests):
             comparisons.add_column(column)
         for c in self.comparisons:
             w, p, s = c.welch, c.paired, c.sequential
             diff, ci = (p.mean_diff, p.diff_ci) if p else ((w.diff, w.diff_ci) if w else (None, None))
-            comparisons.add_row(
-                c.variant, _num(diff), f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "",
-                _pct(w.lift) if w else "", _p(w.p_value if w else None), _p(p.t_p_value if p else None),
-                _p(p.wilcoxon_p_value if p else None), _p(s.p_value if s else None), _pct(c.prob_beats), c.verdict,
-            )
+            cells = [_num(diff) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), _p(s.p_value if s else None)]
+            if exp.paired:
+                cells += [_p(p.t_p_value if p else None), _p(p.wilcoxon_p_value if p else None)]
+            else:
+                cells += [_pct(w.lift) if w else "", _p(w.p_value if w else None), _pct(c.prob_beats)]
+            comparisons.add_row(c.variant, c.verdict, *cells)
         out = [variants, comparisons]
         if self.srm is not None:
             srm = Table(title="sample ratio (units vs weights)")
@@ -261,7 +265,7 @@ def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, ro
                 treatment_order=[r.end_time or 0.0 for r in rewards_of(t_rollouts)],
             )
     if n < min_sample or sequential is None:
-        verdict = f"insufficient data ({n}/{min_sample} {'pairs' if exp.paired else 'per variant'})"
+        verdict = f"too few: {n}/{min_sample}"
     elif sequential.p_value < alpha:
         verdict = "better" if sequential.diff > 0 else "worse"
     else:

@@ -25,6 +25,7 @@ What each test answers:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ DEFAULT_TAU = 0.5
 """mSPRT mixing standard deviation, in units of the outcome's standard deviation: the
 effect sizes (standardised) the sequential test is most sensitive to. Any value keeps
 the test valid; it only moves where its power is."""
+
+
+_TINY = 1e-12
 
 
 def _arr(values: ArrayLike) -> np.ndarray:
@@ -79,8 +83,12 @@ def welch(control: ArrayLike, treatment: ArrayLike, alpha: float = 0.05) -> Welc
     c, t = _arr(control), _arr(treatment)
     if len(c) < 2 or len(t) < 2:
         raise ValueError("Welch's t-test needs at least two values in each group")
-    result = stats.ttest_ind(t, c, equal_var=False)
-    ci = result.confidence_interval(1 - alpha)
+    with warnings.catch_warnings():
+        # Constant rewards (a deterministic agent) make scipy warn about precision; the
+        # statistic it returns (inf or nan) is still the right answer for such data.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(t, c, equal_var=False)
+        ci = result.confidence_interval(1 - alpha)
     mc, mt = float(c.mean()), float(t.mean())
     diff = mt - mc
     # Delta method for (mt - mc) / mc = mt/mc - 1: var ~ var(mt)/mc^2 + mt^2 var(mc)/mc^4.
@@ -126,9 +134,11 @@ def paired(control: ArrayLike, treatment: ArrayLike, alpha: float = 0.05) -> Pai
     d = t - c
     if np.all(d == 0):
         return Paired(len(d), 0.0, (0.0, 0.0), 0.0, 1.0, 0.0, 1.0)
-    result = stats.ttest_rel(t, c)
-    ci = result.confidence_interval(1 - alpha)
-    w = stats.wilcoxon(t, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # as in welch(): constant differences
+        result = stats.ttest_rel(t, c)
+        ci = result.confidence_interval(1 - alpha)
+        w = stats.wilcoxon(t, c)
     return Paired(len(d), float(d.mean()), (float(ci.low), float(ci.high)), float(result.statistic),
                   float(result.pvalue), float(w.statistic), float(w.pvalue))
 
@@ -205,10 +215,13 @@ def msprt_p_values(diff: ArrayLike, variance: ArrayLike, tau2: ArrayLike) -> np.
     (:func:`always_valid`) for the always-valid p-value.
     """
     d, v, t2 = _arr(diff), _arr(variance), _arr(tau2)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # Constant outcomes (every reward 1 in one arm, 0 in the other) have zero variance: floor it,
+    # so a difference is overwhelming evidence and no difference none, instead of 0/0.
+    v, t2 = np.maximum(v, _TINY), np.maximum(t2, _TINY)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         log_ratio = 0.5 * np.log(v / (v + t2)) + t2 * d**2 / (2 * v * (v + t2))
         p = np.exp(-np.maximum(log_ratio, 0.0))
-    return np.where(np.isfinite(p) & (v > 0), p, 1.0)
+    return np.where(np.isfinite(p), p, 1.0)
 
 
 def always_valid(p_values: np.ndarray, axis: int = -1) -> np.ndarray:
