@@ -501,3 +501,33 @@ def test_cli_errors_are_one_line(invoke: Callable[..., Any]) -> None:
         assert result.exit_code == 1, (args, result.output)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_concurrent_changes_are_never_lost(experiments: Experiments, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each change is a WATCH/MULTI/EXEC read-modify-write. Two threads are made to read
+    the experiment at the same moment, then each sets a different variant's weight: the
+    second write is retried on the fresh state, so both land (a plain read-then-write
+    would put the first variant's weight back)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_queue import experiments as module
+
+    experiments.create(ab(variants=[Variant(name="control", resources_id="rs-a"),
+                                    Variant(name="t1", resources_id="rs-b"), Variant(name="t2", resources_id="rs-b")]))
+    both_read = threading.Barrier(2, timeout=10)
+    waited: set[int] = set()
+    parse = module.parse_experiment
+
+    def parse_after_both_read(data: Any) -> Experiment:
+        if threading.get_ident() not in waited:  # only the first attempt of each thread waits
+            waited.add(threading.get_ident())
+            both_read.wait()
+        return parse(data)
+
+    monkeypatch.setattr(module, "parse_experiment", parse_after_both_read)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda n: experiments.set_weights("ab", {n: 5.0}), ["t1", "t2"]))
+    exp = experiments.get("ab")
+    assert exp.weights == {"control": 1.0, "t1": 5.0, "t2": 5.0}
+    assert exp.revision == 2
