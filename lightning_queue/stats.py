@@ -239,6 +239,22 @@ def _cumulative_moments(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.n
     return n, mean, var
 
 
+def _two_sample_variance(
+    nc: np.ndarray, vc: np.ndarray, nt: np.ndarray, vt: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The variance of the difference of means, and the pooled per-observation variance.
+
+    The larger of Welch's ``vc/nc + vt/nt`` and the pooled ``s^2 (1/nc + 1/nt)``:
+    Welch's alone fails when a small arm has seen no variation yet (a canary arm
+    with no failure so far has variance 0, which made 30% of A/A tests of a 5%
+    failure rate at a 10/90 split "significant"); the pooled one alone fails when
+    the small arm is the noisier one. The larger is valid in both cases.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = ((nc - 1) * vc + (nt - 1) * vt) / (nc + nt - 2)
+        return np.maximum(vc / nc + vt / nt, pooled * (1 / nc + 1 / nt)), pooled
+
+
 def sequential_looks(
     control: np.ndarray, treatment: np.ndarray, tau: float = DEFAULT_TAU, min_sample: int = 2
 ) -> np.ndarray:
@@ -259,8 +275,7 @@ def sequential_looks(
     at_t = np.arange(1, treatment.shape[-2] + 1) * kt - 1
     nc, mc, vc = nc[..., at_c], mc[..., at_c], vc[..., at_c]
     nt, mt, vt = nt[..., at_t], mt[..., at_t], vt[..., at_t]
-    variance = vc / nc + vt / nt
-    pooled = (vc + vt) / 2
+    variance, pooled = _two_sample_variance(nc, vc, nt, vt)
     p = msprt_p_values(mt - mc, variance, tau**2 * pooled)
     p = np.where((nc >= min_sample) & (nt >= min_sample), p, 1.0)
     return always_valid(p)
@@ -309,7 +324,8 @@ def sequential(
     mc, vc = moments(~is_t, nc)
     mt, vt = moments(is_t, nt)
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = msprt_p_values(mt - mc, vc / nc + vt / nt, tau**2 * (vc + vt) / 2)
+        variance, pooled = _two_sample_variance(nc, vc, nt, vt)
+        p = msprt_p_values(mt - mc, variance, tau**2 * pooled)
     p = np.where((nc >= min_sample) & (nt >= min_sample), p, 1.0)
     final = float(always_valid(p)[-1]) if len(p) else 1.0
     diff = float(t.mean() - c.mean()) if len(c) and len(t) else float("nan")

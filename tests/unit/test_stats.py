@@ -148,6 +148,34 @@ def test_aa_false_positive_rate_with_peeking_stays_below_alpha() -> None:
         assert naive.mean() > 2 * alpha  # peeking really does inflate a fixed-horizon test
 
 
+def test_aa_false_positive_rate_of_a_lopsided_split_of_rare_failures() -> None:
+    """A canary's situation: 10% of traffic in the treatment, a 5% failure rate, a look after
+    each of 100 batches. A variance estimated from an arm that has not failed yet is 0; the
+    test must not mistake that for certainty."""
+    rng = np.random.default_rng(99)
+    rates = {}
+    for name, kc, kt in (("10/90", 18, 2), ("90/10", 2, 18), ("5/95", 19, 1)):
+        c = (rng.random((EXPERIMENTS, 100, kc)) < 0.05).astype(float)
+        t = (rng.random((EXPERIMENTS, 100, kt)) < 0.05).astype(float)
+        rates[name] = float((stats.sequential_looks(c, t, min_sample=BATCH)[:, -1] < 0.05).mean())
+    print(f"\nA/A lopsided, 5% failure rate, 100 looks: {rates}")
+    assert all(rate <= 0.05 for rate in rates.values()), rates
+
+
+def test_aa_false_positive_rate_of_the_sequential_paired_test() -> None:
+    """2,000 paired A/A evaluations of 500 inputs with a shared per-input difficulty, the
+    always-valid p-value read after every pair."""
+    rng = np.random.default_rng(17)
+    false_positives = 0
+    for _ in range(EXPERIMENTS):
+        difficulty = rng.normal(0, 1, 500)
+        c, t = difficulty + rng.normal(0, 0.5, 500), difficulty + rng.normal(0, 0.5, 500)
+        false_positives += stats.sequential_paired(c, t, min_sample=BATCH).p_value < 0.05
+    rate = false_positives / EXPERIMENTS
+    print(f"\nA/A paired, 500 pairs, a look after every pair: {rate:.4f}")
+    assert rate <= 0.05
+
+
 def test_sequential_power_on_a_known_effect() -> None:
     """A true effect of 0.2 standard deviations, up to 1,000 per arm: the sequential test
     finds it in most experiments, usually well before the end."""
