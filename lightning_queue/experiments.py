@@ -151,7 +151,10 @@ class Experiment(BaseModel):
     input its own unit. ``coverage`` is the share of units in the experiment;
     the others run with ``fallback`` (default: the control's snapshot).
     ``paired`` experiments run every input under every variant and ignore the
-    weights.
+    weights. ``reassigned`` is set once units have been assigned under more
+    than one set of weights or bucket version (a canary's steps, a re-bucketed
+    restart): the counts then no longer follow one configured split, so the
+    report skips the sample-ratio check.
     """
 
     name: str
@@ -165,6 +168,7 @@ class Experiment(BaseModel):
     status: ExperimentStatus = "draft"
     bucket_version: int = Field(1, ge=1)
     revision: int = 0
+    reassigned: bool = False
     create_time: float = Field(default_factory=time.time)
     start_time: float | None = None
     stop_time: float | None = None
@@ -369,6 +373,7 @@ class Experiments:
             return exp.model_copy(update={
                 "status": "running", "start_time": time.time(), "stop_time": None, "stop_reason": None,
                 "bucket_version": exp.bucket_version + (1 if rebucket else 0),
+                "reassigned": exp.reassigned or (rebucket and exp.start_time is not None),
             })
 
         return self._update(name, change)
@@ -393,7 +398,9 @@ class Experiments:
             for variant in weights:
                 exp.variant(variant)  # raises naming the unknown one
             variants = [v.model_copy(update={"weight": float(weights.get(v.name, v.weight))}) for v in exp.variants]
-            return parse_experiment({**exp.model_dump(), "variants": [v.model_dump() for v in variants]})
+            reassigned = exp.reassigned or (exp.start_time is not None and variants != exp.variants)
+            return parse_experiment({**exp.model_dump(), "variants": [v.model_dump() for v in variants],
+                                     "reassigned": reassigned})
 
         return self._update(name, change)
 

@@ -114,7 +114,7 @@ class ExperimentReport:
         from rich.table import Table
 
         exp = self.experiment
-        kind = "paired" if exp.paired else f"unit {exp.unit_key}"
+        kind = "paired" if exp.paired else f"unit {exp.unit_key}" + (", reassigned: no SRM check" if exp.reassigned else "")
         variants = Table(title=f"experiment {exp.name} ({exp.status}, {kind}, bucket v{exp.bucket_version})")
         variants.add_column("variant", no_wrap=True)
         for column in ("resources_id", "weight", "units", "rollouts", "success", "reward mean [95% CI]", "std",
@@ -190,7 +190,9 @@ def build_report(
     control = variants[0]
     comparisons = [_compare(exp, control, v, rollouts, alpha, min_sample) for v in variants[1:]]
     check = None
-    if not exp.paired and sum(v.units for v in variants) > 0:
+    # A paired split is equal by construction; after a weight change or a re-bucketing the
+    # counts mix several splits, so no single set of weights is the one to test against.
+    if not exp.paired and not exp.reassigned and sum(v.units for v in variants) > 0:
         check = stats.srm([v.units for v in variants], [v.weight for v in variants])
     return ExperimentReport(exp, variants, comparisons, check, alpha, min_sample)
 

@@ -342,14 +342,31 @@ def test_report_waits_for_the_minimum_sample(experiments: Experiments, outcome: 
     assert experiments.report("ab", min_sample=30).comparisons[0].verdict == "better"
 
 
-def test_report_flags_a_sample_ratio_mismatch(experiments: Experiments, outcome: dict[str, Outcome]) -> None:
+def test_report_flags_a_sample_ratio_mismatch(
+    experiments: Experiments, snapshots: LightningClient, outcome: dict[str, Outcome]
+) -> None:
     experiments.create(ab())
     experiments.start("ab")
-    experiments.enqueue("ab", users(600))
+    rollouts = experiments.enqueue("ab", users(600))
     assert not experiments.report("ab").srm.flagged  # type: ignore[union-attr]
-    # The units were assigned 50/50; judged against 80/20 they are badly skewed.
-    experiments.set_weights("ab", {"control": 80, "treatment": 20})
-    assert experiments.report("ab").srm.flagged  # type: ignore[union-attr]
+    # A broken pipeline loses half the treatment's units: the split no longer matches 50/50.
+    lost = [r.metadata["unit"] for r in rollouts if r.metadata["variant"] == "treatment"][::2]
+    snapshots.redis.srem(snapshots.keys.experiment_units("ab", "treatment"), *lost)
+    check = experiments.report("ab").srm
+    assert check is not None and check.flagged and check.p_value < 0.001
+
+
+def test_no_sample_ratio_check_once_units_were_assigned_under_other_weights(
+    experiments: Experiments, outcome: dict[str, Outcome]
+) -> None:
+    experiments.create(ab())
+    experiments.set_weights("ab", {"treatment": 3})  # before the start: still one split
+    experiments.start("ab")
+    experiments.enqueue("ab", users(100))
+    assert not experiments.get("ab").reassigned and experiments.report("ab").srm is not None
+    experiments.set_weights("ab", {"treatment": 1})
+    experiments.enqueue("ab", users(100, start=100))
+    assert experiments.get("ab").reassigned and experiments.report("ab").srm is None
 
 
 def test_paired_report_uses_paired_tests(experiments: Experiments, outcome: dict[str, Outcome]) -> None:
