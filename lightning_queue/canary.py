@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import stats
-from .errors import InvalidExperimentError
+from .errors import ExperimentExistsError, ExperimentNotFoundError, InvalidExperimentError
 from .experiments import Conclusion, Experiment, Experiments, Variant
 from .models import Rollout, RolloutConfig
 
@@ -142,6 +142,13 @@ class Canary:
         """Point the canary pointer at the candidate and start the experiment at the first weight."""
         control = self.client.get_resources_by_id(self.pointer)
         self.control_id = control.resources_id
+        self.client.get_resources_by_id(self.candidate)  # fail before anything is written
+        try:  # ...and a taken name before the canary pointer moves
+            self.experiments.get(self.name)
+        except ExperimentNotFoundError:
+            pass
+        else:
+            raise ExperimentExistsError(self.name)
         self.client.registry.set_pointer(self.canary_pointer, self.candidate, by=f"canary {self.name}")
         w = self.schedule[0]
         self.experiments.create(Experiment(

@@ -151,7 +151,7 @@ class Experiment(BaseModel):
     input its own unit. ``coverage`` is the share of units in the experiment;
     the others run with ``fallback`` (default: the control's snapshot).
     ``paired`` experiments run every input under every variant and ignore the
-    weights. ``reassigned`` is set once units have been assigned under more
+    weights and the coverage. ``reassigned`` is set once units have been assigned under more
     than one set of weights or bucket version (a canary's steps, a re-bucketed
     restart): the counts then no longer follow one configured split, so the
     report skips the sample-ratio check.

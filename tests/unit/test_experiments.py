@@ -548,3 +548,10 @@ def test_concurrent_changes_are_never_lost(experiments: Experiments, monkeypatch
     exp = experiments.get("ab")
     assert exp.weights == {"control": 1.0, "t1": 5.0, "t2": 5.0}
     assert exp.revision == 2
+
+
+def test_a_canary_with_a_taken_name_moves_no_pointer(snapshots: LightningClient, outcome: dict[str, Outcome]) -> None:
+    Experiments(snapshots).create(ab("cn"))
+    with pytest.raises(ExperimentExistsError, match="'cn'"):
+        _canary(snapshots, "cn").start()
+    assert snapshots.get_pointer("canary") is None
