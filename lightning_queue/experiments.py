@@ -62,7 +62,8 @@ BUCKETS = 10_000
 
 ExperimentStatus = Literal["draft", "running", "stopped"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_PLAIN = ("status", "bucket_version", "revision", "create_time", "start_time", "stop_time", "stop_reason", "winner")
+_PLAIN = ("status", "bucket_version", "revision", "concluded", "create_time", "start_time", "stop_time", "stop_reason",
+          "winner")
 
 
 def _check_name(value: str, what: str) -> str:
@@ -169,6 +170,7 @@ class Experiment(BaseModel):
     bucket_version: int = Field(1, ge=1)
     revision: int = 0
     reassigned: bool = False
+    concluded: bool = False
     create_time: float = Field(default_factory=time.time)
     start_time: float | None = None
     stop_time: float | None = None
@@ -249,7 +251,8 @@ def parse_experiment(data: Mapping[str, Any]) -> Experiment:
 def _encode(experiment: Experiment) -> dict[str, str]:
     data = experiment.model_dump(mode="json")
     plain = {k: data.pop(k) for k in _PLAIN}
-    fields = {k: ("" if v is None else str(v)) for k, v in plain.items()}
+    # Plain strings the Lua script reads: booleans as "1" or "", None as "".
+    fields = {k: ("1" if v is True else "" if v is None or v is False else str(v)) for k, v in plain.items()}
     fields["spec"] = json.dumps(data)
     return fields
 
@@ -262,6 +265,7 @@ def _decode(fields: Mapping[bytes, bytes]) -> Experiment:
         data[key] = value if value != "" else None
     data["bucket_version"] = int(data["bucket_version"] or 1)
     data["revision"] = int(data["revision"] or 0)
+    data["concluded"] = data["concluded"] == "1"
     for key in ("create_time", "start_time", "stop_time"):
         data[key] = float(data[key]) if data[key] is not None else None
     if data["create_time"] is None:
@@ -312,7 +316,8 @@ class Experiments:
         must exist now: :class:`ResourcesNotFoundError` names the first one missing."""
         exp = experiment if isinstance(experiment, Experiment) else parse_experiment(experiment)
         exp = exp.model_copy(update={"status": "draft", "revision": 0, "start_time": None, "stop_time": None,
-                                     "stop_reason": None, "winner": None})
+                                     "stop_reason": None, "winner": None, "concluded": False,
+                                     "reassigned": False})
         refs = sorted({v.resources_id for v in exp.variants} | ({exp.fallback} if exp.fallback else set()))
         found = self.client.registry.current_versions(refs)
         for ref in refs:
@@ -368,7 +373,7 @@ class Experiments:
         def change(exp: Experiment) -> Experiment:
             if exp.status == "running":
                 raise ExperimentStateError(name, "running", "stop it first to restart it")
-            if exp.winner:
+            if exp.concluded:
                 raise ExperimentStateError(name, "stopped", f"it was concluded ({exp.stop_reason}); create a new one")
             return exp.model_copy(update={
                 "status": "running", "start_time": time.time(), "stop_time": None, "stop_reason": None,
@@ -393,7 +398,7 @@ class Experiments:
         variants whose bucket ranges change, and only as many as the change requires."""
 
         def change(exp: Experiment) -> Experiment:
-            if exp.winner:
+            if exp.concluded:
                 raise ExperimentStateError(name, exp.status, "it was concluded; its weights are final")
             for variant in weights:
                 exp.variant(variant)  # raises naming the unknown one
@@ -515,22 +520,19 @@ class Experiments:
         ``experiment_conclude`` Lua script; the move goes into the pointer's history).
         ``expected`` makes the move a compare-and-set on the pointer's current target."""
         k = self.keys
-        resolved = ""
-        if pointer:
-            current = self.client.registry.current_versions([target or ""]) if target else {}
-            found = current.get(target or "")
-            if found is None:
-                raise ResourcesNotFoundError(target or "", hint=f"pointer {pointer!r} was not moved")
-            resolved = found[0]
+        if pointer and not target:
+            raise ValueError("moving a pointer needs a target")
         now = time.time()
         reply = self._conclude(
             keys=[k.experiment(name), k.pointers, k.seq, k.snapshot_events],
-            args=[pointer or "", resolved, repr(now), by or f"experiment {name}", self.client.settings.pointer_history_length,
+            args=[pointer or "", target or "", repr(now), by or f"experiment {name}", self.client.settings.pointer_history_length,
                   k.pointer_history_prefix, k.snapshot_prefix, expected or "", reason, winner or "", ",".join(allowed)],
         )
         status = text(reply[0])
         if status == "missing":
             raise ExperimentNotFoundError(name)
+        if status == "concluded":
+            raise ExperimentStateError(name, "stopped", f"it was already concluded ({text(reply[1])})")
         if status == "status":
             raise ExperimentStateError(name, text(reply[1]), f"it can be concluded only while {' or '.join(allowed)}")
         if status == "no_target":
@@ -542,7 +544,9 @@ class Experiments:
                 f"pointer {pointer!r} names {text(reply[1]) or None!r}, not the expected {expected!r}: someone moved "
                 f"it during experiment {name!r}; it was not moved and the experiment was not stopped"
             )
-        return Conclusion(name, pointer, text(reply[1]) or None if pointer else None, resolved or None, reason, winner)
+        if not pointer:
+            return Conclusion(name, None, None, None, reason, winner)
+        return Conclusion(name, pointer, text(reply[1]) or None, text(reply[2]), reason, winner)
 
     def promote(
         self, name: str, variant: str | None = None, pointer: str = "latest", *, alpha: float = 0.05,

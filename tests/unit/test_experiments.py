@@ -555,3 +555,17 @@ def test_a_canary_with_a_taken_name_moves_no_pointer(snapshots: LightningClient,
     with pytest.raises(ExperimentExistsError, match="'cn'"):
         _canary(snapshots, "cn").start()
     assert snapshots.get_pointer("canary") is None
+
+
+def test_an_experiment_is_concluded_once(experiments: Experiments, snapshots: LightningClient) -> None:
+    experiments.create(ab(variants=[Variant(name="control", resources_id="rs-a"),
+                                    Variant(name="treatment", resources_id="latest")]))  # a pointer variant
+    experiments.start("ab")
+    done = experiments.promote("ab", "treatment", "prod")
+    assert (done.from_id, done.to_id) == ("rs-a", "rs-b")  # the pointer's target, resolved in the same step
+    assert experiments.get("ab").concluded
+    with pytest.raises(ExperimentStateError, match="already concluded"):
+        experiments.promote("ab", "control", "prod")
+    with pytest.raises(ExperimentStateError, match="concluded"):
+        experiments.set_weights("ab", {"treatment": 2})
+    assert snapshots.get_pointer("prod") == "rs-b"
