@@ -31,7 +31,7 @@ Experiments (:mod:`lightning_queue.experiments`)::
 
     {p}:experiments                               zset  experiment name -> create time
     {p}:experiment:{name}                         hash  spec (JSON: variants, weights, unit key, salt,
-                                                        coverage...), status, bucket_version, revision,
+                                                        coverage...), status, bucket_version, revision, concluded,
                                                         start_time, stop_time, stop_reason, winner
     {p}:experiment:{name}:rollouts:{variant}      zset  rollout ids enqueued under that variant -> enqueue time
     {p}:experiment:{name}:units:{variant}         set   the units assigned to that variant
