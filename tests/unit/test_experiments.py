@@ -515,6 +515,17 @@ def test_cli_create_start_report_promote(invoke: Callable[..., Any], snapshots: 
     assert result.exit_code == 0 and result.stdout == "prod: rs-a -> rs-b (treatment); cx stopped\n"
 
 
+def test_cli_status_of_one_and_stop(invoke: Callable[..., Any]) -> None:
+    assert invoke("experiments", "create", "cx", "-v", "c=rs-a", "-v", "t=rs-b:0.25", "--coverage", "0.5").exit_code == 0
+    shown = json.loads(invoke("experiments", "status", "cx").stdout)
+    assert shown["status"] == "draft" and shown["coverage"] == 0.5 and shown["variants"][1]["weight"] == 0.25
+    invoke("experiments", "start", "cx")
+    result = invoke("experiments", "stop", "cx", "--reason", "enough")
+    assert result.exit_code == 0 and result.stdout == "cx: stopped (enough)\n"
+    result = invoke("experiments", "stop", "cx")
+    assert result.exit_code == 1 and "only a running experiment can be stopped" in result.stderr
+
+
 def test_cli_errors_are_one_line(invoke: Callable[..., Any]) -> None:
     for args, fragment in (
         (("experiments", "start", "ghost"), "no experiment named 'ghost'"),
@@ -522,6 +533,7 @@ def test_cli_errors_are_one_line(invoke: Callable[..., Any]) -> None:
         (("experiments", "create", "cx", "--variant", "c=rs-a", "--variant", "t=rs-zzz"), "'rs-zzz'"),
         (("experiments", "create", "cx", "--variant", "c=rs-a:x", "--variant", "t=rs-b"), "not a number"),
         (("experiments", "stop", "ghost"), "no experiment named 'ghost'"),
+        (("experiments", "create", "cx", "-v", "c=rs-a", "-v", "t=rs-b", "--unit-key", "user"), "unit_key"),
     ):
         result = invoke(*args)
         assert result.exit_code == 1, (args, result.output)
