@@ -48,7 +48,29 @@ from .retention import RetentionReport
 from .metrics import RewardSummary
 from .settings import Settings
 
+from .errors import (
+    ExperimentError,
+    ExperimentExistsError,
+    ExperimentNotFoundError,
+    ExperimentStateError,
+    ExperimentUnitError,
+    InvalidExperimentError,
+)
+from .experiments import Conclusion, Experiment, Experiments, Variant
+
 __version__ = "0.1.0"
+
+# Loaded on first use: they need scipy, whose import (about half a second) every worker
+# process and CLI command would otherwise pay for nothing.
+_LAZY = {"ExperimentReport": "report", "Canary": "canary", "CanaryResult": "canary", "Guardrail": "canary"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LLM",
@@ -94,4 +116,18 @@ __all__ = [
     "UnknownResourceTypeError",
     "create_app",
     "rollout",
+    "Canary",
+    "CanaryResult",
+    "Conclusion",
+    "Experiment",
+    "ExperimentError",
+    "ExperimentExistsError",
+    "ExperimentNotFoundError",
+    "ExperimentReport",
+    "ExperimentStateError",
+    "ExperimentUnitError",
+    "Experiments",
+    "Guardrail",
+    "InvalidExperimentError",
+    "Variant",
 ]

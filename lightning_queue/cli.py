@@ -479,6 +479,125 @@ def _user_error(exc: BaseException) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------- experiments
+# The `experiments` sub-app: A/B experiments, canaries' state and promotion (lightning_queue.experiments).
+
+experiments_app = typer.Typer(help="A/B experiments: create, start, stop, report, promote.", no_args_is_help=True)
+app.add_typer(experiments_app, name="experiments")
+
+
+def _experiments(client: LightningClient) -> Any:
+    from .experiments import Experiments
+
+    return Experiments(client)
+
+
+def _parse_variant(spec: str) -> dict[str, Any]:
+    name, sep, rest = spec.partition("=")
+    ref, _, weight = rest.partition(":")  # ids and pointer names never hold ':'
+    if not sep or not name or not ref:
+        raise ConfigurationError(f"--variant {spec!r}: write NAME=RESOURCES or NAME=RESOURCES:WEIGHT, e.g. "
+                                 "control=prod or treatment=rs-new:0.2")
+    try:
+        return {"name": name, "resources_id": ref, "weight": float(weight) if weight else 1.0}
+    except ValueError:
+        raise ConfigurationError(f"--variant {spec!r}: the weight {weight!r} is not a number") from None
+
+
+@experiments_app.command("create")
+def experiments_create(
+    name: str,
+    variant: List[str] = typer.Option(
+        ..., "--variant", "-v", help="NAME=RESOURCES[:WEIGHT] (an id or pointer); repeat it; the first is the control."
+    ),
+    unit_key: str = typer.Option("input", help="What is assigned: input.<field>, metadata.<field>, or the whole input."),
+    salt: Optional[str] = typer.Option(None, help="Hash salt (default: the name)."),
+    coverage: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of units in the experiment."),
+    fallback: Optional[str] = typer.Option(None, help="Snapshot for units outside coverage (default: the control's)."),
+    paired: bool = typer.Option(False, "--paired", help="Run every input under every variant (paired comparison)."),
+    description: str = typer.Option("", help="What the experiment tests."),
+) -> None:
+    """Create an experiment (a draft: start it to route rollouts)."""
+    from .experiments import parse_experiment
+
+    spec = {"name": name, "variants": [_parse_variant(v) for v in variant], "unit_key": unit_key,
+            "salt": salt or "", "coverage": coverage, "fallback": fallback, "paired": paired,
+            "description": description}
+    with _client() as client:
+        exp = _experiments(client).create(parse_experiment(spec))
+    console.print(f"created {exp.name} (draft): " + ", ".join(f"{v.name}={v.resources_id}:{v.weight:g}"
+                                                               for v in exp.variants))
+
+
+@experiments_app.command("start")
+def experiments_start(
+    name: str, rebucket: bool = typer.Option(False, "--rebucket", help="New bucket version: assign every unit afresh.")
+) -> None:
+    """Start (or restart) routing rollouts through an experiment."""
+    with _client() as client:
+        exp = _experiments(client).start(name, rebucket=rebucket)
+    console.print(f"{exp.name}: running (bucket version {exp.bucket_version})")
+
+
+@experiments_app.command("stop")
+def experiments_stop(name: str, reason: str = typer.Option("stopped by hand", help="Recorded with the stop.")) -> None:
+    """Stop routing; enqueued rollouts still count in the report."""
+    with _client() as client:
+        exp = _experiments(client).stop(name, reason)
+    console.print(f"{exp.name}: stopped ({exp.stop_reason})")
+
+
+@experiments_app.command("status")
+def experiments_status(name: Optional[str] = typer.Argument(None, help="One experiment (default: list them all).")) -> None:
+    """List experiments, or show one's definition and state."""
+    with _client() as client:
+        ex = _experiments(client)
+        if name is not None:
+            console.print_json(ex.get(name).model_dump_json())
+            return
+        experiments = ex.list()
+    table = Table("name", "status", "variants", "unit", "coverage", "bucket v", "created", "note")
+    for e in experiments:
+        variants = ", ".join(f"{v.name}={v.resources_id}" + ("" if e.paired else f":{v.weight:g}") for v in e.variants)
+        table.add_row(e.name, e.status, variants, "paired" if e.paired else e.unit_key, f"{e.coverage:.0%}",
+                      str(e.bucket_version), _when(e.create_time), e.stop_reason or "")
+    console.print(table)
+
+
+@experiments_app.command("report")
+def experiments_report(
+    name: str,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    chart: Optional[Path] = typer.Option(None, "--chart", dir_okay=False, help="Write a PNG of the rewards here."),
+    alpha: float = typer.Option(0.05, min=0.0001, max=0.5, help="Significance level."),
+    min_sample: int = typer.Option(30, min=2, help="Rewards per variant (pairs, if paired) before any verdict."),
+) -> None:
+    """Per-variant metrics and each treatment against the control."""
+    with _client() as client:
+        report = _experiments(client).report(name, alpha=alpha, min_sample=min_sample)
+    if chart is not None:
+        report.save_chart(chart)
+    if as_json:
+        print(report.to_json())
+        return
+    for table in report.tables():
+        console.print(table)
+    if chart is not None:
+        console.print(f"chart written to {chart}")
+
+
+@experiments_app.command("promote")
+def experiments_promote(
+    name: str,
+    variant: Optional[str] = typer.Option(None, help="The variant to promote (default: the report's winner)."),
+    pointer: str = typer.Option("latest", help="The pointer to move to it."),
+) -> None:
+    """Move a pointer to the winning variant's snapshot and stop the experiment, in one atomic step."""
+    with _client() as client:
+        done = _experiments(client).promote(name, variant, pointer)
+    console.print(f"{pointer}: {done.from_id or '(unset)'} -> {done.to_id} ({done.winner}); {name} stopped")
+
+
 def main() -> None:
     """Entry point: user errors print one line, not a traceback (see :class:`_Commands`)."""
     app()

@@ -206,3 +206,58 @@ class DuplicateRolloutIdError(LightningQueueError, ValueError):
             "idempotency_key); give each rollout its own id or key, nothing was enqueued"
         )
         self.rollout_id = rollout_id
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+class ExperimentError(LightningQueueError):
+    """An experiment operation that cannot be done (base of the experiment errors)."""
+
+
+class InvalidExperimentError(ExperimentError, ValueError):
+    """An experiment's definition does not hold together (variants, weights, coverage, unit key...)."""
+
+
+class ExperimentNotFoundError(ExperimentError, LookupError):
+    """No experiment is stored under the requested name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"no experiment named {name!r}; list them with `lightning-queue experiments status`, or create it "
+            "with `lightning-queue experiments create`"
+        )
+        self.name = name
+
+
+class ExperimentExistsError(ExperimentError):
+    """``create`` was given a name that is already taken."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"an experiment named {name!r} already exists; pick another name")
+        self.name = name
+
+
+class ExperimentStateError(ExperimentError):
+    """The experiment's status does not allow the operation (e.g. enqueue while stopped)."""
+
+    def __init__(self, name: str, status: str, wanted: str) -> None:
+        super().__init__(f"experiment {name!r} is {status}; {wanted}")
+        self.name = name
+        self.status = status
+
+
+class ExperimentUnitError(ExperimentError, KeyError):
+    """A task input has no value at the experiment's unit key."""
+
+    def __init__(self, name: str, unit_key: str, item: object) -> None:
+        shown = repr(item)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(
+            f"experiment {name!r} assigns by {unit_key!r}, but this rollout has no value there: {shown}; "
+            "add the field to every input (or metadata), or pass unit=<function> to enqueue"
+        )
+        self.unit_key = unit_key
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])

@@ -34,6 +34,15 @@ Workers::
 The ``rollouts*`` indexes outlive expired records: readers skip ids whose record is gone,
 and retention (:mod:`lightning_queue.retention`) prunes them.
 
+Experiments (:mod:`lightning_queue.experiments`)::
+
+    {p}:experiments                               zset  experiment name -> create time
+    {p}:experiment:{name}                         hash  spec (JSON: variants, weights, unit key, salt,
+                                                        coverage...), status, bucket_version, revision, concluded,
+                                                        start_time, stop_time, stop_reason, winner
+    {p}:experiment:{name}:rollouts:{variant}      zset  rollout ids enqueued under that variant -> enqueue time
+    {p}:experiment:{name}:units:{variant}         set   the units assigned to that variant
+
 Celery's broker keys (queues, unacked messages, pidbox) live under ``{p}:celery:``
 through kombu's ``global_keyprefix`` transport option.
 """
@@ -152,6 +161,20 @@ class Keys:
     @property
     def cache_stats_pattern(self) -> str:
         return f"{self.prefix}:cache-stats:*"
+
+    # -- experiments ---------------------------------------------------------------
+    @property
+    def experiments(self) -> str:
+        return f"{self.prefix}:experiments"
+
+    def experiment(self, name: str) -> str:
+        return f"{self.prefix}:experiment:{name}"
+
+    def experiment_rollouts(self, name: str, variant: str) -> str:
+        return f"{self.experiment(name)}:rollouts:{variant}"
+
+    def experiment_units(self, name: str, variant: str) -> str:
+        return f"{self.experiment(name)}:units:{variant}"
 
     # -- celery -----------------------------------------------------------------
     @property
