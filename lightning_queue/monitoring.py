@@ -383,3 +383,43 @@ def exporter_registry(collector: LightningCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
+
+
+# ------------------------------------------------------------------------------- the exporter
+
+
+class Exporter:
+    """The Prometheus endpoint of ``lightning-queue exporter``: an HTTP server thread
+    serving ``/metrics`` from a :class:`LightningCollector`, and the listener that
+    counts finished rollouts. Starts even when Redis is down (``lq_up`` is then 0)."""
+
+    def __init__(
+        self,
+        client: LightningClient,
+        port: int = DEFAULT_EXPORTER_PORT,
+        address: str = "0.0.0.0",
+        queues: Sequence[str] | None = None,
+        max_snapshots: int = 50,
+    ) -> None:
+        from prometheus_client import start_http_server
+
+        self.client = client
+        self.finished = FinishedRollouts(client)
+        if not self.finished.start(wait_seconds=10.0):
+            log.warning("exporter: not subscribed to %s yet; lq_rollouts_finished_total counts once it is",
+                        client.keys.events)
+        self.collector = LightningCollector(client, queues, max_snapshots=max_snapshots, finished=self.finished)
+        self._server, self._thread = start_http_server(port, address, registry=exporter_registry(self.collector))
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+        self.finished.close()
+
+    def __enter__(self) -> Exporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

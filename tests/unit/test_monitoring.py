@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import fakeredis
 import pytest
-import redis
 from kombu.transport import redis as kombu_redis
 from prometheus_client import generate_latest
 
@@ -148,10 +148,15 @@ def test_max_snapshots_limits_the_series_but_keeps_pointer_targets(fake_client: 
         read_overview(fake_client, [], max_snapshots=0)
 
 
+def _unreachable(prefix: str) -> LightningClient:
+    server = fakeredis.FakeServer()
+    server.connected = False  # every command raises redis.ConnectionError
+    return LightningClient(Settings(redis_url="redis://127.0.0.1:1/0", key_prefix=prefix),
+                           redis_client=fakeredis.FakeRedis(server=server))
+
+
 def test_redis_down_reports_lq_up_zero_not_an_error(prefix: str) -> None:
-    settings = Settings(redis_url="redis://127.0.0.1:1/0", key_prefix=prefix)
-    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    client = LightningClient(settings, redis_client=down)
+    client = _unreachable(prefix)
     registry = exporter_registry(LightningCollector(client))
     assert _value(registry, "lq_up", prefix=prefix) == 0
     assert _value(registry, "lq_rollouts", prefix=prefix, status="queuing") is None
@@ -202,3 +207,53 @@ def test_queue_keys_match_kombus_names_under_the_global_prefix() -> None:
         assert keys.celery_queue("calc", step) == keys.celery_prefix + channel._q_for_pri("calc", step)
     assert keys.celery_queue("calc") == "team1:celery:calc"
 
+
+
+# --------------------------------------------------------------------------- lightning-queue status
+
+
+def _status(client: LightningClient, monkeypatch: pytest.MonkeyPatch, *args: str):
+    from typer.testing import CliRunner
+
+    from lightning_queue import cli
+
+    monkeypatch.setattr(cli, "_client", lambda: client)
+    return CliRunner().invoke(cli.app, ["status", "--once", *args], env={"COLUMNS": "200"})
+
+
+def _row(output: str, first_cell: str) -> list[str]:
+    line = next(line for line in output.splitlines() if line.startswith(f"│ {first_cell} "))
+    return [cell.strip() for cell in line.strip("│").split("│")]
+
+
+def test_status_once_prints_one_frame(populated: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _status(populated, monkeypatch, "--no-ping")
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    out = result.stdout
+    # worker, processes, ping, consuming, hit ratio, loads, mean load ms, cache MB
+    assert _row(out, "w1@h") == ["w1@h", "1", "-", "-", "75.0%", "10", "50.00", "0.00"]
+    assert _row(out, "w2@h")[4] == "50.0%"
+    assert _row(out, populated.settings.queue) == [populated.settings.queue, "3", "p0:2 p6:1"]
+    assert _row(out, "3") == ["3", "0", "2", "0", "1", "0", "0"]  # queuing ... cancelled
+    assert _row(out, "rs-a") == ["rs-a", "prod", "3"]
+    assert _row(out, "rs-b") == ["rs-b", "latest", "2"]
+    assert "2 message(s) held by workers" in out and "fleet cache hit ratio 66.7%" in out
+
+
+def test_status_shows_ping_replies_and_the_liveness_hook(
+    populated: LightningClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_queue import cli, monitoring
+
+    monkeypatch.setattr(cli, "_ping", lambda client, timeout: {"w1@h": True, "w3@h": True})
+    monkeypatch.setattr(monitoring, "worker_liveness", lambda client: {"w2@h": "stalled"})
+    out = _status(populated, monkeypatch).stdout
+    assert _row(out, "w1@h")[2:4] == ["pong", "-"]
+    assert _row(out, "w2@h")[2:4] == ["no reply", "stalled"]
+    assert _row(out, "w3@h")[1:5] == ["0", "pong", "-", "-"]  # answers pings, reports no cache
+
+
+def test_status_without_redis_is_a_one_line_error(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = _unreachable(prefix)
+    result = _status(client, monkeypatch, "--no-ping")
+    assert result.exit_code == 1 and "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
