@@ -479,7 +479,7 @@ def _status_frame(client: LightningClient, queues: list[str], ping: float | None
     """One frame of ``lightning-queue status``: workers, queues, rollouts per status and per snapshot."""
     from rich.console import Group
 
-    from .monitoring import FleetCache, node_of, read_overview, worker_liveness
+    from .monitoring import FleetCache, node_of, read_overview, redact_url, worker_liveness
 
     overview = read_overview(client, queues, max_snapshots)
     stats = client.cache_stats()
@@ -511,7 +511,7 @@ def _status_frame(client: LightningClient, queues: list[str], ping: float | None
                            title=f"snapshots ({len(overview.rollouts_by_resources)} of {overview.snapshots})")
     for rid, n in overview.rollouts_by_resources.items():
         snapshot_table.add_row(rid, ", ".join(overview.pointers_naming(rid)), str(n))
-    header = (f"[bold]lightning-queue[/] {escape(client.settings.redis_url.rpartition('@')[2])} "
+    header = (f"[bold]lightning-queue[/] {escape(redact_url(client.settings.redis_url))} "
               f"prefix {escape(client.keys.prefix)}  {_when(overview.time)}  "
               f"{len(nodes)} worker(s), fleet cache hit ratio {fleet.hit_ratio:.1%}, "
               f"{overview.unacked} message(s) held by workers")
@@ -532,6 +532,8 @@ def status(
 
     import redis
 
+    from .monitoring import redact_url
+
     client = _client()
     watched = _queues(queues)
 
@@ -550,8 +552,8 @@ def status(
                 try:
                     live.update(frame(), refresh=True)
                 except redis.RedisError as exc:  # keep watching: Redis may come back
-                    live.update(f"[red]cannot read Redis at {escape(_settings().redis_url)}: {escape(str(exc))}[/]",
-                                refresh=True)
+                    url = redact_url(_settings().redis_url)  # never show the password
+                    live.update(f"[red]cannot read Redis at {escape(url)}: {escape(str(exc))}[/]", refresh=True)
         except KeyboardInterrupt:
             pass
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +41,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPORTER_PORT = 9808
+
+
+_URL_PASSWORD = re.compile(r"(://[^:@/;]*:)[^@;]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password masked (``redis://:**@host:6379/0``), for logs and screens;
+    handles kombu's ``;``-separated lists of URLs too."""
+    return _URL_PASSWORD.sub(r"\1**@", url)
 
 
 # ------------------------------------------------------------------------------- hooks
@@ -295,7 +305,7 @@ class LightningCollector(Collector):
             overview = read_overview(self.client, self.queues, self.max_snapshots)
             stats = self.cache_stats.read()
         except redis.RedisError as exc:
-            log.warning("scrape: cannot read Redis at %s: %s", self.client.settings.redis_url, exc)
+            log.warning("scrape: cannot read Redis at %s: %s", redact_url(self.client.settings.redis_url), exc)
             up.add_metric([prefix], 0)
             yield up
             return

@@ -17,6 +17,7 @@ from lightning_queue.monitoring import (
     LightningCollector,
     exporter_registry,
     read_overview,
+    redact_url,
 )
 
 
@@ -257,3 +258,19 @@ def test_status_without_redis_is_a_one_line_error(prefix: str, monkeypatch: pyte
     client = _unreachable(prefix)
     result = _status(client, monkeypatch, "--no-ping")
     assert result.exit_code == 1 and "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:s3cret@h:6379/0", "redis://:**@h:6379/0"),
+    ("rediss://user:s3cret@h:6380/0", "rediss://user:**@h:6380/0"),
+    ("redis://h:6379/0", "redis://h:6379/0"),
+    ("sentinel://:s3cret@h1:26379;sentinel://:s3cret@h2:26379", "sentinel://:**@h1:26379;sentinel://:**@h2:26379"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_status_never_shows_the_redis_password(populated: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    populated.settings = populated.settings.model_copy(update={"redis_url": "redis://:s3cret@10.0.0.5:6379/0"})
+    result = _status(populated, monkeypatch, "--no-ping")
+    assert result.exit_code == 0 and "s3cret" not in result.stdout and "redis://:**@10.0.0.5:6379/0" in result.stdout
