@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +31,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .connections import text
+from .connections import redact_url, text
 from .keys import ROLLOUT_STATUSES
 
 if TYPE_CHECKING:
@@ -41,15 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPORTER_PORT = 9808
-
-
-_URL_PASSWORD = re.compile(r"(://[^:@/;]*:)[^@;]*@")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password masked (``redis://:**@host:6379/0``), for logs and screens;
-    handles kombu's ``;``-separated lists of URLs too."""
-    return _URL_PASSWORD.sub(r"\1**@", url)
 
 
 # ------------------------------------------------------------------------------- hooks

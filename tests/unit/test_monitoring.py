@@ -11,13 +11,13 @@ from kombu.transport import redis as kombu_redis
 from prometheus_client import generate_latest
 
 from lightning_queue import LightningClient, PromptTemplate, Rollout, RolloutConfig, Settings
+from lightning_queue.connections import redact_url
 from lightning_queue.keys import CELERY_PRIORITY_SEP, CELERY_PRIORITY_STEPS, ROLLOUT_STATUSES, Keys
 from lightning_queue.monitoring import (
     FinishedRollouts,
     LightningCollector,
     exporter_registry,
     read_overview,
-    redact_url,
 )
 
 
