@@ -500,6 +500,8 @@ def _status_frame(client: LightningClient, queues: list[str], ping: float | None
                         f"{fleet.hit_ratio:.1%}" if processes else "-", str(fleet.loads),
                         f"{1000 * fleet.mean_load_seconds:.2f}",
                         f"{sum(s.get('bytes', 0) for s in processes.values()) / 1e6:.2f}")
+    if not nodes:
+        workers.caption = "no worker answered the ping or reported cache stats"
     fleet = FleetCache.of(stats)
     queue_table = Table("queue", "waiting", "by priority", title="queues")
     for queue, steps in overview.queue_depth.items():
