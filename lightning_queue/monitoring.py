@@ -95,7 +95,9 @@ class Overview:
 
 def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots: int = 50) -> Overview:
     """Read the queue's state in two pipelined round trips (see the module doc for the cost).
-    Not atomic: each count is exact, but they may be a few transitions apart.
+    The first (statuses, queues, pointers, snapshots) is one MULTI/EXEC, so its counts are
+    consistent with each other (a rollout moving between statuses is counted once); the
+    per-snapshot counts are read a moment later.
 
     ``rollouts_by_resources`` covers the ``max_snapshots`` most recently
     written snapshots plus every snapshot a pointer names. Raises
@@ -104,7 +106,7 @@ def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots:
     if max_snapshots < 1:
         raise ValueError("max_snapshots must be >= 1")
     k = client.keys
-    pipe = client.redis.pipeline(transaction=False)
+    pipe = client.redis.pipeline(transaction=True)
     for status in ROLLOUT_STATUSES:
         pipe.zcard(k.rollouts_by_status(status))
     for queue in queues:
