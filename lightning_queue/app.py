@@ -27,17 +27,21 @@ log = logging.getLogger(__name__)
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every lightning-queue app uses."""
+    transport_options: dict[str, Any] = {
+        # Every broker key under our prefix: several deployments share one Redis safely.
+        "global_keyprefix": settings.keys.celery_prefix,
+        "visibility_timeout": settings.visibility_timeout,
+        # Sweep for messages of vanished workers a few times per visibility timeout (kombu's
+        # default sweeps every ~100 s), so they are redelivered soon after it expires.
+        "unacked_restore_interval": max(1, min(30, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
+    }
+    if settings.sentinel_master:
+        # kombu's sentinel:// transport asks the Sentinels for this primary (as connect() does).
+        transport_options["master_name"] = settings.sentinel_master
     return {
         "broker_url": settings.redis_url,
-        "broker_transport_options": {
-            # Every broker key under our prefix: several deployments share one Redis safely.
-            "global_keyprefix": settings.keys.celery_prefix,
-            "visibility_timeout": settings.visibility_timeout,
-            # Sweep for messages of vanished workers a few times per visibility timeout (kombu's
-            # default sweeps every ~100 s), so they are redelivered soon after it expires.
-            "unacked_restore_interval": max(1, min(30, settings.visibility_timeout // 4)),
-            "unacked_restore_throttle": 1,
-        },
+        "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         # Messages carry ids only; JSON keeps them readable in Flower and refuses pickle.

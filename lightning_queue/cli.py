@@ -598,6 +598,131 @@ def experiments_promote(
     console.print(f"{pointer}: {done.from_id or '(unset)'} -> {done.to_id} ({done.winner}); {name} stopped")
 
 
+# ---------------------------------------------------------------------------------- monitoring: status, exporter
+# (imports kept local to this block: the exporter and the live view are the only users)
+
+
+def _queues(queues: Optional[str]) -> list[str]:
+    return [q.strip() for q in queues.split(",") if q.strip()] if queues else [_settings().queue]
+
+
+def _ping(client: LightningClient, timeout: float) -> dict[str, bool] | None:
+    """Each worker node that answered a Celery ping within ``timeout`` (None: the ping itself failed)."""
+    try:
+        replies = client.app.control.ping(timeout=timeout)
+    except Exception:  # noqa: BLE001 - the broker may be unreachable: the frame shows it, not a traceback
+        return None
+    return {node: True for reply in replies for node in reply}
+
+
+def _status_frame(client: LightningClient, queues: list[str], ping: float | None, max_snapshots: int) -> Any:
+    """One frame of ``lightning-queue status``: workers, queues, rollouts per status and per snapshot."""
+    from rich.console import Group
+
+    from .monitoring import FleetCache, node_of, read_overview, redact_url, worker_liveness
+
+    overview = read_overview(client, queues, max_snapshots)
+    stats = client.cache_stats()
+    pinged = _ping(client, ping) if ping is not None else None
+    liveness = worker_liveness(client)
+    nodes: dict[str, dict[str, dict[str, Any]]] = {}
+    for process, s in stats.items():
+        nodes.setdefault(node_of(process), {})[process] = s
+    for node in pinged or {}:
+        nodes.setdefault(node, {})
+    workers = Table("worker", "processes", "ping", "consuming", "cache hit ratio", "snapshot loads", "mean load ms",
+                    "cache MB", title="workers")
+    for node, processes in sorted(nodes.items()):
+        fleet = FleetCache.of(processes)
+        ping_text = "-" if ping is None else "ping failed" if pinged is None else (
+            "pong" if node in pinged else "[red]no reply[/]")
+        workers.add_row(node, str(fleet.processes), ping_text, liveness.get(node, "-"),
+                        f"{fleet.hit_ratio:.1%}" if processes else "-", str(fleet.loads),
+                        f"{1000 * fleet.mean_load_seconds:.2f}",
+                        f"{sum(s.get('bytes', 0) for s in processes.values()) / 1e6:.2f}")
+    if not nodes:
+        workers.caption = "no worker answered the ping or reported cache stats"
+    fleet = FleetCache.of(stats)
+    queue_table = Table("queue", "waiting", "by priority", title="queues")
+    for queue, steps in overview.queue_depth.items():
+        by_priority = " ".join(f"p{step}:{n}" for step, n in steps.items() if n)
+        queue_table.add_row(queue, str(sum(steps.values())), by_priority)
+    status_table = Table(*overview.rollouts_by_status, title="rollouts")
+    status_table.add_row(*(str(n) for n in overview.rollouts_by_status.values()))
+    snapshot_table = Table("resources_id", "pointers", "rollouts",
+                           title=f"snapshots ({len(overview.rollouts_by_resources)} of {overview.snapshots})")
+    for rid, n in overview.rollouts_by_resources.items():
+        snapshot_table.add_row(rid, ", ".join(overview.pointers_naming(rid)), str(n))
+    header = (f"[bold]lightning-queue[/] {escape(redact_url(client.settings.redis_url))} "
+              f"prefix {escape(client.keys.prefix)}  {_when(overview.time)}  "
+              f"{len(nodes)} worker(s), fleet cache hit ratio {fleet.hit_ratio:.1%}, "
+              f"{overview.unacked} message(s) held by workers")
+    return Group(header, workers, queue_table, status_table, snapshot_table)
+
+
+@app.command()
+def status(
+    interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes."),
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
+    queues: Optional[str] = typer.Option(None, "--queues", help="Comma-separated queues to show (default: LQ_QUEUE)."),
+    ping: bool = typer.Option(True, "--ping/--no-ping", help="Ping the workers through Celery each frame."),
+    ping_timeout: float = typer.Option(1.0, min=0.1, help="Seconds to wait for ping replies."),
+    snapshots: int = typer.Option(10, min=1, help="Newest snapshots to show (pointer targets always are)."),
+) -> None:
+    """A live view of the fleet: workers, queue depth, rollouts per status and per snapshot."""
+    import time
+
+    import redis
+
+    from .monitoring import redact_url
+
+    client = _client()
+    watched = _queues(queues)
+
+    def frame() -> Any:
+        return _status_frame(client, watched, ping_timeout if ping else None, snapshots)
+
+    if once:
+        console.print(frame())
+        return
+    from rich.live import Live
+
+    with Live(frame(), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                try:
+                    live.update(frame(), refresh=True)
+                except redis.RedisError as exc:  # keep watching: Redis may come back
+                    url = redact_url(_settings().redis_url)  # never show the password
+                    live.update(f"[red]cannot read Redis at {escape(url)}: {escape(str(exc))}[/]", refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def exporter(
+    port: int = typer.Option(9808, help="Port of the /metrics endpoint."),
+    address: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    queues: Optional[str] = typer.Option(None, "--queues", help="Comma-separated queues (default: LQ_QUEUE)."),
+    snapshots: int = typer.Option(50, min=1, help="Newest snapshots to count rollouts of (pointer targets always)."),
+) -> None:
+    """Serve Prometheus metrics (rollouts per status and snapshot, queue depth, worker caches) until stopped."""
+    import signal
+    import threading
+
+    from .monitoring import Exporter
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Exporter(_client(), port, address, _queues(queues), snapshots) as served:
+        err.print(f"serving metrics on http://{address}:{served.port}/metrics (prefix {_settings().key_prefix})")
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
 def main() -> None:
     """Entry point: user errors print one line, not a traceback (see :class:`_Commands`)."""
     app()

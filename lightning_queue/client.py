@@ -52,7 +52,7 @@ class LightningClient:
         app: LightningCelery | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.redis = redis_client if redis_client is not None else connect(self.settings.redis_url)
+        self.redis = redis_client if redis_client is not None else connect(self.settings.redis_url, self.settings.sentinel_master)
         self.keys = self.settings.keys
         self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
         self.store = RolloutStore(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -12,14 +13,16 @@ import time
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources as importlib_resources
-from urllib.parse import urlparse
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
-from .errors import RedisUnavailableError
+from .errors import ConfigurationError, RedisUnavailableError
 from .keys import ROLLOUT_STATUSES
 
 log = logging.getLogger(__name__)
@@ -30,20 +33,65 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def connect(url: str) -> redis.Redis:
+_URL_PASSWORD = re.compile(r"(://[^:@/;]*:)[^@;]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password masked (``redis://:**@host:6379/0``), for logs, screens and
+    error messages; handles kombu's ``;``-separated lists of URLs too."""
+    return _URL_PASSWORD.sub(r"\1**@", url)
+
+
+def connect(url: str, sentinel_master: str | None = None) -> redis.Redis:
     """A client for ``url`` that rides out short connection drops.
 
     Commands are retried with exponential backoff (about 10 s in all) on
     connection errors and time-outs, so a Redis restart or a network blip does
     not fail a rollout half way; a longer outage raises ``redis.ConnectionError``.
+
+    ``url`` is a ``redis://`` / ``rediss://`` URL, or Redis Sentinel in kombu's
+    form, ``sentinel://[:password@]host:26379[/db];sentinel://host2:26379...``,
+    with ``sentinel_master`` the name the Sentinels monitor the primary under:
+    the client then asks the Sentinels for the current primary, and again after
+    a failover (the password and db are the primary's; the Sentinels themselves
+    are reached without one, as kombu does).
     """
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=30,
-        socket_keepalive=True,
-    )
+    options: dict[str, Any] = {
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+    }
+    if is_sentinel_url(url):
+        return _sentinel_primary(url, sentinel_master, options)
+    return redis.Redis.from_url(url, **options)
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def _sentinel_primary(url: str, master: str | None, options: dict[str, Any]) -> redis.Redis:
+    if not master:
+        raise ConfigurationError(
+            f"LQ_REDIS_URL {redact_url(url)!r} is a Redis Sentinel URL: set LQ_SENTINEL_MASTER to the "
+            "name the Sentinels monitor the primary under (their `sentinel monitor <name> ...`)"
+        )
+    hosts, password, username, db = [], None, None, 0
+    for part in filter(None, url.split(";")):
+        parsed = urlparse(part)
+        if parsed.scheme != "sentinel" or not parsed.hostname:
+            raise ConfigurationError(
+                f"{redact_url(part)!r} in LQ_REDIS_URL is not a sentinel://host:port URL; "
+                "list the Sentinels as sentinel://host1:26379;sentinel://host2:26379"
+            )
+        hosts.append((parsed.hostname, parsed.port or 26379))
+        password = password or (unquote(parsed.password) if parsed.password else None)
+        username = username or (unquote(parsed.username) if parsed.username else None)
+        if parsed.path.strip("/"):
+            db = int(parsed.path.strip("/"))
+    sentinels = Sentinel(hosts, socket_timeout=5.0, socket_connect_timeout=5.0)
+    return sentinels.master_for(master, password=password, username=username, db=db, **options)
 
 
 def ping(url: str, timeout: float = 1.0) -> bool:

@@ -44,12 +44,22 @@ Experiments (:mod:`lightning_queue.experiments`)::
     {p}:experiment:{name}:units:{variant}         set   the units assigned to that variant
 
 Celery's broker keys (queues, unacked messages, pidbox) live under ``{p}:celery:``
-through kombu's ``global_keyprefix`` transport option.
+through kombu's ``global_keyprefix`` transport option::
+
+    {p}:celery:{queue}                 list  the queue's messages (priority 0, the default)
+    {p}:celery:{queue}\x06\x16{n}       list  its priority sub-queue n (3, 6, 9), when priorities are used
+    {p}:celery:unacked                 hash  messages workers took and have not acked yet (acks late:
+                                             the rollouts running or about to)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# kombu's Redis transport: a queue's priority sub-queues are "{queue}{sep}{step}" for each
+# step but 0 (kombu.transport.redis.PRIORITY_STEPS and Channel.sep; a unit test keeps them equal).
+CELERY_PRIORITY_STEPS = (0, 3, 6, 9)
+CELERY_PRIORITY_SEP = "\x06\x16"
 
 ROLLOUT_STATUSES = ("queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled")
 
@@ -180,6 +190,20 @@ class Keys:
     @property
     def celery_prefix(self) -> str:
         return f"{self.prefix}:celery:"
+
+    def celery_queue(self, queue: str, priority: int = 0) -> str:
+        """The Redis list holding ``queue``'s messages of one priority step (what
+        ``LLEN`` measures, and what a KEDA Redis trigger's ``listName`` must be)."""
+        suffix = f"{CELERY_PRIORITY_SEP}{priority}" if priority else ""
+        return f"{self.celery_prefix}{queue}{suffix}"
+
+    def celery_queues(self, queue: str) -> dict[int, str]:
+        """Every priority step of ``queue`` -> its list key."""
+        return {step: self.celery_queue(queue, step) for step in CELERY_PRIORITY_STEPS}
+
+    @property
+    def celery_unacked(self) -> str:
+        return f"{self.celery_prefix}unacked"
 
     @property
     def pattern(self) -> str:

@@ -22,6 +22,11 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description="Redis holding the snapshot registry and rollout store; also the Celery broker.",
     )
+    sentinel_master: str | None = Field(
+        None,
+        description="With a Redis Sentinel LQ_REDIS_URL (sentinel://h1:26379;sentinel://h2:26379/0): the name "
+        "the Sentinels monitor the primary under.",
+    )
     key_prefix: str = Field("lq", description="Prefix of every Redis key lightning-queue writes.")
     queue: str = Field("lightning_queue", description="Celery queue rollouts are sent to by default.")
     agent: str | None = Field(

@@ -1,11 +1,13 @@
-"""Flower sees every rollout as a task named after it, with its ids as arguments."""
+"""Flower sees every rollout as a task named after it, with its ids as arguments, behind basic auth."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -14,11 +16,27 @@ from lightning_queue.connections import free_port
 from lightning_queue.fleet import worker_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+USER, PASSWORD = "ops", "s3cret-flower-pw"
 
 
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
+def _request(url: str, auth: tuple[str, str] | None) -> urllib.request.Request:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    return request
+
+
+def _get(url: str, auth: tuple[str, str] = (USER, PASSWORD)) -> dict:
+    with urllib.request.urlopen(_request(url, auth), timeout=5) as response:
         return json.loads(response.read())
+
+
+def _status_of(url: str, auth: tuple[str, str] | None) -> int:
+    try:
+        with urllib.request.urlopen(_request(url, auth), timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_flower_shows_rollouts_with_their_ids_and_outcome(
@@ -27,7 +45,8 @@ def test_flower_shows_rollouts_with_their_ids_and_outcome(
     llm = LLM(endpoint="http://llm.invalid/v1", model="m", api_key="sk-secret-flower")
     client.add_resources({"prompt": PromptTemplate(template="{x}"), "llm": llm}, "rs-flower")
     port = free_port()
-    env = {**worker_env(settings, None), "FLOWER_UNAUTHENTICATED_API": "1"}
+    # Configured as deploy/ does it: basic auth from the environment (FLOWER_BASIC_AUTH=user:password).
+    env = {**worker_env(settings, None), "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
     log = tmp_path / "flower.log"
     with open(log, "wb") as out:
         flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "lightning_queue.app", "flower",
@@ -42,6 +61,11 @@ def test_flower_shows_rollouts_with_their_ids_and_outcome(
             except OSError:
                 assert flower.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
                 time.sleep(0.2)
+        # Nobody gets in without the password: neither the API nor the dashboard.
+        for path in ("/api/tasks", "/api/workers", "/"):
+            assert _status_of(f"http://127.0.0.1:{port}{path}", None) == 401, path
+            assert _status_of(f"http://127.0.0.1:{port}{path}", (USER, "wrong")) == 401, path
+        assert _status_of(f"http://127.0.0.1:{port}/", (USER, PASSWORD)) == 200
         start_workers("tests.integration.agents:failing", count=1)
         ok = client.enqueue_rollout({"name": "x"}, resources_id="rs-flower", config=RolloutConfig(max_attempts=1))
         client.wait_for_rollouts([ok.rollout_id], timeout=30)
