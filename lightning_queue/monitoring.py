@@ -46,26 +46,33 @@ DEFAULT_EXPORTER_PORT = 9808
 
 
 def experiment_traffic_per_variant(client: LightningClient) -> Iterable[Metric]:
-    """Hook: experiment traffic per variant (rollouts routed to each variant of each
-    A/B or canary experiment), as Prometheus metrics.
+    """Experiment traffic: ``lq_experiment_rollouts{experiment, variant, status}``, the
+    rollouts enqueued under each variant of each experiment (A/B or canary).
 
-    The experiments module is being built separately; wire it here (e.g. a
-    ``lq_experiment_rollouts{experiment, variant}`` gauge from its counters).
-    Until then it yields nothing. Whatever it yields is added to every scrape;
-    it must stay cheap (no scan of rollouts).
+    Cost: one ``HGETALL`` per experiment and one ``ZCARD`` per variant, in two
+    pipelines; rollout records are never read.
     """
-    return ()
+    from .experiments import Experiments
+
+    experiments = Experiments(client).list()
+    pipe = client.redis.pipeline(transaction=False)
+    labels = []
+    for exp in experiments:
+        for variant in exp.variants:
+            pipe.zcard(client.keys.experiment_rollouts(exp.name, variant.name))
+            labels.append([client.keys.prefix, exp.name, variant.name, exp.status])
+    counts = pipe.execute() if labels else []
+    family = GaugeMetricFamily("lq_experiment_rollouts", "Rollouts enqueued under each variant of each experiment.",
+                               labels=["prefix", "experiment", "variant", "status"])
+    for label, n in zip(labels, counts):
+        family.add_metric(label, n)
+    yield family
 
 
 def worker_liveness(client: LightningClient) -> dict[str, str]:
-    """Hook: each worker node's liveness judged by consumption, ``node -> "consuming"``
-    or ``"stalled"`` (a worker that is up but stopped taking messages).
-
-    The liveness records are being built separately and will be exposed by the
-    client; wire them here. Until then it returns ``{}`` and ``lightning-queue
-    status`` shows ``-`` in its "consuming" column.
-    """
-    return {}
+    """Each worker node's liveness judged by consumption (:mod:`lightning_queue.health`):
+    ``node -> "consuming"`` or ``"stalled"`` (up, but it stopped taking messages)."""
+    return {h.hostname: "stalled" if h.stalled else "consuming" for h in client.worker_health()}
 
 
 # ------------------------------------------------------------------------------- one read
@@ -136,20 +143,23 @@ def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots:
 
 
 class CacheStatsReader:
-    """:meth:`LightningClient.cache_stats`, read at most once per ``every`` seconds
-    (it SCANs for the workers' reports; they report only that often)."""
+    """:meth:`LightningClient.cache_stats` (or another ``read`` of the workers' reports),
+    read at most once per ``every`` seconds (it SCANs for the workers' reports; they
+    report only that often)."""
 
-    def __init__(self, client: LightningClient, every: float) -> None:
+    def __init__(self, client: LightningClient, every: float,
+                 read: Callable[[LightningClient], dict[str, Any]] | None = None) -> None:
         self.client = client
         self.every = every
+        self._reader = read or (lambda c: c.cache_stats())
         self._read_at = float("-inf")
-        self._stats: dict[str, dict[str, Any]] = {}
+        self._stats: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def read(self) -> dict[str, dict[str, Any]]:
+    def read(self) -> dict[str, Any]:
         with self._lock:
             if time.monotonic() - self._read_at >= self.every:
-                self._stats = self.client.cache_stats()
+                self._stats = self._reader(self.client)
                 self._read_at = time.monotonic()
             return self._stats
 
@@ -266,7 +276,8 @@ class LightningCollector(Collector):
     * per process (``process`` = ``node@host:pid``): ``lq_worker_cache_hits_total``,
       ``lq_worker_cache_misses_total``, ``lq_worker_snapshot_loads_total``,
       ``lq_worker_snapshot_load_seconds_total``, ``lq_worker_cache_bytes``, ``lq_worker_cache_entries``
-    * whatever :func:`experiment_traffic_per_variant` yields
+    * ``lq_worker_stalled{worker}`` 1 for a worker that is up but stopped consuming (see :mod:`.health`)
+    * ``lq_experiment_rollouts{experiment, variant, status}`` from :func:`experiment_traffic_per_variant`
     """
 
     def __init__(
@@ -284,6 +295,7 @@ class LightningCollector(Collector):
         self.max_snapshots = max_snapshots
         every = client.settings.cache_stats_interval_seconds if cache_stats_every is None else cache_stats_every
         self.cache_stats = CacheStatsReader(client, every)
+        self.liveness = CacheStatsReader(client, every, read=worker_liveness)
         self.finished = finished
         self.experiment_traffic = experiment_traffic
 
@@ -310,6 +322,12 @@ class LightningCollector(Collector):
                                            "the exporter listened (use rate()).", labels=["prefix"])
             finished.add_metric([prefix], self.finished.count)
             yield finished
+        stalled = GaugeMetricFamily("lq_worker_stalled", "1 for a worker that is up but stopped consuming while "
+                                    "messages wait (liveness judged by consumption), else 0.",
+                                    labels=["prefix", "worker"])
+        for worker, state in sorted(self.liveness.read().items()):
+            stalled.add_metric([prefix, worker], 1 if state == "stalled" else 0)
+        yield stalled
         try:
             yield from self.experiment_traffic(self.client)
         except Exception:  # a broken hook must not take the other metrics down

@@ -274,3 +274,39 @@ def test_status_never_shows_the_redis_password(populated: LightningClient, monke
     populated.settings = populated.settings.model_copy(update={"redis_url": "redis://:s3cret@10.0.0.5:6379/0"})
     result = _status(populated, monkeypatch, "--no-ping")
     assert result.exit_code == 0 and "s3cret" not in result.stdout and "redis://:**@10.0.0.5:6379/0" in result.stdout
+
+
+def test_experiment_traffic_is_counted_per_variant(populated: LightningClient, published: list[str]) -> None:
+    from lightning_queue import Experiments, Variant
+    from lightning_queue.experiments import Experiment
+
+    experiments = Experiments(populated)
+    experiments.create(Experiment(name="ab", unit_key="input.user",
+                                  variants=[Variant(name="control", resources_id="rs-a"),
+                                            Variant(name="treatment", resources_id="rs-b")]))
+    experiments.start("ab")
+    rollouts = experiments.enqueue("ab", [{"user": f"u{i}"} for i in range(40)])
+    per_variant = {v: sum(r.metadata["variant"] == v for r in rollouts) for v in ("control", "treatment")}
+    assert all(per_variant.values())  # both variants got traffic, so both series are checked
+
+    registry = exporter_registry(LightningCollector(populated))
+    p = populated.keys.prefix
+    for variant, n in per_variant.items():
+        assert _value(registry, "lq_experiment_rollouts", prefix=p, experiment="ab", variant=variant,
+                      status="running") == n
+
+
+def test_a_worker_that_stopped_consuming_is_exported_as_stalled(populated: LightningClient) -> None:
+    now = time.time()
+    base = {"pid": 1, "concurrency": 2, "active": 0, "queues": ["q"], "queued": {"q": 5},
+            "last_received": now - 600, "backlog_since": now - 600, "updated": now}
+    populated.redis.set(populated.keys.worker_health("w1@h"),
+                        json.dumps({**base, "hostname": "w1@h", "consuming": []}))
+    populated.redis.set(populated.keys.worker_health("w2@h"),
+                        json.dumps({**base, "hostname": "w2@h", "consuming": ["q"], "last_received": now,
+                                    "backlog_since": None}))
+
+    registry = exporter_registry(LightningCollector(populated))
+    p = populated.keys.prefix
+    assert _value(registry, "lq_worker_stalled", prefix=p, worker="w1@h") == 1
+    assert _value(registry, "lq_worker_stalled", prefix=p, worker="w2@h") == 0
