@@ -244,6 +244,7 @@ def overhead(b: Bench, rows: list[Row]) -> dict[str, Any]:
                 deltas[side] = calls_delta(before, calls_now(b.redis))
                 rates[side].append(n / elapsed)
                 last[side] = done
+        latencies = latency(b)
     lq, bare = statistics.median(rates["lq"]), statistics.median(rates["bare"])
     rows.append((f"end to end, no-op, 2 prefork procs: lightning-queue ({n} x {rounds}, median)",
                  f"{lq:,.0f} rollouts/s  (rounds: {', '.join(f'{r:.0f}' for r in rates['lq'])})", ""))
@@ -252,10 +253,10 @@ def overhead(b: Bench, rows: list[Row]) -> dict[str, Any]:
     rows.append(("  ratio lightning-queue / bare Celery", f"{lq / bare:.2f}x", ">= 0.8x"))
     for side, label in (("lq", "lightning-queue"), ("bare", "bare Celery")):
         total = sum(deltas[side].values())
-        rows.append((f"Redis commands per rollout, {label}", f"{total / n:.1f}",
-                     "Celery's + a handful" if side == "lq" else ""))
+        rows.append((f"Redis commands per rollout, every one (Lua-internal too), {label}", f"{total / n:.1f}", ""))
         rows.append(("  by command", split_per_item(deltas[side], n), ""))
-    return {"lq_done": last["lq"], "bare_done": last["bare"]}
+    return {"lq_done": last["lq"], "bare_done": last["bare"], "latencies": latencies,
+            "lq_commands": sum(deltas["lq"].values()) / n, "bare_commands": sum(deltas["bare"].values()) / n}
 
 
 def memory(b: Bench, rows: list[Row], done: list[Any], bare_ids: Sequence[str]) -> None:
@@ -286,6 +287,45 @@ def memory(b: Bench, rows: list[Row], done: list[Any], bare_ids: Sequence[str]) 
                  f"{statistics.mean(meta):,.0f} B" if meta else "n/a", ""))
 
 
+def worker_steps(b: Bench, rows: list[Row], lq_commands: float, bare_commands: float) -> None:
+    """What one rollout costs a worker in Redis, step by step: the runner's four round trips
+    (read the record, claim, start, finish) timed in this process, and the commands Redis
+    runs for them, top-level and inside the Lua scripts (``INFO commandstats`` counts both)."""
+    from lightning_queue.models import Rollout, RolloutResult
+
+    m = 100 if b.quick else 1000
+    store = b.client.store
+    rollouts = [Rollout(input={"i": i}) for i in range(m)]
+    store.create_rollouts(rollouts)
+    result = RolloutResult(output={"end": time.time()})
+    steps: dict[str, list[float]] = {"get_rollout (HGETALL)": [], "claim (EVALSHA)": [],
+                                     "start_attempt (EVALSHA)": [], "finish_attempt (EVALSHA)": []}
+    timers = list(steps.values())
+    before = calls_now(b.redis)
+    for rollout in rollouts:
+        t0 = time.perf_counter()
+        record = store.get_rollout(rollout.rollout_id)
+        t1 = time.perf_counter()
+        seq = store.claim(record, "bench@host").sequence_id
+        t2 = time.perf_counter()
+        store.start_attempt(rollout.rollout_id, seq, "bench", 1)
+        t3 = time.perf_counter()
+        store.finish_attempt(rollout.rollout_id, seq, "succeeded", "succeeded", result=result)
+        t4 = time.perf_counter()
+        for timer, start, end in zip(timers, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            timer.append(end - start)
+    delta = calls_delta(before, calls_now(b.redis))
+    top = delta.get("evalsha", 0) + delta.get("hgetall", 0)
+    rows.append((f"worker round trips per rollout, in process ({m} rollouts, one at a time)",
+                 (f"{top / m:.0f} round trips, {sum(delta.values()) / m:.1f} commands "
+                 f"({(sum(delta.values()) - top) / m:.1f} inside Lua scripts)"), ""))
+    for name, samples in steps.items():
+        rows.append((f"  {name}", f"median {statistics.median(samples) * 1e3:.3f} ms", ""))
+    outside = lq_commands - (sum(delta.values()) - top) / m
+    rows.append(("Redis commands per rollout outside Lua scripts: lightning-queue / bare Celery",
+                 f"{outside:.1f} / {bare_commands:.1f} (+{outside - bare_commands:.1f})", "Celery's + a handful"))
+
+
 def batch_enqueue(b: Bench, rows: list[Row]) -> None:
     """(2) one client enqueues a batch; no worker listens on the sink queues."""
     n = 1000 if b.quick else 10_000
@@ -304,23 +344,26 @@ def batch_enqueue(b: Bench, rows: list[Row]) -> None:
     rows.append(("  ratio enqueue_rollouts / apply_async loop", f"{lq / loop:.1f}x", ">= 10x"))
 
 
-def latency(b: Bench, rows: list[Row]) -> None:
-    """(4) agent return -> the caller has the result, one rollout at a time."""
+def latency(b: Bench) -> tuple[list[float], list[float]]:
+    """(4) agent return -> the caller has the result, one rollout at a time (seconds), on
+    running workers: lightning-queue's and bare Celery's."""
     n = 30 if b.quick else 300
     lq: list[float] = []
     bare: list[float] = []
-    with b.lq_workers(2), b.bare_workers(2):
-        for i in range(n + 5):
-            rollout = b.client.enqueue_rollout({"i": i})
-            done = b.client.wait_for_rollouts([rollout.rollout_id], timeout=60)
-            returned = time.time()
-            result = b.bare.AsyncResult(b.noop.apply_async(queue=b.bare_queue).id)
-            value = result.get(timeout=60)
-            bare_returned = time.time()
-            if i >= 5:  # the first few warm connections and caches up
-                lq.append(returned - done[0].result.output["end"])
-                bare.append(bare_returned - value)
-    rows.append((f"result latency, agent return -> wait_for_rollouts ({n} sequential)",
+    for i in range(n + 5):
+        rollout = b.client.enqueue_rollout({"i": i})
+        done = b.client.wait_for_rollouts([rollout.rollout_id], timeout=60)
+        returned = time.time()
+        value = b.noop.apply_async(queue=b.bare_queue).get(timeout=60)
+        bare_returned = time.time()
+        if i >= 5:  # the first few warm connections and caches up
+            lq.append(returned - done[0].result.output["end"])
+            bare.append(bare_returned - value)
+    return lq, bare
+
+
+def latency_rows(rows: list[Row], lq: list[float], bare: list[float]) -> None:
+    rows.append((f"result latency, agent return -> wait_for_rollouts ({len(lq)} sequential)",
                  f"p50 {percentile(lq, 0.5) * 1e3:.2f} ms, p99 {percentile(lq, 0.99) * 1e3:.2f} ms", "p50 < 5 ms"))
     rows.append(("  bare Celery, task return -> AsyncResult.get",
                  f"p50 {percentile(bare, 0.5) * 1e3:.2f} ms, p99 {percentile(bare, 0.99) * 1e3:.2f} ms", ""))
@@ -398,8 +441,9 @@ def main() -> int:
         try:
             last = overhead(b, rows)
             memory(b, rows, last["lq_done"], last["bare_done"])
+            worker_steps(b, rows, last["lq_commands"], last["bare_commands"])
             batch_enqueue(b, rows)
-            latency(b, rows)
+            latency_rows(rows, *last["latencies"])
             scaling(b, rows)
         finally:
             deleted = b.delete_keys() if not server else 0

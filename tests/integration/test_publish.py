@@ -1,0 +1,43 @@
+"""Rollout task messages built in a batch are the messages Celery's ``send_task`` would send."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from lightning_queue import LightningClient, RolloutConfig
+from lightning_queue.messages import task_kwargs
+from lightning_queue.runner import TASK_NAME
+
+
+def _normalized(raw: bytes) -> dict[str, Any]:
+    """A stored broker message with what differs between any two messages blanked out."""
+    message = json.loads(raw)
+    headers, properties = message["headers"], message["properties"]
+    for field in ("id", "root_id", "kwargsrepr", "origin"):
+        headers[field] = "*"
+    properties["correlation_id"] = properties["delivery_tag"] = "*"
+    args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
+    message["body"] = [args, sorted(kwargs), embed]
+    return message
+
+
+def test_batch_messages_match_send_task(client: LightningClient) -> None:
+    queue = f"{client.settings.key_prefix}-sink"  # no worker listens there
+    limited = RolloutConfig(timeout_seconds=5)
+    ours = client.enqueue_rollouts([1, 2], config=limited, queue=queue, check_resources=False)
+    grace = client.settings.hard_timeout_grace_seconds
+    theirs = ours[0].model_copy(update={"rollout_id": "ro-reference"})
+    with client.app.producer_or_acquire() as producer:
+        client.app.send_task(TASK_NAME, kwargs=task_kwargs(theirs, 0), task_id=theirs.rollout_id, queue=queue,
+                             producer=producer, soft_time_limit=5, time_limit=5 + grace)
+    key = client.settings.keys.celery_prefix + queue
+    stored = client.redis.lrange(key, 0, -1)  # LPUSH: newest first
+    assert len(stored) == 3
+    reference, second, first = stored
+    # Workers take them oldest first (BRPOP), in enqueue order.
+    assert [json.loads(m)["headers"]["id"] for m in (first, second)] == [r.rollout_id for r in ours]
+    assert _normalized(first) == _normalized(reference)
+    kwargs = json.loads(base64.b64decode(json.loads(first)["body"]))[1]
+    assert kwargs == task_kwargs(ours[0], kwargs["registry_seq"])
