@@ -42,11 +42,19 @@ def noop() -> float:
     return time.time()
 
 
+def sleeper(seconds: float = 0.05) -> list[float]:
+    """The bare counterpart of ``bench_agents.sleeper``: ``[start, end, pid]``."""
+    start = time.time()
+    time.sleep(seconds)
+    return [start, time.time(), os.getpid()]
+
+
 def make_app(url: str, prefix: str) -> Celery:
-    """The bare app, with its one task ``bench.noop``."""
+    """The bare app, with its tasks ``bench.noop`` and ``bench.sleeper``."""
     app = Celery("bare_celery", set_as_current=False)
     app.conf.update(bare_config(url, prefix))
     app.task(name="bench.noop")(noop)
+    app.task(name="bench.sleeper")(sleeper)
     return app
 
 

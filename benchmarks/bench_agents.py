@@ -21,8 +21,9 @@ def noop(task: Any) -> RolloutResult:
 
 
 @rollout
-def sleep50(task: Any) -> RolloutResult:
-    """Waits 50 ms, as an agent waiting on an LLM does (I/O-bound, no CPU)."""
+def sleeper(task: Any) -> RolloutResult:
+    """Waits ``task["sleep"]`` seconds (default 50 ms), as an agent waiting on an LLM does
+    (I/O-bound, no CPU), and reports when it ran and in which process."""
     start = time.time()
-    time.sleep(0.05)
+    time.sleep(task.get("sleep", 0.05))
     return RolloutResult(output={"start": start, "end": time.time(), "pid": os.getpid()})

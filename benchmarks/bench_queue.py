@@ -181,14 +181,15 @@ class Bench:
         return workers("lightning_queue.app", self.lq_env(agent), self.settings.queue, concurrency, pool,
                        f"lq-{pool}{concurrency}", self.logdir)
 
-    def bare_workers(self, concurrency: int):
-        return workers("bare_celery", self.bare_env(), self.bare_queue, concurrency, "prefork",
-                       f"bare-{concurrency}", self.logdir)
+    def bare_workers(self, concurrency: int, pool: str = "prefork"):
+        return workers("bare_celery", self.bare_env(), self.bare_queue, concurrency, pool,
+                       f"bare-{pool}{concurrency}", self.logdir)
 
-    def lq_run(self, n: int, timeout: float = 600.0) -> tuple[float, list[Any]]:
-        """Enqueue ``n`` rollouts in one batch and wait for all; seconds taken and the rollouts."""
+    def lq_run(self, n: int, timeout: float = 600.0, **task: Any) -> tuple[float, list[Any]]:
+        """Enqueue ``n`` rollouts (inputs ``{"i": i, **task}``) in one batch and wait for all;
+        seconds taken and the rollouts."""
         start = time.perf_counter()
-        rollouts = self.client.enqueue_rollouts([{"i": i} for i in range(n)])
+        rollouts = self.client.enqueue_rollouts([{"i": i, **task} for i in range(n)])
         done = self.client.wait_for_rollouts([r.rollout_id for r in rollouts], timeout=timeout)
         elapsed = time.perf_counter() - start
         bad = [r for r in done if r.status != "succeeded"]
@@ -402,20 +403,40 @@ def scaling(b: Bench, rows: list[Row]) -> None:
     concurrency = 100 if b.quick else 200
     n = 400 if b.quick else 4000
     for pool in pools:
-        with b.lq_workers(concurrency, "sleep50", pool) as worker:
+        with b.lq_workers(concurrency, "sleeper", pool) as worker:
             b.lq_run(concurrency)
             elapsed, done = b.lq_run(n)
+            slow_elapsed, slow_done = b.lq_run(2 * concurrency, sleep=1.0)
             cache = wait_cache_hits(b, worker.hostname)
-        by_pid: dict[int, list[tuple[float, float]]] = {}
-        for r in done:
-            out = r.result.output
-            by_pid.setdefault(out["pid"], []).append((out["start"], out["end"]))
-        peak = max(max_in_flight(v) for v in by_pid.values())
-        busy = sum(e - s for v in by_pid.values() for s, e in v) / elapsed  # Little's law: mean in flight
-        rows.append((f"scaling, 50 ms agents, 1 process, --pool {pool} --concurrency {concurrency}",
-                     f"{n / elapsed:,.0f} rollouts/s, in flight max {peak}, mean {busy:.0f}", ">= 100 in flight"))
+        for label, took, finished in (("50 ms", elapsed, done), ("1 s", slow_elapsed, slow_done)):
+            peak, mean = in_flight([(r.result.output["pid"], r.result.output["start"], r.result.output["end"])
+                                    for r in finished], took)
+            rows.append((f"scaling, {label} agents, 1 process, --pool {pool} --concurrency {concurrency}",
+                         f"{len(finished) / took:,.0f} rollouts/s, in flight max {peak}, mean {mean:.0f}",
+                         ">= 100 in flight"))
         rows.append((f"  {pool} pool: rollouts all succeeded; its snapshot cache",
                      f"hits {cache['hits']:,}, misses {cache['misses']:,} ({cache['processes']} cache)", "hits > 0"))
+    with b.bare_workers(concurrency, "threads"):
+        from celery.result import ResultSet
+
+        sleeper = b.bare.tasks["bench.sleeper"]
+        ResultSet([sleeper.apply_async(queue=b.bare_queue) for _ in range(concurrency)], app=b.bare).get(timeout=600)
+        start = time.perf_counter()
+        values = ResultSet([sleeper.apply_async(queue=b.bare_queue) for _ in range(n)], app=b.bare).get(timeout=600)
+        took = time.perf_counter() - start
+    peak, mean = in_flight([(pid, s, e) for s, e, pid in values], took)
+    rows.append((f"  bare Celery, 50 ms task, --pool threads --concurrency {concurrency}",
+                 f"{n / took:,.0f} tasks/s, in flight max {peak}, mean {mean:.0f}", ""))
+
+
+def in_flight(runs: Sequence[tuple[int, float, float]], elapsed: float) -> tuple[int, float]:
+    """``(pid, start, end)`` of each run -> the most running at once in one process, and the
+    mean number running over ``elapsed`` (Little's law: busy time / elapsed)."""
+    by_pid: dict[int, list[tuple[float, float]]] = {}
+    for pid, start, end in runs:
+        by_pid.setdefault(pid, []).append((start, end))
+    peak = max(max_in_flight(v) for v in by_pid.values())
+    return peak, sum(end - start for _, start, end in runs) / elapsed
 
 
 def main() -> int:

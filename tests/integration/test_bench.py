@@ -34,7 +34,9 @@ ROWS = [
     "scaling, no-op, 2 prefork processes",
     "scaling, no-op, 4 prefork processes",
     "scaling, 50 ms agents, 1 process, --pool threads",
+    "scaling, 1 s agents, 1 process, --pool threads",
     "threads pool: rollouts all succeeded",
+    "bare Celery, 50 ms task, --pool threads",
 ]
 
 
