@@ -260,41 +260,48 @@ def overhead(b: Bench, rows: list[Row]) -> dict[str, Any]:
             "lq_commands": sum(deltas["lq"].values()) / n, "bare_commands": sum(deltas["bare"].values()) / n}
 
 
-def memory(b: Bench, rows: list[Row], done: list[Any], bare_ids: Sequence[str]) -> None:
-    """(3) bytes of Redis memory per finished rollout: record + attempts + index entries, less the payload."""
+def memory_bytes(b: Bench, rollout_ids: Sequence[str]) -> dict[str, float]:
+    """Mean bytes of Redis memory per finished rollout (``MEMORY USAGE``, exact): its record,
+    its attempts, its entries in the five indexes every finished rollout is in, and the
+    payload stored in them (input and result fields), which ``total`` leaves out."""
     k, r = b.settings.keys, b.redis
-    sample = done[:200]
     record = payload = attempts = 0
-    for rollout in sample:
-        key = k.rollout(rollout.rollout_id)
+    for rid in rollout_ids:
+        key = k.rollout(rid)
         record += r.memory_usage(key, samples=0) or 0
         payload += sum(r.hstrlen(key, f) for f in ("input", "result"))
-        for seq in range(1, rollout.attempt_count + 1):
-            akey = k.attempt(rollout.rollout_id, seq)
-            attempts += r.memory_usage(akey, samples=0) or 0
-            payload += r.hstrlen(akey, "result")
-    # Each finished rollout has one entry in each of these (by resources and by worker: of the attempt).
-    attempt = b.client.get_attempts(sample[0].rollout_id)[0]
+        for seq in range(1, int(r.hget(key, "attempt_count") or 0) + 1):
+            attempts += r.memory_usage(k.attempt(rid, seq), samples=0) or 0
+            payload += r.hstrlen(k.attempt(rid, seq), "result")
+    attempt = b.client.get_attempts(rollout_ids[0])[0]
     indexes = [k.rollouts, k.rollouts_by_status("succeeded"), k.rollouts_by_mode("train"),
                k.rollouts_by_resources(attempt.resources_id or ""), k.rollouts_by_worker(attempt.worker_id)]
-    per_entry = sum((r.memory_usage(i, samples=0) or 0) / max(1, r.zcard(i)) for i in indexes)
-    m = len(sample)
-    total = (record + attempts - payload) / m + per_entry
-    rows.append(("Redis memory per finished rollout, besides its payload",
-                 (f"{total:,.0f} B  (record {record / m:,.0f} + attempt {attempts / m:,.0f} + "
-                  f"{len(indexes)} index entries {per_entry:,.0f} - payload {payload / m:,.0f})"), "< 2 KB"))
-    meta = [r.memory_usage(f"{b.prefix}-bare:celery-task-meta-{tid}", samples=0) or 0 for tid in bare_ids[:200]]
+    index = sum((r.memory_usage(i, samples=0) or 0) / max(1, r.zcard(i)) for i in indexes)
+    m = len(rollout_ids)
+    out = {"record": record / m, "attempts": attempts / m, "index": index, "payload": payload / m}
+    out["total"] = out["record"] + out["attempts"] + out["index"] - out["payload"]
+    return out
+
+
+def memory_row(label: str, mem: dict[str, float], target: str = "") -> Row:
+    return (label, (f"{mem['total']:,.0f} B  (record {mem['record']:,.0f} + attempt {mem['attempts']:,.0f} + "
+                    f"5 index entries {mem['index']:,.0f} - payload {mem['payload']:,.0f})"), target)
+
+
+def memory(b: Bench, rows: list[Row], done: list[Any], bare_ids: Sequence[str]) -> None:
+    """(3) bytes of Redis memory per finished rollout, besides its payload; bare Celery's result."""
+    rows.append(memory_row("Redis memory per finished rollout, besides its payload",
+                           memory_bytes(b, [r.rollout_id for r in done[:200]]), "< 2 KB"))
+    meta = [b.redis.memory_usage(f"{b.prefix}-bare:celery-task-meta-{tid}", samples=0) or 0 for tid in bare_ids[:200]]
     rows.append(("  bare Celery's result (celery-task-meta key), for comparison",
                  f"{statistics.mean(meta):,.0f} B" if meta else "n/a", ""))
 
 
-def worker_steps(b: Bench, rows: list[Row], lq_commands: float, bare_commands: float) -> None:
-    """What one rollout costs a worker in Redis, step by step: the runner's four round trips
-    (read the record, claim, start, finish) timed in this process, and the commands Redis
-    runs for them, top-level and inside the Lua scripts (``INFO commandstats`` counts both)."""
+def run_steps(b: Bench, m: int) -> tuple[list[str], dict[str, list[float]], dict[str, int]]:
+    """Take ``m`` fresh rollouts through the runner's four Redis steps, one at a time, in this
+    process; their ids, each step's durations and the commands Redis ran for the steps."""
     from lightning_queue.models import Rollout, RolloutResult
 
-    m = 100 if b.quick else 1000
     store = b.client.store
     rollouts = [Rollout(input={"i": i}) for i in range(m)]
     store.create_rollouts(rollouts)
@@ -315,16 +322,42 @@ def worker_steps(b: Bench, rows: list[Row], lq_commands: float, bare_commands: f
         t4 = time.perf_counter()
         for timer, start, end in zip(timers, (t0, t1, t2, t3), (t1, t2, t3, t4)):
             timer.append(end - start)
-    delta = calls_delta(before, calls_now(b.redis))
+    return [r.rollout_id for r in rollouts], steps, calls_delta(before, calls_now(b.redis))
+
+
+def worker_steps(b: Bench, rows: list[Row], lq_commands: float, bare_commands: float) -> None:
+    """What one rollout costs a worker in Redis, step by step: the runner's four round trips
+    (read the record, claim, start, finish) timed in this process, and the commands Redis
+    runs for them, top-level and inside the Lua scripts (``INFO commandstats`` counts both)."""
+    m = 100 if b.quick else 1000
+    _, steps, delta = run_steps(b, m)
     top = delta.get("evalsha", 0) + delta.get("hgetall", 0)
+    inside = sum(delta.values()) - top
     rows.append((f"worker round trips per rollout, in process ({m} rollouts, one at a time)",
-                 (f"{top / m:.0f} round trips, {sum(delta.values()) / m:.1f} commands "
-                 f"({(sum(delta.values()) - top) / m:.1f} inside Lua scripts)"), ""))
+                 f"{top / m:.0f} round trips, {sum(delta.values()) / m:.1f} commands ({inside / m:.1f} inside Lua scripts)",
+                 ""))
     for name, samples in steps.items():
         rows.append((f"  {name}", f"median {statistics.median(samples) * 1e3:.3f} ms", ""))
-    outside = lq_commands - (sum(delta.values()) - top) / m
+    outside = lq_commands - inside / m
     rows.append(("Redis commands per rollout outside Lua scripts: lightning-queue / bare Celery",
                  f"{outside:.1f} / {bare_commands:.1f} (+{outside - bare_commands:.1f})", "Celery's + a handful"))
+
+
+def memory_tuned(b: Bench, rows: list[Row], own_server: bool) -> None:
+    """Memory per finished rollout when Redis keeps hashes with values up to 256 bytes as
+    listpacks (default 64: a rollout's config and result JSON are longer, which turns its
+    hashes into hash tables, about twice the size)."""
+    label = "  the same with hash-max-listpack-value 256"
+    if not own_server:
+        rows.append((label, "n/a: not changing the config of a server given with --redis-url", ""))
+        return
+    previous = b.redis.config_get("hash-max-listpack-value")["hash-max-listpack-value"]
+    b.redis.config_set("hash-max-listpack-value", 256)
+    try:
+        ids, _, _ = run_steps(b, 200)
+    finally:
+        b.redis.config_set("hash-max-listpack-value", previous)
+    rows.append(memory_row(label, memory_bytes(b, ids), "< 2 KB"))
 
 
 def batch_enqueue(b: Bench, rows: list[Row]) -> None:
@@ -444,6 +477,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rollouts and rounds (a smoke run, ~1 min)")
     parser.add_argument("--redis-url", help="use this Redis instead of starting a redis-server of our own")
     args = parser.parse_args()
+    # Stopped with SIGTERM: unwind, so the workers and the redis-server started here stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = None
     if args.redis_url:
         if not ping(args.redis_url):
@@ -462,6 +497,7 @@ def main() -> int:
         try:
             last = overhead(b, rows)
             memory(b, rows, last["lq_done"], last["bare_done"])
+            memory_tuned(b, rows, server is not None)
             worker_steps(b, rows, last["lq_commands"], last["bare_commands"])
             batch_enqueue(b, rows)
             latency_rows(rows, *last["latencies"])
