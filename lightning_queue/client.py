@@ -201,8 +201,9 @@ class LightningClient:
         ``check_resources=False``, which also leaves pinned versions to run
         time; an unknown id raises :class:`ResourcesNotFoundError` before
         anything is written), one MULTI/EXEC for all records, one pipeline for
-        all task messages. If publishing fails the records are marked
-        ``failed`` and :class:`EnqueueError` is raised.
+        all task messages and one for their task-sent events (Flower's). If
+        publishing fails the records are marked ``failed`` and
+        :class:`EnqueueError` is raised.
         """
         queue = queue or self.settings.queue
         rollouts = []
