@@ -11,7 +11,9 @@ and copies it per rollout into the envelope kombu's Redis transport stores
 with one LPUSH per queue and chunk, in one pipeline, and their task-sent
 events as ``task.multi`` lists, the form workers use for their own buffered
 events and that Flower reads. Not sent: Celery's ``before_task_publish`` /
-``after_task_publish`` signals (nothing here connects to them).
+``after_task_publish`` signals; nothing in lightning-queue listens to them, but
+instrumentation hooked on them (tracing that injects headers, say) does not see
+rollout messages.
 """
 
 from __future__ import annotations
