@@ -430,7 +430,10 @@ def scaling(b: Bench, rows: list[Row]) -> None:
     try:
         import gevent  # noqa: F401
 
-        pools.append("gevent")
+        if b.quick:
+            rows.append(("scaling, gevent pool", "skipped in --quick", ""))
+        else:
+            pools.append("gevent")
     except ImportError:
         rows.append(("scaling, gevent pool", "skipped: gevent not installed (pip install '.[bench]')", ""))
     concurrency = 100 if b.quick else 200
