@@ -114,6 +114,12 @@ def calls_now(client: redis.Redis) -> dict[str, int]:
     return command_calls(client.info("commandstats"))
 
 
+def cpu_now(client: redis.Redis) -> float:
+    """CPU seconds the Redis server process has used (user + system)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 @contextmanager
 def workers(app: str, env: dict[str, str], queue: str, concurrency: int, pool: str = "prefork",
             name: str = "w", logdir: str = "", timeout: float = 90.0) -> Iterator[WorkerProcess]:
@@ -233,6 +239,7 @@ def overhead(b: Bench, rows: list[Row]) -> dict[str, Any]:
     n, rounds = (200, 2) if b.quick else (2000, 3)
     rates: dict[str, list[float]] = {"lq": [], "bare": []}
     deltas: dict[str, dict[str, int]] = {}
+    cpu: dict[str, list[float]] = {"lq": [], "bare": []}
     last: dict[str, list[Any]] = {}
     with b.lq_workers(2), b.bare_workers(2):
         b.lq_run(50)  # warm-up: connections, imports, snapshot caches, scripts loaded
@@ -240,9 +247,10 @@ def overhead(b: Bench, rows: list[Row]) -> dict[str, Any]:
         for i in range(rounds):
             sides: list[tuple[str, Callable[[int], tuple[float, list[Any]]]]] = [("lq", b.lq_run), ("bare", b.bare_run)]
             for side, run in sides if i % 2 == 0 else sides[::-1]:  # alternate who goes first
-                before = calls_now(b.redis)
+                before, cpu_before = calls_now(b.redis), cpu_now(b.redis)
                 elapsed, done = run(n)
                 deltas[side] = calls_delta(before, calls_now(b.redis))
+                cpu[side].append((cpu_now(b.redis) - cpu_before) / n)
                 rates[side].append(n / elapsed)
                 last[side] = done
         latencies = latency(b)
@@ -252,6 +260,9 @@ def overhead(b: Bench, rows: list[Row]) -> dict[str, Any]:
     rows.append(("end to end, no-op, 2 prefork procs: bare Celery, Redis result backend, ResultSet.get",
                  f"{bare:,.0f} tasks/s  (rounds: {', '.join(f'{r:.0f}' for r in rates['bare'])})", ""))
     rows.append(("  ratio lightning-queue / bare Celery", f"{lq / bare:.2f}x", ">= 0.8x"))
+    lq_cpu, bare_cpu = statistics.median(cpu["lq"]), statistics.median(cpu["bare"])
+    rows.append(("Redis server CPU per rollout (median of rounds): lightning-queue / bare Celery",
+                 f"{lq_cpu * 1e6:.0f} µs / {bare_cpu * 1e6:.0f} µs: one Redis core ~{1 / lq_cpu:,.0f} rollouts/s", ""))
     for side, label in (("lq", "lightning-queue"), ("bare", "bare Celery")):
         total = sum(deltas[side].values())
         rows.append((f"Redis commands per rollout, every one (Lua-internal too), {label}", f"{total / n:.1f}", ""))

@@ -15,6 +15,7 @@ ROWS = [
     "end to end, no-op, 2 prefork procs: lightning-queue",
     "end to end, no-op, 2 prefork procs: bare Celery",
     "ratio lightning-queue / bare Celery",
+    "Redis server CPU per rollout",
     "Redis commands per rollout, every one (Lua-internal too), lightning-queue",
     "Redis commands per rollout, every one (Lua-internal too), bare Celery",
     "Redis memory per finished rollout, besides its payload",
