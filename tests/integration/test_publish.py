@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 from lightning_queue import LightningClient, RolloutConfig
@@ -23,8 +24,22 @@ def _normalized(raw: bytes) -> dict[str, Any]:
     return message
 
 
+def _events(pubsub: Any, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The next ``count`` Celery events published (a ``task.multi`` message carries several)."""
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(events) < count and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message and message["type"] == "pmessage":
+            body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+            events += body if isinstance(body, list) else [body]
+    return events
+
+
 def test_batch_messages_match_send_task(client: LightningClient) -> None:
     queue = f"{client.settings.key_prefix}-sink"  # no worker listens there
+    pubsub = client.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(f"{client.settings.keys.celery_prefix}*celeryev*")  # what Flower reads
     limited = RolloutConfig(timeout_seconds=5)
     ours = client.enqueue_rollouts([1, 2], config=limited, queue=queue, check_resources=False)
     grace = client.settings.hard_timeout_grace_seconds
@@ -41,3 +56,12 @@ def test_batch_messages_match_send_task(client: LightningClient) -> None:
     assert _normalized(first) == _normalized(reference)
     kwargs = json.loads(base64.b64decode(json.loads(first)["body"]))[1]
     assert kwargs == task_kwargs(ours[0], kwargs["registry_seq"])
+    # Their task-sent events: the same fields as send_task's, one per message.
+    events = _events(pubsub, 3)
+    pubsub.close()
+    assert [e["uuid"] for e in events] == [ours[0].rollout_id, ours[1].rollout_id, "ro-reference"]
+    varying = {"uuid", "root_id", "kwargs", "timestamp", "clock"}
+    mine, reference_event = events[0], events[2]
+    assert {k: v for k, v in mine.items() if k not in varying} == {
+        k: v for k, v in reference_event.items() if k not in varying}
+    assert set(mine) == set(reference_event) and mine["type"] == "task-sent"
