@@ -168,6 +168,7 @@ class Bench:
         self.client = LightningClient(self.settings)
         self.client.add_resources({"prompt": PromptTemplate(template="{question}")}, "bench")
         self.redis = redis.Redis.from_url(url)
+        # The bare workers build their app from these at import; they inherit them from this process.
         os.environ["BENCH_REDIS_URL"], os.environ["BENCH_PREFIX"] = url, f"{self.prefix}-bare"
         import bare_celery
 
