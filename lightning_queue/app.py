@@ -203,6 +203,15 @@ def check_visibility_timeout(settings: Settings) -> str | None:
     return None
 
 
+def _sends_process_init(pool_cls: Any) -> bool:
+    """Whether a worker with this pool (a class or a name like ``"threads"``) sends
+    ``worker_process_init``: prefork does in each child, solo in the worker itself."""
+    from celery import concurrency
+
+    module = getattr(concurrency.get_implementation(pool_cls), "__module__", "")
+    return module in ("celery.concurrency.prefork", "celery.concurrency.solo")
+
+
 def create_app(settings: Settings | None = None, agent: LitAgent | str | None = None) -> LightningCelery:
     """Build a Celery app for lightning-queue, with the rollout and retention tasks registered
     (retention is scheduled for ``celery beat`` when ``gc_interval_seconds`` is set).
@@ -225,6 +234,10 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
             warning = check_visibility_timeout(app.lightning_settings)
             if warning:
                 log.warning("%s", warning)
+            if not _sends_process_init(sender.pool_cls):
+                # Thread, gevent and eventlet pools run rollouts in this very process and never
+                # send worker_process_init: without this their rollouts would all skip the cache.
+                _start_cache()
 
     @signals.task_received.connect(weak=False)
     def _note_received(sender: Any = None, **_: Any) -> None:
@@ -242,6 +255,7 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
             app._lightning_client = None
             attach_cache(app.lightning, f"{app.worker_hostname}:{os.getpid()}")
 
+    @signals.worker_shutdown.connect(weak=False)  # the pools that send no worker_process_shutdown
     @signals.worker_process_shutdown.connect(weak=False)
     def _stop_cache(**_: Any) -> None:
         cache = getattr(app._lightning_client, "cache", None)

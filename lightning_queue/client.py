@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .connections import connect, text
 from .errors import DuplicateRolloutIdError, EnqueueError, ResourcesNotFoundError
+from .messages import publish_rollouts
 from .models import (
     ErrorInfo,
     Resource,
@@ -23,7 +24,6 @@ from .models import (
 from .health import WorkerHealth, worker_health
 from .registry import LATEST, DeleteReport, PointerMove, SnapshotRegistry
 from .retention import RetentionReport, apply_retention
-from .runner import TASK_NAME
 from .settings import Settings
 from .store import RolloutStore
 
@@ -221,8 +221,9 @@ class LightningClient:
         ``check_resources=False``, which also leaves pinned versions to run
         time; an unknown id raises :class:`ResourcesNotFoundError` before
         anything is written), one MULTI/EXEC for all records, one pipeline for
-        all task messages. If publishing fails the records are marked
-        ``failed`` and :class:`EnqueueError` is raised.
+        all task messages and one for their task-sent events (Flower's). If
+        publishing fails the records are marked ``failed`` and
+        :class:`EnqueueError` is raised.
 
         Idempotent enqueue: a request with a ``rollout_id`` (or an
         ``idempotency_key``, which names one) whose rollout already exists
@@ -290,34 +291,28 @@ class LightningClient:
         return [existing[r.rollout_id][0] if r.rollout_id in existing else r for r in rollouts]
 
     def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0, countdown: float | None = None) -> None:
-        """Send one task message per rollout (ids only), batched into one Redis pipeline.
+        """Send one task message per rollout (ids only): the batch's messages in one Redis
+        pipeline, built from one Celery-made message (see :mod:`lightning_queue.messages`).
 
         ``registry_seq`` tells worker caches how recent a registry state the
         rollouts need (see :mod:`lightning_queue.cache`). ``countdown`` delays
         the messages (a retry's backoff).
         """
         settings = self.settings
+        limits = []
+        for rollout in rollouts:
+            limit = rollout.config.timeout_seconds or settings.default_timeout_seconds
+            hard = limit + settings.hard_timeout_grace_seconds if limit else None
+            if hard and hard > settings.visibility_timeout:
+                log.warning(
+                    "rollout %s may run %.0f s, longer than the visibility timeout (%d s): the broker "
+                    "would hand it to a second worker meanwhile; raise LQ_VISIBILITY_TIMEOUT on workers "
+                    "and clients", rollout.rollout_id, hard, settings.visibility_timeout,
+                )
+            limits.append((hard, limit or None))
         try:
-            with self.app.producer_or_acquire() as producer, producer.batch():
-                for rollout in rollouts:
-                    limit = rollout.config.timeout_seconds or settings.default_timeout_seconds
-                    limits = {"soft_time_limit": limit, "time_limit": limit + settings.hard_timeout_grace_seconds} if limit else {}
-                    if limit and limits["time_limit"] > settings.visibility_timeout:
-                        log.warning(
-                            "rollout %s may run %.0f s, longer than the visibility timeout (%d s): the broker "
-                            "would hand it to a second worker meanwhile; raise LQ_VISIBILITY_TIMEOUT on workers "
-                            "and clients", rollout.rollout_id, limits["time_limit"], settings.visibility_timeout,
-                        )
-                    self.app.send_task(
-                        TASK_NAME,
-                        kwargs={"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id,
-                                "resources_version": rollout.resources_version, "registry_seq": registry_seq},
-                        task_id=rollout.rollout_id,
-                        queue=rollout.queue,
-                        producer=producer,
-                        countdown=countdown,
-                        **limits,
-                    )
+            with self.app.producer_or_acquire() as producer:
+                publish_rollouts(self.app, producer, rollouts, limits, registry_seq, countdown)
         except Exception as exc:
             ids = [r.rollout_id for r in rollouts]
             error = ErrorInfo(type=type(exc).__name__, message=f"the task message could not be published: {exc}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
@@ -100,47 +102,66 @@ def test_enqueue_unknown_snapshot_unchecked(fake_client: LightningClient, publis
     assert published == [[rollout.rollout_id]]
 
 
-class FakeProducer:
-    @contextmanager
-    def batch(self) -> Iterator[None]:
-        yield
-
-
 class FakeApp:
-    """The two things ``publish`` uses of the Celery app; ``fail`` makes the broker unreachable."""
+    """What ``publish`` uses of the Celery app; ``fail`` makes the broker unreachable."""
 
     def __init__(self, fail: BaseException | None = None) -> None:
         self.fail = fail
-        self.sent: list[tuple[str, dict[str, Any]]] = []
 
     @contextmanager
-    def producer_or_acquire(self) -> Iterator[FakeProducer]:
-        yield FakeProducer()
-
-    def send_task(self, name: str, **options: Any) -> None:
+    def producer_or_acquire(self) -> Iterator[object]:
         if self.fail is not None:
             raise self.fail
-        self.sent.append((name, options))
+        yield object()
 
 
-def test_publish_sends_one_message_per_rollout(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    app = FakeApp()
-    monkeypatch.setattr(fake_client, "_app", app)
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], list[tuple[Any, Any]], int]]:
+    """What ``publish`` hands the message builder: (rollout ids, (hard, soft) limits, registry seq)."""
+    calls: list[tuple[list[str], list[tuple[Any, Any]], int]] = []
+
+    def publish_rollouts(app: Any, producer: Any, rollouts: Sequence[Rollout], limits: Any, seq: int = 0) -> None:
+        calls.append(([r.rollout_id for r in rollouts], list(limits), seq))
+
+    monkeypatch.setattr("lightning_queue.client.publish_rollouts", publish_rollouts)
+    return calls
+
+
+def test_publish_sends_one_message_per_rollout(
+    fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch, sent: list[Any]
+) -> None:
+    monkeypatch.setattr(fake_client, "_app", FakeApp())
     monkeypatch.setattr(fake_client.settings, "default_timeout_seconds", 30.0)
     plain, limited = fake_client.enqueue_rollouts(
         [1, RolloutRequest(input=2, resources_id="rs-x", config=RolloutConfig(timeout_seconds=5))],
         check_resources=False,
     )
     grace = fake_client.settings.hard_timeout_grace_seconds
-    assert [name for name, _ in app.sent] == [TASK_NAME, TASK_NAME]
-    (_, first), (_, second) = app.sent
-    assert first["task_id"] == plain.rollout_id and first["queue"] == fake_client.settings.queue
-    assert first["kwargs"] == {"rollout_id": plain.rollout_id, "resources_id": None, "resources_version": None,
-                               "registry_seq": 0}
-    assert (first["soft_time_limit"], first["time_limit"]) == (30.0, 30.0 + grace)  # the default limit
-    assert second["kwargs"] == {"rollout_id": limited.rollout_id, "resources_id": "rs-x",
-                                "resources_version": None, "registry_seq": 0}
-    assert (second["soft_time_limit"], second["time_limit"]) == (5, 5 + grace)  # the rollout's own
+    [(ids, limits, seq)] = sent  # one batch
+    assert ids == [plain.rollout_id, limited.rollout_id] and seq == 0
+    assert limits == [(30.0 + grace, 30.0), (5 + grace, 5)]  # the default limit, the rollout's own
+
+
+def test_built_messages_are_celery_task_messages(fake_client: LightningClient) -> None:
+    from lightning_queue.app import create_app
+    from lightning_queue.messages import build_messages
+
+    app = create_app(fake_client.settings)  # builds messages without a broker
+    plain = Rollout(input=1, queue="q1")
+    pinned = Rollout(input=2, queue="q2", resources_id="rs-x", resources_version=3)
+    batch = build_messages(app, [plain, pinned], [(None, None), (15.0, 5.0)], registry_seq=7)
+    assert list(batch.by_queue) == ["q1", "q2"]
+    first, second = (json.loads(batch.by_queue[q][0]) for q in ("q1", "q2"))
+    assert first["headers"]["task"] == TASK_NAME and first["headers"]["id"] == plain.rollout_id
+    assert second["headers"]["timelimit"] == [15.0, 5.0] and first["headers"]["timelimit"] == [None, None]
+    assert "'resources_id': 'rs-x'" in second["headers"]["kwargsrepr"]  # what Flower shows
+    assert second["properties"]["delivery_info"] == {"exchange": "", "routing_key": "q2"}
+    assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
+    args, kwargs, _ = json.loads(base64.b64decode(second["body"]))
+    assert args == [] and kwargs == {"rollout_id": pinned.rollout_id, "resources_id": "rs-x",
+                                     "resources_version": 3, "registry_seq": 7}
+    assert [(e["type"], e["uuid"], e["queue"]) for e in batch.sent_events] == [
+        ("task-sent", plain.rollout_id, "q1"), ("task-sent", pinned.rollout_id, "q2")]
 
 
 def test_publish_failure_fails_rollouts_and_raises(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,6 +264,7 @@ def test_publish_warns_when_a_time_limit_outlasts_the_visibility_timeout(
     fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(fake_client, "_app", FakeApp())
+    monkeypatch.setattr("lightning_queue.client.publish_rollouts", lambda *args: None)
     monkeypatch.setattr(fake_client.settings, "visibility_timeout", 100)
     fake_client.enqueue_rollout(1, config=RolloutConfig(timeout_seconds=50), check_resources=False)
     assert "visibility timeout" not in caplog.text

@@ -1,0 +1,54 @@
+"""The queue benchmark runs end to end (``--quick``) and prints every row. No timing is asserted."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_queue.py"
+
+ROWS = [
+    "end to end, no-op, 2 prefork procs: lightning-queue",
+    "end to end, no-op, 2 prefork procs: bare Celery",
+    "ratio lightning-queue / bare Celery",
+    "Redis server CPU per rollout",
+    "Redis commands per rollout, every one (Lua-internal too), lightning-queue",
+    "Redis commands per rollout, every one (Lua-internal too), bare Celery",
+    "Redis memory per finished rollout, besides its payload",
+    "bare Celery's result (celery-task-meta key)",
+    "worker round trips per rollout",
+    "get_rollout (HGETALL)",
+    "claim (EVALSHA)",
+    "start_attempt (EVALSHA)",
+    "finish_attempt (EVALSHA)",
+    "Redis commands per rollout outside Lua scripts",
+    "batch enqueue of 1,000: enqueue_rollouts",
+    "plain apply_async loop of 1,000",
+    "ratio enqueue_rollouts / apply_async loop",
+    "result latency, agent return -> wait_for_rollouts",
+    "bare Celery, task return -> AsyncResult.get",
+    "scaling, no-op, 1 prefork process ",
+    "scaling, no-op, 2 prefork processes",
+    "scaling, no-op, 4 prefork processes",
+    "scaling, 50 ms agents, 1 process, --pool threads",
+    "scaling, 1 s agents, 1 process, --pool threads",
+    "threads pool: rollouts all succeeded",
+    "bare Celery, 50 ms task, --pool threads",
+]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the benchmark starts its own redis-server")
+def test_bench_queue_quick_prints_every_row() -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick"], check=False, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = run.stdout.split("\nmeasure", 1)[1]
+    missing = [row for row in ROWS if row not in table]
+    assert not missing, f"rows missing: {missing}\n{run.stdout}\n{run.stderr[-3000:]}"
+    # The thread pool's worker process attached its snapshot cache (it never sends worker_process_init).
+    threads = next(line for line in table.splitlines() if "threads pool: rollouts all succeeded" in line)
+    assert "hits 0," not in threads and "(0 cache)" not in threads, threads
