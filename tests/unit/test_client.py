@@ -120,7 +120,8 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], list[tuple[An
     """What ``publish`` hands the message builder: (rollout ids, (hard, soft) limits, registry seq)."""
     calls: list[tuple[list[str], list[tuple[Any, Any]], int]] = []
 
-    def publish_rollouts(app: Any, producer: Any, rollouts: Sequence[Rollout], limits: Any, seq: int = 0) -> None:
+    def publish_rollouts(app: Any, producer: Any, rollouts: Sequence[Rollout], limits: Any, seq: int = 0,
+                         countdown: float | None = None) -> None:
         calls.append(([r.rollout_id for r in rollouts], list(limits), seq))
 
     monkeypatch.setattr("lightning_queue.client.publish_rollouts", publish_rollouts)
@@ -140,6 +141,23 @@ def test_publish_sends_one_message_per_rollout(
     [(ids, limits, seq)] = sent  # one batch
     assert ids == [plain.rollout_id, limited.rollout_id] and seq == 0
     assert limits == [(30.0 + grace, 30.0), (5 + grace, 5)]  # the default limit, the rollout's own
+
+
+def test_a_countdown_becomes_the_eta_of_every_message_in_the_batch(fake_client: LightningClient) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from lightning_queue.app import create_app
+    from lightning_queue.messages import build_messages
+
+    app = create_app(fake_client.settings)
+    now = datetime.now(timezone.utc)
+    batch = build_messages(app, [Rollout(input=1, queue="q"), Rollout(input=2, queue="q")], [(None, None)] * 2,
+                           countdown=30)
+    etas = {json.loads(m)["headers"]["eta"] for m in batch.by_queue["q"]}
+    [eta] = etas
+    assert timedelta(seconds=29) < datetime.fromisoformat(eta) - now < timedelta(seconds=40)
+    assert json.loads(build_messages(app, [Rollout(input=1, queue="q")], [(None, None)]).by_queue["q"][0])[
+        "headers"]["eta"] is None
 
 
 def test_built_messages_are_celery_task_messages(fake_client: LightningClient) -> None:
