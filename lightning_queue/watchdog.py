@@ -56,17 +56,19 @@ class _Open:
 
 
 class Heartbeat:
-    """Keeps the heartbeat of the attempt this process runs fresh, from a daemon thread.
+    """Keeps the heartbeats of the attempts this process runs fresh, from one daemon thread.
 
     One per process, started on first use (after the pool's fork: threads do
-    not survive one). The rollout's own thread only sets and clears which
-    attempt is open, so a short rollout pays nothing.
+    not survive one). A prefork child runs one attempt at a time; a thread or
+    gevent pool runs many at once in one process, so every open attempt is
+    tracked. The rollout's own thread only registers and unregisters its
+    attempt, so a short rollout pays nothing.
     """
 
     def __init__(self, store: RolloutStore, interval: float) -> None:
         self.store = store
         self.interval = interval
-        self._open: _Open | None = None
+        self._open: dict[tuple[str, int], _Open] = {}
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -74,11 +76,19 @@ class Heartbeat:
     def attempt(self, rollout_id: str, sequence_id: int) -> Iterator[None]:
         """Beat for attempt ``sequence_id`` of ``rollout_id`` while the block runs."""
         self._start()
-        self._open = _Open(rollout_id, sequence_id)
+        key = (rollout_id, sequence_id)
+        with self._lock:
+            self._open[key] = _Open(rollout_id, sequence_id)
         try:
             yield
         finally:
-            self._open = None
+            with self._lock:
+                self._open.pop(key, None)
+
+    def open_attempts(self) -> list[tuple[str, int]]:
+        """The attempts this process is beating for now."""
+        with self._lock:
+            return list(self._open)
 
     def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -92,21 +102,25 @@ class Heartbeat:
         # Wake twice per interval so a beat is never more than 1.5 intervals after the last.
         while True:
             time.sleep(self.interval / 2)
-            current = self._open
-            if current is None or not current.alive or time.monotonic() - current.last_beat < self.interval:
-                continue
-            try:
-                current.alive = self.store.heartbeat(current.rollout_id, current.sequence_id)
-                current.last_beat = time.monotonic()
-            except redis.RedisError as exc:
-                # Keep trying: if Redis stays away long enough the watchdog will close the attempt.
-                log.warning("rollout %s: heartbeat failed (%s)", current.rollout_id, exc)
-                continue
-            if not current.alive:
-                log.warning(
-                    "rollout %s attempt %d is no longer open (declared unresponsive or lost, or cancelled); "
-                    "its result will be refused", current.rollout_id, current.sequence_id,
-                )
+            now = time.monotonic()
+            with self._lock:
+                due = [o for o in self._open.values() if o.alive and now - o.last_beat >= self.interval]
+            for current in due:
+                self._beat(current)
+
+    def _beat(self, current: _Open) -> None:
+        try:
+            current.alive = self.store.heartbeat(current.rollout_id, current.sequence_id)
+            current.last_beat = time.monotonic()
+        except redis.RedisError as exc:
+            # Keep trying: if Redis stays away long enough the watchdog will close the attempt.
+            log.warning("rollout %s: heartbeat failed (%s)", current.rollout_id, exc)
+            return
+        if not current.alive:
+            log.warning(
+                "rollout %s attempt %d is no longer open (declared unresponsive or lost, or cancelled); "
+                "its result will be refused", current.rollout_id, current.sequence_id,
+            )
 
 
 def heartbeat_of(client: LightningClient) -> Heartbeat:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Callable
@@ -209,7 +210,25 @@ def test_heartbeat_thread_beats_while_the_attempt_runs(store: RolloutStore, make
             time.sleep(0.01)
     assert deadline(store, rid) > time.time()
     # After the block the thread has no attempt to beat for (it stays, for the next rollout).
-    assert beat._open is None and beat._thread is not None and beat._thread.is_alive()
+    assert beat.open_attempts() == [] and beat._thread is not None and beat._thread.is_alive()
+
+
+def test_every_attempt_open_in_one_process_is_kept_alive(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    # Thread and gevent pools run many attempts in one process: each needs its own beats.
+    rollouts = make_rollouts(3)
+    seqs = {r.rollout_id: running(store, r) for r in rollouts}
+    store.redis.zadd(store.keys.heartbeats, {rid: 1.0 for rid in seqs})
+    beat = Heartbeat(store, interval=0.05)
+    with contextlib.ExitStack() as stack:
+        for rid, seq in seqs.items():
+            stack.enter_context(beat.attempt(rid, seq))
+        assert sorted(beat.open_attempts()) == sorted(seqs.items())
+        limit = time.monotonic() + 30
+        while any(deadline(store, rid) == 1.0 for rid in seqs):
+            assert time.monotonic() < limit, "an open attempt got no heartbeat"
+            time.sleep(0.01)
+    assert all(deadline(store, rid) > time.time() for rid in seqs)
+    assert beat.open_attempts() == []
 
 
 def test_a_short_attempt_sends_no_heartbeat(store: RolloutStore, make_rollouts: MakeRollouts,
