@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery, signals
 
 from .agent import LitAgent
+from .connections import broker_ssl_options
 from .errors import AgentNotConfiguredError, ConfigurationError
 from .retention import register_retention
 from .runner import TASK_NAME, register_tasks
@@ -38,6 +39,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": max(1, min(30, settings.visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
         },
+        # rediss://: kombu takes TLS options from here, not from the URL (see broker_ssl_options).
+        **({"broker_use_ssl": ssl} if (ssl := broker_ssl_options(settings.redis_url)) else {}),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         # Messages carry ids only; JSON keeps them readable in Flower and refuses pickle.

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .client import LightningClient
-from .errors import ConfigurationError, LightningQueueError
+from .errors import ConfigurationError, LightningQueueError, RedisAuthError, RedisUnavailableError
 from .models import ResourcesUpdate, Rollout, RolloutConfig
 from .retention import RetentionReport
 from .settings import Settings
@@ -106,9 +106,13 @@ def worker(
 
     sys.path.insert(0, os.getcwd())
     load_agent(agent)  # fail here, with a clear message, rather than inside celery
+    from .connections import check_connection
     from .fleet import worker_env
 
     settings = _settings()
+    # Celery would retry an unreachable or password-refusing broker forever, logging each try:
+    # a worker started by hand says what is wrong at once instead.
+    check_connection(settings.redis_url)
     env = worker_env(settings, agent, pythonpath=[os.getcwd()])
     argv = [sys.executable, "-m", "celery", "-A", "lightning_queue.app", "worker", "-Q", settings.queue,
             "--loglevel", loglevel]
@@ -453,8 +457,10 @@ def _user_error(exc: BaseException) -> str | None:
 
     if isinstance(exc, (LightningQueueError, ConfigurationError, ValidationError)):
         return str(exc)
+    if isinstance(exc, redis.AuthenticationError):
+        return str(RedisAuthError(_settings().redis_url, exc))
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"cannot reach Redis at {_settings().redis_url}: {exc}"
+        return str(RedisUnavailableError(_settings().redis_url, exc))  # names the URL, password masked
     return None
 
 

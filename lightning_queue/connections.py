@@ -12,14 +12,15 @@ import time
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources as importlib_resources
-from urllib.parse import urlparse
+from typing import Any
+from urllib.parse import parse_qsl, urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .errors import RedisUnavailableError
+from .errors import InvalidRedisUrlError, RedisAuthError, RedisUnavailableError
 from .keys import ROLLOUT_STATUSES
 
 log = logging.getLogger(__name__)
@@ -30,20 +31,86 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, check: bool = True) -> redis.Redis:
     """A client for ``url`` that rides out short connection drops.
 
     Commands are retried with exponential backoff (about 10 s in all) on
     connection errors and time-outs, so a Redis restart or a network blip does
     not fail a rollout half way; a longer outage raises ``redis.ConnectionError``.
+
+    With ``check`` (the default) the server is asked once now, so a bad
+    configuration fails here with a clear error rather than on first use:
+    :class:`InvalidRedisUrlError` for a URL Redis clients cannot parse,
+    :class:`RedisAuthError` for refused credentials (at once, not retried),
+    :class:`RedisUnavailableError` when nothing answers through the backoff.
+    Every message names the URL with its password masked.
+    TLS options go in the URL's query (``rediss://host:6380/0?ssl_ca_certs=/ca.pem``).
     """
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=30,
-        socket_keepalive=True,
-    )
+    try:
+        client = redis.Redis.from_url(
+            url,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            health_check_interval=30,
+            socket_keepalive=True,
+        )
+    except ValueError as exc:
+        raise InvalidRedisUrlError(url, exc) from None
+    if check:
+        check_connection(url, client)
+    return client
+
+
+def check_connection(url: str, client: redis.Redis | None = None) -> None:
+    """Raise :class:`RedisAuthError`, :class:`RedisUnavailableError` or
+    :class:`InvalidRedisUrlError` unless Redis at ``url`` answers a PING.
+
+    Credentials are checked first on a connection without retries: the
+    retrying client counts a refused password as a connection error and would
+    spend its whole backoff on it.
+    """
+    try:
+        probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    except ValueError as exc:
+        raise InvalidRedisUrlError(url, exc) from None
+    try:
+        probe.ping()
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise RedisAuthError(url, exc) from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        if client is None:
+            raise RedisUnavailableError(url, exc) from None
+        try:
+            client.ping()  # through the backoff: Redis may be starting
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as again:
+            raise RedisAuthError(url, again) from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as again:
+            raise RedisUnavailableError(url, again) from None
+    finally:
+        probe.close()
+
+
+def broker_ssl_options(url: str) -> dict[str, Any] | None:
+    """The TLS options of a ``rediss://`` URL, as kombu's ``broker_use_ssl`` wants them.
+
+    redis-py reads ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile`` and
+    ``ssl_keyfile`` from the URL's query itself; kombu ignores them there and,
+    given no options, silently connects *without verifying* the server. This
+    hands it the same options, with ``ssl_cert_reqs=required`` (redis-py's
+    default) unless the URL says otherwise. ``None`` for a plain URL.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme != "rediss":
+        return None
+    query = dict(parse_qsl(parsed.query))
+    options: dict[str, Any] = {name: query[name] for name in _SSL_QUERY_OPTIONS if name in query}
+    options.setdefault("ssl_cert_reqs", "required")
+    if "ssl_check_hostname" in options:  # kombu passes values on as they are: a bool, as redis-py parses it
+        options["ssl_check_hostname"] = options["ssl_check_hostname"].lower() in ("1", "true", "yes", "y", "on")
+    return options
+
+
+_SSL_QUERY_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 
 
 def ping(url: str, timeout: float = 1.0) -> bool:

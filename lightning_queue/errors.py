@@ -21,12 +21,13 @@ class RedisUnavailableError(LightningQueueError):
     """Redis could not be reached (at start-up or mid-operation)."""
 
     def __init__(self, url: str, cause: BaseException | None = None) -> None:
-        detail = f": {cause}" if cause else ""
+        detail = f": {str(cause).rstrip('.')}" if cause else ""
+        # The password never appears in the message (it is logged and printed).
         super().__init__(
-            f"cannot reach Redis at {url}{detail}. Start a Redis server there, or point "
+            f"cannot reach Redis at {redacted_url(url)}{detail}. Start a Redis server there, or point "
             "LQ_REDIS_URL at one (e.g. redis://host:6379/0)."
         )
-        self.url = url
+        self.url = redacted_url(url)
 
 
 class InvalidResourcesError(LightningQueueError, ValueError):
@@ -195,3 +196,68 @@ class SnapshotInUseError(LightningQueueError):
         self.resources_id = resources_id
         self.pointers = pointers
         self.rollout_ids = rollout_ids
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``**`` (and its query dropped: it may name key files),
+    for messages and logs."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    try:
+        return maybe_sanitize_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL: show no part of it that may be a secret
+        return "<unparsable URL>"
+
+
+class InvalidRedisUrlError(ConfigurationError):
+    """``LQ_REDIS_URL`` (or ``--redis-url``) is not a URL Redis clients understand."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        detail = f" ({cause})" if cause else ""
+        super().__init__(
+            f"LQ_REDIS_URL {redacted_url(url)!r} is not a usable Redis URL{detail}; write it as "
+            "redis://[[user]:password@]host:port/db, rediss://... for TLS (CA options as query parameters, "
+            "e.g. ?ssl_ca_certs=/path/ca.pem), or unix:///path/redis.sock"
+        )
+        self.url = redacted_url(url)
+
+
+class RedisAuthError(RedisUnavailableError):
+    """Redis answered but refused the credentials in the URL (wrong or missing password or user)."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        LightningQueueError.__init__(
+            self,
+            f"Redis at {redacted_url(url)} refused the credentials ({cause}); put the right user and password in "
+            "LQ_REDIS_URL (redis://user:password@host:port/db, or redis://:password@... for requirepass) or "
+            "--redis-url",
+        )
+        self.url = redacted_url(url)
+
+
+class TemplateRenderError(LightningQueueError, KeyError):
+    """A prompt template names a variable it was not given (or fails to render with those it was given)."""
+
+    def __init__(self, template: str, missing: str, given: Iterable[str]) -> None:
+        shown = template if len(template) <= 60 else template[:57] + "..."
+        given_list = ", ".join(sorted(given)) or "none"
+        LightningQueueError.__init__(
+            self,
+            f"prompt template {shown!r} cannot render: {missing} (variables given: {given_list}); pass every "
+            "variable the template uses to format(), or change the template",
+        )
+        self.template = template
+        self.missing = missing
+
+    def __str__(self) -> str:  # KeyError would show the message quoted, as if it were a key
+        return str(self.args[0])
+
+
+class InvalidRolloutInputError(LightningQueueError, TypeError):
+    """A rollout's task input cannot be stored: it is not JSON-serializable."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            f"the rollout input is not JSON-serializable ({cause}); pass dicts, lists, strings, numbers, "
+            "booleans and None only (convert other objects, e.g. to str or a dict, before enqueuing)"
+        )
