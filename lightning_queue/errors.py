@@ -199,14 +199,18 @@ class SnapshotInUseError(LightningQueueError):
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its password replaced by ``**`` (and its query dropped: it may name key files),
-    for messages and logs."""
-    from kombu.utils.url import maybe_sanitize_url
-
-    try:
-        return maybe_sanitize_url(url)
-    except Exception:  # noqa: BLE001 - an unparsable URL: show no part of it that may be a secret
-        return "<unparsable URL>"
+    """``url`` with its password replaced by ``**`` and its query dropped (it may name key files or
+    carry a password), for messages and logs. Works on malformed URLs too: whatever stands before
+    the last ``@`` after the scheme is credentials."""
+    url = url.split("?", 1)[0]
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, userinfo = head.partition("://")
+    if not sep:
+        scheme, sep, userinfo = head.partition(":")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user + ':**' if colon else '**'}@{host}"
 
 
 class InvalidRedisUrlError(ConfigurationError):
