@@ -10,7 +10,8 @@ table lists every case, by the test names here.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fakeredis
 import pytest
@@ -131,7 +132,7 @@ def test_mistyped_secret_is_named_but_never_shown(fake_client: LightningClient) 
 
 def test_llm_endpoint_not_a_url(fake_client: LightningClient) -> None:
     for endpoint in ("localhost:8000", "not a url", "ftp://h/v1", "http://"):
-        raises(lambda: fake_client.add_resources({"llm": {"resource_type": "llm", "endpoint": endpoint, "model": "m"}}),
+        raises(lambda e=endpoint: fake_client.add_resources({"llm": {"resource_type": "llm", "endpoint": e, "model": "m"}}),
                InvalidResourcesError, "llm.endpoint", repr(endpoint), "http(s) URL", "e.g. http://")
 
 
@@ -247,7 +248,7 @@ def test_unknown_resources_id_at_enqueue(fake_client: LightningClient, published
 def test_unknown_pointer_at_enqueue(fake_client: LightningClient, published: list[str]) -> None:
     fake_client.add_resources({"p": PromptTemplate(template="x")}, "rs-a")
     for resolve in ("pinned", "following"):
-        raises(lambda: fake_client.enqueue_rollout("a", resources_id="prod", resolve=resolve),  # type: ignore[arg-type]
+        raises(lambda r=resolve: fake_client.enqueue_rollout("a", resources_id="prod", resolve=r),  # type: ignore[arg-type]
                ResourcesNotFoundError, "'prod'", "nothing was enqueued")
     assert published == []
 
