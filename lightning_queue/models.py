@@ -77,6 +77,16 @@ class Resource(BaseModel):
     def registered_types(cls) -> dict[str, type[Resource]]:
         return dict(Resource._registry)
 
+    @field_serializer("*", mode="wrap")
+    def _serialize_secret(self, value: Any, handler: Any, info: SerializationInfo) -> Any:
+        # Every SecretStr field (LLM.api_key, and any a user's resource declares) is written in
+        # clear only for storage (the REVEAL_SECRETS context); JSON anywhere else shows it masked.
+        if not isinstance(value, SecretStr):
+            return handler(value)
+        if (info.context or {}).get("reveal_secrets"):
+            return value.get_secret_value()
+        return value if info.mode == "python" else "**********"
+
 
 class LLM(Resource):
     """An LLM endpoint (any OpenAI-compatible server) and how to sample from it.
@@ -102,12 +112,6 @@ class LLM(Resource):
             )
         return value
 
-    @field_serializer("api_key", when_used="unless-none")
-    def _serialize_secret(self, value: SecretStr, info: SerializationInfo) -> str | SecretStr:
-        context = info.context or {}
-        if context.get("reveal_secrets"):
-            return value.get_secret_value()
-        return value if info.mode == "python" else "**********"
 
 
 class PromptTemplate(Resource):
