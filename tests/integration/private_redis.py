@@ -132,9 +132,10 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
-    """``private_redis(args=[...], tls=False)`` starts a server of the test's own; all are stopped after."""
+@pytest.fixture(name="private_redis")
+def private_redis_fixture(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    """``private_redis(args=[...], tls=False)`` starts a server of the test's own; all are stopped after.
+    Import ``private_redis_fixture`` into a test module to use it."""
     servers: list[PrivateRedis] = []
 
     def start(args: Sequence[str] = (), tls: bool = False) -> PrivateRedis:

@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lightning_queue import LLM, LightningClient, PromptTemplate, Settings
-from lightning_queue import cli
+from lightning_queue import LLM, LightningClient, PromptTemplate, Settings, cli
 from lightning_queue.app import celery_config, create_app
-from lightning_queue.errors import RedisAuthError, RedisUnavailableError, ResourcesNotFoundError, RolloutNotFoundError
+from lightning_queue.errors import (
+    RedisAuthError,
+    RedisUnavailableError,
+    ResourcesNotFoundError,
+    RolloutNotFoundError,
+)
 from lightning_queue.runner import TASK_NAME
 from tests.conftest import delete_prefix
-from tests.integration.private_redis import private_redis  # noqa: F401 (a fixture)
+from tests.integration.private_redis import private_redis_fixture  # noqa: F401 (the private_redis fixture)
 from tests.integration.security_agents import Vault
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +62,7 @@ def refused_everywhere(url: str, secret: str, where: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LQ_")}
     worker = subprocess.run([sys.executable, "-m", "lightning_queue.cli", "--redis-url", url, "worker", "--agent",
                              "tests.integration.agents:echo"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, check=False)
     assert worker.returncode == 1
     assert "refused the credentials" in worker.stderr and where in worker.stderr
     assert secret not in worker.stderr + worker.stdout and "Traceback" not in worker.stderr
@@ -100,9 +104,9 @@ def test_acl_user_whole_flow_confined_to_its_prefix(private_redis, start_workers
     # The user cannot read or write outside its prefix.
     import redis
 
-    with LightningClient(Settings(redis_url=url, key_prefix="other-team")) as outsider:
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            outsider.get_pointer("latest")
+    with LightningClient(Settings(redis_url=url, key_prefix="other-team")) as outsider, \
+            pytest.raises(redis.exceptions.NoPermissionError):
+        outsider.get_pointer("latest")
     refused_everywhere(server.url("lq", WRONG), WRONG, f"127.0.0.1:{server.port}")
     refused_everywhere(server.url("nobody", PASSWORD), PASSWORD, f"127.0.0.1:{server.port}")
 
@@ -186,7 +190,7 @@ class _Exploit:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple:
         return (os.mkdir, (self.path,))
 
 
