@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery, signals
 
 from .agent import LitAgent
-from .connections import broker_ssl_options
+from .connections import broker_ssl_options, connect
 from .errors import AgentNotConfiguredError, ConfigurationError
 from .retention import register_retention
 from .runner import TASK_NAME, register_tasks
@@ -122,7 +122,10 @@ class LightningCelery(Celery):
         if self._lightning_client is None:
             from .client import LightningClient
 
-            self._lightning_client = LightningClient(self.lightning_settings, app=self)
+            # No start-up check here: a worker's pool process made while Redis restarts must not
+            # die of it; its commands ride out the outage through the client's backoff instead.
+            redis_client = connect(self.lightning_settings.redis_url, check=False)
+            self._lightning_client = LightningClient(self.lightning_settings, app=self, redis_client=redis_client)
         return self._lightning_client
 
 
