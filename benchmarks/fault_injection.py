@@ -76,9 +76,14 @@ class OwnRedis:
                 sys.exit("redis-server did not start")
             time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits; ``kill``: SIGKILL, a crash, where
+        only what ``appendfsync`` already wrote survives."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: it flushes its append-only file and exits
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
             self.process.wait(30)
 
     def close(self) -> None:
@@ -111,7 +116,7 @@ def inject(args: argparse.Namespace, fleet: LocalFleet, own: OwnRedis | None, cl
             next_kill = time.monotonic() + rng.expovariate(1 / args.kill_interval)
             print(f"  {now - start:6.1f} s  killed {victim.name}, started a replacement", flush=True)
         if own is not None and now >= next_restart:
-            own.stop()
+            own.stop(kill=args.redis_signal == "KILL")
             time.sleep(rng.uniform(0.5, args.max_down))
             own.start()
             faults["Redis restarts"] += 1
@@ -166,6 +171,8 @@ def main() -> int:
     parser.add_argument("--max-attempts", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the rollouts afterwards")
     parser.add_argument("--appendfsync", choices=["always", "everysec"], default="always")
+    parser.add_argument("--redis-signal", choices=["TERM", "KILL"], default="TERM",
+                        help="stop Redis gracefully (TERM) or crash it (KILL)")
     parser.add_argument("--redis-url", help="use this Redis (no restarts) instead of starting one")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
@@ -179,7 +186,7 @@ def main() -> int:
     prefix = f"lqfaults-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q",
                         visibility_timeout=args.visibility_timeout)
-    print(f"Redis {url} ({'own, appendonly yes, appendfsync ' + args.appendfsync if own else 'given: no restarts'}), "
+    print(f"Redis {url} ({f'own, appendonly yes, appendfsync {args.appendfsync}, restarts by SIG{args.redis_signal}' if own else 'given: no restarts'}), "
           f"prefix {prefix}, {args.workers} workers, {args.rollouts} rollouts of {args.agent_seconds[0]}-"
           f"{args.agent_seconds[1]} s, {args.duration:.0f} s of faults, seed {seed}", flush=True)
     fleet = LocalFleet(settings, "fault_injection:agent", count=args.workers, pythonpath=[str(HERE)])
