@@ -168,5 +168,14 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
     return app
 
 
-app = create_app()
-"""The default app, configured from the environment: ``celery -A lightning_queue.app worker``."""
+app: LightningCelery  # made by __getattr__ below, on first use
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: the default app, configured from the environment (``celery -A lightning_queue.app
+    worker``). Built on first use, not at import, so a bad ``LQ_*`` setting fails where the app is
+    needed (the CLI says so in one line) rather than as a traceback on ``import lightning_queue``."""
+    if name == "app":
+        globals()["app"] = default = create_app()
+        return default
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -455,7 +455,12 @@ def _user_error(exc: BaseException) -> str | None:
     import redis
     from pydantic import ValidationError
 
-    if isinstance(exc, (LightningQueueError, ConfigurationError, ValidationError)):
+    if isinstance(exc, ValidationError):
+        from .models import describe_validation_error
+
+        where = " (from LQ_* variables or --redis-url/--prefix/--queue)" if exc.title == "Settings" else ""
+        return f"invalid {exc.title}{where}: {describe_validation_error(exc)}"
+    if isinstance(exc, (LightningQueueError, ConfigurationError)):
         return str(exc)
     if isinstance(exc, redis.AuthenticationError):
         return str(RedisAuthError(_settings().redis_url, exc))

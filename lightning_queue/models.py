@@ -11,8 +11,8 @@ from __future__ import annotations
 import string
 import time
 import uuid
-from urllib.parse import urlparse
 from typing import Annotated, Any, ClassVar, Literal, Mapping
+from urllib.parse import urlparse
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticSerializationError, to_json
 
-from .errors import InvalidResourcesError, InvalidRolloutInputError, TemplateRenderError, UnknownResourceTypeError
+from .errors import (
+    InvalidResourcesError,
+    InvalidRolloutInputError,
+    TemplateRenderError,
+    UnknownResourceTypeError,
+)
 
 RolloutMode = Literal["train", "val", "test"]
 RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
@@ -124,14 +129,14 @@ class PromptTemplate(Resource):
     @model_validator(mode="after")
     def _template_parses(self) -> PromptTemplate:
         # A template with a syntax error is refused when the snapshot is stored, not at rollout time.
+        import jinja2
+
         try:
             if self.engine == "f-string":
                 list(string.Formatter().parse(self.template))
             else:
-                import jinja2
-
                 jinja2.Environment().parse(self.template)
-        except Exception as exc:  # str.format's ValueError, or jinja2.TemplateSyntaxError
+        except (ValueError, jinja2.TemplateSyntaxError) as exc:
             raise ValueError(
                 f"field template: {self.engine} template does not parse ({exc}); "
                 + ("double literal braces as {{ and }}" if self.engine == "f-string" else "fix its Jinja syntax")
@@ -204,22 +209,26 @@ def validate_resources(resources: Mapping[str, Any]) -> dict[str, Resource]:
             cause = (error.get("ctx") or {}).get("error")
             if isinstance(cause, UnknownResourceTypeError):
                 raise UnknownResourceTypeError(cause.resource_type, Resource._registry) from None
-        raise InvalidResourcesError(describe_validation_error(exc, drop=1)) from None
+        raise InvalidResourcesError(_resources_error(exc)) from None
 
 
 def describe_validation_error(exc: ValidationError, drop: int = 0) -> str:
-    """One line per bad field, named as a path (``llm.endpoint``), with what is wrong and what was given;
-    ``drop`` leading path parts (wrapper models) are left out."""
+    """Every bad field of ``exc`` on one line, each named as a path (``llm.endpoint``) with what is
+    wrong and the type it got (never the value: it may be a secret); ``drop`` leading path parts
+    (wrapper models) are left out."""
     problems = []
     for error in exc.errors(include_url=False):
         path = ".".join(str(part) for part in error["loc"][drop:]) or "(the value itself)"
-        # The type only, never the value: it may be a secret (an api_key given as a number...).
         given = "" if error["type"] == "missing" else f" (got {type(error['input']).__name__})"
         message = error["msg"].removeprefix("Value error, ")
         problems.append(f"{path}: {message}{given}")
+    return "; ".join(problems)
+
+
+def _resources_error(exc: ValidationError) -> str:
     return (
-        f"invalid resources: {'; '.join(problems)}. Fix the field(s) named and store the snapshot again "
-        "(each resource type's fields: lightning_queue.LLM, PromptTemplate, or your Resource subclass)"
+        f"invalid resources: {describe_validation_error(exc, drop=1)}. Fix the field(s) named and store the "
+        "snapshot again (each resource type's fields: lightning_queue.LLM, PromptTemplate, or your Resource subclass)"
     )
 
 

@@ -409,3 +409,41 @@ def test_bad_redis_url(url: str) -> None:
         connect(url)
     message = clear_error(info.value, InvalidRedisUrlError, "not a usable Redis URL", "redis://", "rediss://")
     assert "s3cret-pw" not in message
+
+
+# --------------------------------------------------------------------------- settings and the CLI
+
+
+def test_bad_setting_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from lightning_queue import cli
+
+    env = {"LQ_VISIBILITY_TIMEOUT": "-3"}
+    # Importing the package (as `celery -A lightning_queue.app` and the CLI do) does not fail on it...
+    done = subprocess.run([sys.executable, "-c", "import lightning_queue, lightning_queue.cli"], capture_output=True,
+                          text=True, env={**__import__("os").environ, **env}, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    # ...the command using it names the setting in one line.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(cli.app, ["rollouts", "list"])
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert "invalid Settings (from LQ_* variables" in result.stderr and "visibility_timeout" in result.stderr
+    assert "Traceback" not in result.stderr and "errors.pydantic.dev" not in result.stderr
+
+
+def test_bad_rollout_option_on_the_command_line(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from lightning_queue import cli
+
+    monkeypatch.setattr(cli, "_client", lambda: fake_client)
+    monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)
+    result = CliRunner().invoke(cli.app, ["rollouts", "submit", '{"q": 1}', "--mode", "training"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "mode: Input should be 'train', 'val' or 'test'" in result.stderr
+    assert "Traceback" not in result.stderr and fake_client.query_rollouts() == []
