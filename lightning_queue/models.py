@@ -118,7 +118,6 @@ class LLM(Resource):
         return value
 
 
-
 class PromptTemplate(Resource):
     """A text template, formatted with ``str.format`` (``f-string``) or Jinja2."""
 
