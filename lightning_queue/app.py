@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 
 from .agent import LitAgent
+from .connections import broker_ssl_options, connect
 from .errors import AgentNotConfiguredError, ConfigurationError
 from .retention import register_retention
 from .runner import TASK_NAME, register_tasks
@@ -42,6 +43,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
         "broker_transport_options": transport_options,
+        # rediss://: kombu takes TLS options from here, not from the URL (see broker_ssl_options).
+        **({"broker_use_ssl": ssl} if (ssl := broker_ssl_options(settings.redis_url)) else {}),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         # Messages carry ids only; JSON keeps them readable in Flower and refuses pickle.
@@ -124,7 +127,10 @@ class LightningCelery(Celery):
         if self._lightning_client is None:
             from .client import LightningClient
 
-            self._lightning_client = LightningClient(self.lightning_settings, app=self)
+            # No start-up check here: a worker's pool process made while Redis restarts must not
+            # die of it; its commands ride out the outage through the client's backoff instead.
+            redis_client = connect(self.lightning_settings.redis_url, check=False)
+            self._lightning_client = LightningClient(self.lightning_settings, app=self, redis_client=redis_client)
         return self._lightning_client
 
 
@@ -266,5 +272,14 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
     return app
 
 
-app = create_app()
-"""The default app, configured from the environment: ``celery -A lightning_queue.app worker``."""
+app: LightningCelery  # made by __getattr__ below, on first use
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: the default app, configured from the environment (``celery -A lightning_queue.app
+    worker``). Built on first use, not at import, so a bad ``LQ_*`` setting fails where the app is
+    needed (the CLI says so in one line) rather than as a traceback on ``import lightning_queue``."""
+    if name == "app":
+        globals()["app"] = default = create_app()
+        return default
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .client import LightningClient
-from .errors import ConfigurationError, LightningQueueError
+from .errors import ConfigurationError, LightningQueueError, RedisAuthError, RedisUnavailableError
 from .models import ResourcesUpdate, Rollout, RolloutConfig
 from .retention import RetentionReport
 from .settings import Settings
@@ -106,9 +106,13 @@ def worker(
 
     sys.path.insert(0, os.getcwd())
     load_agent(agent)  # fail here, with a clear message, rather than inside celery
+    from .connections import check_connection
     from .fleet import worker_env
 
     settings = _settings()
+    # Celery would retry an unreachable or password-refusing broker forever, logging each try:
+    # a worker started by hand says what is wrong at once instead.
+    check_connection(settings.redis_url)
     env = worker_env(settings, agent, pythonpath=[os.getcwd()])
     argv = [sys.executable, "-m", "celery", "-A", "lightning_queue.app", "worker", "-Q", settings.queue,
             "--loglevel", loglevel]
@@ -472,10 +476,17 @@ def _user_error(exc: BaseException) -> str | None:
     import redis
     from pydantic import ValidationError
 
-    if isinstance(exc, (LightningQueueError, ConfigurationError, ValidationError)):
+    if isinstance(exc, ValidationError):
+        from .models import describe_validation_error
+
+        where = " (from LQ_* variables or --redis-url/--prefix/--queue)" if exc.title == "Settings" else ""
+        return f"invalid {exc.title}{where}: {describe_validation_error(exc)}"
+    if isinstance(exc, (LightningQueueError, ConfigurationError)):
         return str(exc)
+    if isinstance(exc, redis.AuthenticationError):
+        return str(RedisAuthError(_settings().redis_url, exc))
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"cannot reach Redis at {_settings().redis_url}: {exc}"
+        return str(RedisUnavailableError(_settings().redis_url, exc))  # names the URL, password masked
     return None
 
 
@@ -619,7 +630,8 @@ def _status_frame(client: LightningClient, queues: list[str], ping: float | None
     """One frame of ``lightning-queue status``: workers, queues, rollouts per status and per snapshot."""
     from rich.console import Group
 
-    from .monitoring import FleetCache, node_of, read_overview, redact_url, worker_liveness
+    from .errors import redacted_url
+    from .monitoring import FleetCache, node_of, read_overview, worker_liveness
 
     overview = read_overview(client, queues, max_snapshots)
     stats = client.cache_stats()
@@ -653,7 +665,7 @@ def _status_frame(client: LightningClient, queues: list[str], ping: float | None
                            title=f"snapshots ({len(overview.rollouts_by_resources)} of {overview.snapshots})")
     for rid, n in overview.rollouts_by_resources.items():
         snapshot_table.add_row(rid, ", ".join(overview.pointers_naming(rid)), str(n))
-    header = (f"[bold]lightning-queue[/] {escape(redact_url(client.settings.redis_url))} "
+    header = (f"[bold]lightning-queue[/] {escape(redacted_url(client.settings.redis_url))} "
               f"prefix {escape(client.keys.prefix)}  {_when(overview.time)}  "
               f"{len(nodes)} worker(s), fleet cache hit ratio {fleet.hit_ratio:.1%}, "
               f"{overview.unacked} message(s) held by workers")
@@ -674,7 +686,7 @@ def status(
 
     import redis
 
-    from .monitoring import redact_url
+    from .errors import redacted_url
 
     client = _client()
     watched = _queues(queues)
@@ -694,7 +706,7 @@ def status(
                 try:
                     live.update(frame(), refresh=True)
                 except redis.RedisError as exc:  # keep watching: Redis may come back
-                    url = redact_url(_settings().redis_url)  # never show the password
+                    url = redacted_url(_settings().redis_url)  # never show the password
                     live.update(f"[red]cannot read Redis at {escape(url)}: {escape(str(exc))}[/]", refresh=True)
         except KeyboardInterrupt:
             pass

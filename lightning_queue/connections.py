@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import re
 import shutil
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources as importlib_resources
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -22,7 +21,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .errors import ConfigurationError, RedisUnavailableError
+from .errors import ConfigurationError, InvalidRedisUrlError, RedisAuthError, RedisUnavailableError, redacted_url
 from .keys import ROLLOUT_STATUSES
 
 log = logging.getLogger(__name__)
@@ -33,16 +32,7 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-_URL_PASSWORD = re.compile(r"(://[^:@/;]*:)[^@;]*@")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password masked (``redis://:**@host:6379/0``), for logs, screens and
-    error messages; handles kombu's ``;``-separated lists of URLs too."""
-    return _URL_PASSWORD.sub(r"\1**@", url)
-
-
-def connect(url: str, sentinel_master: str | None = None) -> redis.Redis:
+def connect(url: str, sentinel_master: str | None = None, check: bool = True) -> redis.Redis:
     """A client for ``url`` that rides out short connection drops.
 
     Commands are retried with exponential backoff (about 10 s in all) on
@@ -55,6 +45,14 @@ def connect(url: str, sentinel_master: str | None = None) -> redis.Redis:
     the client then asks the Sentinels for the current primary, and again after
     a failover (the password and db are the primary's; the Sentinels themselves
     are reached without one, as kombu does).
+
+    With ``check`` (the default) the server is asked once now, so a bad
+    configuration fails here with a clear error rather than on first use:
+    :class:`InvalidRedisUrlError` for a URL Redis clients cannot parse,
+    :class:`RedisAuthError` for refused credentials (at once, not retried),
+    :class:`RedisUnavailableError` when nothing answers through the backoff.
+    Every message names the URL with its password masked.
+    TLS options go in the URL's query (``rediss://host:6380/0?ssl_ca_certs=/ca.pem``).
     """
     options: dict[str, Any] = {
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
@@ -63,8 +61,15 @@ def connect(url: str, sentinel_master: str | None = None) -> redis.Redis:
         "socket_keepalive": True,
     }
     if is_sentinel_url(url):
-        return _sentinel_primary(url, sentinel_master, options)
-    return redis.Redis.from_url(url, **options)
+        client = _sentinel_primary(url, sentinel_master, options)
+    else:
+        try:
+            client = redis.Redis.from_url(url, **options)
+        except ValueError as exc:
+            raise InvalidRedisUrlError(url, exc) from None
+    if check:
+        check_connection(url, client)
+    return client
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -74,7 +79,7 @@ def is_sentinel_url(url: str) -> bool:
 def _sentinel_primary(url: str, master: str | None, options: dict[str, Any]) -> redis.Redis:
     if not master:
         raise ConfigurationError(
-            f"LQ_REDIS_URL {redact_url(url)!r} is a Redis Sentinel URL: set LQ_SENTINEL_MASTER to the "
+            f"LQ_REDIS_URL {redacted_url(url)!r} is a Redis Sentinel URL: set LQ_SENTINEL_MASTER to the "
             "name the Sentinels monitor the primary under (their `sentinel monitor <name> ...`)"
         )
     hosts, password, username, db = [], None, None, 0
@@ -82,7 +87,7 @@ def _sentinel_primary(url: str, master: str | None, options: dict[str, Any]) -> 
         parsed = urlparse(part)
         if parsed.scheme != "sentinel" or not parsed.hostname:
             raise ConfigurationError(
-                f"{redact_url(part)!r} in LQ_REDIS_URL is not a sentinel://host:port URL; "
+                f"{redacted_url(part)!r} in LQ_REDIS_URL is not a sentinel://host:port URL; "
                 "list the Sentinels as sentinel://host1:26379;sentinel://host2:26379"
             )
         hosts.append((parsed.hostname, parsed.port or 26379))
@@ -92,6 +97,68 @@ def _sentinel_primary(url: str, master: str | None, options: dict[str, Any]) -> 
             db = int(parsed.path.strip("/"))
     sentinels = Sentinel(hosts, socket_timeout=5.0, socket_connect_timeout=5.0)
     return sentinels.master_for(master, password=password, username=username, db=db, **options)
+
+
+def _ping_through(url: str, client: redis.Redis) -> None:
+    try:
+        client.ping()  # through the client's backoff: Redis may be starting
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise RedisAuthError(url, exc) from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise RedisUnavailableError(url, exc) from None
+
+
+def check_connection(url: str, client: redis.Redis | None = None) -> None:
+    """Raise :class:`RedisAuthError`, :class:`RedisUnavailableError` or
+    :class:`InvalidRedisUrlError` unless Redis at ``url`` answers a PING.
+
+    Credentials are checked first on a connection without retries: the
+    retrying client counts a refused password as a connection error and would
+    spend its whole backoff on it. A Sentinel URL is checked through ``client``
+    (which asked the Sentinels for the primary); without one it is left to
+    first use.
+    """
+    if is_sentinel_url(url):
+        if client is not None:
+            _ping_through(url, client)
+        return
+    try:
+        probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    except ValueError as exc:
+        raise InvalidRedisUrlError(url, exc) from None
+    try:
+        probe.ping()
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise RedisAuthError(url, exc) from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        if client is None:
+            raise RedisUnavailableError(url, exc) from None
+        _ping_through(url, client)
+    finally:
+        probe.close()
+
+
+def broker_ssl_options(url: str) -> dict[str, Any] | None:
+    """The TLS options of a ``rediss://`` URL, as kombu's ``broker_use_ssl`` wants them.
+
+    redis-py reads ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile`` and
+    ``ssl_keyfile`` from the URL's query itself; kombu ignores them there and,
+    given no options, silently connects *without verifying* the server. This
+    hands it the same options, with ``ssl_cert_reqs=required`` (redis-py's
+    default) unless the URL says otherwise. ``None`` for a plain URL.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme != "rediss":
+        return None
+    query = dict(parse_qsl(parsed.query))
+    options: dict[str, Any] = {name: query[name] for name in _SSL_QUERY_OPTIONS if name in query}
+    options.setdefault("ssl_cert_reqs", "required")
+    if "ssl_check_hostname" in options:  # kombu passes values on as they are: a bool, as redis-py parses it
+        options["ssl_check_hostname"] = options["ssl_check_hostname"].lower() in ("1", "true", "yes", "y", "on")
+    return options
+
+
+_SSL_QUERY_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 
 
 def ping(url: str, timeout: float = 1.0) -> bool:

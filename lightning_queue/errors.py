@@ -21,12 +21,13 @@ class RedisUnavailableError(LightningQueueError):
     """Redis could not be reached (at start-up or mid-operation)."""
 
     def __init__(self, url: str, cause: BaseException | None = None) -> None:
-        detail = f": {cause}" if cause else ""
+        detail = f": {str(cause).rstrip('.')}" if cause else ""
+        # The password never appears in the message (it is logged and printed).
         super().__init__(
-            f"cannot reach Redis at {url}{detail}. Start a Redis server there, or point "
+            f"cannot reach Redis at {redacted_url(url)}{detail}. Start a Redis server there, or point "
             "LQ_REDIS_URL at one (e.g. redis://host:6379/0)."
         )
-        self.url = url
+        self.url = redacted_url(url)
 
 
 class InvalidResourcesError(LightningQueueError, ValueError):
@@ -261,3 +262,78 @@ class ExperimentUnitError(ExperimentError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])
+
+
+# ----------------------------------------------------------------------------- connections and input
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``**`` and its query dropped (it may name key files or
+    carry a password), for messages and logs. Works on malformed URLs too: whatever stands before
+    the last ``@`` after the scheme is credentials. A ``;``-separated list of URLs (kombu's
+    Sentinel form) is masked URL by URL."""
+    if ";" in url:
+        return ";".join(redacted_url(part) for part in url.split(";"))
+    url = url.split("?", 1)[0]
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, userinfo = head.partition("://")
+    if not sep:
+        scheme, sep, userinfo = head.partition(":")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user + ':**' if colon else '**'}@{host}"
+
+
+class InvalidRedisUrlError(ConfigurationError):
+    """``LQ_REDIS_URL`` (or ``--redis-url``) is not a URL Redis clients understand."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        detail = f" ({cause})" if cause else ""
+        super().__init__(
+            f"LQ_REDIS_URL {redacted_url(url)!r} is not a usable Redis URL{detail}; write it as "
+            "redis://[[user]:password@]host:port/db, rediss://... for TLS (CA options as query parameters, "
+            "e.g. ?ssl_ca_certs=/path/ca.pem), or unix:///path/redis.sock"
+        )
+        self.url = redacted_url(url)
+
+
+class RedisAuthError(RedisUnavailableError):
+    """Redis answered but refused the credentials in the URL (wrong or missing password or user)."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        LightningQueueError.__init__(
+            self,
+            f"Redis at {redacted_url(url)} refused the credentials ({cause}); put the right user and password in "
+            "LQ_REDIS_URL (redis://user:password@host:port/db, or redis://:password@... for requirepass) or "
+            "--redis-url",
+        )
+        self.url = redacted_url(url)
+
+
+class TemplateRenderError(LightningQueueError, KeyError):
+    """A prompt template names a variable it was not given (or fails to render with those it was given)."""
+
+    def __init__(self, template: str, missing: str, given: Iterable[str]) -> None:
+        shown = template if len(template) <= 60 else template[:57] + "..."
+        given_list = ", ".join(sorted(given)) or "none"
+        LightningQueueError.__init__(
+            self,
+            f"prompt template {shown!r} cannot render: {missing} (variables given: {given_list}); pass every "
+            "variable the template uses to format(), or change the template",
+        )
+        self.template = template
+        self.missing = missing
+
+    def __str__(self) -> str:  # KeyError would show the message quoted, as if it were a key
+        return str(self.args[0])
+
+
+class InvalidRolloutInputError(LightningQueueError, TypeError):
+    """A rollout's task input cannot be stored: it is not JSON-serializable."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            f"the rollout input is not JSON-serializable ({cause}); pass dicts, lists, strings, numbers, "
+            "booleans and None only (convert other objects, e.g. to str or a dict, before enqueuing)"
+        )

@@ -13,8 +13,10 @@ import string
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, Mapping
+from urllib.parse import urlparse
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,10 +26,17 @@ from pydantic import (
     SerializeAsAny,
     ValidationError,
     field_serializer,
+    field_validator,
     model_validator,
 )
+from pydantic_core import PydanticSerializationError, to_json
 
-from .errors import InvalidResourcesError, UnknownResourceTypeError
+from .errors import (
+    InvalidResourcesError,
+    InvalidRolloutInputError,
+    TemplateRenderError,
+    UnknownResourceTypeError,
+)
 
 RolloutMode = Literal["train", "val", "test"]
 RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
@@ -77,6 +86,16 @@ class Resource(BaseModel):
     def registered_types(cls) -> dict[str, type[Resource]]:
         return dict(Resource._registry)
 
+    @field_serializer("*", mode="wrap")
+    def _serialize_secret(self, value: Any, handler: Any, info: SerializationInfo) -> Any:
+        # Every SecretStr field (LLM.api_key, and any a user's resource declares) is written in
+        # clear only for storage (the REVEAL_SECRETS context); JSON anywhere else shows it masked.
+        if not isinstance(value, SecretStr):
+            return handler(value)
+        if (info.context or {}).get("reveal_secrets"):
+            return value.get_secret_value()
+        return value if info.mode == "python" else "**********"
+
 
 class LLM(Resource):
     """An LLM endpoint (any OpenAI-compatible server) and how to sample from it.
@@ -90,12 +109,17 @@ class LLM(Resource):
     api_key: SecretStr | None = None
     sampling_parameters: dict[str, Any] = Field(default_factory=dict)
 
-    @field_serializer("api_key", when_used="unless-none")
-    def _serialize_secret(self, value: SecretStr, info: SerializationInfo) -> str | SecretStr:
-        context = info.context or {}
-        if context.get("reveal_secrets"):
-            return value.get_secret_value()
-        return value if info.mode == "python" else "**********"
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str) -> str:
+        # Checked when the snapshot is stored, not when the first rollout calls it on a worker.
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in value):
+            raise ValueError(
+                f"endpoint {value!r} is not an http(s) URL; give the server's base URL, "
+                "e.g. http://llm-host:8000/v1"
+            )
+        return value
 
 
 class PromptTemplate(Resource):
@@ -105,17 +129,42 @@ class PromptTemplate(Resource):
     template: str
     engine: Literal["f-string", "jinja"] = "f-string"
 
+    @model_validator(mode="after")
+    def _template_parses(self) -> PromptTemplate:
+        # A template with a syntax error is refused when the snapshot is stored, not at rollout time.
+        import jinja2
+
+        try:
+            if self.engine == "f-string":
+                list(string.Formatter().parse(self.template))
+            else:
+                jinja2.Environment().parse(self.template)
+        except (ValueError, jinja2.TemplateSyntaxError) as exc:
+            raise ValueError(
+                f"field template: {self.engine} template does not parse ({exc}); "
+                + ("double literal braces as {{ and }}" if self.engine == "f-string" else "fix its Jinja syntax")
+            ) from None
+        return self
+
     def format(self, **kwargs: Any) -> str:
-        """Fill the template. A missing variable raises ``KeyError`` naming it (both engines)."""
+        """Fill the template. A variable it uses but is not given raises
+        :class:`TemplateRenderError` (a ``KeyError``) naming it, with both engines."""
         if self.engine == "f-string":
-            return self.template.format(**kwargs)
+            try:
+                return self.template.format(**kwargs)
+            except KeyError as exc:
+                raise TemplateRenderError(self.template, f"missing variable {exc}", kwargs) from None
+            except IndexError as exc:
+                raise TemplateRenderError(
+                    self.template, f"positional field {{}} or {{0}} ({exc}): name every field", kwargs
+                ) from None
         import jinja2
 
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
         try:
             return env.from_string(self.template).render(**kwargs)
         except jinja2.UndefinedError as exc:
-            raise KeyError(str(exc)) from exc
+            raise TemplateRenderError(self.template, str(exc), kwargs) from None
 
     def variables(self) -> set[str]:
         """Names the template uses (f-string engine: top-level field names only)."""
@@ -163,7 +212,27 @@ def validate_resources(resources: Mapping[str, Any]) -> dict[str, Resource]:
             cause = (error.get("ctx") or {}).get("error")
             if isinstance(cause, UnknownResourceTypeError):
                 raise UnknownResourceTypeError(cause.resource_type, Resource._registry) from None
-        raise InvalidResourcesError(f"invalid resources: {exc}") from None
+        raise InvalidResourcesError(_resources_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError, drop: int = 0) -> str:
+    """Every bad field of ``exc`` on one line, each named as a path (``llm.endpoint``) with what is
+    wrong and the type it got (never the value: it may be a secret); ``drop`` leading path parts
+    (wrapper models) are left out."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        path = ".".join(str(part) for part in error["loc"][drop:]) or "(the value itself)"
+        given = "" if error["type"] == "missing" else f" (got {type(error['input']).__name__})"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {message}{given}")
+    return "; ".join(problems)
+
+
+def _resources_error(exc: ValidationError) -> str:
+    return (
+        f"invalid resources: {describe_validation_error(exc, drop=1)}. Fix the field(s) named and store the "
+        "snapshot again (each resource type's fields: lightning_queue.LLM, PromptTemplate, or your Resource subclass)"
+    )
 
 
 def dump_resources(resources: Mapping[str, Resource]) -> str:
@@ -315,6 +384,15 @@ def idempotent_rollout_id(idempotency_key: str) -> str:
     return "ro-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
 
 
+def _json_input(value: Any) -> Any:
+    # Refused at enqueue, before anything is written: the input is stored and sent as JSON.
+    try:
+        to_json(value)
+    except PydanticSerializationError as exc:
+        raise InvalidRolloutInputError(exc) from None
+    return value
+
+
 class RolloutRequest(BaseModel):
     """One rollout to enqueue in a batch, with its own snapshot, mode, config or metadata.
 
@@ -326,7 +404,7 @@ class RolloutRequest(BaseModel):
     already exists returns the stored rollout and creates nothing.
     """
 
-    input: Any
+    input: Annotated[Any, AfterValidator(_json_input)]
     rollout_id: str | None = Field(None, pattern=ROLLOUT_ID_PATTERN)
     idempotency_key: str | None = Field(None, min_length=1, max_length=1000)
 

@@ -31,7 +31,8 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .connections import redact_url, text
+from .connections import text
+from .errors import redacted_url
 from .keys import ROLLOUT_STATUSES
 
 if TYPE_CHECKING:
@@ -309,7 +310,7 @@ class LightningCollector(Collector):
             overview = read_overview(self.client, self.queues, self.max_snapshots)
             stats = self.cache_stats.read()
         except redis.RedisError as exc:
-            log.warning("scrape: cannot read Redis at %s: %s", redact_url(self.client.settings.redis_url), exc)
+            log.warning("scrape: cannot read Redis at %s: %s", redacted_url(self.client.settings.redis_url), exc)
             up.add_metric([prefix], 0)
             yield up
             return

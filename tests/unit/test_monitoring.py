@@ -11,7 +11,7 @@ from kombu.transport import redis as kombu_redis
 from prometheus_client import generate_latest
 
 from lightning_queue import LightningClient, PromptTemplate, Rollout, RolloutConfig, Settings
-from lightning_queue.connections import redact_url
+from lightning_queue.errors import redacted_url
 from lightning_queue.keys import CELERY_PRIORITY_SEP, CELERY_PRIORITY_STEPS, ROLLOUT_STATUSES, Keys
 from lightning_queue.monitoring import (
     FinishedRollouts,
@@ -267,7 +267,7 @@ def test_status_without_redis_is_a_one_line_error(prefix: str, monkeypatch: pyte
     ("sentinel://:s3cret@h1:26379;sentinel://:s3cret@h2:26379", "sentinel://:**@h1:26379;sentinel://:**@h2:26379"),
 ])
 def test_redact_url(url: str, shown: str) -> None:
-    assert redact_url(url) == shown
+    assert redacted_url(url) == shown
 
 
 def test_status_never_shows_the_redis_password(populated: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,32 @@
+"""One agent that misbehaves as each task asks, for the live bad-input catalogue
+(``LQ_AGENT=tests.integration.bad_agents:catalogue``): one worker fleet serves every case."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_queue import PromptTemplate, Rollout, RolloutResult, rollout
+
+
+@rollout
+def catalogue(task: dict[str, Any], prompt: PromptTemplate, rollout: Rollout) -> Any:
+    """``task["do"]``: ``ok``, ``raise``, ``hang``, ``wrong_type``, ``render`` (formats the prompt
+    with ``task["vars"]``) or ``gate`` (waits until the file ``task["gate"]`` exists)."""
+    if "marker_dir" in task:
+        (Path(task["marker_dir"]) / f"{rollout.rollout_id}.ran").touch()
+    do = task["do"]
+    if do == "raise":
+        raise ValueError(f"the agent failed on purpose for {rollout.rollout_id}")
+    if do == "hang":
+        time.sleep(3600)
+    if do == "wrong_type":
+        return "a reward of 1"
+    if do == "render":
+        return RolloutResult(reward=1.0, output=prompt.format(**task["vars"]))
+    if do == "gate":
+        deadline = time.monotonic() + 120
+        while not Path(task["gate"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return RolloutResult(reward=1.0, output={"prompt": prompt.template})

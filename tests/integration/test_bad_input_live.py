@@ -1,0 +1,169 @@
+"""The bad-input catalogue, live: the cases that need a real worker process (see
+``tests/unit/test_bad_input.py`` for the rest). One worker, started once for the module, serves
+every case; after each, the rollout has ended with a clear error (nothing lost or stuck) and the
+same worker process runs the next good rollout (the worker is alive)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lightning_queue import (
+    LightningClient,
+    PromptTemplate,
+    RolloutConfig,
+    Settings,
+)
+from lightning_queue.fleet import LocalFleet, WorkerProcess
+from tests.conftest import delete_prefix
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+AGENT = "tests.integration.bad_agents:catalogue"
+WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def live(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LightningClient, WorkerProcess]]:
+    prefix = f"lqtest-live-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, key_prefix=prefix, queue=f"{prefix}-q", hard_timeout_grace_seconds=2)
+    fleet = LocalFleet(settings, AGENT, count=1, concurrency=1, pythonpath=[str(REPO_ROOT)], cwd=str(REPO_ROOT),
+                       logdir=str(tmp_path_factory.mktemp("live-fleet")))
+    client = LightningClient(settings)
+    try:
+        client.add_resources({"prompt": PromptTemplate(template="Q: {question}")}, "rs-ok")
+        fleet.start()
+        yield client, fleet.workers[0]
+    finally:
+        fleet.close()
+        client.close()
+        delete_prefix(redis_url, prefix)
+
+
+def run(client: LightningClient, task: dict, **options) -> str:
+    options.setdefault("resources_id", "rs-ok")
+    queued = client.enqueue_rollout(task, **options)
+    (done,) = client.wait_for_rollouts([queued.rollout_id], timeout=WAIT)
+    assert done.is_finished, f"{queued.rollout_id} still {done.status}"
+    return queued.rollout_id
+
+
+def failed_with(client: LightningClient, rollout_id: str, error_type: str, *fragments: str) -> None:
+    done = client.get_rollout(rollout_id)
+    assert done.status == "failed" and done.error is not None, done
+    assert done.error.type == error_type, done.error
+    for fragment in fragments:
+        assert fragment in done.error.message, done.error.message
+
+
+def worker_goes_on(client: LightningClient, worker: WorkerProcess) -> None:
+    rid = run(client, {"do": "ok"})
+    assert client.get_rollout(rid).status == "succeeded"
+    assert client.get_attempts(rid)[0].worker_id == worker.hostname and worker.alive
+
+
+def test_live_unknown_resources_id_at_run_time(live) -> None:
+    client, worker = live
+    rid = run(client, {"do": "ok"}, resources_id="rs-never-added", check_resources=False,
+              config=RolloutConfig(max_attempts=3))
+    failed_with(client, rid, "ResourcesNotFoundError", "'rs-never-added'")
+    assert len(client.get_attempts(rid)) == 1  # not retried: another attempt cannot fix it
+    worker_goes_on(client, worker)
+
+
+def test_live_unknown_pointer_at_run_time(live) -> None:
+    client, worker = live
+    rid = run(client, {"do": "ok"}, resources_id="canary", resolve="following", check_resources=False)
+    failed_with(client, rid, "ResourcesNotFoundError", "'canary'")
+    worker_goes_on(client, worker)
+
+
+def test_live_snapshot_deleted_while_queued(live, tmp_path: Path) -> None:
+    client, worker = live
+    client.add_resources({"prompt": PromptTemplate(template="doomed")}, "rs-doomed")
+    gate = tmp_path / "open"
+    blocker = client.enqueue_rollout({"do": "gate", "gate": str(gate)}, resources_id="rs-ok")
+    deadline = time.monotonic() + WAIT
+    while client.get_rollout(blocker.rollout_id).status != "running":  # the only slot is taken
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    queued = client.enqueue_rollout({"do": "ok", "marker_dir": str(tmp_path)}, resources_id="rs-doomed")
+    report = client.delete_resources("rs-doomed", force=True)
+    gate.touch()
+
+    assert queued.rollout_id in report.failed_rollouts
+    done = client.wait_for_rollouts([blocker.rollout_id, queued.rollout_id], timeout=WAIT)
+    assert [r.status for r in done] == ["succeeded", "failed"]
+    failed_with(client, queued.rollout_id, "SnapshotDeletedError", "'rs-doomed'")
+    worker_goes_on(client, worker)  # by now the worker has also taken (and acked) the doomed message
+    assert not (tmp_path / f"{queued.rollout_id}.ran").exists()
+
+
+def test_live_corrupted_snapshot_payload(live) -> None:
+    client, worker = live
+    client.add_resources({"prompt": PromptTemplate(template="to be damaged")}, "rs-damaged")
+    client.redis.hset(client.keys.snapshot("rs-damaged"), "resources", b"\x00not what was written")
+    rid = run(client, {"do": "ok"}, resources_id="rs-damaged", config=RolloutConfig(max_attempts=2))
+    failed_with(client, rid, "SnapshotCorruptedError", "'rs-damaged'", "update_resources()")
+    worker_goes_on(client, worker)
+
+
+def test_live_agent_raises(live) -> None:
+    client, worker = live
+    rid = run(client, {"do": "raise"}, config=RolloutConfig(max_attempts=2))
+    failed_with(client, rid, "ValueError", f"on purpose for {rid}")
+    assert [a.status for a in client.get_attempts(rid)] == ["failed", "failed"]
+    worker_goes_on(client, worker)
+
+
+def test_live_agent_hangs(live) -> None:
+    client, worker = live
+    rid = run(client, {"do": "hang"}, config=RolloutConfig(timeout_seconds=1))
+    failed_with(client, rid, "SoftTimeLimitExceeded", "time limit of 1")
+    assert [a.status for a in client.get_attempts(rid)] == ["timeout"]
+    worker_goes_on(client, worker)
+
+
+def test_live_agent_returns_the_wrong_type(live) -> None:
+    client, worker = live
+    rid = run(client, {"do": "wrong_type"})
+    failed_with(client, rid, "InvalidRolloutResultError", "str")
+    worker_goes_on(client, worker)
+
+
+def test_live_agent_asks_for_a_resource_the_snapshot_lacks(live) -> None:
+    client, worker = live
+    client.add_resources({"llm": {"resource_type": "llm", "endpoint": "http://llm.local/v1", "model": "m"}},
+                         "rs-llm-only")
+    rid = run(client, {"do": "ok"}, resources_id="rs-llm-only", config=RolloutConfig(max_attempts=3))
+    failed_with(client, rid, "MissingResourceError", "'rs-llm-only'", "'prompt'", "PromptTemplate")
+    assert len(client.get_attempts(rid)) == 1
+    worker_goes_on(client, worker)
+
+
+def test_live_template_does_not_render_with_the_task_variables(live) -> None:
+    client, worker = live
+    rid = run(client, {"do": "render", "vars": {"q": "2+2"}})
+    failed_with(client, rid, "TemplateRenderError", "'question'", "variables given: q")
+    worker_goes_on(client, worker)
+
+
+def test_live_message_for_a_rollout_whose_record_is_gone(live, tmp_path: Path) -> None:
+    client, worker = live
+    gate = tmp_path / "open"
+    blocker = client.enqueue_rollout({"do": "gate", "gate": str(gate)}, resources_id="rs-ok")
+    deadline = time.monotonic() + WAIT
+    while client.get_rollout(blocker.rollout_id).status != "running":  # the only slot is taken
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    queued = client.enqueue_rollout({"do": "ok"}, resources_id="rs-ok")
+    client.redis.delete(client.keys.rollout(queued.rollout_id))  # expired, or deleted by hand
+    gate.touch()
+    deadline = time.monotonic() + WAIT
+    while f"rollout {queued.rollout_id}: no such record" not in worker.log():  # dropped with a log line
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.1)
+    worker_goes_on(client, worker)
