@@ -129,7 +129,8 @@ class LightningCelery(Celery):
 
             # No start-up check here: a worker's pool process made while Redis restarts must not
             # die of it; its commands ride out the outage through the client's backoff instead.
-            redis_client = connect(self.lightning_settings.redis_url, check=False)
+            settings = self.lightning_settings
+            redis_client = connect(settings.redis_url, settings.sentinel_master, check=False)
             self._lightning_client = LightningClient(self.lightning_settings, app=self, redis_client=redis_client)
         return self._lightning_client
 

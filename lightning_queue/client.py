@@ -52,7 +52,9 @@ class LightningClient:
         app: LightningCelery | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.redis = redis_client if redis_client is not None else connect(self.settings.redis_url, self.settings.sentinel_master)
+        if redis_client is None:
+            redis_client = connect(self.settings.redis_url, self.settings.sentinel_master)
+        self.redis = redis_client
         self.keys = self.settings.keys
         self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
         self.store = RolloutStore(
