@@ -538,7 +538,9 @@ class RolloutStore:
         than asked for on time-out). Woken by the completion notifications
         that every final transition publishes, not by polling; statuses are
         read once after subscribing (and again after a dropped connection),
-        so a rollout that finished before the call is never missed.
+        so a rollout that finished before the call is never missed. The
+        notifications that arrived together are handled together: their
+        records are read in one round trip.
         ``on_finished`` is called once per rollout as it finishes.
         """
         ids = list(dict.fromkeys(rollout_ids))
@@ -554,10 +556,14 @@ class RolloutStore:
                 if status is None:
                     raise RolloutNotFoundError(rid)
             done = [rid for rid, status in statuses.items() if status in TERMINAL_STATUSES]
-            for rollout in self.get_rollouts(done) if done else []:
-                finished[rollout.rollout_id] = rollout
-                if on_finished:
-                    on_finished(rollout)
+            keep(self.get_rollouts(done) if done else [])
+
+        def keep(rollouts: Iterable[Rollout]) -> None:
+            for rollout in rollouts:
+                if rollout.is_finished and rollout.rollout_id not in finished:
+                    finished[rollout.rollout_id] = rollout
+                    if on_finished:
+                        on_finished(rollout)
 
         wanted = set(ids)
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -568,9 +574,16 @@ class RolloutStore:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
+                notified: list[str] = []
                 try:
                     # Wake at least every few seconds so a silently dead socket is noticed.
                     message = pubsub.get_message(timeout=min(remaining or 5.0, 5.0))
+                    # Take every notification already received, then read their records at once.
+                    while message is not None:
+                        rid = text(message["data"])
+                        if rid in wanted and rid not in finished:
+                            notified.append(rid)
+                        message = pubsub.get_message(timeout=0)
                 except (redis.ConnectionError, redis.TimeoutError):
                     time.sleep(0.2)
                     pubsub.close()
@@ -578,11 +591,9 @@ class RolloutStore:
                     pubsub.subscribe(self.keys.events)
                     collect(ids)  # notifications sent while disconnected are lost: re-read
                     continue
-                if message is None:
-                    continue
-                rid = text(message["data"])
-                if rid in wanted and rid not in finished:
-                    collect([rid])
+                if notified:
+                    # A notification is sent only by a final transition: the record alone is read.
+                    keep(self.get_rollouts(list(dict.fromkeys(notified))))
         finally:
             pubsub.close()
         return [finished[rid] for rid in ids if rid in finished]
