@@ -17,6 +17,16 @@ status indexes or a finished rollout without its result. A rollout that
 reaches a final status has its id published on the events channel, which
 :meth:`RolloutStore.wait_for_rollouts` listens to, and (when a TTL is set)
 its record and attempts expire that many seconds later, in the same step.
+
+Layout: a record holds one hash field per model field, except the JSON fields
+at their default (``metadata``, ``error``, ``result`` when empty; ``config``
+stores only what differs from :class:`RolloutConfig`'s defaults), and a result
+is stored without its ``None`` fields, once: on the rollout when the outcome
+is accepted (:meth:`RolloutStore.get_attempts` gives it to the attempt that
+finished the rollout), on the attempt when it was refused because the
+rollout had been cancelled. So a typical finished record and its attempt
+keep every value under Redis's ``hash-max-listpack-value`` (64 bytes) and
+stay compact listpacks (about half the memory of a hash table).
 """
 
 from __future__ import annotations
