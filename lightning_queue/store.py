@@ -59,7 +59,8 @@ _PLAIN_ATTEMPT_FIELDS = frozenset(
 # typical record's values all stay under Redis's ``hash-max-listpack-value`` (64 bytes) and
 # Redis keeps the hash as a compact listpack instead of a hash table (about half the memory).
 # ``input`` and ``mode`` are always stored: ``None`` is not their default.
-_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None, "result": None, "config": {}}
+# (``config`` and ``result`` are written by :func:`encode_rollout` in their own compact forms.)
+_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None}
 
 
 def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
@@ -100,10 +101,13 @@ DEFAULT_CONFIG_JSON = RolloutConfig().model_dump_json()
 
 
 def encode_rollout(rollout: Rollout) -> dict[str, str]:
-    data = rollout.model_dump(mode="json", exclude={"config", "result"})
-    data["config"] = json.loads(encode_config(rollout.config))
-    data["result"] = json.loads(encode_result(rollout.result)) if rollout.result is not None else None
-    return _encode(data, _PLAIN_ROLLOUT_FIELDS)
+    out = _encode(rollout.model_dump(mode="json", exclude={"config", "result"}), _PLAIN_ROLLOUT_FIELDS)
+    config = encode_config(rollout.config)
+    if config != "{}":
+        out["config"] = config
+    if rollout.result is not None:
+        out["result"] = encode_result(rollout.result)
+    return out
 
 
 def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
