@@ -688,12 +688,12 @@ def forbid(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("a round trip the claim should have saved")
 
 
+@pytest.mark.parametrize("worker_cache", ["cache"], indirect=True)
 def test_cached_snapshot_starts_the_attempt_in_the_claim(
     fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM,
     worker_cache: SnapshotCache | None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if worker_cache is None:
-        pytest.skip("needs a worker snapshot cache")
+    assert worker_cache is not None
     fake_client.add_resources({"main": llm}, "rs-a")
     queued = enqueue(resources_id="rs-a")
     seq = int(fake_client.redis.get(fake_client.keys.seq) or 0)
@@ -714,12 +714,12 @@ def test_cached_snapshot_starts_the_attempt_in_the_claim(
     assert [r.rollout_id for r in fake_client.query_rollouts(resources_id="rs-a")] == [queued.rollout_id]
 
 
+@pytest.mark.parametrize("worker_cache", ["cache"], indirect=True)
 def test_a_message_naming_another_snapshot_than_the_record_resolves_from_the_record(
     fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM,
     worker_cache: SnapshotCache | None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if worker_cache is None:
-        pytest.skip("needs a worker snapshot cache")
+    assert worker_cache is not None
     fake_client.add_resources({"main": llm}, "rs-a")
     queued = enqueue()  # follows latest
     newer = llm.model_copy(update={"model": "newer"})
