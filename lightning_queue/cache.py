@@ -122,6 +122,16 @@ class SnapshotCache:
             self._misses += 1
         return self._load(ref, version).snapshot
 
+    def peek(self, ref: str, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate | None:
+        """What :meth:`get` would answer from memory, or None where it would fetch; never
+        touches Redis. A hit counts as one; a None counts nothing (the caller's :meth:`get`
+        that follows counts the miss)."""
+        with self._lock:
+            snapshot = self._lookup(ref, version, min_seq)
+            if snapshot is not None:
+                self._hits += 1
+            return snapshot
+
     def prewarm(self) -> int:
         """Fetch ``latest`` and every pointer's snapshot; return how many were loaded.
         A pointer that vanished meanwhile (or an empty registry) is skipped."""

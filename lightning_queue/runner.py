@@ -3,7 +3,10 @@
 For each message it claims the rollout (opening an attempt), resolves the
 snapshot by the seed's rule (an explicit ``resources_id`` gives that
 snapshot, none gives the latest at the moment the rollout runs), injects the
-resources into the agent, runs it and records the outcome. Nothing is left
+resources into the agent, runs it and records the outcome. When the worker's
+snapshot cache already holds the snapshot the message names, the claim opens
+the attempt running with it: two Redis round trips per rollout (claim,
+finish) instead of four (read, claim, start, finish). Nothing is left
 stuck: a missing snapshot fails the rollout with an error naming the id and
 the message is acked; an agent exception fails the attempt and retries
 through Celery while ``max_attempts`` allows; a soft time limit raises inside
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,7 +44,9 @@ from .errors import (
     SnapshotCorruptedError,
 )
 from .connections import text
-from .models import ErrorInfo, Rollout, RolloutConfig
+from .models import ErrorInfo, ResourcesUpdate, Rollout, RolloutConfig
+from .registry import LATEST
+from .store import StartWith
 from .watchdog import heartbeat_of
 
 if TYPE_CHECKING:
@@ -153,13 +157,14 @@ def run_rollout(
     resources_version: int | None = None,
     registry_seq: int = 0,
 ) -> dict[str, Any]:
-    """Run one rollout. ``resources_id``/``resources_version`` in the message are
-    informational (Flower shows them); the rollout record is authoritative.
+    """Run one rollout. ``resources_id``/``resources_version`` in the message name the
+    snapshot the rollout asks for (Flower shows them; the worker uses them to resolve it
+    from its cache before claiming); the rollout record is authoritative.
     ``registry_seq`` is the registry state at enqueue: the snapshot cache must
     have caught up with it before it may answer without asking Redis."""
     app: LightningCelery = task.app  # type: ignore[assignment]
     try:
-        return _run(task, app, rollout_id, registry_seq)
+        return _run(task, app, rollout_id, registry_seq, resources_id, resources_version)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # Redis stayed unreachable through the client's retries: give the message back
         # so the rollout runs again once Redis is back, instead of acking it unrecorded.
@@ -167,50 +172,74 @@ def run_rollout(
         raise Reject(str(exc), requeue=True) from exc
 
 
-def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq: int = 0) -> dict[str, Any]:
+def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq: int = 0,
+         resources_id: str | None = None, resources_version: int | None = None) -> dict[str, Any]:
     client = app.lightning
     store = client.store
     worker_id = task.request.hostname or f"pid-{os.getpid()}"
-    try:
-        rollout = store.get_rollout(rollout_id)
-    except RolloutNotFoundError:
+    # The message says which snapshot the rollout asks for; when this process's cache holds it
+    # (nearly always), the claim opens the attempt running with it: one round trip instead of
+    # three (read the record, claim, start). The claim checks the record asks for the same
+    # reference; on a miss or a mismatch the attempt opens preparing and the snapshot is
+    # resolved from the record below.
+    start = None
+    cached = _cached_snapshot(app, resources_id, resources_version, registry_seq)
+    if cached is not None:
+        start = StartWith(resources_id, resources_version, cached.resources_id, cached.version)
+    claim = store.claim(rollout_id, worker_id, start)
+    if claim.outcome == "missing":
         log.error("rollout %s: no such record (expired or deleted); dropping the message", rollout_id)
-        return {"rollout_id": rollout_id, "status": "missing"}
-
-    claim = store.claim(rollout, worker_id)
     if claim.outcome == "duplicate":
         log.warning("rollout %s: delivered again while attempt %d runs on a live worker; dropping this duplicate",
                     rollout_id, claim.sequence_id)
     if claim.outcome != "claimed":
         return {"rollout_id": rollout_id, "status": claim.status or claim.outcome}
+    assert claim.rollout is not None
     seq = claim.sequence_id
     with heartbeat_of(client).attempt(rollout_id, seq):
-        return _run_attempt(task, app, rollout, seq, registry_seq)
+        return _run_attempt(task, app, claim.rollout, seq, registry_seq, cached if claim.started else None)
+
+
+def _cached_snapshot(
+    app: LightningCelery, resources_id: str | None, resources_version: int | None, registry_seq: int
+) -> ResourcesUpdate | None:
+    """The snapshot the message's reference names, if this process's cache answers it from
+    memory (the rule of :func:`_run_attempt`: a pinned version, else the reference's current
+    one, ``None`` meaning the agent's default or ``latest``)."""
+    cache = app.lightning.cache
+    if cache is None:
+        return None
+    ref = resources_id or app.agent.default_resources or LATEST
+    return cache.peek(ref, resources_version, registry_seq)
 
 
 def _run_attempt(
-    task: RolloutTask, app: LightningCelery, rollout: Rollout, seq: int, registry_seq: int
+    task: RolloutTask, app: LightningCelery, rollout: Rollout, seq: int, registry_seq: int,
+    started: ResourcesUpdate | None = None,
 ) -> dict[str, Any]:
+    """Run attempt ``seq`` of ``rollout`` (the record as the claim left it). ``started``: the
+    claim already opened the attempt running with this snapshot."""
     client = app.lightning
     store = client.store
     rollout_id = rollout.rollout_id
-    try:
-        version = rollout.resources_version if rollout.resolve == "pinned" else None
-        ref = rollout.resources_id or app.agent.default_resources  # None: latest
-        snapshot = client.load_snapshot(ref, version, registry_seq)
-    except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
-        status = store.finish_attempt(
-            rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)
-        )
-        if status == "failed":
-            raise RolloutFailed(rollout_id, type(exc).__name__, str(exc)) from None
-        return {"rollout_id": rollout_id, "status": status}
+    snapshot = started
+    if snapshot is None:
+        try:
+            version = rollout.resources_version if rollout.resolve == "pinned" else None
+            ref = rollout.resources_id or app.agent.default_resources  # None: latest
+            snapshot = client.load_snapshot(ref, version, registry_seq)
+        except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
+            status = store.finish_attempt(
+                rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)
+            )
+            if status == "failed":
+                raise RolloutFailed(rollout_id, type(exc).__name__, str(exc)) from None
+            return {"rollout_id": rollout_id, "status": status}
 
-    if not store.start_attempt(rollout_id, seq, snapshot.resources_id, snapshot.version):
-        return {"rollout_id": rollout_id, "status": store.get_rollout(rollout_id).status}
+        if not store.start_attempt(rollout_id, seq, snapshot.resources_id, snapshot.version):
+            return {"rollout_id": rollout_id, "status": store.get_rollout(rollout_id).status}
     # The agent sees the record as it now stands: running, on this attempt.
-    rollout = rollout.model_copy(update={"status": "running", "attempt_count": seq,
-                                         "start_time": rollout.start_time or time.time()})
+    rollout = rollout.model_copy(update={"status": "running"})
 
     error: ErrorInfo | None = None
     result = None

@@ -17,6 +17,16 @@ status indexes or a finished rollout without its result. A rollout that
 reaches a final status has its id published on the events channel, which
 :meth:`RolloutStore.wait_for_rollouts` listens to, and (when a TTL is set)
 its record and attempts expire that many seconds later, in the same step.
+
+Layout: a record holds one hash field per model field, except the JSON fields
+at their default (``metadata``, ``error``, ``result`` when empty; ``config``
+stores only what differs from :class:`RolloutConfig`'s defaults), and a result
+is stored without its ``None`` fields, once: on the rollout when the outcome
+is accepted (:meth:`RolloutStore.get_attempts` gives it to the attempt that
+finished the rollout), on the attempt when it was refused because the
+rollout had been cancelled. So a typical finished record and its attempt
+keep every value under Redis's ``hash-max-listpack-value`` (64 bytes) and
+stay compact listpacks (about half the memory of a hash table).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import redis
 from .connections import load_script, text
 from .errors import RolloutNotFoundError
 from .keys import ROLLOUT_STATUSES, Keys
-from .models import Attempt, ErrorInfo, Rollout, RolloutResult, TERMINAL_STATUSES, new_id
+from .models import Attempt, ErrorInfo, Rollout, RolloutConfig, RolloutResult, TERMINAL_STATUSES, new_id
 
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
@@ -45,14 +55,25 @@ _PLAIN_ATTEMPT_FIELDS = frozenset(
 
 
 
+# JSON fields left out while they hold their default (decoding restores it), so that a
+# typical record's values all stay under Redis's ``hash-max-listpack-value`` (64 bytes) and
+# Redis keeps the hash as a compact listpack instead of a hash table (about half the memory).
+# ``input`` and ``mode`` are always stored: ``None`` is not their default.
+# (``config`` and ``result`` are written by :func:`encode_rollout` in their own compact forms.)
+_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None}
+
+
 def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
     # A plain field that is None is left out (the Lua scripts test for its absence); a JSON
     # field keeps its None as ``null``, or ``input=None``/``mode=None`` would not read back.
-    return {
-        key: (str(value) if key in plain else json.dumps(value))
-        for key, value in data.items()
-        if value is not None or key not in plain
-    }
+    out = {}
+    for key, value in data.items():
+        if key in plain:
+            if value is not None:
+                out[key] = str(value)
+        elif key not in _OMITTED_WHEN_DEFAULT or value != _OMITTED_WHEN_DEFAULT[key]:
+            out[key] = json.dumps(value, separators=(",", ":"))
+    return out
 
 
 def _decode(fields: Mapping[bytes | str, bytes | str], plain: frozenset[str]) -> dict[str, Any]:
@@ -63,8 +84,30 @@ def _decode(fields: Mapping[bytes | str, bytes | str], plain: frozenset[str]) ->
     return out
 
 
+def encode_config(config: RolloutConfig) -> str:
+    """The stored form of a config: only the fields that differ from the defaults (``{}``
+    for a default config). The Lua scripts that read it merge it over :data:`DEFAULT_CONFIG_JSON`."""
+    return config.model_dump_json(exclude_defaults=True)
+
+
+def encode_result(result: RolloutResult) -> str:
+    """The stored form of a result: its ``None`` fields left out (``output``'s own content is
+    kept as it is), so a short result stays a short string."""
+    return result.model_dump_json(exclude_none=True)
+
+
+# What the scripts merge a stored config over (see :func:`encode_config`).
+DEFAULT_CONFIG_JSON = RolloutConfig().model_dump_json()
+
+
 def encode_rollout(rollout: Rollout) -> dict[str, str]:
-    return _encode(rollout.model_dump(mode="json"), _PLAIN_ROLLOUT_FIELDS)
+    out = _encode(rollout.model_dump(mode="json", exclude={"config", "result"}), _PLAIN_ROLLOUT_FIELDS)
+    config = encode_config(rollout.config)
+    if config != "{}":
+        out["config"] = config
+    if rollout.result is not None:
+        out["result"] = encode_result(rollout.result)
+    return out
 
 
 def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
@@ -78,12 +121,35 @@ def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
 
 
 @dataclass(frozen=True)
+class StartWith:
+    """The snapshot to start a claimed attempt with at once (see :meth:`RolloutStore.claim`):
+    ``resources_id``/``version``, resolved by the worker from the reference the task message
+    names (``requested_id``: the rollout's ``resources_id``; ``requested_version``: its pinned
+    version, None when it follows its reference)."""
+
+    requested_id: str | None
+    requested_version: int | None
+    resources_id: str
+    version: int
+
+
+_LOST_ERROR = ErrorInfo(
+    type="WorkerLostError",
+    message="the worker running this attempt died or lost its connection; the broker redelivered the rollout",
+).model_dump_json()
+
+
+@dataclass(frozen=True)
 class Claim:
     """What :meth:`RolloutStore.claim` decided."""
 
     outcome: Literal["claimed", "missing", "finished", "lost", "duplicate"]
     sequence_id: int = 0
     status: str | None = None
+    rollout: Rollout | None = None
+    """``claimed``: the record as the claim left it (``preparing`` or ``running``, on this attempt)."""
+    started: bool = False
+    """``claimed``: the attempt is already ``running`` with the snapshot given to the claim."""
 
 
 class RolloutStore:
@@ -131,16 +197,26 @@ class RolloutStore:
         k = self.keys
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(k.seq)
+        # One ZADD per index for the whole batch (index key -> {id: score}), not one per rollout.
+        indexes: dict[str, dict[str, float]] = {}
         for rollout in rollouts:
             rid, score = rollout.rollout_id, rollout.enqueue_time
             pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))
-            pipe.zadd(k.rollouts, {rid: score})
-            pipe.zadd(k.rollouts_by_status(rollout.status), {rid: score})
-            if rollout.mode:
-                pipe.zadd(k.rollouts_by_mode(rollout.mode), {rid: score})
-            if rollout.resources_id:
-                pipe.zadd(k.rollouts_by_resources(rollout.resources_id), {rid: score})
+            for key in self._index_keys(rollout):
+                indexes.setdefault(key, {})[rid] = score
+        for key, members in indexes.items():
+            pipe.zadd(key, members)
         return int(pipe.execute()[0] or 0)
+
+    def _index_keys(self, rollout: Rollout) -> list[str]:
+        """The indexes a new rollout enters (main, status, mode, resources)."""
+        k = self.keys
+        keys = [k.rollouts, k.rollouts_by_status(rollout.status)]
+        if rollout.mode:
+            keys.append(k.rollouts_by_mode(rollout.mode))
+        if rollout.resources_id:
+            keys.append(k.rollouts_by_resources(rollout.resources_id))
+        return keys
 
     def create_rollouts_if_absent(
         self, rollouts: Sequence[Rollout]
@@ -153,13 +229,8 @@ class RolloutStore:
         items = []
         for rollout in rollouts:
             rid = rollout.rollout_id
-            indexes = [k.rollouts, k.rollouts_by_status(rollout.status)]
-            if rollout.mode:
-                indexes.append(k.rollouts_by_mode(rollout.mode))
-            if rollout.resources_id:
-                indexes.append(k.rollouts_by_resources(rollout.resources_id))
             items.append(json.dumps({"id": rid, "key": k.rollout(rid), "score": repr(rollout.enqueue_time),
-                                     "fields": encode_rollout(rollout), "indexes": indexes}))
+                                     "fields": encode_rollout(rollout), "indexes": self._index_keys(rollout)}))
         reply = self._create(keys=[k.seq], args=items)
         existing = {}
         for rollout, fields in zip(rollouts, reply[1:]):
@@ -174,8 +245,14 @@ class RolloutStore:
         if rollout_ids:
             self._mark_published(keys=[self.keys.rollout(rid) for rid in rollout_ids], args=[repr(time.time())])
 
-    def claim(self, rollout: Rollout, worker_id: str) -> Claim:
-        """Open the next attempt of ``rollout`` for ``worker_id``.
+    def claim(self, rollout: Rollout | str, worker_id: str, start: StartWith | None = None) -> Claim:
+        """Open the next attempt of the rollout (a record or an id) for ``worker_id``, in one
+        atomic script that also returns the record as it leaves it (no separate read).
+
+        With ``start`` (the worker resolved the snapshot before claiming, from what the task
+        message says the rollout asks for) the attempt opens directly as ``running`` with that
+        snapshot, as :meth:`start_attempt` would, when the record asks for the same reference;
+        otherwise it opens ``preparing`` and ``Claim.started`` is False.
 
         The new attempt's first heartbeat is written with it (deadline
         ``heartbeat_timeout`` from now), so a rollout shorter than one
@@ -189,26 +266,28 @@ class RolloutStore:
         marked ``worker_lost``, and the rollout fails if the config allows no
         further attempt.
         """
-        config = rollout.config
-        lost_allowed = config.max_attempts if "worker_lost" in config.retry_condition else 0
-        lost_error = ErrorInfo(
-            type="WorkerLostError",
-            message="the worker running this attempt died or lost its connection; the broker redelivered the rollout",
-        ).model_dump_json()
+        rollout_id = rollout if isinstance(rollout, str) else rollout.rollout_id
+        k = self.keys
         now = time.time()
-        reply = self._claim(
-            keys=[*self.keys.all_status_indexes(), self.keys.rollout(rollout.rollout_id),
-                  self.keys.rollouts_by_worker(worker_id), self.keys.events, self.keys.heartbeats],
-            args=[rollout.rollout_id, worker_id, repr(now), new_id("at"), lost_allowed,
-                  self.keys.attempt_prefix(rollout.rollout_id), lost_error, self._ttl_arg,
-                  repr(now + self.heartbeat_timeout)],
-        )
+        keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.events,
+                k.heartbeats]
+        args: list[Any] = [rollout_id, worker_id, repr(now), new_id("at"), k.attempt_prefix(rollout_id),
+                           _LOST_ERROR, self._ttl_arg, repr(now + self.heartbeat_timeout), DEFAULT_CONFIG_JSON]
+        if start is not None:
+            keys.append(k.rollouts_by_resources(start.resources_id))
+            args += ["1", start.requested_id or "", "" if start.requested_version is None else start.requested_version,
+                     start.resources_id, start.version]
+        reply = self._claim(keys=keys, args=args)
         outcome = text(reply[0])
         if outcome == "finished":
             return Claim("finished", status=text(reply[1]))
         if outcome == "missing":
             return Claim("missing")
-        return Claim(outcome, sequence_id=int(reply[1]))  # type: ignore[arg-type]
+        if outcome != "claimed":
+            return Claim(outcome, sequence_id=int(reply[1]))  # type: ignore[arg-type]
+        fields = reply[3]
+        record = decode_rollout(dict(zip(fields[::2], fields[1::2])))
+        return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])))
 
     def start_attempt(self, rollout_id: str, sequence_id: int, resources_id: str, version: int) -> bool:
         """Mark the attempt running with this concrete snapshot. False: do not run it
@@ -243,7 +322,7 @@ class RolloutStore:
             keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events,
                   k.heartbeats],
             args=[rollout_id, sequence_id, attempt_status, repr(time.time()),
-                  error.model_dump_json() if error else "", result.model_dump_json() if result else "",
+                  error.model_dump_json() if error else "", encode_result(result) if result else "",
                   next_status, self._ttl_arg, k.attempt_prefix(rollout_id)],
         )
         return text(reply)
@@ -301,7 +380,7 @@ class RolloutStore:
         reply = self._sweep(
             keys=[*k.all_status_indexes(), k.heartbeats, k.events],
             args=[repr(time.time() if now is None else now), limit, k.rollout_prefix, k.ATTEMPT_INFIX, error,
-                  self._ttl_arg],
+                  self._ttl_arg, DEFAULT_CONFIG_JSON],
         )
         return [(text(reply[i]), text(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
 
@@ -364,14 +443,18 @@ class RolloutStore:
         return removed
 
     def get_attempts(self, rollout_id: str) -> list[Attempt]:
-        """Every attempt of the rollout, first to last."""
-        count = self.redis.hget(self.keys.rollout(rollout_id), "attempt_count")
+        """Every attempt of the rollout, first to last. The result of the attempt that
+        finished the rollout is stored once, on the rollout, and read from there."""
+        count, result = self.redis.hmget(self.keys.rollout(rollout_id), ["attempt_count", "result"])
         if count is None and not self.redis.exists(self.keys.rollout(rollout_id)):
             raise RolloutNotFoundError(rollout_id)
         pipe = self.redis.pipeline(transaction=False)
         for seq in range(1, int(count or 0) + 1):
             pipe.hgetall(self.keys.attempt(rollout_id, seq))
-        return [decode_attempt(fields) for fields in pipe.execute() if fields]
+        attempts = [fields for fields in pipe.execute() if fields]
+        if result is not None and attempts and b"result" not in attempts[-1] and "result" not in attempts[-1]:
+            attempts[-1]["result"] = result
+        return [decode_attempt(fields) for fields in attempts]
 
     def statuses(self, rollout_ids: Sequence[str]) -> dict[str, str | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -469,7 +552,9 @@ class RolloutStore:
         than asked for on time-out). Woken by the completion notifications
         that every final transition publishes, not by polling; statuses are
         read once after subscribing (and again after a dropped connection),
-        so a rollout that finished before the call is never missed.
+        so a rollout that finished before the call is never missed. The
+        notifications that arrived together are handled together: their
+        records are read in one round trip.
         ``on_finished`` is called once per rollout as it finishes.
         """
         ids = list(dict.fromkeys(rollout_ids))
@@ -485,10 +570,14 @@ class RolloutStore:
                 if status is None:
                     raise RolloutNotFoundError(rid)
             done = [rid for rid, status in statuses.items() if status in TERMINAL_STATUSES]
-            for rollout in self.get_rollouts(done) if done else []:
-                finished[rollout.rollout_id] = rollout
-                if on_finished:
-                    on_finished(rollout)
+            keep(self.get_rollouts(done) if done else [])
+
+        def keep(rollouts: Iterable[Rollout]) -> None:
+            for rollout in rollouts:
+                if rollout.is_finished and rollout.rollout_id not in finished:
+                    finished[rollout.rollout_id] = rollout
+                    if on_finished:
+                        on_finished(rollout)
 
         wanted = set(ids)
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -499,9 +588,16 @@ class RolloutStore:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
+                notified: list[str] = []
                 try:
                     # Wake at least every few seconds so a silently dead socket is noticed.
                     message = pubsub.get_message(timeout=min(remaining or 5.0, 5.0))
+                    # Take every notification already received, then read their records at once.
+                    while message is not None:
+                        rid = text(message["data"])
+                        if rid in wanted and rid not in finished:
+                            notified.append(rid)
+                        message = pubsub.get_message(timeout=0)
                 except (redis.ConnectionError, redis.TimeoutError):
                     time.sleep(0.2)
                     pubsub.close()
@@ -509,11 +605,9 @@ class RolloutStore:
                     pubsub.subscribe(self.keys.events)
                     collect(ids)  # notifications sent while disconnected are lost: re-read
                     continue
-                if message is None:
-                    continue
-                rid = text(message["data"])
-                if rid in wanted and rid not in finished:
-                    collect([rid])
+                if notified:
+                    # A notification is sent only by a final transition: the record alone is read.
+                    keep(self.get_rollouts(list(dict.fromkeys(notified))))
         finally:
             pubsub.close()
         return [finished[rid] for rid in ids if rid in finished]

@@ -1,5 +1,7 @@
 -- Shared by the rollout scripts. KEYS[1..#STATUSES] are the status index zsets, in
 -- STATUSES order; each script's own keys follow from KEYS[#STATUSES + 1].
+-- The scripts read each hash once (one HMGET) and write it once (one HSET with every field):
+-- Redis runs every command of a script on its single thread, so each one saved is server CPU.
 local STATUSES = {__STATUSES__}
 local TERMINAL = {succeeded = true, failed = true, cancelled = true}
 local STATUS_INDEX = {}
@@ -8,25 +10,37 @@ for i, name in ipairs(STATUSES) do
 end
 local K = #STATUSES
 
--- Move a rollout between status indexes and set its status field.
-local function set_status(rollout_key, rollout_id, from, to)
-  local score = redis.call('HGET', rollout_key, 'enqueue_time')
+-- Move a rollout between status indexes (`score`: its enqueue time). The caller sets the
+-- status field itself, in the HSET it makes anyway.
+local function move_status(rollout_id, from, to, score)
   if from and STATUS_INDEX[from] then
     redis.call('ZREM', STATUS_INDEX[from], rollout_id)
   end
   redis.call('ZADD', STATUS_INDEX[to], score, rollout_id)
-  redis.call('HSET', rollout_key, 'status', to)
 end
 
--- A rollout that reached a final status expires `ttl` seconds later, with every attempt, so a
--- long run holds bounded memory. `ttl` '' or '0': kept forever. The index zsets keep the id;
+-- A rollout that reached a final status expires `ttl` seconds later, with its `n` attempts, so
+-- a long run holds bounded memory. `ttl` '' or '0': kept forever. The index zsets keep the id;
 -- readers skip ids whose record is gone and retention prunes them.
-local function expire_rollout(rollout_key, attempt_prefix, ttl)
+local function expire_rollout(rollout_key, attempt_prefix, ttl, n)
   ttl = tonumber(ttl)
   if not ttl or ttl <= 0 then return end
   redis.call('EXPIRE', rollout_key, ttl)
-  local n = tonumber(redis.call('HGET', rollout_key, 'attempt_count') or '0')
-  for i = 1, n do
+  for i = 1, tonumber(n or 0) do
     redis.call('EXPIRE', attempt_prefix .. i, ttl)
   end
+end
+
+-- The stored `config` field (JSON of the fields that differ from the defaults; absent when none
+-- do) merged over `defaults_json` (the JSON of a default RolloutConfig, sent by the caller).
+-- Returns whether an attempt ending `attempt_status` after attempt `n` may be retried.
+local function may_retry(config_json, defaults_json, attempt_status, n)
+  local defaults = cjson.decode(defaults_json)
+  local config = cjson.decode(config_json or '{}')
+  local condition = config['retry_condition'] or defaults['retry_condition']
+  local max_attempts = tonumber(config['max_attempts'] or defaults['max_attempts'])
+  for _, s in ipairs(condition) do
+    if s == attempt_status then return tonumber(n) < max_attempts end
+  end
+  return false
 end

@@ -1,8 +1,12 @@
 -- Create the rollouts of a batch whose ids the caller chose, skipping those that exist, atomically.
 -- KEYS[1] registry sequence
 -- ARGV[i] JSON {id, key, score, fields: {field: string}, indexes: [zset key]} of one rollout
+-- Every index gets one ZADD for all the batch's new members (in chunks, under Lua's stack
+-- limit on unpack), not one per rollout.
 -- Returns {registry seq, then per rollout: {} when it was created, else its stored hash (HGETALL)}.
 local out = {redis.call('GET', KEYS[1]) or '0'}
+local members = {}  -- index key -> {score, id, score, id, ...}
+local order = {}
 for i = 1, #ARGV do
   local r = cjson.decode(ARGV[i])
   local existing = redis.call('HGETALL', r.key)
@@ -14,9 +18,21 @@ for i = 1, #ARGV do
     end
     redis.call('HSET', r.key, unpack(fields))
     for _, index in ipairs(r.indexes) do
-      redis.call('ZADD', index, r.score, r.id)
+      if not members[index] then
+        members[index] = {}
+        table.insert(order, index)
+      end
+      table.insert(members[index], r.score)
+      table.insert(members[index], r.id)
     end
   end
   table.insert(out, existing)
+end
+local CHUNK = 2000  -- arguments per ZADD: 1,000 members
+for _, index in ipairs(order) do
+  local args = members[index]
+  for first = 1, #args, CHUNK do
+    redis.call('ZADD', index, unpack(args, first, math.min(first + CHUNK - 1, #args)))
+  end
 end
 return out

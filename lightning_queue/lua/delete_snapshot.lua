@@ -28,9 +28,10 @@ if (#pointers > 0 or #active > 0) and ARGV[2] ~= '1' then
 end
 for _, rid in ipairs(active) do
   local key = ARGV[5] .. rid
-  redis.call('HSET', key, 'end_time', ARGV[3], 'error', ARGV[4])
-  set_status(key, rid, redis.call('HGET', key, 'status'), 'failed')
-  expire_rollout(key, key .. ARGV[11], ARGV[10])
+  local r = redis.call('HMGET', key, 'status', 'attempt_count', 'enqueue_time')
+  redis.call('HSET', key, 'status', 'failed', 'end_time', ARGV[3], 'error', ARGV[4])
+  move_status(rid, r[1], 'failed', r[3])
+  expire_rollout(key, key .. ARGV[11], ARGV[10], r[2])
   redis.call('PUBLISH', KEYS[K + 7], rid)
 end
 for v = 1, tonumber(version) - 1 do

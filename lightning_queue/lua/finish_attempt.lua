@@ -4,11 +4,15 @@
 -- ARGV[5] error JSON or '', ARGV[6] result JSON or '', ARGV[7] next rollout status
 -- (succeeded | failed | requeuing), ARGV[8] TTL of a finished rollout in seconds or '' (none),
 -- ARGV[9] attempt key prefix ("{p}:rollout:{id}:attempt:")
+-- The result is stored once: on the rollout when the outcome is accepted (the attempt that
+-- finished the rollout reads it from there), on the attempt only when the rollout was cancelled
+-- while it ran (kept for inspection, the rollout keeps its status).
 -- Returns the rollout's status afterwards, or 'stale' when the attempt is no longer the
 -- rollout's current one or was already closed as lost, unresponsive or timed out (its
 -- outcome is refused: nothing is written).
 local rollout_key = KEYS[K + 1]
-if redis.call('HGET', rollout_key, 'attempt_count') ~= ARGV[2] then
+local r = redis.call('HMGET', rollout_key, 'attempt_count', 'status', 'enqueue_time')
+if r[1] ~= ARGV[2] then
   return 'stale'
 end
 local closed = redis.call('HGET', KEYS[K + 2], 'status')
@@ -18,25 +22,29 @@ end
 redis.call('ZREM', KEYS[K + 4], ARGV[1])
 local attempt = {'status', ARGV[3], 'end_time', ARGV[4]}
 if ARGV[5] ~= '' then table.insert(attempt, 'error'); table.insert(attempt, ARGV[5]) end
-if ARGV[6] ~= '' then table.insert(attempt, 'result'); table.insert(attempt, ARGV[6]) end
-redis.call('HSET', KEYS[K + 2], unpack(attempt))
-local status = redis.call('HGET', rollout_key, 'status')
+local status = r[2]
 if TERMINAL[status] then
   -- Cancelled while it ran: the outcome is kept on the attempt only, which expires with the rollout.
+  if ARGV[6] ~= '' then table.insert(attempt, 'result'); table.insert(attempt, ARGV[6]) end
+  redis.call('HSET', KEYS[K + 2], unpack(attempt))
   local ttl = redis.call('PTTL', rollout_key)
   if ttl > 0 then redis.call('PEXPIRE', KEYS[K + 2], ttl) end
   return status
 end
+redis.call('HSET', KEYS[K + 2], unpack(attempt))
 local next_status = ARGV[7]
-if ARGV[5] ~= '' then redis.call('HSET', rollout_key, 'error', ARGV[5]) end
+local fields = {'status', next_status}
+if ARGV[5] ~= '' then table.insert(fields, 'error'); table.insert(fields, ARGV[5]) end
 if TERMINAL[next_status] then
-  redis.call('HSET', rollout_key, 'end_time', ARGV[4])
-  if ARGV[6] ~= '' then redis.call('HSET', rollout_key, 'result', ARGV[6]) end
-  if next_status == 'succeeded' then redis.call('HDEL', rollout_key, 'error') end
+  table.insert(fields, 'end_time'); table.insert(fields, ARGV[4])
+  if ARGV[6] ~= '' then table.insert(fields, 'result'); table.insert(fields, ARGV[6]) end
 end
-set_status(rollout_key, ARGV[1], status, next_status)
+redis.call('HSET', rollout_key, unpack(fields))
+-- An earlier attempt's error may be on the record; only a retried rollout can have one.
+if next_status == 'succeeded' and tonumber(ARGV[2]) > 1 then redis.call('HDEL', rollout_key, 'error') end
+move_status(ARGV[1], status, next_status, r[3])
 if TERMINAL[next_status] then
-  expire_rollout(rollout_key, ARGV[9], ARGV[8])
+  expire_rollout(rollout_key, ARGV[9], ARGV[8], ARGV[2])
   redis.call('PUBLISH', KEYS[K + 3], ARGV[1])
 end
 return next_status

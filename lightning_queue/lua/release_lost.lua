@@ -3,12 +3,11 @@
 -- KEYS[1] rollout hash, KEYS[2] heartbeat index zset
 -- ARGV[1] rollout_id, ARGV[2] worker_id of the process that died, ARGV[3] attempt key prefix
 -- Returns 1 when the open attempt was that worker's and its heartbeat was dropped, else 0.
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'preparing' and status ~= 'running' then
+local r = redis.call('HMGET', KEYS[1], 'status', 'attempt_count')
+if r[1] ~= 'preparing' and r[1] ~= 'running' then
   return 0
 end
-local n = redis.call('HGET', KEYS[1], 'attempt_count')
-if redis.call('HGET', ARGV[3] .. n, 'worker_id') ~= ARGV[2] then
+if redis.call('HGET', ARGV[3] .. r[2], 'worker_id') ~= ARGV[2] then
   return 0
 end
 redis.call('ZREM', KEYS[2], ARGV[1])

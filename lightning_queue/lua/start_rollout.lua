@@ -4,11 +4,12 @@
 -- Returns 1, or 0 when the attempt is no longer the rollout's open one (cancelled, or
 -- superseded after its worker was presumed lost): the caller must not run it.
 local rollout_key = KEYS[K + 1]
-local status = redis.call('HGET', rollout_key, 'status')
-if status ~= 'preparing' or redis.call('HGET', rollout_key, 'attempt_count') ~= ARGV[2] then
+local r = redis.call('HMGET', rollout_key, 'status', 'attempt_count', 'enqueue_time')
+if r[1] ~= 'preparing' or r[2] ~= ARGV[2] then
   return 0
 end
 redis.call('HSET', KEYS[K + 2], 'status', 'running', 'resources_id', ARGV[3], 'resources_version', ARGV[4])
-set_status(rollout_key, ARGV[1], status, 'running')
-redis.call('ZADD', KEYS[K + 3], redis.call('HGET', rollout_key, 'enqueue_time'), ARGV[1])
+redis.call('HSET', rollout_key, 'status', 'running')
+move_status(ARGV[1], 'preparing', 'running', r[3])
+redis.call('ZADD', KEYS[K + 3], r[3], ARGV[1])
 return 1

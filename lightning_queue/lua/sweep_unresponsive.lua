@@ -2,7 +2,8 @@
 -- Any number of workers may run it at once: each expired entry is taken (ZREM) by one of them.
 -- KEYS[K+1] heartbeat index zset, KEYS[K+2] events channel
 -- ARGV[1] now, ARGV[2] most entries to take, ARGV[3] rollout key prefix ("{p}:rollout:"),
--- ARGV[4] attempt key infix (":attempt:"), ARGV[5] error JSON, ARGV[6] TTL of a finished rollout or ''
+-- ARGV[4] attempt key infix (":attempt:"), ARGV[5] error JSON, ARGV[6] TTL of a finished rollout or '',
+-- ARGV[7] JSON of the default RolloutConfig (records store only what differs from it)
 -- Each closed attempt becomes 'unresponsive'; its rollout goes to 'requeuing' when its config
 -- retries 'unresponsive' and attempts remain (the caller then publishes it again), else 'failed'.
 -- Returns a flat list {rollout_id, next status, sequence_id, ...} of the rollouts moved.
@@ -11,27 +12,23 @@ local moved = {}
 for _, rid in ipairs(due) do
   redis.call('ZREM', KEYS[K + 1], rid)
   local rollout_key = ARGV[3] .. rid
-  local status = redis.call('HGET', rollout_key, 'status')
+  local r = redis.call('HMGET', rollout_key, 'status', 'attempt_count', 'enqueue_time', 'config')
+  local status, n = r[1], r[2]
   if status == 'preparing' or status == 'running' then
-    local n = redis.call('HGET', rollout_key, 'attempt_count')
     local attempt_prefix = rollout_key .. ARGV[4]
     redis.call('HSET', attempt_prefix .. n, 'status', 'unresponsive', 'end_time', ARGV[1], 'error', ARGV[5])
-    redis.call('HSET', rollout_key, 'error', ARGV[5])
-    local config = cjson.decode(redis.call('HGET', rollout_key, 'config') or '{}')
-    local retried = false
-    for _, s in ipairs(config['retry_condition'] or {}) do
-      if s == 'unresponsive' then retried = true end
-    end
     local next_status = 'failed'
-    if retried and tonumber(n) < tonumber(config['max_attempts'] or 1) then
+    if may_retry(r[4], ARGV[7], 'unresponsive', n) then
       next_status = 'requeuing'
     end
     if next_status == 'failed' then
-      redis.call('HSET', rollout_key, 'end_time', ARGV[1])
+      redis.call('HSET', rollout_key, 'status', next_status, 'error', ARGV[5], 'end_time', ARGV[1])
+    else
+      redis.call('HSET', rollout_key, 'status', next_status, 'error', ARGV[5])
     end
-    set_status(rollout_key, rid, status, next_status)
+    move_status(rid, status, next_status, r[3])
     if next_status == 'failed' then
-      expire_rollout(rollout_key, attempt_prefix, ARGV[6])
+      expire_rollout(rollout_key, attempt_prefix, ARGV[6], n)
       redis.call('PUBLISH', KEYS[K + 2], rid)
     end
     table.insert(moved, rid)

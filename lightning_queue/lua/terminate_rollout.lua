@@ -5,22 +5,25 @@
 -- An open attempt (preparing or running) is closed with the same status.
 -- Returns the rollout's status afterwards, or 'missing'.
 local rollout_key = KEYS[K + 1]
-local status = redis.call('HGET', rollout_key, 'status')
+local r = redis.call('HMGET', rollout_key, 'status', 'attempt_count', 'enqueue_time')
+local status = r[1]
 if not status then
   return 'missing'
 end
 if TERMINAL[status] then
   return status
 end
-redis.call('HSET', rollout_key, 'end_time', ARGV[3])
-if ARGV[4] ~= '' then redis.call('HSET', rollout_key, 'error', ARGV[4]) end
+if ARGV[4] ~= '' then
+  redis.call('HSET', rollout_key, 'status', ARGV[2], 'end_time', ARGV[3], 'error', ARGV[4])
+else
+  redis.call('HSET', rollout_key, 'status', ARGV[2], 'end_time', ARGV[3])
+end
 if status == 'preparing' or status == 'running' then
   -- Close the open attempt too; if its agent still finishes, finish_attempt records that outcome.
-  local open = ARGV[6] .. redis.call('HGET', rollout_key, 'attempt_count')
-  redis.call('HSET', open, 'status', ARGV[2], 'end_time', ARGV[3])
+  redis.call('HSET', ARGV[6] .. r[2], 'status', ARGV[2], 'end_time', ARGV[3])
 end
 redis.call('ZREM', KEYS[K + 3], ARGV[1])
-set_status(rollout_key, ARGV[1], status, ARGV[2])
-expire_rollout(rollout_key, ARGV[6], ARGV[5])
+move_status(ARGV[1], status, ARGV[2], r[3])
+expire_rollout(rollout_key, ARGV[6], ARGV[5], r[2])
 redis.call('PUBLISH', KEYS[K + 2], ARGV[1])
 return ARGV[2]

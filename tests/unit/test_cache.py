@@ -406,3 +406,22 @@ def test_cache_reports_its_stats_for_the_fleet_view(fake_client: LightningClient
         assert 0 < ttl <= 1  # expires after a few missed reports: dead processes drop out
     finally:
         cache.close()
+
+
+def test_peek_answers_from_memory_or_none_without_redis(
+    make_cache: Callable[..., SnapshotCache], registry: SnapshotRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = registry.add_resources(prompt("a"), "rs-a")
+    cache = make_cache()
+    caught_up(cache, registry)
+    seq = seq_of(registry)
+    calls = Calls(registry, monkeypatch)
+    assert cache.peek("rs-a", None, seq) is None  # not loaded yet: no fetch, and no miss counted
+    assert cache.stats()["misses"] == 0
+    cache.get("rs-a", None, seq)
+    calls.reset()
+    assert cache.peek("rs-a", None, seq) == snap
+    assert cache.peek("rs-a", 1, seq) == snap
+    assert cache.peek("rs-a", None, seq + 1) is None  # not caught up with a newer enqueue
+    assert calls.fetches == [] and calls.commands == []
+    assert cache.stats()["hits"] == 2

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fakeredis
 import pytest
@@ -22,7 +23,8 @@ from lightning_queue import (
     RolloutResult,
     rollout,
 )
-from lightning_queue.errors import RolloutFailed
+from lightning_queue.cache import SnapshotCache, attach_cache
+from lightning_queue.errors import ResourcesNotFoundError, RolloutFailed, RolloutNotFoundError, SnapshotCorruptedError
 from lightning_queue.runner import _run, next_status, record_hard_timeout, run_rollout
 
 
@@ -43,8 +45,49 @@ class FakeTask:
         raise RetryRequested()
 
 
+@pytest.fixture(params=["no cache", "cache"], autouse=True)
+def worker_cache(request: pytest.FixtureRequest, fake_client: LightningClient) -> Iterator[SnapshotCache | None]:
+    """Every test runs twice: on a worker without a snapshot cache (the claim opens the attempt
+    preparing, the runner resolves the snapshot, then starts it) and with one (a cached snapshot
+    lets the claim open the attempt running at once)."""
+    if request.param == "no cache":
+        yield None
+        return
+    cache = attach_cache(fake_client)
+    yield cache
+    if cache is not None:
+        cache.close()
+    fake_client.cache = None
+
+
 def run(task: FakeTask, rollout_id: str) -> dict[str, Any]:
-    return _run(task, task.app, rollout_id)  # type: ignore[arg-type]
+    """``_run`` with the message ``publish`` would send: the record's reference and the
+    registry sequence now (with a cache, once its listener caught up with that sequence)."""
+    client: LightningClient = task.app.lightning
+    message: dict[str, Any] = {}
+    try:
+        record = client.store.get_rollout(rollout_id)
+        message = {"resources_id": record.resources_id, "resources_version": record.resources_version}
+    except RolloutNotFoundError:
+        pass
+    seq = int(client.redis.get(client.keys.seq) or 0)
+    cache = client.cache
+    if cache is not None:
+        deadline = time.monotonic() + 10
+        while cache.stats()["applied_seq"] < seq:
+            assert time.monotonic() < deadline, "the cache listener did not catch up"
+            time.sleep(0.005)
+        warm(task, message.get("resources_id"), message.get("resources_version"), seq)
+    return _run(task, task.app, rollout_id, seq, **message)  # type: ignore[arg-type]
+
+
+def warm(task: FakeTask, resources_id: str | None, version: int | None, seq: int) -> None:
+    """Load the snapshot the message names into the cache, as an earlier rollout would have
+    (so the claim can start the attempt at once); a snapshot that does not load is left out."""
+    try:
+        task.app.lightning.load_snapshot(resources_id or task.app.agent.default_resources, version, seq)
+    except (ResourcesNotFoundError, SnapshotCorruptedError):
+        pass
 
 
 def recording_agent(reward: float = 1.0) -> tuple[LitAgent, list[dict[str, Any]]]:
@@ -441,10 +484,10 @@ def test_hard_time_limit_ignores_finished_and_unknown(
 
 
 def test_redis_outage_requeues_the_message(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    def unreachable(rollout_id: str) -> Rollout:
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise redis.ConnectionError("Connection refused")
 
-    monkeypatch.setattr(fake_client.store, "get_rollout", unreachable)
+    monkeypatch.setattr(fake_client.store, "claim", unreachable)  # the runner's first Redis call
     with pytest.raises(Reject) as info:
         run_rollout(FakeTask(fake_client, recording_agent()[0]), "ro-x")  # type: ignore[arg-type]
     assert info.value.requeue is True
@@ -636,3 +679,65 @@ def test_result_of_a_superseded_attempt_is_refused_naming_the_new_one(
     assert fake_client.get_rollout(queued.rollout_id).result is None
     assert f"rollout {queued.rollout_id} attempt 1: result (succeeded) refused: the attempt was superseded by attempt 2" \
         in caplog.text
+
+
+# --------------------------------------------------------------------------- claim and start in one step
+
+
+def forbid(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("a round trip the claim should have saved")
+
+
+@pytest.mark.parametrize("worker_cache", ["cache"], indirect=True)
+def test_cached_snapshot_starts_the_attempt_in_the_claim(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM,
+    worker_cache: SnapshotCache | None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert worker_cache is not None
+    fake_client.add_resources({"main": llm}, "rs-a")
+    queued = enqueue(resources_id="rs-a")
+    seq = int(fake_client.redis.get(fake_client.keys.seq) or 0)
+    agent, calls = recording_agent()
+    task = FakeTask(fake_client, agent)
+    warm(task, "rs-a", 1, seq)
+    monkeypatch.setattr(fake_client.store, "get_rollout", forbid)
+    monkeypatch.setattr(fake_client.store, "start_attempt", forbid)
+    monkeypatch.setattr(fake_client.registry, "fetch", forbid)
+
+    reply = _run(task, task.app, queued.rollout_id, seq, "rs-a", 1)  # type: ignore[arg-type]
+
+    assert reply["status"] == "succeeded" and (reply["resources_id"], reply["version"]) == ("rs-a", 1)
+    assert calls[0]["rollout"].status == "running" and calls[0]["rollout"].attempt_count == 1
+    monkeypatch.undo()
+    attempt, = fake_client.get_attempts(queued.rollout_id)
+    assert (attempt.status, attempt.resources_id, attempt.resources_version) == ("succeeded", "rs-a", 1)
+    assert [r.rollout_id for r in fake_client.query_rollouts(resources_id="rs-a")] == [queued.rollout_id]
+
+
+@pytest.mark.parametrize("worker_cache", ["cache"], indirect=True)
+def test_a_message_naming_another_snapshot_than_the_record_resolves_from_the_record(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM,
+    worker_cache: SnapshotCache | None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert worker_cache is not None
+    fake_client.add_resources({"main": llm}, "rs-a")
+    queued = enqueue()  # follows latest
+    newer = llm.model_copy(update={"model": "newer"})
+    fake_client.add_resources({"main": newer}, "rs-b")
+    seq = int(fake_client.redis.get(fake_client.keys.seq) or 0)
+    agent, calls = recording_agent()
+    task = FakeTask(fake_client, agent)
+    warm(task, "rs-a", 1, seq)
+    started: list[tuple[str, int]] = []
+    start_attempt = fake_client.store.start_attempt
+
+    def spy(rollout_id: str, seq: int, resources_id: str, version: int) -> bool:
+        started.append((resources_id, version))
+        return start_attempt(rollout_id, seq, resources_id, version)
+
+    monkeypatch.setattr(fake_client.store, "start_attempt", spy)
+    # A message that disagrees with the record (pinned to rs-a): the record decides.
+    reply = _run(task, task.app, queued.rollout_id, seq, "rs-a", 1)  # type: ignore[arg-type]
+
+    assert started == [("rs-b", 1)] and reply["resources_id"] == "rs-b"
+    assert calls[0]["llm"] == newer

@@ -12,7 +12,7 @@ import pytest
 from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutNotFoundError, RolloutResult
 from lightning_queue.keys import ROLLOUT_STATUSES
 from lightning_queue.models import ErrorInfo
-from lightning_queue.store import RolloutStore
+from lightning_queue.store import RolloutStore, StartWith
 
 MakeRollouts = Callable[..., list[Rollout]]
 IndexMembers = Callable[[str], list[str]]
@@ -582,3 +582,164 @@ def test_wait_wakes_when_a_lost_worker_fails_the_rollout(
         worker.close()
     assert time.monotonic() - started < 1.5
     assert [r.status for r in done] == ["failed"]
+
+
+def test_wait_reads_notifications_that_arrived_together_in_one_round_trip(
+    store: RolloutStore, make_rollouts: MakeRollouts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rollouts = make_rollouts(5)
+    for rollout in rollouts:
+        run_to_running(store, rollout)
+    statuses = store.statuses
+    reads: list[list[str]] = []
+    get_rollouts = store.get_rollouts
+
+    def first_read(rollout_ids: list[str]) -> dict[str, str | None]:
+        # The waiter is subscribed and has read the statuses (all running); the five then
+        # finish before it looks at its notifications, which are all waiting together.
+        seen = statuses(rollout_ids)
+        for rollout in rollouts:
+            store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
+        monkeypatch.setattr(store, "statuses", lambda ids: pytest.fail("a status read per notification"))
+        return seen
+
+    def spy(rollout_ids: list[str]) -> list[Rollout]:
+        reads.append(list(rollout_ids))
+        return get_rollouts(rollout_ids)
+
+    monkeypatch.setattr(store, "statuses", first_read)
+    monkeypatch.setattr(store, "get_rollouts", spy)
+    done = store.wait_for_rollouts(ids(rollouts), timeout=5)
+    assert ids(done) == ids(rollouts) and {r.status for r in done} == {"succeeded"}
+    assert reads == [ids(rollouts)]
+
+
+# --------------------------------------------------------------------------- claim and start in one script
+
+
+def test_claim_returns_the_record_it_leaves(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1, metadata={"k": "v"})
+    claim = store.claim(rollout.rollout_id, "w1")
+    assert claim.outcome == "claimed" and not claim.started and claim.rollout is not None
+    assert claim.rollout == store.get_rollout(rollout.rollout_id)
+    assert (claim.rollout.status, claim.rollout.attempt_count, claim.rollout.metadata) == ("preparing", 1, {"k": "v"})
+
+
+def test_claim_with_the_snapshot_starts_the_attempt_running(
+    store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers
+) -> None:
+    rollout, = make_rollouts(1, resources_id="rs-a", resources_version=3, resolve="pinned")
+    claim = store.claim(rollout.rollout_id, "w1", StartWith("rs-a", 3, "rs-a", 3))
+    assert claim.started and claim.rollout is not None and claim.rollout.status == "running"
+    attempt, = store.get_attempts(rollout.rollout_id)
+    assert (attempt.status, attempt.resources_id, attempt.resources_version) == ("running", "rs-a", 3)
+    assert status_index_members(rollout.rollout_id) == ["running"]
+    assert ids(store.query_rollouts(resources_id="rs-a")) == [rollout.rollout_id]
+    assert store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded") == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "stored, message",
+    [
+        ({"resources_id": "rs-a", "resources_version": 3, "resolve": "pinned"}, ("rs-a", 2)),  # other version
+        ({"resources_id": "rs-a", "resources_version": 3, "resolve": "pinned"}, ("rs-b", 3)),  # other id
+        ({"resources_id": "prod", "resolve": "following"}, ("prod", 3)),  # follows, message says pinned
+        ({"resolve": "following"}, ("rs-a", None)),  # latest, message names an id
+    ],
+)
+def test_claim_does_not_start_with_a_snapshot_the_record_does_not_ask_for(
+    store: RolloutStore, make_rollouts: MakeRollouts, stored: dict, message: tuple[str, int | None]
+) -> None:
+    rollout, = make_rollouts(1, **stored)
+    claim = store.claim(rollout.rollout_id, "w1", StartWith(*message, "rs-a", 3))
+    assert claim.outcome == "claimed" and not claim.started
+    assert store.get_attempts(rollout.rollout_id)[0].status == "preparing"
+    # Only the index entry it was created with (a pinned rollout's own id), none for the snapshot offered.
+    assert ids(store.query_rollouts(resources_id="rs-a")) == ([rollout.rollout_id] if "rs-a" in stored.values() else [])
+
+
+def test_claim_start_of_a_cancelled_rollout_does_nothing(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    store.terminate(rollout.rollout_id, "cancelled")
+    claim = store.claim(rollout.rollout_id, "w1", StartWith(None, None, "rs-a", 1))
+    assert (claim.outcome, claim.status, claim.started) == ("finished", "cancelled", False)
+    assert store.get_attempts(rollout.rollout_id) == []
+
+
+# --------------------------------------------------------------------------- compact records
+
+
+def test_default_config_and_empty_fields_are_not_stored(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    plain, custom = make_rollouts(2)
+    custom = custom.model_copy(update={"config": RolloutConfig(max_attempts=3), "rollout_id": "ro-custom"})
+    store.create_rollouts([custom])
+    fields = {k.decode() for k in store.redis.hkeys(store.keys.rollout(plain.rollout_id))}
+    assert not fields & {"config", "metadata", "error", "result"}
+    assert store.redis.hget(store.keys.rollout("ro-custom"), "config") == b'{"max_attempts":3}'
+    assert store.get_rollout(plain.rollout_id).config == RolloutConfig()
+    assert store.get_rollout("ro-custom").config == RolloutConfig(max_attempts=3)
+
+
+def test_result_is_stored_once_and_read_back_on_its_attempt(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1)
+    seq = run_to_running(store, rollout)
+    result = RolloutResult(output={"a": None, "b": [1]})
+    store.finish_attempt(rollout.rollout_id, seq, "succeeded", "succeeded", result=result)
+    assert store.redis.hget(store.keys.rollout(rollout.rollout_id), "result") == b'{"output":{"a":null,"b":[1]}}'
+    assert not store.redis.hexists(store.keys.attempt(rollout.rollout_id, seq), "result")
+    assert store.get_rollout(rollout.rollout_id).result == result
+    assert store.get_attempts(rollout.rollout_id)[0].result == result
+
+
+def test_refused_result_of_a_cancelled_rollout_stays_on_its_attempt(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    seq = run_to_running(store, rollout)
+    store.terminate(rollout.rollout_id, "cancelled")
+    late = RolloutResult(reward=0.5)
+    assert store.finish_attempt(rollout.rollout_id, seq, "succeeded", "succeeded", result=late) == "cancelled"
+    assert store.get_rollout(rollout.rollout_id).result is None
+    assert store.get_attempts(rollout.rollout_id)[0].result == late
+
+
+def test_scripts_apply_the_default_config_to_a_record_that_stores_none(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    # Defaults retry worker_lost and unresponsive but allow one attempt: both end the rollout failed.
+    lost, hung, retried = make_rollouts(3)
+    retried = retried.model_copy(update={"rollout_id": "ro-retried", "config": RolloutConfig(max_attempts=2)})
+    store.create_rollouts([retried])
+    for rollout in (lost, hung, retried):
+        run_to_running(store, rollout)
+        expire_heartbeat(store, rollout.rollout_id)
+    assert store.claim(lost.rollout_id, "w2").outcome == "lost"
+    moved = {rid: status for rid, status, _ in store.sweep_unresponsive()}
+    assert moved == {hung.rollout_id: "failed", "ro-retried": "requeuing"}
+
+
+def test_create_rollouts_sends_one_zadd_per_index(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    sent: list[str] = []
+    pipeline = store.redis.pipeline
+
+    def counting_pipeline(*args: object, **kwargs: object) -> object:
+        pipe = pipeline(*args, **kwargs)
+        zadd = pipe.zadd
+
+        def spy(key: str, mapping: dict, *rest: object, **options: object) -> object:
+            sent.append(key)
+            return zadd(key, mapping, *rest, **options)
+
+        pipe.zadd = spy  # type: ignore[method-assign]
+        return pipe
+
+    store.redis.pipeline = counting_pipeline  # type: ignore[method-assign]
+    try:
+        rollouts = [Rollout(input=i, resources_id="rs-a" if i % 2 else None) for i in range(10)]
+        store.create_rollouts(rollouts)
+    finally:
+        del store.redis.pipeline
+    k = store.keys
+    assert sorted(sent) == sorted([k.rollouts, k.rollouts_by_status("queuing"), k.rollouts_by_mode("train"),
+                                   k.rollouts_by_resources("rs-a")])
+    assert len(store.query_rollouts(limit=100)) == 10 and len(store.query_rollouts(resources_id="rs-a")) == 5
