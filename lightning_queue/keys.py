@@ -14,7 +14,7 @@ Snapshot registry::
 
 Rollout store::
 
-    {p}:rollout:{rollout_id}             hash  the Rollout record, one field per model field; expires
+    {p}:rollout:{rollout_id}             hash  the Rollout record, one field per set model field (see store.py); expires
                                                ``rollout_ttl_seconds`` after the rollout finishes
     {p}:rollout:{rollout_id}:attempt:{n} hash  attempt n (1-based) of that rollout; expires with it
     {p}:rollouts                         zset  rollout_id -> enqueue time
