@@ -95,4 +95,4 @@ def test_a_canary_that_fails_on_real_workers_is_rolled_back(client: LightningCli
     assert client.get_pointer("canary") == "stable" and client.get_pointer("prod") == "stable"
     assert Experiments(client).get("live-canary").status == "stopped"
     failed = [r for r in result.rollouts if r.metadata["variant"] == "treatment"]
-    assert failed and all(r.status == "failed" and r.error.type == "KeyError" for r in failed)  # type: ignore[union-attr]
+    assert failed and all(r.status == "failed" and r.error.type == "TemplateRenderError" for r in failed)  # type: ignore[union-attr]
