@@ -201,8 +201,17 @@ class Bench:
         elapsed = time.perf_counter() - start
         bad = [r for r in done if r.status != "succeeded"]
         if len(done) != n or bad:
+            finished = {r.rollout_id for r in done}
+            unfinished = [(r.rollout_id, r.status, r.attempt_count, [(a.status, a.worker_id) for a in
+                           self.client.get_attempts(r.rollout_id)])
+                          for r in self.client.get_rollouts([r.rollout_id for r in rollouts
+                                                             if r.rollout_id not in finished][:3])]
+            mentions = [line for log in Path(self.logdir).glob("*.log")
+                        for line in log.read_text(errors="replace").splitlines()
+                        if any(rid in line for rid, *_ in unfinished)]
             raise RuntimeError(f"lightning-queue: {len(done)}/{n} finished, {len(bad)} not succeeded: "
-                               f"{[(r.rollout_id, r.status, r.error) for r in bad[:3]]}")
+                               f"{[(r.rollout_id, r.status, r.error) for r in bad[:3]]}; unfinished: {unfinished}; "
+                               "worker log lines about them:\n" + "\n".join(mentions[-20:]))
         return elapsed, done
 
     def bare_run(self, n: int, timeout: float = 600.0) -> tuple[float, list[Any]]:
