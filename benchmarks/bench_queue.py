@@ -361,7 +361,7 @@ def worker_steps(b: Bench, rows: list[Row], lq_commands: float, bare_commands: f
         rows.append((f"  {name}", f"median {statistics.median(samples) * 1e3:.3f} ms", ""))
     outside = lq_commands - inside / m
     rows.append(("Redis commands per rollout outside Lua scripts: lightning-queue / bare Celery",
-                 f"{outside:.1f} / {bare_commands:.1f} (+{outside - bare_commands:.1f})", "Celery's + a handful"))
+                 f"{outside:.1f} / {bare_commands:.1f} ({outside - bare_commands:+.1f})", "Celery's + a handful"))
 
 
 def memory_tuned(b: Bench, rows: list[Row], own_server: bool) -> None:

@@ -19,9 +19,7 @@ rollout messages.
 from __future__ import annotations
 
 import base64
-import json
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from celery.events import Event
 from celery.events.event import get_exchange
 from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
+from pydantic_core import to_json
 
 from .runner import TASK_NAME
 
@@ -46,6 +45,13 @@ CHUNK = 1000
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
+def _delivery_tag() -> str:
+    # Unique per message, in uuid4's text form as kombu makes it, without building a UUID object
+    # (uuid.uuid4() was a tenth of a batch's cost).
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def task_kwargs(rollout: Rollout, registry_seq: int) -> dict[str, Any]:
     """The rollout task's keyword arguments: ids only (Flower shows them)."""
     return {"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id,
@@ -56,7 +62,7 @@ def task_kwargs(rollout: Rollout, registry_seq: int) -> dict[str, Any]:
 class TaskMessages:
     """A batch of rollout task messages, ready to send."""
 
-    by_queue: dict[str, list[str]] = field(default_factory=dict)  # queue -> messages (kombu envelopes, JSON)
+    by_queue: dict[str, list[bytes]] = field(default_factory=dict)  # queue -> messages (kombu envelopes, JSON)
     sent_events: list[dict[str, Any]] = field(default_factory=list)  # task-sent events, in message order
 
 
@@ -81,14 +87,14 @@ def build_messages(
         rid, queue, kwargs = rollout.rollout_id, rollout.queue, task_kwargs(rollout, registry_seq)
         kwargsrepr = repr(kwargs)
         headers = {**template.headers, "id": rid, "root_id": rid, "timelimit": [hard, soft], "kwargsrepr": kwargsrepr}
-        body = base64.b64encode(json.dumps([[], kwargs, _EMBED]).encode()).decode()
+        body = base64.b64encode(to_json([[], kwargs, _EMBED])).decode()
         message = {
             "body": body, "content-encoding": "utf-8", "content-type": "application/json", "headers": headers,
             "properties": {**template.properties, "correlation_id": rid, "delivery_mode": 2,
                            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                           "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+                           "body_encoding": "base64", "delivery_tag": _delivery_tag()},
         }
-        out.by_queue.setdefault(queue, []).append(json.dumps(message))
+        out.by_queue.setdefault(queue, []).append(to_json(message))
         if template.sent_event is not None:
             out.sent_events.append(Event(
                 "task-sent", hostname=hostname, utcoffset=utcoffset(), pid=pid, clock=clock.forward(),

@@ -8,10 +8,10 @@ extend: any subclass of :class:`Resource` that declares
 
 from __future__ import annotations
 
+import os
 import random
 import string
 import time
-import uuid
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 from urllib.parse import urlparse
 
@@ -54,7 +54,8 @@ REVEAL_SECRETS = {"reveal_secrets": True}
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+    """``prefix-`` and 16 random hex digits (64 bits)."""
+    return f"{prefix}-{os.urandom(8).hex()}"
 
 
 # --------------------------------------------------------------------------- resources
