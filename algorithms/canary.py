@@ -26,7 +26,9 @@ from algorithms.local import client_for
 BASELINE = "Think step by step. Q: {question}"
 CANDIDATES = {
     "better": "Think step by step, then reply with only the final number. Q: {question}",
-    "worse": "Reply with only the final number. Q: {question}",  # no precedence: wrong on half the questions
+    # No "step by step": the demo model ignores precedence, wrong on half the questions (mean reward 0.25, not 0.5).
+    # ("Reply with only the final number" would not do: its exact answers on the other half make up the loss.)
+    "worse": "Q: {question}",
     "broken": "Q: {query}",  # names a variable the agent does not pass: every rollout fails
 }
 
