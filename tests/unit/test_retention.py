@@ -14,21 +14,10 @@ from lightning_queue.errors import RolloutNotFoundError
 from lightning_queue.models import ErrorInfo
 from lightning_queue.retention import SCHEDULE_ENTRY, TASK_NAME, RetentionPolicy, apply_retention
 from lightning_queue.store import RolloutStore
+from tests.unit.test_store import expire_heartbeat, run_to_running
 
 MakeRollouts = Callable[..., list[Rollout]]
 TTL = 7 * 24 * 3600  # the default of Settings.rollout_ttl_seconds, which fake_client uses
-
-
-def expire_heartbeat(store: RolloutStore, rollout_id: str) -> None:
-    """The open attempt's worker stopped beating long ago (it died): its deadline is in the past."""
-    store.redis.zadd(store.keys.heartbeats, {rollout_id: 0})
-
-
-def run_to_running(store: RolloutStore, rollout: Rollout, worker: str = "w1", resources_id: str = "rs-a") -> int:
-    claim = store.claim(rollout, worker)
-    assert claim.outcome == "claimed"
-    assert store.start_attempt(rollout.rollout_id, claim.sequence_id, resources_id, 1)
-    return claim.sequence_id
 
 
 def ttls(store: RolloutStore, rollout_id: str) -> list[int]:

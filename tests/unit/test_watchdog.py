@@ -13,15 +13,9 @@ from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResu
 from lightning_queue.health import HealthRecorder, judge
 from lightning_queue.store import RolloutStore
 from lightning_queue.watchdog import Heartbeat, run_sweep, sweep
+from tests.unit.test_store import run_to_running
 
 MakeRollouts = Callable[..., list[Rollout]]
-
-
-def running(store: RolloutStore, rollout: Rollout, worker: str = "w1") -> int:
-    claim = store.claim(rollout, worker)
-    assert claim.outcome == "claimed"
-    assert store.start_attempt(rollout.rollout_id, claim.sequence_id, "rs-a", 1)
-    return claim.sequence_id
 
 
 def deadline(store: RolloutStore, rollout_id: str) -> float | None:
@@ -34,7 +28,7 @@ def deadline(store: RolloutStore, rollout_id: str) -> float | None:
 def test_claim_writes_the_first_heartbeat_and_finish_clears_it(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollout, = make_rollouts(1)
     before = time.time()
-    seq = running(store, rollout)
+    seq = run_to_running(store, rollout)
     assert before + store.heartbeat_timeout <= deadline(store, rollout.rollout_id) <= time.time() + store.heartbeat_timeout
     store.finish_attempt(rollout.rollout_id, seq, "succeeded", "succeeded")
     assert deadline(store, rollout.rollout_id) is None
@@ -45,7 +39,7 @@ def test_heartbeat_moves_the_deadline_only_for_the_open_attempt(
 ) -> None:
     rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
     rid = rollout.rollout_id
-    seq = running(store, rollout)
+    seq = run_to_running(store, rollout)
     store.redis.zadd(store.keys.heartbeats, {rid: 5.0})
     assert store.heartbeat(rid, seq)
     assert deadline(store, rid) > time.time()
@@ -57,7 +51,7 @@ def test_heartbeat_moves_the_deadline_only_for_the_open_attempt(
 
 def test_terminate_clears_the_heartbeat(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollout, = make_rollouts(1)
-    running(store, rollout)
+    run_to_running(store, rollout)
     store.terminate(rollout.rollout_id, "cancelled")
     assert deadline(store, rollout.rollout_id) is None
 
@@ -67,7 +61,7 @@ def test_duplicate_delivery_while_the_attempt_beats_is_refused_without_writing(
 ) -> None:
     rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=3))
     rid = rollout.rollout_id
-    running(store, rollout, "w1")
+    run_to_running(store, rollout, "w1")
     claim = store.claim(rollout, "w2")  # the broker redelivered while w1 still runs it
     assert (claim.outcome, claim.sequence_id) == ("duplicate", 1)
     [attempt] = store.get_attempts(rid)
@@ -79,7 +73,7 @@ def test_duplicate_delivery_while_the_attempt_beats_is_refused_without_writing(
 def test_release_lost_lets_the_redelivery_claim_at_once(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
     rid = rollout.rollout_id
-    running(store, rollout, "w1")
+    run_to_running(store, rollout, "w1")
     assert not store.release_lost(rid, "w2")  # not w2's attempt
     assert store.claim(rollout, "w2").outcome == "duplicate"
     assert store.release_lost(rid, "w1")
@@ -96,8 +90,8 @@ def test_sweep_requeues_an_expired_attempt_and_refuses_its_late_result(
 ) -> None:
     rollout, fresh = make_rollouts(2, config=RolloutConfig(max_attempts=2))
     rid = rollout.rollout_id
-    running(store, rollout)
-    running(store, fresh)
+    run_to_running(store, rollout)
+    run_to_running(store, fresh)
     store.redis.zadd(store.keys.heartbeats, {rid: time.time() - 1})
 
     assert store.sweep_unresponsive() == [(rid, "requeuing", 1)]
@@ -124,7 +118,7 @@ def test_sweep_fails_the_rollout_and_it_never_flips_to_succeeded(
 ) -> None:
     rollout, = make_rollouts(1, config=config)
     rid = rollout.rollout_id
-    running(store, rollout)
+    run_to_running(store, rollout)
     store.redis.zadd(store.keys.heartbeats, {rid: 0})
 
     assert store.sweep_unresponsive() == [(rid, "failed", 1)]
@@ -140,7 +134,7 @@ def test_sweep_fails_the_rollout_and_it_never_flips_to_succeeded(
 def test_sweep_reads_only_the_expired_head(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollouts = make_rollouts(5, config=RolloutConfig(max_attempts=2))
     for r in rollouts:
-        running(store, r)
+        run_to_running(store, r)
     now = time.time()
     store.redis.zadd(store.keys.heartbeats, {r.rollout_id: now - 10 + i for i, r in enumerate(rollouts[:3])})
     moved = store.sweep_unresponsive(limit=2)
@@ -152,7 +146,7 @@ def test_sweep_reads_only_the_expired_head(store: RolloutStore, make_rollouts: M
 def test_concurrent_sweeps_take_each_expired_attempt_once(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollouts = make_rollouts(30, config=RolloutConfig(max_attempts=2))
     for r in rollouts:
-        running(store, r)
+        run_to_running(store, r)
     store.redis.zadd(store.keys.heartbeats, {r.rollout_id: 0 for r in rollouts})
     results: list[list[tuple[str, str, int]]] = []
     threads = [threading.Thread(target=lambda: results.append(store.sweep_unresponsive(limit=7))) for _ in range(8)]
@@ -171,7 +165,7 @@ def test_sweep_republishes_requeued_rollouts_with_their_backoff(
     retried, final = make_rollouts(1, config=RolloutConfig(max_attempts=3, retry_backoff_seconds=4))[0], \
         make_rollouts(1)[0]
     for r in (retried, final):
-        running(store, r)
+        run_to_running(store, r)
         store.redis.zadd(store.keys.heartbeats, {r.rollout_id: 0})
     sent: list[tuple[str, float | None]] = []
     monkeypatch.setattr(fake_client, "publish",
@@ -200,7 +194,7 @@ def test_run_sweep_logs_instead_of_raising(fake_client: LightningClient, monkeyp
 def test_heartbeat_thread_beats_while_the_attempt_runs(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollout, = make_rollouts(1)
     rid = rollout.rollout_id
-    seq = running(store, rollout)
+    seq = run_to_running(store, rollout)
     store.redis.zadd(store.keys.heartbeats, {rid: 1.0})
     beat = Heartbeat(store, interval=0.05)
     with beat.attempt(rid, seq):
@@ -216,7 +210,7 @@ def test_heartbeat_thread_beats_while_the_attempt_runs(store: RolloutStore, make
 def test_every_attempt_open_in_one_process_is_kept_alive(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     # Thread and gevent pools run many attempts in one process: each needs its own beats.
     rollouts = make_rollouts(3)
-    seqs = {r.rollout_id: running(store, r) for r in rollouts}
+    seqs = {r.rollout_id: run_to_running(store, r) for r in rollouts}
     store.redis.zadd(store.keys.heartbeats, {rid: 1.0 for rid in seqs})
     beat = Heartbeat(store, interval=0.05)
     with contextlib.ExitStack() as stack:
@@ -234,7 +228,7 @@ def test_every_attempt_open_in_one_process_is_kept_alive(store: RolloutStore, ma
 def test_a_short_attempt_sends_no_heartbeat(store: RolloutStore, make_rollouts: MakeRollouts,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     rollout, = make_rollouts(1)
-    seq = running(store, rollout)
+    seq = run_to_running(store, rollout)
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(store, "heartbeat", lambda rid, s: calls.append((rid, s)) or True)
     beat = Heartbeat(store, interval=60.0)
