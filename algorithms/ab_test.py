@@ -17,10 +17,16 @@ import itertools
 import uuid
 from typing import Any
 
-from lightning_queue import Experiment, ExperimentReport, Experiments, LightningClient, PromptTemplate, Variant
-
-from algorithms.datasets import arithmetic
 from algorithms.local import client_for
+from lightning_queue import (
+    Experiment,
+    ExperimentReport,
+    Experiments,
+    LightningClient,
+    PromptTemplate,
+    Variant,
+)
+from lightning_queue.ops.demo.datasets import arithmetic
 
 CONTROL = "Think step by step. Q: {question}"
 TREATMENT = "Think step by step, then reply with only the final number. Q: {question}"

@@ -11,8 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from lightning_queue import LightningClient, RewardSummary, Rollout
-
-from algorithms.datasets import arithmetic
+from lightning_queue.ops.demo.datasets import arithmetic
 
 
 @dataclass

@@ -18,10 +18,15 @@ import itertools
 import uuid
 from typing import Any, Iterator
 
-from lightning_queue import Canary, CanaryResult, Guardrail, LightningClient, PromptTemplate
-
-from algorithms.datasets import arithmetic
 from algorithms.local import client_for
+from lightning_queue import (
+    Canary,
+    CanaryResult,
+    Guardrail,
+    LightningClient,
+    PromptTemplate,
+)
+from lightning_queue.ops.demo.datasets import arithmetic
 
 BASELINE = "Think step by step. Q: {question}"
 CANDIDATES = {

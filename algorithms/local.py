@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lightning_queue import LightningClient, Settings
-from lightning_queue.fleet import LocalFleet
+from lightning_queue.ops.fleet import LocalFleet
 
 DEMO_AGENT = "workers.demo_agent:agent"
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,8 +35,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # bare_celery and bench_agents, as the workers import them
 
 from lightning_queue import LightningClient, PromptTemplate, Settings
-from lightning_queue.connections import EmbeddedRedis, ping
-from lightning_queue.fleet import WorkerProcess, worker_env
+from lightning_queue.ops.embedded import EmbeddedRedis
+from lightning_queue.ops.fleet import WorkerProcess, worker_env
+from lightning_queue.storage.connections import ping
 
 Row = tuple[str, str, str]  # (measure, result, target)
 
@@ -322,8 +323,8 @@ def run_steps(b: Bench, m: int) -> tuple[list[str], dict[str, list[float]], dict
     """Take ``m`` fresh rollouts through the runner's Redis steps on a snapshot-cache hit, one
     at a time, in this process: the claim that also starts the attempt (and returns the record),
     then the finish. Their ids, each step's durations and the commands Redis ran for them."""
-    from lightning_queue.models import Rollout, RolloutResult
-    from lightning_queue.store import StartWith
+    from lightning_queue.core.models import Rollout, RolloutResult
+    from lightning_queue.storage.store import StartWith
 
     store = b.client.store
     rollouts = [Rollout(input={"i": i}) for i in range(m)]

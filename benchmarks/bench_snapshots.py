@@ -23,10 +23,11 @@ from typing import Any, Callable
 import redis
 
 from lightning_queue import LLM, LightningClient, PromptTemplate, Settings
-from lightning_queue.cache import SnapshotCache
-from lightning_queue.connections import connect, ensure_redis
-from lightning_queue.models import dump_resources
-from lightning_queue.registry import SnapshotRegistry
+from lightning_queue.core.models import dump_resources
+from lightning_queue.ops.embedded import ensure_redis
+from lightning_queue.storage.connections import connect
+from lightning_queue.storage.registry import SnapshotRegistry
+from lightning_queue.worker.cache import SnapshotCache
 
 # Common English words, most frequent first: sampled with Zipf weights, as words occur in real text.
 WORDS = """

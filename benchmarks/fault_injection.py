@@ -4,14 +4,14 @@
 
 Starts its own ``redis-server`` with an append-only file in a temporary directory (or uses
 ``--redis-url``, where it cannot restart Redis and only kills workers), starts W workers with
-:class:`lightning_queue.fleet.LocalFleet`, enqueues N rollouts of an agent that takes a while
+:class:`lightning_queue.ops.fleet.LocalFleet`, enqueues N rollouts of an agent that takes a while
 (``--agent-seconds``), and for ``--duration`` seconds, at random, kills a worker with SIGKILL (its
 main process and pool, as a vanished machine) and starts a replacement, and restarts Redis. Then it
 waits for every rollout and prints: rollouts submitted, finished (by status), lost (never
 finished), duplicated results (rollouts with more than one succeeded attempt, or succeeded with
 none), attempts per rollout. Exits 1 when anything was lost or duplicated.
 
-Uses only the public API and ``lightning_queue.fleet``. Workers import this file as the module
+Uses only the public API and ``lightning_queue.ops.fleet``. Workers import this file as the module
 ``fault_injection`` for its agent.
 """
 
@@ -40,8 +40,9 @@ from lightning_queue import (
     Settings,
     rollout,
 )
-from lightning_queue.connections import free_port, ping
-from lightning_queue.fleet import LocalFleet
+from lightning_queue.ops.embedded import free_port
+from lightning_queue.ops.fleet import LocalFleet
+from lightning_queue.storage.connections import ping
 
 HERE = Path(__file__).resolve().parent
 

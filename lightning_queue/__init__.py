@@ -5,14 +5,18 @@ with the snapshot it names (or the latest), so optimizing and optimized
 versions of an agent run side by side in one fleet.
 """
 
-from .agent import FunctionalLitAgent, LitAgent, rollout
-from .app import create_app
-from .client import AsyncLightningClient, LightningClient
-from .errors import (
+from lightning_queue.client import AsyncLightningClient, LightningClient
+from lightning_queue.core.errors import (
     AgentNotConfiguredError,
     AgentSignatureError,
     ConfigurationError,
     EnqueueError,
+    ExperimentError,
+    ExperimentExistsError,
+    ExperimentNotFoundError,
+    ExperimentStateError,
+    ExperimentUnitError,
+    InvalidExperimentError,
     InvalidResourcesError,
     InvalidRolloutResultError,
     LightningQueueError,
@@ -30,7 +34,8 @@ from .errors import (
     UnknownResourceTypeError,
     VersionConflictError,
 )
-from .models import (
+from lightning_queue.core.metrics import RewardSummary
+from lightning_queue.core.models import (
     LLM,
     Attempt,
     ErrorInfo,
@@ -43,20 +48,21 @@ from .models import (
     RolloutRequest,
     RolloutResult,
 )
-from .registry import DeleteReport, PointerMove, retry_on_conflict
-from .retention import RetentionReport
-from .metrics import RewardSummary
-from .settings import Settings
-
-from .errors import (
-    ExperimentError,
-    ExperimentExistsError,
-    ExperimentNotFoundError,
-    ExperimentStateError,
-    ExperimentUnitError,
-    InvalidExperimentError,
+from lightning_queue.core.settings import Settings
+from lightning_queue.experiments.manager import (
+    Conclusion,
+    Experiment,
+    Experiments,
+    Variant,
 )
-from .experiments import Conclusion, Experiment, Experiments, Variant
+from lightning_queue.storage.registry import (
+    DeleteReport,
+    PointerMove,
+    retry_on_conflict,
+)
+from lightning_queue.storage.retention import RetentionReport
+from lightning_queue.worker.agent import FunctionalLitAgent, LitAgent, rollout
+from lightning_queue.worker.app import create_app
 
 __version__ = "0.1.0"
 

@@ -7,30 +7,39 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from .connections import connect, text
-from .errors import DuplicateRolloutIdError, EnqueueError, ResourcesNotFoundError
-from .messages import publish_rollouts
-from .models import (
+from lightning_queue.broker.publisher import publish_rollouts
+from lightning_queue.core.errors import (
+    DuplicateRolloutIdError,
+    EnqueueError,
+    ResourcesNotFoundError,
+)
+from lightning_queue.core.models import (
+    Attempt,
     ErrorInfo,
+    ResolveMode,
     Resource,
     ResourcesUpdate,
     Rollout,
     RolloutConfig,
     RolloutMode,
     RolloutRequest,
-    ResolveMode,
-    Attempt,
 )
-from .health import WorkerHealth, worker_health
-from .registry import LATEST, DeleteReport, PointerMove, SnapshotRegistry
-from .retention import RetentionReport, apply_retention
-from .settings import Settings
-from .store import RolloutStore
+from lightning_queue.core.settings import Settings
+from lightning_queue.storage.connections import connect, text
+from lightning_queue.storage.liveness import WorkerHealth, worker_health
+from lightning_queue.storage.registry import (
+    LATEST,
+    DeleteReport,
+    PointerMove,
+    SnapshotRegistry,
+)
+from lightning_queue.storage.retention import RetentionReport, apply_retention
+from lightning_queue.storage.store import RolloutStore
 
 if TYPE_CHECKING:
     import redis
 
-    from .app import LightningCelery
+    from lightning_queue.worker.app import LightningCelery
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +76,7 @@ class LightningClient:
     @property
     def app(self) -> LightningCelery:
         if self._app is None:
-            from .app import create_app
+            from lightning_queue.worker.app import create_app
 
             self._app = create_app(self.settings)
         return self._app

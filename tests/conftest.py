@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from lightning_queue import LightningClient, Settings
-from lightning_queue.connections import EmbeddedRedis, ping
+from lightning_queue.ops.embedded import EmbeddedRedis
+from lightning_queue.storage.connections import ping
 
 
 @pytest.fixture

@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from lightning_queue import LLM, PromptTemplate, Resource, Rollout, RolloutResult, rollout
+from lightning_queue import (
+    LLM,
+    PromptTemplate,
+    Resource,
+    Rollout,
+    RolloutResult,
+    rollout,
+)
 
 
 def _first_time(task: Mapping[str, Any], rollout_id: str, tag: str) -> bool:

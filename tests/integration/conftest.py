@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from lightning_queue import Settings
-from lightning_queue.fleet import LocalFleet, WorkerProcess, wait_for_log
+from lightning_queue.ops.fleet import LocalFleet, WorkerProcess, wait_for_log
 from tests.openai_stub import openai_stub  # noqa: F401 (a fixture for these tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
-from lightning_queue.connections import free_port
+from lightning_queue.ops.embedded import free_port
 
 READY = "Ready to accept connections"
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from lightning_queue import LLM, LightningClient, PromptTemplate, RolloutConfig, RolloutRequest
+from lightning_queue import (
+    LLM,
+    LightningClient,
+    PromptTemplate,
+    RolloutConfig,
+    RolloutRequest,
+)
 
 AGENTS = "tests.integration.agents"
 WAIT = 60.0

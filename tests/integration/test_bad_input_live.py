@@ -18,7 +18,7 @@ from lightning_queue import (
     RolloutConfig,
     Settings,
 )
-from lightning_queue.fleet import LocalFleet, WorkerProcess
+from lightning_queue.ops.fleet import LocalFleet, WorkerProcess
 from tests.conftest import delete_prefix
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,10 +10,10 @@ from pathlib import Path
 from rich.console import Console
 
 from algorithms.baseline import run_baseline
-from algorithms.datasets import arithmetic
 from lightning_queue import LightningClient, PromptTemplate, Settings
-from lightning_queue.demo import run_demo
-from lightning_queue.fleet import LocalFleet
+from lightning_queue.ops.demo.datasets import arithmetic
+from lightning_queue.ops.demo.run import run_demo
+from lightning_queue.ops.fleet import LocalFleet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def test_baseline_runs_the_dataset_against_one_snapshot(settings: Settings, clie
 
 def test_demo_command_exits_zero(settings: Settings) -> None:
     env = {"LQ_REDIS_URL": settings.redis_url, "PATH": str(Path(sys.executable).parent)}
-    done = subprocess.run([sys.executable, "-m", "lightning_queue.cli", "demo", "--workers", "2"],
+    done = subprocess.run([sys.executable, "-m", "lightning_queue", "demo", "--workers", "2"],
                           capture_output=True, text=True, timeout=180, env=env, cwd="/")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Promoted 'step-by-step-terse'" in done.stdout.replace("\n", " ")

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from algorithms.ab_test import ab_test
-from algorithms.datasets import arithmetic
 from lightning_queue import (
     Canary,
     Experiment,
@@ -18,6 +17,7 @@ from lightning_queue import (
     PromptTemplate,
     Variant,
 )
+from lightning_queue.ops.demo.datasets import arithmetic
 
 DEMO = "workers.demo_agent:agent"
 WAIT = 120.0

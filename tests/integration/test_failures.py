@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lightning_queue import LightningClient, PromptTemplate, RolloutConfig, RolloutRequest
+from lightning_queue import (
+    LightningClient,
+    PromptTemplate,
+    RolloutConfig,
+    RolloutRequest,
+)
 
 AGENTS = "tests.integration.agents"
 WAIT = 60.0

@@ -11,9 +11,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from lightning_queue import LLM, LightningClient, PromptTemplate, RolloutConfig, Settings
-from lightning_queue.connections import free_port
-from lightning_queue.fleet import worker_env
+from lightning_queue import (
+    LLM,
+    LightningClient,
+    PromptTemplate,
+    RolloutConfig,
+    Settings,
+)
+from lightning_queue.ops.embedded import free_port
+from lightning_queue.ops.fleet import worker_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "ops", "s3cret-flower-pw"

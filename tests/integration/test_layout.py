@@ -16,11 +16,18 @@ from typing import Any, Iterator
 import pytest
 import redis
 
-from lightning_queue import LightningClient, PromptTemplate, RolloutConfig, RolloutResult, Settings, rollout
-from lightning_queue.cache import attach_cache
-from lightning_queue.connections import EmbeddedRedis
-from lightning_queue.models import Rollout
-from lightning_queue.runner import _run
+from lightning_queue import (
+    LightningClient,
+    PromptTemplate,
+    RolloutConfig,
+    RolloutResult,
+    Settings,
+    rollout,
+)
+from lightning_queue.core.models import Rollout
+from lightning_queue.ops.embedded import EmbeddedRedis
+from lightning_queue.worker.cache import attach_cache
+from lightning_queue.worker.runner import _run
 
 COMPACT = {"listpack", "ziplist"}  # Redis 7 / Redis 6 name for the same compact encoding
 

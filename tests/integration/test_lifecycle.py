@@ -2,7 +2,7 @@
 deletions made while rollouts wait in the queue, then picked up (or not) when workers start.
 
 Every test enqueues while no worker runs, changes the registry, and only then starts a
-:class:`~lightning_queue.fleet.LocalFleet`, so what the workers see is decided by the rule
+:class:`~lightning_queue.ops.fleet.LocalFleet`, so what the workers see is decided by the rule
 (pinned: fixed at enqueue; following: resolved at run time), not by timing.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from lightning_queue import LightningClient, PromptTemplate, Rollout, Settings
-from lightning_queue.fleet import LocalFleet
+from lightning_queue.ops.fleet import LocalFleet
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lightning_queue import LightningClient, PromptTemplate, Settings
-from lightning_queue.connections import free_port
-from lightning_queue.fleet import worker_env
+from lightning_queue.ops.embedded import free_port
+from lightning_queue.ops.fleet import worker_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-c", "from lightning_queue.cli import main; main()"]
+CLI = [sys.executable, "-c", "from lightning_queue.ops.cli import main; main()"]
 
 
 def _scrape(port: int) -> dict[tuple[str, frozenset], float]:

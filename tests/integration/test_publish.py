@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from lightning_queue import LightningClient, RolloutConfig
-from lightning_queue.messages import task_kwargs
-from lightning_queue.runner import TASK_NAME
+from lightning_queue.broker.publisher import task_kwargs
+from lightning_queue.worker.runner import TASK_NAME
 
 
 def _normalized(raw: bytes) -> dict[str, Any]:

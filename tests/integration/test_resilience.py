@@ -13,8 +13,8 @@ from typing import Iterator
 import pytest
 
 from lightning_queue import LightningClient, RolloutConfig, Settings
-from lightning_queue.connections import free_port, ping
-
+from lightning_queue.ops.embedded import free_port
+from lightning_queue.storage.connections import ping
 from tests.conftest import delete_prefix
 
 

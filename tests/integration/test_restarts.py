@@ -20,8 +20,8 @@ from lightning_queue import (
     Settings,
     cli,
 )
-from lightning_queue.connections import free_port
-from lightning_queue.errors import RedisUnavailableError
+from lightning_queue.core.errors import RedisUnavailableError
+from lightning_queue.ops.embedded import free_port
 from tests.conftest import delete_prefix
 from tests.integration.test_resilience import restartable_redis  # noqa: F401 (a fixture: AOF, appendfsync always)
 
@@ -111,7 +111,7 @@ def test_unreachable_redis_at_start_is_named_by_client_cli_and_worker() -> None:
     assert "cannot reach Redis at redis://:**@127.0.0.1" in result.stderr and "not-shown-pw" not in result.stderr
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LQ_")}
-    worker = subprocess.run([sys.executable, "-m", "lightning_queue.cli", "--redis-url", url, "worker", "--agent",
+    worker = subprocess.run([sys.executable, "-m", "lightning_queue", "--redis-url", url, "worker", "--agent",
                              f"{AGENTS}:echo"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
                             check=False)
     assert worker.returncode == 1, worker.stderr

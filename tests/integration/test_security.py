@@ -16,14 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 from lightning_queue import LLM, LightningClient, PromptTemplate, Settings, cli
-from lightning_queue.app import celery_config, create_app
-from lightning_queue.errors import (
+from lightning_queue.core.errors import (
     RedisAuthError,
     RedisUnavailableError,
     ResourcesNotFoundError,
     RolloutNotFoundError,
 )
-from lightning_queue.runner import TASK_NAME
+from lightning_queue.worker.app import celery_config, create_app
+from lightning_queue.worker.runner import TASK_NAME
 from tests.conftest import delete_prefix
 from tests.integration.private_redis import private_redis_fixture  # noqa: F401 (the private_redis fixture)
 from tests.integration.security_agents import Vault
@@ -60,7 +60,7 @@ def refused_everywhere(url: str, secret: str, where: str) -> None:
     assert secret not in result.stderr and "Traceback" not in result.stderr
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LQ_")}
-    worker = subprocess.run([sys.executable, "-m", "lightning_queue.cli", "--redis-url", url, "worker", "--agent",
+    worker = subprocess.run([sys.executable, "-m", "lightning_queue", "--redis-url", url, "worker", "--agent",
                              "tests.integration.agents:echo"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=120, check=False)
     assert worker.returncode == 1

@@ -17,8 +17,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lightning_queue import LightningClient, PromptTemplate, Settings
-from lightning_queue.connections import connect, free_port, text
-from lightning_queue.errors import ConfigurationError
+from lightning_queue.core.errors import ConfigurationError
+from lightning_queue.ops.embedded import free_port
+from lightning_queue.storage.connections import connect, text
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from lightning_queue import LightningClient, PromptTemplate, ResourcesUpdate, RolloutRequest
+from lightning_queue import (
+    LightningClient,
+    PromptTemplate,
+    ResourcesUpdate,
+    RolloutRequest,
+)
 
 ECHO = "tests.integration.agents:echo"
 WAIT = 60.0

@@ -12,7 +12,7 @@ from pathlib import Path
 from lightning_queue import LightningClient, PromptTemplate, Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "lightning_queue.cli"]
+CLI = [sys.executable, "-m", "lightning_queue"]
 
 
 def test_worker_command_runs_rollouts(settings: Settings, client: LightningClient, tmp_path: Path) -> None:

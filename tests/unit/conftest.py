@@ -8,9 +8,9 @@ from typing import Any, Callable, Sequence
 import pytest
 
 from lightning_queue import LLM, LightningClient, PromptTemplate, Rollout, RolloutConfig
-from lightning_queue.keys import ROLLOUT_STATUSES
-from lightning_queue.registry import SnapshotRegistry
-from lightning_queue.store import RolloutStore
+from lightning_queue.core.keys import ROLLOUT_STATUSES
+from lightning_queue.storage.registry import SnapshotRegistry
+from lightning_queue.storage.store import RolloutStore
 
 
 @pytest.fixture

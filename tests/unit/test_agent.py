@@ -20,7 +20,7 @@ from lightning_queue import (
     RolloutResult,
     rollout,
 )
-from lightning_queue.agent import to_result
+from lightning_queue.worker.agent import to_result
 
 
 class Calculator(Resource):

@@ -27,9 +27,7 @@ from lightning_queue import (
     RolloutResult,
     rollout,
 )
-from lightning_queue.app import load_agent
-from lightning_queue.connections import connect
-from lightning_queue.errors import (
+from lightning_queue.core.errors import (
     AgentSignatureError,
     ConfigurationError,
     InvalidRedisUrlError,
@@ -47,7 +45,9 @@ from lightning_queue.errors import (
     UnknownResourceTypeError,
     VersionConflictError,
 )
-from lightning_queue.models import validate_resources
+from lightning_queue.core.models import validate_resources
+from lightning_queue.storage.connections import connect
+from lightning_queue.worker.app import load_agent
 from tests.unit.test_runner import FakeTask, RetryRequested, run
 
 Write = Callable[[], Any]
@@ -420,11 +420,11 @@ def test_bad_setting_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
     from typer.testing import CliRunner
 
-    from lightning_queue import cli
+    from lightning_queue.ops import cli
 
     env = {"LQ_VISIBILITY_TIMEOUT": "-3"}
     # Importing the package (as `celery -A lightning_queue.app` and the CLI do) does not fail on it...
-    done = subprocess.run([sys.executable, "-c", "import lightning_queue, lightning_queue.cli"], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", "import lightning_queue, lightning_queue.ops.cli"], capture_output=True,
                           text=True, env={**__import__("os").environ, **env}, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     # ...the command using it names the setting in one line.
@@ -439,7 +439,7 @@ def test_bad_setting_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 def test_bad_rollout_option_on_the_command_line(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from lightning_queue import cli
+    from lightning_queue.ops import cli
 
     monkeypatch.setattr(cli, "_client", lambda: fake_client)
     monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)

@@ -13,9 +13,9 @@ import redis
 from celery import signals
 
 from lightning_queue import LLM, LightningClient, PromptTemplate, Settings, create_app
-from lightning_queue.cache import SnapshotCache, attach_cache
-from lightning_queue.errors import NoLatestResourcesError, ResourcesNotFoundError
-from lightning_queue.registry import SnapshotRegistry
+from lightning_queue.core.errors import NoLatestResourcesError, ResourcesNotFoundError
+from lightning_queue.storage.registry import SnapshotRegistry
+from lightning_queue.worker.cache import SnapshotCache, attach_cache
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -343,7 +343,7 @@ def test_cache_max_bytes_zero_disables_it(fake_redis: fakeredis.FakeRedis, prefi
 def test_worker_pool_processes_get_a_cache_and_log_its_stats(
     fake_redis: fakeredis.FakeRedis, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("lightning_queue.client.connect", lambda url, sentinel_master=None: fake_redis)
+    monkeypatch.setattr("lightning_queue.worker.app.connect", lambda url, sentinel_master=None, check=True: fake_redis)
     app = create_app(Settings(redis_url="redis://fakeredis.invalid:1/0", key_prefix=prefix))
     signals.worker_process_init.send(sender=None)
     assert app._lightning_client is None  # not a worker's app: clients stay uncached
@@ -352,7 +352,7 @@ def test_worker_pool_processes_get_a_cache_and_log_its_stats(
     signals.worker_process_init.send(sender=None)
     cache = app.lightning.cache
     assert isinstance(cache, SnapshotCache)
-    with caplog.at_level(logging.INFO, logger="lightning_queue.app"):
+    with caplog.at_level(logging.INFO, logger="lightning_queue.worker.app"):
         signals.worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
     assert "snapshot cache stats" in caplog.text and "'hits': 0" in caplog.text
     assert cache._thread is None  # the listener was stopped
@@ -387,7 +387,7 @@ def test_a_read_from_before_a_resubscription_or_a_deletion_is_not_learned(
 
 
 def test_cache_reports_its_stats_for_the_fleet_view(fake_client: LightningClient, llm: LLM) -> None:
-    from lightning_queue.cache import attach_cache
+    from lightning_queue.worker.cache import attach_cache
 
     fake_client.add_resources({"main": llm}, "rs-a")
     fake_client.settings.cache_stats_interval_seconds = 0.05

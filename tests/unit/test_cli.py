@@ -11,7 +11,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from lightning_queue import LightningClient, PromptTemplate
-from lightning_queue import cli
+from lightning_queue.ops import cli
 
 Invoke = Callable[..., Result]
 

@@ -22,7 +22,7 @@ from lightning_queue import (
     RolloutRequest,
     RolloutResult,
 )
-from lightning_queue.runner import TASK_NAME
+from lightning_queue.worker.runner import TASK_NAME
 
 
 @pytest.fixture
@@ -146,8 +146,8 @@ def test_publish_sends_one_message_per_rollout(
 def test_a_countdown_becomes_the_eta_of_every_message_in_the_batch(fake_client: LightningClient) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from lightning_queue.app import create_app
-    from lightning_queue.messages import build_messages
+    from lightning_queue.broker.publisher import build_messages
+    from lightning_queue.worker.app import create_app
 
     app = create_app(fake_client.settings)
     now = datetime.now(timezone.utc)
@@ -161,8 +161,8 @@ def test_a_countdown_becomes_the_eta_of_every_message_in_the_batch(fake_client: 
 
 
 def test_built_messages_are_celery_task_messages(fake_client: LightningClient) -> None:
-    from lightning_queue.app import create_app
-    from lightning_queue.messages import build_messages
+    from lightning_queue.broker.publisher import build_messages
+    from lightning_queue.worker.app import create_app
 
     app = create_app(fake_client.settings)  # builds messages without a broker
     plain = Rollout(input=1, queue="q1")
@@ -348,7 +348,7 @@ def test_idempotent_enqueue_does_not_republish_a_rollout_that_started(
 def test_idempotent_enqueue_refuses_bad_ids(fake_client: LightningClient, published: list[list[str]]) -> None:
     from pydantic import ValidationError
 
-    from lightning_queue.errors import DuplicateRolloutIdError
+    from lightning_queue.core.errors import DuplicateRolloutIdError
 
     with pytest.raises(DuplicateRolloutIdError, match="'job-1' appears twice"):
         fake_client.enqueue_rollouts([RolloutRequest(input=1, rollout_id="job-1"),

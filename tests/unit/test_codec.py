@@ -19,12 +19,12 @@ from lightning_queue import (
     ResourcesExistError,
     RolloutConfig,
     SnapshotCorruptedError,
-    codec,
 )
-from lightning_queue.errors import RolloutFailed, SnapshotTooLargeError
-from lightning_queue.models import dump_resources
-from lightning_queue.registry import SnapshotRegistry
-from lightning_queue.settings import Settings
+from lightning_queue.core.errors import RolloutFailed, SnapshotTooLargeError
+from lightning_queue.storage import codec
+from lightning_queue.core.models import dump_resources
+from lightning_queue.core.settings import Settings
+from lightning_queue.storage.registry import SnapshotRegistry
 from tests.unit.test_runner import FakeTask, recording_agent, run
 
 NAMES = ["Ava", "Ben", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal"]

@@ -19,8 +19,8 @@ from lightning_queue import (
     RolloutConfig,
     rollout,
 )
-from lightning_queue.errors import RolloutFailed, SnapshotInUseError
-from lightning_queue.registry import DeleteReport
+from lightning_queue.core.errors import RolloutFailed, SnapshotInUseError
+from lightning_queue.storage.registry import DeleteReport
 from tests.unit.test_runner import FakeTask, recording_agent, run
 
 

@@ -21,8 +21,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lightning_queue import Settings
-from lightning_queue.connections import free_port, text
-from lightning_queue.keys import Keys
+from lightning_queue.core.keys import Keys
+from lightning_queue.ops.embedded import free_port
+from lightning_queue.storage.connections import text
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"

@@ -21,9 +21,7 @@ from scipy import stats as sp
 from typer.testing import CliRunner
 
 from lightning_queue import LightningClient, PromptTemplate, Rollout
-from lightning_queue import cli
-from lightning_queue.canary import Canary, Guardrail
-from lightning_queue.errors import (
+from lightning_queue.core.errors import (
     ExperimentError,
     ExperimentExistsError,
     ExperimentNotFoundError,
@@ -33,8 +31,16 @@ from lightning_queue.errors import (
     PointerError,
     ResourcesNotFoundError,
 )
-from lightning_queue.experiments import BUCKETS, Experiment, Experiments, Variant, bucket
-from lightning_queue.models import ErrorInfo, RolloutResult
+from lightning_queue.core.models import ErrorInfo, RolloutResult
+from lightning_queue.experiments.canary import Canary, Guardrail
+from lightning_queue.experiments.manager import (
+    BUCKETS,
+    Experiment,
+    Experiments,
+    Variant,
+    bucket,
+)
+from lightning_queue.ops import cli
 
 Outcome = Callable[[Rollout], tuple[str, float | None]]
 
@@ -95,7 +101,7 @@ def test_buckets_are_the_same_in_another_process() -> None:
     """BLAKE2b, not hash(): another interpreter with another hash seed agrees on every unit."""
     units = [f"user-{i}" for i in range(200)] + ["", "ünïcode", "7"]
     here = [bucket("salt", 3, u) for u in units]
-    code = ("import json, sys; from lightning_queue.experiments import bucket; "
+    code = ("import json, sys; from lightning_queue.experiments.manager import bucket; "
             "print(json.dumps([bucket('salt', 3, u) for u in json.loads(sys.stdin.read())]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], input=json.dumps(units), capture_output=True, text=True,
@@ -549,7 +555,7 @@ def test_concurrent_changes_are_never_lost(experiments: Experiments, monkeypatch
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from lightning_queue import experiments as module
+    from lightning_queue.experiments import manager as module
 
     experiments.create(ab(variants=[Variant(name="control", resources_id="rs-a"),
                                     Variant(name="t1", resources_id="rs-b"), Variant(name="t2", resources_id="rs-b")]))

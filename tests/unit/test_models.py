@@ -18,7 +18,7 @@ from lightning_queue import (
     RolloutResult,
     UnknownResourceTypeError,
 )
-from lightning_queue.models import ErrorInfo, dump_resources, validate_resources
+from lightning_queue.core.models import ErrorInfo, dump_resources, validate_resources
 
 SECRET = "sk-very-secret"
 

@@ -10,10 +10,21 @@ import pytest
 from kombu.transport import redis as kombu_redis
 from prometheus_client import generate_latest
 
-from lightning_queue import LightningClient, PromptTemplate, Rollout, RolloutConfig, Settings
-from lightning_queue.errors import redacted_url
-from lightning_queue.keys import CELERY_PRIORITY_SEP, CELERY_PRIORITY_STEPS, ROLLOUT_STATUSES, Keys
-from lightning_queue.monitoring import (
+from lightning_queue import (
+    LightningClient,
+    PromptTemplate,
+    Rollout,
+    RolloutConfig,
+    Settings,
+)
+from lightning_queue.core.errors import redacted_url
+from lightning_queue.core.keys import (
+    CELERY_PRIORITY_SEP,
+    CELERY_PRIORITY_STEPS,
+    ROLLOUT_STATUSES,
+    Keys,
+)
+from lightning_queue.ops.monitoring import (
     FinishedRollouts,
     LightningCollector,
     exporter_registry,
@@ -216,7 +227,7 @@ def test_queue_keys_match_kombus_names_under_the_global_prefix() -> None:
 def _status(client: LightningClient, monkeypatch: pytest.MonkeyPatch, *args: str):
     from typer.testing import CliRunner
 
-    from lightning_queue import cli
+    from lightning_queue.ops import cli
 
     monkeypatch.setattr(cli, "_client", lambda: client)
     return CliRunner().invoke(cli.app, ["status", "--once", *args], env={"COLUMNS": "200"})
@@ -244,7 +255,7 @@ def test_status_once_prints_one_frame(populated: LightningClient, monkeypatch: p
 def test_status_shows_ping_replies_and_the_liveness_hook(
     populated: LightningClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_queue import cli, monitoring
+    from lightning_queue.ops import cli, monitoring
 
     monkeypatch.setattr(cli, "_ping", lambda client, timeout: {"w1@h": True, "w3@h": True})
     monkeypatch.setattr(monitoring, "worker_liveness", lambda client: {"w2@h": "stalled"})
@@ -278,7 +289,7 @@ def test_status_never_shows_the_redis_password(populated: LightningClient, monke
 
 def test_experiment_traffic_is_counted_per_variant(populated: LightningClient, published: list[str]) -> None:
     from lightning_queue import Experiments, Variant
-    from lightning_queue.experiments import Experiment
+    from lightning_queue.experiments.manager import Experiment
 
     experiments = Experiments(populated)
     experiments.create(Experiment(name="ab", unit_key="input.user",

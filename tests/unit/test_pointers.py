@@ -16,8 +16,8 @@ from lightning_queue import (
     Rollout,
     Settings,
 )
-from lightning_queue.errors import PointerError
-from lightning_queue.registry import PointerMove, SnapshotRegistry
+from lightning_queue.core.errors import PointerError
+from lightning_queue.storage.registry import PointerMove, SnapshotRegistry
 
 
 def add(registry: SnapshotRegistry, resources_id: str, text: str | None = None) -> None:

@@ -16,7 +16,7 @@ from lightning_queue import (
     ResourcesNotFoundError,
     SnapshotCorruptedError,
 )
-from lightning_queue.registry import SnapshotRegistry
+from lightning_queue.storage.registry import SnapshotRegistry
 
 
 def latest_id(registry: SnapshotRegistry) -> str | None:
@@ -202,7 +202,7 @@ def test_every_key_is_under_the_prefix(
 
 
 def test_two_prefixes_do_not_see_each_other(fake_redis: fakeredis.FakeRedis, llm: LLM) -> None:
-    from lightning_queue.keys import Keys
+    from lightning_queue.core.keys import Keys
 
     one, two = SnapshotRegistry(fake_redis, Keys("one")), SnapshotRegistry(fake_redis, Keys("two"))
     one.add_resources({"main": llm}, "rs-a")

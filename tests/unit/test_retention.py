@@ -8,12 +8,24 @@ from typing import Any, Callable
 import fakeredis
 import pytest
 
-from lightning_queue import LightningClient, PromptTemplate, Rollout, RolloutConfig, RolloutResult, Settings
-from lightning_queue.app import create_app
-from lightning_queue.errors import RolloutNotFoundError
-from lightning_queue.models import ErrorInfo
-from lightning_queue.retention import SCHEDULE_ENTRY, TASK_NAME, RetentionPolicy, apply_retention
-from lightning_queue.store import RolloutStore
+from lightning_queue import (
+    LightningClient,
+    PromptTemplate,
+    Rollout,
+    RolloutConfig,
+    RolloutResult,
+    Settings,
+)
+from lightning_queue.core.errors import RolloutNotFoundError
+from lightning_queue.core.models import ErrorInfo
+from lightning_queue.storage.retention import (
+    SCHEDULE_ENTRY,
+    TASK_NAME,
+    RetentionPolicy,
+    apply_retention,
+)
+from lightning_queue.storage.store import RolloutStore
+from lightning_queue.worker.app import create_app
 from tests.unit.test_store import expire_heartbeat, run_to_running
 
 MakeRollouts = Callable[..., list[Rollout]]
@@ -281,7 +293,7 @@ def test_snapshot_that_comes_into_use_meanwhile_is_skipped(
     queued = history.enqueue_rollout("q", resources_id="rs-0")
     history.set_pointer("prod", "rs-1")
     # The policy looked before the rollout was enqueued and the pointer moved:
-    monkeypatch.setattr("lightning_queue.retention.in_use", lambda store: {})
+    monkeypatch.setattr("lightning_queue.storage.retention.in_use", lambda store: {})
     monkeypatch.setattr(history.registry, "pointers", lambda: {"latest": "rs-7"})
 
     report = history.apply_retention(keep=5)

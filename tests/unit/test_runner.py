@@ -23,9 +23,19 @@ from lightning_queue import (
     RolloutResult,
     rollout,
 )
-from lightning_queue.cache import SnapshotCache, attach_cache
-from lightning_queue.errors import ResourcesNotFoundError, RolloutFailed, RolloutNotFoundError, SnapshotCorruptedError
-from lightning_queue.runner import _run, next_status, record_hard_timeout, run_rollout
+from lightning_queue.core.errors import (
+    ResourcesNotFoundError,
+    RolloutFailed,
+    RolloutNotFoundError,
+    SnapshotCorruptedError,
+)
+from lightning_queue.worker.cache import SnapshotCache, attach_cache
+from lightning_queue.worker.runner import (
+    _run,
+    next_status,
+    record_hard_timeout,
+    run_rollout,
+)
 
 
 class RetryRequested(Exception):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from lightning_queue import stats
-from lightning_queue.experiments import bucket
+from lightning_queue.experiments import stats
+from lightning_queue.experiments.manager import bucket
 
 # Student's sleep data (Cushny and Peebles 1905), R's `sleep`: extra hours of sleep under two drugs.
 SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]

@@ -9,10 +9,16 @@ from typing import Callable
 import fakeredis
 import pytest
 
-from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutNotFoundError, RolloutResult
-from lightning_queue.keys import ROLLOUT_STATUSES
-from lightning_queue.models import ErrorInfo
-from lightning_queue.store import RolloutStore, StartWith
+from lightning_queue import (
+    LightningClient,
+    Rollout,
+    RolloutConfig,
+    RolloutNotFoundError,
+    RolloutResult,
+)
+from lightning_queue.core.keys import ROLLOUT_STATUSES
+from lightning_queue.core.models import ErrorInfo
+from lightning_queue.storage.store import RolloutStore, StartWith
 
 MakeRollouts = Callable[..., list[Rollout]]
 IndexMembers = Callable[[str], list[str]]

@@ -19,13 +19,13 @@ from lightning_queue import (
     RolloutConfig,
     rollout,
 )
-from lightning_queue.errors import (
+from lightning_queue.core.errors import (
     PointerError,
     ResourcesExistError,
     VersionConflictError,
 )
-from lightning_queue.keys import Keys
-from lightning_queue.registry import SnapshotRegistry, retry_on_conflict
+from lightning_queue.core.keys import Keys
+from lightning_queue.storage.registry import SnapshotRegistry, retry_on_conflict
 from tests.unit.test_runner import FakeTask, RetryRequested, run
 
 

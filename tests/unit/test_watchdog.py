@@ -10,9 +10,9 @@ from typing import Callable
 import pytest
 
 from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResult
-from lightning_queue.health import HealthRecorder, judge
-from lightning_queue.store import RolloutStore
-from lightning_queue.watchdog import Heartbeat, run_sweep, sweep
+from lightning_queue.storage.liveness import HealthRecorder, judge
+from lightning_queue.storage.store import RolloutStore
+from lightning_queue.worker.heartbeat import Heartbeat, run_sweep, sweep
 from tests.unit.test_store import run_to_running
 
 MakeRollouts = Callable[..., list[Rollout]]
@@ -294,7 +294,7 @@ def test_recorder_tracks_the_backlog_and_client_reports_it(fake_client: Lightnin
 
 def test_worker_warns_when_its_time_limits_outlast_the_visibility_timeout() -> None:
     from lightning_queue import Settings
-    from lightning_queue.app import celery_config, check_visibility_timeout
+    from lightning_queue.worker.app import celery_config, check_visibility_timeout
 
     ok = Settings(visibility_timeout=600, default_timeout_seconds=300, heartbeat_interval=10)
     assert check_visibility_timeout(ok) is None

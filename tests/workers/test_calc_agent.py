@@ -7,10 +7,17 @@ from typing import Any
 import pytest
 
 from lightning_queue import LLM, PromptTemplate, Rollout
-from lightning_queue.app import LightningCelery, load_agent
+from lightning_queue.worker.app import LightningCelery, load_agent
 from tests.openai_stub import OpenAIStub
 from workers import calc_agent
-from workers.calc_agent import CalculatorError, LLMRequestError, calculate, format_number, last_number, score
+from workers.calc_agent import (
+    CalculatorError,
+    LLMRequestError,
+    calculate,
+    format_number,
+    last_number,
+    score,
+)
 
 
 @pytest.mark.parametrize(

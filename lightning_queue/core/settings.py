@@ -1,0 +1,113 @@
+"""Configuration, from the environment (``LQ_*``) or from code."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lightning_queue.core.keys import Keys
+
+
+class Settings(BaseSettings):
+    """Everything a client or a worker needs to find each other.
+
+    Every field can be set from the environment with the ``LQ_`` prefix, e.g.
+    ``LQ_REDIS_URL=redis://10.0.0.5:6379/0``, ``LQ_KEY_PREFIX=exp42``,
+    ``LQ_QUEUE=calc``, ``LQ_AGENT=workers.calc_agent:agent``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LQ_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding the snapshot registry and rollout store; also the Celery broker.",
+    )
+    sentinel_master: str | None = Field(
+        None,
+        description="With a Redis Sentinel LQ_REDIS_URL (sentinel://h1:26379;sentinel://h2:26379/0): the name "
+        "the Sentinels monitor the primary under.",
+    )
+    key_prefix: str = Field("lq", description="Prefix of every Redis key lightning-queue writes.")
+    queue: str = Field("lightning_queue", description="Celery queue rollouts are sent to by default.")
+    agent: str | None = Field(
+        None, description="Worker side: 'module:attribute' of the agent the worker runs."
+    )
+    visibility_timeout: int = Field(
+        3600,
+        ge=1,
+        description=(
+            "Seconds before a message taken by a worker that died is redelivered. "
+            "Must exceed the longest rollout, or a slow rollout is run twice."
+        ),
+    )
+    default_timeout_seconds: float | None = Field(
+        None, gt=0, description="Time limit for rollouts whose config sets none."
+    )
+    hard_timeout_grace_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="After the soft time limit, how long an agent may ignore it before its process is killed.",
+    )
+
+    heartbeat_interval: float = Field(
+        10.0, gt=0, description="How often a worker process heartbeats the attempt it runs (seconds)."
+    )
+    heartbeat_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="An attempt whose last heartbeat is older than this is unresponsive (default: 3 heartbeat "
+        "intervals). Every worker's watchdog then requeues or fails its rollout.",
+    )
+    watchdog_interval: float | None = Field(
+        None, gt=0, description="How often each worker sweeps for unresponsive attempts (default: one heartbeat interval)."
+    )
+    stall_threshold_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A worker with free slots that received nothing while messages waited in its queue this "
+        "long is reported stalled.",
+    )
+
+    compress_threshold_bytes: int = Field(
+        8192, ge=0, description="Snapshots at least this big (serialized) are stored zstd-compressed."
+    )
+    max_snapshot_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest snapshot accepted, serialized and uncompressed."
+    )
+    pointer_history_length: int = Field(100, ge=1, description="Moves kept per pointer for history and rollback.")
+    cache_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="Worker-side snapshot cache size per process (0 disables it)."
+    )
+    cache_stats_interval_seconds: float = Field(
+        10.0, gt=0, description="How often each worker process reports its cache stats to Redis."
+    )
+    rollout_ttl_seconds: int | None = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="Finished rollout records (and their attempts) expire this long after they finish; "
+        "unset to keep them forever.",
+    )
+    gc_keep: int = Field(50, ge=1, description="Retention: snapshots kept besides those pointed at or in use.")
+    gc_interval_seconds: float | None = Field(
+        None, gt=0, description="Run the retention policy on this schedule (needs `celery beat` or `worker -B`)."
+    )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_separator_at_ends(cls, value: str) -> str:
+        if not value or value.startswith(":") or value.endswith(":"):
+            raise ValueError("key_prefix must be non-empty and must not start or end with ':'")
+        return value
+
+    @property
+    def heartbeat_deadline(self) -> float:
+        """Seconds after its last heartbeat that an attempt is presumed unresponsive."""
+        return self.heartbeat_timeout or 3 * self.heartbeat_interval
+
+    @property
+    def sweep_interval(self) -> float:
+        return self.watchdog_interval or self.heartbeat_interval
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.key_prefix)

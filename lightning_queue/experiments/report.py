@@ -1,0 +1,304 @@
+"""An experiment's report: per-variant metrics, comparisons with the control, a table, JSON, a chart.
+
+Built by :meth:`lightning_queue.experiments.Experiments.report` from the
+experiment's own rollout index (no scan of the store). Metrics count what
+finished: rewards are those of succeeded rollouts that reported one; failed
+rollouts count in the success rate and in ``errors`` by type, never as a zero
+reward; cancelled ones are left out of both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_queue.core.models import Rollout
+from lightning_queue.experiments import stats
+from lightning_queue.experiments.manager import Experiment
+
+
+@dataclass(frozen=True)
+class VariantStats:
+    """How one variant went."""
+
+    name: str
+    resources_id: str
+    weight: float
+    units: int
+    rollouts: int
+    finished: int
+    succeeded: int
+    failed: int
+    success_rate: float | None
+    mean_reward: float | None
+    std_reward: float | None
+    reward_ci: tuple[float, float] | None
+    latency_p50: float | None
+    latency_p95: float | None
+    errors: dict[str, int]
+    rewards: list[float] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("rewards")
+        return data
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One treatment against the control.
+
+    ``verdict`` rests on the sequential (always-valid) test, so it may be read
+    after every batch: ``too few: n/min`` below ``min_sample`` rewards in the
+    smaller variant (pairs, for a paired experiment), then ``better``/``worse`` when
+    the always-valid p-value is below alpha, else ``no significant difference``.
+    """
+
+    variant: str
+    control: str
+    welch: stats.Welch | None
+    paired: stats.Paired | None
+    sequential: stats.Sequential | None
+    prob_beats: float | None
+    prob_success_beats: float | None
+    verdict: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant, "control": self.control, "verdict": self.verdict,
+            "welch": self.welch.to_dict() if self.welch else None,
+            "paired": self.paired.to_dict() if self.paired else None,
+            "sequential": self.sequential.to_dict() if self.sequential else None,
+            "prob_beats": self.prob_beats, "prob_success_beats": self.prob_success_beats,
+        }
+
+
+@dataclass(frozen=True)
+class ExperimentReport:
+    experiment: Experiment
+    variants: list[VariantStats]
+    comparisons: list[Comparison]
+    srm: stats.SampleRatio | None
+    alpha: float
+    min_sample: int
+
+    @property
+    def winner(self) -> str | None:
+        """The treatment the sequential test finds better than the control (the best
+        mean reward among several), or ``None``."""
+        better = [c.variant for c in self.comparisons if c.verdict == "better"]
+        if not better:
+            return None
+        by_name = {v.name: v for v in self.variants}
+        return max(better, key=lambda n: by_name[n].mean_reward or float("-inf"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment.model_dump(mode="json"),
+            "variants": [v.to_dict() for v in self.variants],
+            "comparisons": [c.to_dict() for c in self.comparisons],
+            "srm": self.srm.to_dict() if self.srm else None,
+            "alpha": self.alpha, "min_sample": self.min_sample, "winner": self.winner,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=2, default=_json_default)
+
+    def tables(self) -> list[Any]:
+        """Rich tables: the variants, then the comparisons."""
+        from rich.table import Table
+
+        exp = self.experiment
+        kind = "paired" if exp.paired else f"unit {exp.unit_key}" + (", reassigned: no SRM check" if exp.reassigned else "")
+        variants = Table(title=f"experiment {exp.name} ({exp.status}, {kind}, bucket v{exp.bucket_version})")
+        variants.add_column("variant", no_wrap=True)
+        for column in ("resources_id", "weight", "units", "rollouts", "success", "reward mean [95% CI]", "std",
+                       "p50/p95 s", "errors"):
+            variants.add_column(column)
+        for v in self.variants:
+            reward = _num(v.mean_reward) + (f" [{v.reward_ci[0]:.3f}, {v.reward_ci[1]:.3f}]" if v.reward_ci else "")
+            latency = f"{v.latency_p50:.2f}/{v.latency_p95:.2f}" if v.latency_p50 is not None else ""
+            variants.add_row(
+                v.name, v.resources_id, "" if exp.paired else f"{v.weight:g}", str(v.units), str(v.rollouts),
+                _pct(v.success_rate), reward, _num(v.std_reward), latency,
+                ", ".join(f"{t}:{n}" for t, n in sorted(v.errors.items())),
+            )
+        comparisons = Table(title=f"against control {exp.control.name} (alpha {self.alpha:g})")
+        comparisons.add_column("variant", no_wrap=True)
+        comparisons.add_column("verdict", no_wrap=True)
+        tests = ("p paired t", "p Wilcoxon") if exp.paired else ("lift", "p Welch", "P(beats)")
+        for column in ("diff [95% CI]", "p sequential", *tests):
+            comparisons.add_column(column)
+        for c in self.comparisons:
+            w, p, s = c.welch, c.paired, c.sequential
+            diff, ci = (p.mean_diff, p.diff_ci) if p else ((w.diff, w.diff_ci) if w else (None, None))
+            cells = [_num(diff) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), _p(s.p_value if s else None)]
+            if exp.paired:
+                cells += [_p(p.t_p_value if p else None), _p(p.wilcoxon_p_value if p else None)]
+            else:
+                cells += [_pct(w.lift) if w else "", _p(w.p_value if w else None), _pct(c.prob_beats)]
+            comparisons.add_row(c.variant, c.verdict, *cells)
+        out = [variants, comparisons]
+        if self.srm is not None:
+            srm = Table(title="sample ratio (units vs weights)")
+            for column in ("observed", "expected", "chi2", "p", ""):
+                srm.add_column(column)
+            srm.add_row(" / ".join(map(str, self.srm.observed)), " / ".join(f"{e:.1f}" for e in self.srm.expected),
+                        f"{self.srm.chi2:.2f}", _p(self.srm.p_value),
+                        "[bold red]SRM: assignment is skewed, do not trust the comparison[/]" if self.srm.flagged else "ok")
+            out.append(srm)
+        return out
+
+    def save_chart(self, path: str | Path) -> Path:
+        """A PNG of each variant's reward distribution (points and box) with its mean and 95% interval."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: reports are made on servers and in tests
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(self.variants), 4.2))
+        try:
+            rng = np.random.default_rng(0)  # fixed jitter: the same data gives the same picture
+            for i, v in enumerate(self.variants):
+                if v.rewards:
+                    ax.boxplot([v.rewards], positions=[i], widths=0.5, showfliers=False)
+                    ax.scatter(i + rng.uniform(-0.15, 0.15, len(v.rewards)), v.rewards, s=8, alpha=0.35)
+                if v.mean_reward is not None and v.reward_ci is not None:
+                    ax.errorbar([i + 0.3], [v.mean_reward], yerr=[[v.mean_reward - v.reward_ci[0]],
+                                [v.reward_ci[1] - v.mean_reward]], fmt="o", color="black", capsize=5)
+            ax.set_xticks(range(len(self.variants)), [f"{v.name}\n(n={len(v.rewards)})" for v in self.variants])
+            ax.set_ylabel("reward")
+            ax.set_title(f"{self.experiment.name}: reward by variant (mean and 95% CI)")
+            fig.tight_layout()
+            fig.savefig(path, format="png", dpi=100)
+        finally:
+            plt.close(fig)
+        return path
+
+
+def build_report(
+    exp: Experiment, rollouts: dict[str, list[Rollout]], units: dict[str, int], *, alpha: float = 0.05,
+    min_sample: int = 30,
+) -> ExperimentReport:
+    variants = [_variant_stats(exp, v.name, rollouts[v.name], units[v.name], alpha) for v in exp.variants]
+    control = variants[0]
+    comparisons = [_compare(exp, control, v, rollouts, alpha, min_sample) for v in variants[1:]]
+    check = None
+    # A paired split is equal by construction; after a weight change or a re-bucketing the
+    # counts mix several splits, so no single set of weights is the one to test against.
+    if not exp.paired and not exp.reassigned and sum(v.units for v in variants) > 0:
+        check = stats.srm([v.units for v in variants], [v.weight for v in variants])
+    return ExperimentReport(exp, variants, comparisons, check, alpha, min_sample)
+
+
+def rewards_of(rollouts: list[Rollout]) -> list[Rollout]:
+    """The rollouts whose reward counts: succeeded, with a reward."""
+    return [r for r in rollouts if r.status == "succeeded" and r.reward is not None]
+
+
+def _variant_stats(exp: Experiment, name: str, rollouts: list[Rollout], units: int, alpha: float) -> VariantStats:
+    variant = exp.variant(name)
+    finished = [r for r in rollouts if r.status in ("succeeded", "failed")]
+    succeeded = sum(r.status == "succeeded" for r in finished)
+    rewards = [float(r.reward) for r in rewards_of(rollouts)]  # type: ignore[arg-type]
+    arr = np.asarray(rewards)
+    mean = float(arr.mean()) if len(arr) else None
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else None
+    ci = None
+    if len(arr) > 1:
+        from scipy import stats as st
+
+        ci_low, ci_high = st.t.interval(1 - alpha, len(arr) - 1, loc=mean, scale=st.sem(arr)) if std else (mean, mean)
+        ci = (float(ci_low), float(ci_high))
+    latencies = np.asarray([r.end_time - r.start_time for r in finished if r.start_time and r.end_time])
+    errors = Counter(r.error.type for r in finished if r.status == "failed" and r.error)
+    return VariantStats(
+        name, variant.resources_id, variant.weight, units, len(rollouts), len(finished), succeeded,
+        len(finished) - succeeded, succeeded / len(finished) if finished else None, mean, std, ci,
+        float(np.percentile(latencies, 50)) if len(latencies) else None,
+        float(np.percentile(latencies, 95)) if len(latencies) else None, dict(errors), rewards,
+    )
+
+
+def _pairs(control: list[Rollout], treatment: list[Rollout]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per unit, the mean reward under each variant; units with both, ordered by when
+    their last rollout finished (the order a sequential test sees them in)."""
+    def by_unit(rollouts: list[Rollout]) -> dict[str, tuple[float, float]]:
+        groups: dict[str, list[Rollout]] = defaultdict(list)
+        for r in rewards_of(rollouts):
+            groups[str(r.metadata.get("unit"))].append(r)
+        return {u: (float(np.mean([r.reward for r in rs])), max(r.end_time or 0.0 for r in rs)) for u, rs in groups.items()}
+
+    c, t = by_unit(control), by_unit(treatment)
+    common = sorted(set(c) & set(t), key=lambda u: (max(c[u][1], t[u][1]), u))
+    return (np.asarray([c[u][0] for u in common]), np.asarray([t[u][0] for u in common]),
+            np.asarray([max(c[u][1], t[u][1]) for u in common]))
+
+
+def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, rollouts: dict[str, list[Rollout]],
+             alpha: float, min_sample: int) -> Comparison:
+    c_rollouts, t_rollouts = rollouts[control.name], rollouts[treatment.name]
+    prob_success = None
+    if control.finished and treatment.finished:
+        prob_success = stats.prob_beats_beta(control.succeeded, control.finished, treatment.succeeded,
+                                             treatment.finished)
+    welch = prob = paired = sequential = None
+    c, t = np.asarray(control.rewards), np.asarray(treatment.rewards)
+    if len(c) >= 2 and len(t) >= 2:
+        welch = stats.welch(c, t, alpha)
+        prob = stats.prob_beats_normal(c, t)
+    if exp.paired:
+        pc, pt, _ = _pairs(c_rollouts, t_rollouts)
+        n = len(pc)
+        if n >= 2:
+            paired = stats.paired(pc, pt, alpha)
+            sequential = stats.sequential_paired(pc, pt)
+    else:
+        n = min(len(c), len(t))
+        if n >= 2:
+            sequential = stats.sequential(
+                c, t, control_order=[r.end_time or 0.0 for r in rewards_of(c_rollouts)],
+                treatment_order=[r.end_time or 0.0 for r in rewards_of(t_rollouts)],
+            )
+    if n < min_sample or sequential is None:
+        verdict = f"too few: {n}/{min_sample}"
+    elif sequential.p_value < alpha:
+        verdict = "better" if sequential.diff > 0 else "worse"
+    else:
+        verdict = "no significant difference"
+    return Comparison(treatment.name, control.name, welch, paired, sequential, prob, prob_success, verdict)
+
+
+def _finite(value: Any) -> Any:
+    # NaN and infinity are not JSON: an undefined statistic (a lift over a zero mean) is null.
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None or not np.isfinite(value) else f"{value:.1%}"
+
+
+def _p(value: float | None) -> str:
+    return "" if value is None else (f"{value:.4f}" if value >= 1e-4 else f"{value:.1e}")

@@ -1,0 +1,446 @@
+"""Monitoring: what Flower cannot know, read from Redis at scrape time.
+
+Flower shows Celery's view (tasks, workers); this module shows the queue's:
+rollouts per status and per snapshot, which pointers name which snapshot,
+queue depth per priority, messages held by workers, and the worker snapshot
+caches' hit ratio and load latency. One read (:func:`read_overview`) serves
+both the Prometheus exporter (:class:`LightningCollector`, served by
+``lightning-queue exporter``) and the terminal view (``lightning-queue
+status``).
+
+Cost per scrape, whatever the number of rollouts: one pipeline of ``ZCARD`` /
+``LLEN`` / ``HLEN`` / ``HGETALL pointers`` / ``ZREVRANGE snapshots`` and one
+pipeline of ``ZCARD`` per snapshot shown (at most ``max_snapshots`` plus the
+pointer targets). Rollout records are never read. The worker cache stats are
+found with a ``SCAN`` (:meth:`LightningClient.cache_stats`), so they are read
+at most once per ``cache_stats_every`` seconds (workers only report that
+often anyway) and the last reading is served in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from lightning_queue.core.errors import redacted_url
+from lightning_queue.core.keys import ROLLOUT_STATUSES
+from lightning_queue.storage.connections import text
+
+if TYPE_CHECKING:
+    from lightning_queue.client import LightningClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPORTER_PORT = 9808
+
+
+# ------------------------------------------------------------------------------- hooks
+
+
+def experiment_traffic_per_variant(client: LightningClient) -> Iterable[Metric]:
+    """Experiment traffic: ``lq_experiment_rollouts{experiment, variant, status}``, the
+    rollouts enqueued under each variant of each experiment (A/B or canary).
+
+    Cost: one ``HGETALL`` per experiment and one ``ZCARD`` per variant, in two
+    pipelines; rollout records are never read.
+    """
+    from lightning_queue.experiments.manager import Experiments
+
+    experiments = Experiments(client).list()
+    pipe = client.redis.pipeline(transaction=False)
+    labels = []
+    for exp in experiments:
+        for variant in exp.variants:
+            pipe.zcard(client.keys.experiment_rollouts(exp.name, variant.name))
+            labels.append([client.keys.prefix, exp.name, variant.name, exp.status])
+    counts = pipe.execute() if labels else []
+    family = GaugeMetricFamily("lq_experiment_rollouts", "Rollouts enqueued under each variant of each experiment.",
+                               labels=["prefix", "experiment", "variant", "status"])
+    for label, n in zip(labels, counts):
+        family.add_metric(label, n)
+    yield family
+
+
+def worker_liveness(client: LightningClient) -> dict[str, str]:
+    """Each worker node's liveness judged by consumption (:mod:`lightning_queue.health`):
+    ``node -> "consuming"`` or ``"stalled"`` (up, but it stopped taking messages)."""
+    return {h.hostname: "stalled" if h.stalled else "consuming" for h in client.worker_health()}
+
+
+# ------------------------------------------------------------------------------- one read
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The queue's state at one moment, read by :func:`read_overview`.
+
+    ``rollouts_by_status`` and ``rollouts_by_resources`` count index entries:
+    finished rollouts stay counted until their record expires and retention
+    prunes the index (``LQ_ROLLOUT_TTL_SECONDS``).
+    """
+
+    rollouts_by_status: dict[str, int]
+    queue_depth: dict[str, dict[int, int]]  # queue -> priority step -> messages waiting
+    unacked: int  # messages taken by workers and not yet acked (acks late: running rollouts)
+    pointers: dict[str, str]  # pointer name -> resources_id
+    snapshots: int
+    rollouts_by_resources: dict[str, int]  # the newest snapshots and every pointer target
+    registry_seq: int
+    time: float = field(default_factory=time.time)
+
+    def pointers_naming(self, resources_id: str) -> list[str]:
+        return sorted(name for name, rid in self.pointers.items() if rid == resources_id)
+
+
+def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots: int = 50) -> Overview:
+    """Read the queue's state in two pipelined round trips (see the module doc for the cost).
+    The first (statuses, queues, pointers, snapshots) is one MULTI/EXEC, so its counts are
+    consistent with each other (a rollout moving between statuses is counted once); the
+    per-snapshot counts are read a moment later.
+
+    ``rollouts_by_resources`` covers the ``max_snapshots`` most recently
+    written snapshots plus every snapshot a pointer names. Raises
+    ``redis.RedisError`` when Redis cannot be read.
+    """
+    if max_snapshots < 1:
+        raise ValueError("max_snapshots must be >= 1")
+    k = client.keys
+    pipe = client.redis.pipeline(transaction=True)
+    for status in ROLLOUT_STATUSES:
+        pipe.zcard(k.rollouts_by_status(status))
+    for queue in queues:
+        for key in k.celery_queues(queue).values():
+            pipe.llen(key)
+    pipe.hlen(k.celery_unacked)
+    pipe.hgetall(k.pointers)
+    pipe.zcard(k.snapshots)
+    pipe.zrevrange(k.snapshots, 0, max_snapshots - 1)
+    pipe.get(k.seq)
+    replies = iter(pipe.execute())
+
+    by_status = {status: int(next(replies)) for status in ROLLOUT_STATUSES}
+    depth = {queue: {step: int(next(replies)) for step in k.celery_queues(queue)} for queue in queues}
+    unacked = int(next(replies))
+    pointers = {text(name): text(rid) for name, rid in next(replies).items()}
+    snapshots = int(next(replies))
+    newest_ids = [text(rid) for rid in next(replies)]
+    seq = int(next(replies) or 0)
+
+    shown = list(dict.fromkeys([*newest_ids, *sorted(set(pointers.values()))]))
+    pipe = client.redis.pipeline(transaction=False)
+    for rid in shown:
+        pipe.zcard(k.rollouts_by_resources(rid))
+    by_resources = dict(zip(shown, (int(n) for n in pipe.execute())))
+    return Overview(by_status, depth, unacked, pointers, snapshots, by_resources, seq)
+
+
+class CacheStatsReader:
+    """:meth:`LightningClient.cache_stats` (or another ``read`` of the workers' reports),
+    read at most once per ``every`` seconds (it SCANs for the workers' reports; they
+    report only that often)."""
+
+    def __init__(self, client: LightningClient, every: float,
+                 read: Callable[[LightningClient], dict[str, Any]] | None = None) -> None:
+        self.client = client
+        self.every = every
+        self._reader = read or (lambda c: c.cache_stats())
+        self._read_at = float("-inf")
+        self._stats: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def read(self) -> dict[str, Any]:
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.every:
+                self._stats = self._reader(self.client)
+                self._read_at = time.monotonic()
+            return self._stats
+
+
+@dataclass(frozen=True)
+class FleetCache:
+    """The worker snapshot caches summed over the processes that report."""
+
+    processes: int
+    hits: int
+    misses: int
+    loads: int
+    load_seconds: float
+
+    @property
+    def hit_ratio(self) -> float:
+        gets = self.hits + self.misses
+        return self.hits / gets if gets else 0.0
+
+    @property
+    def mean_load_seconds(self) -> float:
+        return self.load_seconds / self.loads if self.loads else 0.0
+
+    @classmethod
+    def of(cls, stats: dict[str, dict[str, Any]]) -> FleetCache:
+        values = list(stats.values())
+        return cls(
+            processes=len(values),
+            hits=sum(int(s.get("hits", 0)) for s in values),
+            misses=sum(int(s.get("misses", 0)) for s in values),
+            loads=sum(int(s.get("load_count", 0)) for s in values),
+            load_seconds=sum(float(s.get("load_seconds_total", 0.0)) for s in values),
+        )
+
+
+def node_of(process: str) -> str:
+    """The Celery node name of a cache-stats process key (``node@host:pid`` -> ``node@host``)."""
+    return process.rpartition(":")[0] or process
+
+
+# ------------------------------------------------------------------------------- finished rollouts
+
+
+class FinishedRollouts:
+    """Counts rollouts reaching a final status, from the completion notifications the
+    store publishes (:attr:`Keys.events`), so Prometheus can ``rate()`` it.
+
+    Counts only while this listener runs (a notification sent while it is
+    disconnected is not counted): it is a rate signal, not a ledger; the
+    ledger is ``lq_rollouts{status=...}``. The listener reconnects by itself.
+    """
+
+    def __init__(self, client: LightningClient, poll_seconds: float = 1.0) -> None:
+        self.client = client
+        self.poll_seconds = poll_seconds
+        self.count = 0
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, wait_seconds: float = 5.0) -> bool:
+        """Start listening; return whether it subscribed within ``wait_seconds``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._listen, name="lq-finished-rollouts", daemon=True)
+            self._thread.start()
+        return self._subscribed.wait(wait_seconds)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _listen(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.client.keys.events)
+                self._subscribed.set()
+                delay = 0.1
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=self.poll_seconds) is not None:
+                        self.count += 1  # one thread writes; readers only read an int
+            except Exception as exc:  # noqa: BLE001 - a dropped connection: subscribe again, with backoff
+                log.warning("finished-rollouts listener: %s: %s; resubscribing in %.1f s",
+                            type(exc).__name__, exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):  # the connection may already be gone
+                    pubsub.close()
+
+
+# ------------------------------------------------------------------------------- Prometheus
+
+
+class LightningCollector(Collector):
+    """A Prometheus collector that reads Redis at each scrape (see the module doc for the cost).
+
+    Metrics (every name starts ``lq_``; the key prefix is the ``prefix`` label of each):
+
+    * ``lq_up`` 1 when Redis answered this scrape, else 0 (and nothing else is reported)
+    * ``lq_rollouts{status}`` rollouts in each status index
+    * ``lq_rollouts_by_resources{resources_id}`` rollouts pinned to or run with each snapshot
+    * ``lq_pointer{pointer, resources_id}`` 1 for the snapshot each pointer names (join on resources_id)
+    * ``lq_snapshots``, ``lq_registry_seq``
+    * ``lq_queue_messages{queue, priority}`` messages waiting, per kombu priority sub-queue
+    * ``lq_queue_unacked`` messages taken by workers and not acked yet (rollouts running or about to)
+    * ``lq_rollouts_finished_total`` rollouts finished while the exporter ran (with a :class:`FinishedRollouts`)
+    * ``lq_worker_processes`` worker processes that reported cache stats recently
+    * ``lq_cache_hit_ratio`` the fleet's snapshot-cache hit ratio; ``lq_snapshot_load_seconds_mean`` its mean
+      cold load time
+    * per process (``process`` = ``node@host:pid``): ``lq_worker_cache_hits_total``,
+      ``lq_worker_cache_misses_total``, ``lq_worker_snapshot_loads_total``,
+      ``lq_worker_snapshot_load_seconds_total``, ``lq_worker_cache_bytes``, ``lq_worker_cache_entries``
+    * ``lq_worker_stalled{worker}`` 1 for a worker that is up but stopped consuming (see :mod:`.health`)
+    * ``lq_experiment_rollouts{experiment, variant, status}`` from :func:`experiment_traffic_per_variant`
+    """
+
+    def __init__(
+        self,
+        client: LightningClient,
+        queues: Sequence[str] | None = None,
+        *,
+        max_snapshots: int = 50,
+        cache_stats_every: float | None = None,
+        finished: FinishedRollouts | None = None,
+        experiment_traffic: Callable[[LightningClient], Iterable[Metric]] = experiment_traffic_per_variant,
+    ) -> None:
+        self.client = client
+        self.queues = list(queues or [client.settings.queue])
+        self.max_snapshots = max_snapshots
+        every = client.settings.cache_stats_interval_seconds if cache_stats_every is None else cache_stats_every
+        self.cache_stats = CacheStatsReader(client, every)
+        self.liveness = CacheStatsReader(client, every, read=worker_liveness)
+        self.finished = finished
+        self.experiment_traffic = experiment_traffic
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # no read of Redis when the collector is registered
+
+    def collect(self) -> Iterable[Metric]:
+        prefix = self.client.keys.prefix
+        up = GaugeMetricFamily("lq_up", "1 when Redis answered this scrape, else 0.", labels=["prefix"])
+        try:
+            overview = read_overview(self.client, self.queues, self.max_snapshots)
+            stats = self.cache_stats.read()
+        except redis.RedisError as exc:
+            log.warning("scrape: cannot read Redis at %s: %s", redacted_url(self.client.settings.redis_url), exc)
+            up.add_metric([prefix], 0)
+            yield up
+            return
+        up.add_metric([prefix], 1)
+        yield up
+        yield from self._overview_metrics(prefix, overview)
+        yield from self._cache_metrics(prefix, stats)
+        if self.finished is not None:
+            finished = CounterMetricFamily("lq_rollouts_finished", "Rollouts that reached a final status while "
+                                           "the exporter listened (use rate()).", labels=["prefix"])
+            finished.add_metric([prefix], self.finished.count)
+            yield finished
+        stalled = GaugeMetricFamily("lq_worker_stalled", "1 for a worker that is up but stopped consuming while "
+                                    "messages wait (liveness judged by consumption), else 0.",
+                                    labels=["prefix", "worker"])
+        for worker, state in sorted(self.liveness.read().items()):
+            stalled.add_metric([prefix, worker], 1 if state == "stalled" else 0)
+        yield stalled
+        try:
+            yield from self.experiment_traffic(self.client)
+        except Exception:  # a broken hook must not take the other metrics down
+            log.exception("scrape: the experiment traffic hook failed")
+
+    @staticmethod
+    def _overview_metrics(prefix: str, o: Overview) -> Iterable[Metric]:
+        by_status = GaugeMetricFamily("lq_rollouts", "Rollouts per status (finished ones until they expire).",
+                                      labels=["prefix", "status"])
+        for status, n in o.rollouts_by_status.items():
+            by_status.add_metric([prefix, status], n)
+        yield by_status
+        by_resources = GaugeMetricFamily("lq_rollouts_by_resources",
+                                         "Rollouts pinned to or run with each snapshot (newest snapshots and "
+                                         "pointer targets).", labels=["prefix", "resources_id"])
+        for rid, n in o.rollouts_by_resources.items():
+            by_resources.add_metric([prefix, rid], n)
+        yield by_resources
+        pointer = GaugeMetricFamily("lq_pointer", "1 for the snapshot each pointer names.",
+                                    labels=["prefix", "pointer", "resources_id"])
+        for name, rid in sorted(o.pointers.items()):
+            pointer.add_metric([prefix, name, rid], 1)
+        yield pointer
+        yield _gauge("lq_snapshots", "Snapshots in the registry.", prefix, o.snapshots)
+        yield _gauge("lq_registry_seq", "The registry's change sequence number.", prefix, o.registry_seq)
+        depth = GaugeMetricFamily("lq_queue_messages", "Messages waiting in each Celery queue, per priority step.",
+                                  labels=["prefix", "queue", "priority"])
+        for queue, steps in o.queue_depth.items():
+            for step, n in steps.items():
+                depth.add_metric([prefix, queue, str(step)], n)
+        yield depth
+        yield _gauge("lq_queue_unacked", "Messages workers took and have not acked (rollouts running or about to).",
+                     prefix, o.unacked)
+
+    @staticmethod
+    def _cache_metrics(prefix: str, stats: dict[str, dict[str, Any]]) -> Iterable[Metric]:
+        fleet = FleetCache.of(stats)
+        yield _gauge("lq_worker_processes", "Worker processes that reported snapshot-cache stats recently.",
+                     prefix, fleet.processes)
+        yield _gauge("lq_cache_hit_ratio", "Snapshot-cache hit ratio over the reporting worker processes.",
+                     prefix, fleet.hit_ratio)
+        yield _gauge("lq_snapshot_load_seconds_mean", "Mean time a worker took to load a snapshot from Redis.",
+                     prefix, fleet.mean_load_seconds)
+        families: list[tuple[type, str, str, Callable[[dict[str, Any]], float]]] = [
+            (CounterMetricFamily, "lq_worker_cache_hits", "Snapshot-cache hits of the process.",
+             lambda s: s.get("hits", 0)),
+            (CounterMetricFamily, "lq_worker_cache_misses", "Snapshot-cache misses of the process.",
+             lambda s: s.get("misses", 0)),
+            (CounterMetricFamily, "lq_worker_snapshot_loads", "Snapshots the process loaded from Redis.",
+             lambda s: s.get("load_count", 0)),
+            (CounterMetricFamily, "lq_worker_snapshot_load_seconds", "Time the process spent loading snapshots.",
+             lambda s: s.get("load_seconds_total", 0.0)),
+            (GaugeMetricFamily, "lq_worker_cache_bytes", "Bytes in the process's snapshot cache.",
+             lambda s: s.get("bytes", 0)),
+            (GaugeMetricFamily, "lq_worker_cache_entries", "Snapshots in the process's snapshot cache.",
+             lambda s: s.get("entries", 0)),
+        ]
+        for kind, name, doc, value in families:
+            family = kind(name, doc, labels=["prefix", "process"])
+            for process, s in sorted(stats.items()):
+                family.add_metric([prefix, process], float(value(s)))
+            yield family
+
+
+def _gauge(name: str, documentation: str, prefix: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation, labels=["prefix"])
+    gauge.add_metric([prefix], value)
+    return gauge
+
+
+def exporter_registry(collector: LightningCollector) -> CollectorRegistry:
+    """A registry holding only ``collector`` (no process metrics of the exporter itself)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+# ------------------------------------------------------------------------------- the exporter
+
+
+class Exporter:
+    """The Prometheus endpoint of ``lightning-queue exporter``: an HTTP server thread
+    serving ``/metrics`` from a :class:`LightningCollector`, and the listener that
+    counts finished rollouts. Starts even when Redis is down (``lq_up`` is then 0)."""
+
+    def __init__(
+        self,
+        client: LightningClient,
+        port: int = DEFAULT_EXPORTER_PORT,
+        address: str = "0.0.0.0",
+        queues: Sequence[str] | None = None,
+        max_snapshots: int = 50,
+    ) -> None:
+        from prometheus_client import start_http_server
+
+        self.client = client
+        self.finished = FinishedRollouts(client)
+        if not self.finished.start(wait_seconds=10.0):
+            log.warning("exporter: not subscribed to %s yet; lq_rollouts_finished_total counts once it is",
+                        client.keys.events)
+        self.collector = LightningCollector(client, queues, max_snapshots=max_snapshots, finished=self.finished)
+        self._server, self._thread = start_http_server(port, address, registry=exporter_registry(self.collector))
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+        self.finished.close()
+
+    def __enter__(self) -> Exporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

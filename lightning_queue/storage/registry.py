@@ -1,0 +1,442 @@
+"""The snapshot registry: immutable, versioned resource snapshots and named pointers on Redis.
+
+One hash per ``resources_id`` holds the current version's payload and its
+metadata; each earlier version is kept, unchanged, under its own key. Named
+pointers (``latest``, ``prod``, ``canary``...) name snapshots; every move is
+recorded in a bounded history so it can be rolled back. Every change is one
+Lua script, announced with a sequence number on the snapshot events channel
+that worker caches listen to. See :mod:`lightning_queue.keys` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import redis
+
+from lightning_queue.core.errors import (
+    NoLatestResourcesError,
+    PointerError,
+    ResourcesExistError,
+    ResourcesNotFoundError,
+    SnapshotCorruptedError,
+    SnapshotInUseError,
+    VersionConflictError,
+)
+from lightning_queue.core.keys import Keys
+from lightning_queue.core.models import (
+    ErrorInfo,
+    Resource,
+    ResourcesUpdate,
+    dump_resources,
+    new_id,
+    validate_resources,
+)
+from lightning_queue.core.settings import Settings
+from lightning_queue.storage import codec
+from lightning_queue.storage.connections import text
+from lightning_queue.storage.scripts import load_script
+
+LATEST = "latest"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ResourcesLike = Mapping[str, Resource | Mapping[str, Any]]
+
+
+
+def check_name(name: str, what: str) -> str:
+    """Ids and pointer names are short and colon-free, so they cannot break the key layout."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PointerError(
+            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _check_new_id(resources_id: str) -> str:
+    # The script refuses the names of existing pointers; "latest" is refused even before it exists.
+    check_name(resources_id, "resources_id")
+    if resources_id == LATEST:
+        raise ResourcesExistError(resources_id)
+    return resources_id
+
+
+def decode_snapshot(resources_id: str, fields: Mapping[bytes | str, bytes | str]) -> ResourcesUpdate:
+    """Turn a snapshot hash into a :class:`ResourcesUpdate`; a bad payload raises
+    :class:`SnapshotCorruptedError` naming the id."""
+    data = {text(k): v for k, v in fields.items()}
+    try:
+        payload = data["resources"]
+        raw = codec.decode(
+            payload if isinstance(payload, bytes) else payload.encode(),
+            text(data.get("encoding", codec.PLAIN)),
+            text(data["checksum"]) if "checksum" in data else None,
+            resources_id,
+        )
+        return ResourcesUpdate(
+            resources_id=resources_id,
+            version=int(data["version"]),
+            create_time=float(data["create_time"]),
+            update_time=float(data["update_time"]),
+            resources=validate_resources(json.loads(raw)["resources"]),
+        )
+    except SnapshotCorruptedError:
+        raise
+    except (KeyError, ValueError, TypeError) as exc:
+        raise SnapshotCorruptedError(resources_id, f"{type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A snapshot as read, with the registry sequence number at the read (for caches)."""
+
+    snapshot: ResourcesUpdate
+    seq: int
+    size: int
+    pointer: str | None = None
+
+
+@dataclass(frozen=True)
+class PointerMove:
+    pointer: str
+    from_id: str | None
+    to_id: str | None
+    time: float
+    by: str
+
+
+@dataclass(frozen=True)
+class DeleteReport:
+    resources_id: str
+    moved_pointers: list[str]
+    failed_rollouts: list[str]
+
+
+class SnapshotRegistry:
+    """Stores and reads resource snapshots and pointers.
+
+    Contract:
+
+    * ``add_resources`` creates version 1 under a new id and moves ``latest``
+      to it in one atomic step; a taken id (or a pointer's name) raises
+      :class:`ResourcesExistError` and writes nothing.
+    * ``update_resources`` writes version n+1 under an existing id and moves
+      ``latest`` to it, atomically, keeping version n readable. With
+      ``expected_version`` it is a compare-and-set: if another writer got
+      there first, nothing is written and :class:`VersionConflictError`
+      carries the current version.
+    * Wherever a snapshot is read or run with (``get_resources_by_id``,
+      ``resolve``, ``fetch``, a pointer's target, enqueue, an agent's default),
+      a pointer name is accepted and followed; ids and pointer names never
+      collide. Reading a pointer and the snapshot it names is one atomic step.
+      Writes and deletes take ids, so a pointer moving meanwhile cannot
+      redirect them.
+    * Pointers only ever name snapshots that exist: a move to a missing id is
+      refused, and deleting a snapshot a pointer names is refused (or, forced,
+      unsets the pointer in the same step).
+    * ``query_resources`` lists snapshots newest write first.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings | None = None) -> None:
+        self.redis = client
+        self.keys = keys
+        settings = settings or Settings(key_prefix=keys.prefix)
+        self.compress_threshold = settings.compress_threshold_bytes
+        self.max_bytes = settings.max_snapshot_bytes
+        self.history_length = settings.pointer_history_length
+        self.rollout_ttl_seconds = settings.rollout_ttl_seconds  # for rollouts a forced delete fails
+        self._write = load_script(client, "write_snapshot", "_registry_prelude")
+        self._get = load_script(client, "get_snapshot")
+        self._set_pointer = load_script(client, "set_pointer", "_registry_prelude")
+        self._rollback = load_script(client, "rollback_pointer", "_registry_prelude")
+        self._delete = load_script(client, "delete_snapshot", "_rollout_prelude", "_registry_prelude")
+
+    # -- writes -------------------------------------------------------------------------
+
+    def _write_call(
+        self, mode: str, resources_id: str, resources: ResourcesLike, expected_version: int | None, by: str,
+        client: Any = None,
+    ) -> tuple[Any, dict[str, Resource], float]:
+        validated = validate_resources(resources)
+        encoded = codec.encode(dump_resources(validated).encode(), self.compress_threshold, self.max_bytes,
+                               resources_id)
+        now = time.time()
+        k = self.keys
+        reply = self._write(
+            keys=[k.snapshot(resources_id), k.snapshots, k.pointers, k.seq, k.snapshot_events],
+            args=[resources_id, encoded.data, encoded.encoding, encoded.checksum, encoded.size, repr(now), mode,
+                  "" if expected_version is None else expected_version, by, self.history_length,
+                  k.pointer_history_prefix, k.snapshot_version_prefix(resources_id)],
+            client=client,
+        )
+        return reply, validated, now
+
+    def _written(self, reply: Any, resources_id: str, validated: dict[str, Resource], now: float,
+                 expected_version: int | None) -> ResourcesUpdate:
+        status = text(reply[0])
+        if status in ("exists", "name_taken"):
+            raise ResourcesExistError(resources_id)
+        if status == "missing":
+            raise ResourcesNotFoundError(resources_id, hint="add it first with add_resources()")
+        if status == "conflict":
+            raise VersionConflictError(resources_id, expected_version or 0, int(reply[1]))
+        return ResourcesUpdate(resources_id=resources_id, version=int(reply[1]), create_time=float(reply[2]),
+                               update_time=now, resources=validated)
+
+    def add_resources(
+        self, resources: ResourcesLike, resources_id: str | None = None, *, by: str = "add_resources"
+    ) -> ResourcesUpdate:
+        resources_id = _check_new_id(resources_id or new_id("rs"))
+        reply, validated, now = self._write_call("add", resources_id, resources, None, by)
+        return self._written(reply, resources_id, validated, now, None)
+
+    def add_resources_batch(
+        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, by: str = "add_resources"
+    ) -> list[ResourcesUpdate]:
+        """Add many snapshots in one pipeline; each is its own atomic add.
+
+        Two round trips whatever the batch size: redis-py's SCRIPT EXISTS
+        check, then the pipeline.
+
+        Items are resources mappings or ``(resources_id, resources)`` pairs.
+        The last one added ends up ``latest``. If an id is taken, the others
+        are still added and :class:`ResourcesExistError` names the first taken id.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        staged = []
+        for item in items:
+            rid, resources = item if isinstance(item, tuple) else (new_id("rs"), item)
+            _check_new_id(rid)
+            _, validated, now = self._write_call("add", rid, resources, None, by, client=pipe)
+            staged.append((rid, validated, now))
+        out, error = [], None
+        for (rid, validated, now), reply in zip(staged, pipe.execute()):
+            try:
+                out.append(self._written(reply, rid, validated, now, None))
+            except ResourcesExistError as exc:
+                error = error or exc
+        if error:
+            raise error
+        return out
+
+    def update_resources(
+        self,
+        resources_id: str,
+        resources: ResourcesLike,
+        expected_version: int | None = None,
+        *,
+        by: str = "update_resources",
+    ) -> ResourcesUpdate:
+        reply, validated, now = self._write_call("update", resources_id, resources, expected_version, by)
+        return self._written(reply, resources_id, validated, now, expected_version)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def fetch(self, ref: str, version: int | None = None) -> Fetched:
+        """Resolve ``ref`` (pointer name or id) and read it, atomically; ``version``
+        picks an earlier version (default: the current one)."""
+        k = self.keys
+        reply = self._get(
+            keys=[k.pointers, k.seq],
+            args=[ref, "" if version is None else version, k.snapshot_prefix, k.VERSION_INFIX],
+        )
+        status = text(reply[0])
+        if status == "missing":
+            if text(reply[2]):  # cannot happen through this API: pointers only name stored snapshots
+                raise SnapshotCorruptedError(text(reply[1]), f"pointer {ref!r} names it but it is not stored")
+            if ref == LATEST:
+                raise NoLatestResourcesError()
+            raise ResourcesNotFoundError(ref)
+        if status == "no_version":
+            raise ResourcesNotFoundError(
+                f"{text(reply[1])}@{version}",
+                hint=f"version {version} is not stored (the current version is {text(reply[2])}; earlier "
+                "versions are removed when the snapshot is deleted)",
+            )
+        resources_id, seq, pointer = text(reply[1]), int(reply[2]), text(reply[3]) or None
+        flat = reply[4:]
+        fields = dict(zip(flat[::2], flat[1::2]))
+        snapshot = decode_snapshot(resources_id, fields)
+        return Fetched(snapshot, seq, int(fields.get(b"size", 0) or 0), pointer)
+
+    def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate:
+        """The snapshot (a pointer name is followed); :class:`ResourcesNotFoundError` if none."""
+        return self.fetch(resources_id, version).snapshot
+
+    def get_latest_resources(self) -> ResourcesUpdate | None:
+        """The snapshot ``latest`` names, or ``None`` before any was stored."""
+        try:
+            return self.fetch(LATEST).snapshot
+        except NoLatestResourcesError:
+            return None
+
+    def resolve(self, ref: str | None, version: int | None = None) -> ResourcesUpdate:
+        """The seed's rule: an explicit id (or pointer) gives that snapshot; ``None``
+        gives the latest now. Raises :class:`ResourcesNotFoundError` (or
+        :class:`NoLatestResourcesError`) when there is nothing to run with."""
+        return self.fetch(ref or LATEST, version).snapshot
+
+    def current_versions(self, refs: Sequence[str]) -> dict[str, tuple[str, int] | None]:
+        """Each reference resolved to (resources_id, current version), or None; one round trip."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(self.keys.pointers)
+        for ref in refs:
+            pipe.hget(self.keys.snapshot(ref), "version")
+        pointers_raw, *versions = pipe.execute()
+        pointers = {text(n): text(t) for n, t in pointers_raw.items()}
+        out: dict[str, tuple[str, int] | None] = {}
+        via_pointer = []
+        for ref, version in zip(refs, versions):
+            if ref in pointers:
+                via_pointer.append(ref)
+            else:
+                out[ref] = (ref, int(version)) if version is not None else None
+        if via_pointer:  # rare: a second trip for the targets' versions
+            pipe = self.redis.pipeline(transaction=False)
+            for ref in via_pointer:
+                pipe.hget(self.keys.snapshot(pointers[ref]), "version")
+            for ref, version in zip(via_pointer, pipe.execute()):
+                out[ref] = (pointers[ref], int(version)) if version is not None else None
+        return out
+
+    def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
+        """Snapshots, newest write first, ``limit`` of them from ``offset``."""
+        if offset < 0 or limit < 1:
+            raise ValueError("offset must be >= 0 and limit >= 1")
+        ids = [text(i) for i in self.redis.zrevrange(self.keys.snapshots, offset, offset + limit - 1)]
+        pipe = self.redis.pipeline(transaction=True)
+        for rid in ids:
+            pipe.hgetall(self.keys.snapshot(rid))
+        return [decode_snapshot(rid, fields) for rid, fields in zip(ids, pipe.execute()) if fields]
+
+    def list_ids(self) -> list[str]:
+        """Every snapshot id, newest write first."""
+        return [text(i) for i in self.redis.zrevrange(self.keys.snapshots, 0, -1)]
+
+    def count(self) -> int:
+        return int(self.redis.zcard(self.keys.snapshots))
+
+    # -- pointers -------------------------------------------------------------------------
+
+    def pointers(self) -> dict[str, str]:
+        """Every pointer and the id it names."""
+        return {text(n): text(t) for n, t in self.redis.hgetall(self.keys.pointers).items()}
+
+    def get_pointer(self, name: str) -> str | None:
+        target = self.redis.hget(self.keys.pointers, name)
+        return text(target) if target is not None else None
+
+    def set_pointer(self, name: str, target: str, *, expected: str | None = None, by: str = "set_pointer") -> str:
+        """Point ``name`` at ``target`` (an id, or another pointer's current target);
+        return the id it now names. ``expected`` makes it a compare-and-set on the
+        current target."""
+        check_name(name, "pointer name")
+        k = self.keys
+        reply = self._set_pointer(
+            keys=[k.pointers, k.seq, k.snapshot_events],
+            args=[name, target, repr(time.time()), by, self.history_length, k.pointer_history_prefix, k.snapshot_prefix,
+                  expected or ""],
+        )
+        status = text(reply[0])
+        if status == "missing":
+            raise ResourcesNotFoundError(text(reply[1]), hint=f"pointer {name!r} was not moved")
+        if status == "name_taken":
+            raise PointerError(f"{name!r} is the id of a snapshot; pick another pointer name")
+        if status == "conflict":
+            current = text(reply[1]) or None
+            raise PointerError(f"pointer {name!r} names {current!r}, not the expected {expected!r}; it was not moved")
+        return text(reply[1])
+
+    def rollback(self, name: str = LATEST, *, by: str = "rollback") -> PointerMove:
+        """Move ``name`` back to the target it had before its last move, atomically.
+
+        A second rollback undoes the first (like ``cd -``); use
+        :meth:`pointer_history` and :meth:`set_pointer` to go further back.
+        """
+        k = self.keys
+        now = time.time()
+        reply = self._rollback(
+            keys=[k.pointers, k.seq, k.snapshot_events],
+            args=[name, repr(now), by, self.history_length, k.pointer_history_prefix, k.snapshot_prefix],
+        )
+        status = text(reply[0])
+        if status == "nothing":
+            raise PointerError(f"pointer {name!r} has no earlier target to roll back to")
+        if status == "gone":
+            raise PointerError(
+                f"cannot roll {name!r} back: its previous target {text(reply[1])!r} has been deleted; "
+                "pick a target from `resources history` and set it"
+            )
+        return PointerMove(name, text(reply[2]) or None, text(reply[1]), now, by)
+
+    def pointer_history(self, name: str = LATEST, limit: int = 20) -> list[PointerMove]:
+        """The pointer's last moves, newest first."""
+        entries = self.redis.lrange(self.keys.pointer_history(name), 0, limit - 1)
+        moves = []
+        for raw in entries:
+            entry = json.loads(raw)
+            moves.append(PointerMove(name, entry["from"] or None, entry["to"] or None, float(entry["time"]),
+                                     entry["by"]))
+        return moves
+
+    # -- deletion -------------------------------------------------------------------------
+
+    def delete_resources(self, resources_id: str, *, force: bool = False, by: str = "delete") -> DeleteReport:
+        """Delete a snapshot and all its versions, atomically.
+
+        Refused with :class:`SnapshotInUseError` (listing why) while pointers
+        name it or queued/running rollouts use it. ``force=True`` deletes
+        anyway: those pointers are unset (``latest`` falls back to the newest
+        remaining snapshot) and those rollouts fail with a "snapshot deleted"
+        error (and expire like any finished rollout), in the same atomic step.
+        """
+        k = self.keys
+        error = ErrorInfo(
+            type="SnapshotDeletedError",
+            message=f"snapshot {resources_id!r} was deleted (forced) while this rollout was waiting for it",
+        ).model_dump_json()
+        reply = self._delete(
+            keys=[*k.all_status_indexes(), k.snapshot(resources_id), k.snapshots, k.pointers, k.seq,
+                  k.snapshot_events, k.rollouts_by_resources(resources_id), k.events],
+            args=[resources_id, "1" if force else "0", repr(time.time()), error, k.rollout_prefix,
+                  k.pointer_history_prefix, self.history_length, by, k.snapshot_version_prefix(resources_id),
+                  self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX],
+        )
+        status = text(reply[0])
+        if status == "missing":
+            raise ResourcesNotFoundError(resources_id)
+        report = json.loads(reply[1])
+        pointers = report["pointers"] if isinstance(report["pointers"], list) else []
+        rollouts = report["rollouts"] if isinstance(report["rollouts"], list) else []
+        if status == "in_use":
+            raise SnapshotInUseError(resources_id, pointers, rollouts)
+        return DeleteReport(resources_id, pointers, rollouts)
+
+
+def retry_on_conflict(
+    registry_or_client: Any,
+    resources_id: str,
+    change: Callable[[ResourcesUpdate], ResourcesLike],
+    attempts: int = 10,
+) -> ResourcesUpdate:
+    """Read-modify-write a snapshot safely under concurrent writers.
+
+    Reads the current version, calls ``change(snapshot)`` for the new
+    resources, and writes them with compare-and-set; on
+    :class:`VersionConflictError` it reads again and retries, up to
+    ``attempts`` times (then the last conflict is raised).
+    """
+    last: VersionConflictError | None = None
+    for _ in range(attempts):
+        current = registry_or_client.get_resources_by_id(resources_id)
+        try:
+            return registry_or_client.update_resources(
+                resources_id, change(current), expected_version=current.version
+            )
+        except VersionConflictError as exc:
+            last = exc
+    assert last is not None
+    raise last

@@ -1,0 +1,622 @@
+"""The rollout store: rollout and attempt records on Redis, and their status machine.
+
+Statuses::
+
+    queuing -> preparing -> running -> succeeded | failed
+                                    \\-> requeuing -> preparing ... (retry while attempts remain)
+    any non-final status -> cancelled
+
+Attempt statuses: ``preparing -> running -> succeeded | failed | timeout``, or
+closed from outside: ``worker_lost`` (its message came back and its heartbeat
+had expired), ``unresponsive`` (the watchdog found its heartbeat expired),
+``cancelled``. Only the rollout's current, open attempt may record an outcome
+(fencing): a late report from a closed or superseded attempt is refused.
+
+Every transition is one Lua script, so readers never see a rollout in two
+status indexes or a finished rollout without its result. A rollout that
+reaches a final status has its id published on the events channel, which
+:meth:`RolloutStore.wait_for_rollouts` listens to, and (when a TTL is set)
+its record and attempts expire that many seconds later, in the same step.
+
+Layout: a record holds one hash field per model field, except the JSON fields
+at their default (``metadata``, ``error``, ``result`` when empty; ``config``
+stores only what differs from :class:`RolloutConfig`'s defaults), and a result
+is stored without its ``None`` fields, once: on the rollout when the outcome
+is accepted (:meth:`RolloutStore.get_attempts` gives it to the attempt that
+finished the rollout), on the attempt when it was refused because the
+rollout had been cancelled. So a typical finished record and its attempt
+keep every value under Redis's ``hash-max-listpack-value`` (64 bytes) and
+stay compact listpacks (about half the memory of a hash table).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import redis
+
+from lightning_queue.core.errors import RolloutNotFoundError
+from lightning_queue.core.keys import ROLLOUT_STATUSES, Keys
+from lightning_queue.core.models import (
+    TERMINAL_STATUSES,
+    Attempt,
+    ErrorInfo,
+    Rollout,
+    RolloutConfig,
+    RolloutResult,
+    new_id,
+)
+from lightning_queue.storage.connections import text
+from lightning_queue.storage.scripts import load_script
+
+# Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
+_PLAIN_ROLLOUT_FIELDS = frozenset(
+    {"rollout_id", "status", "queue", "resources_id", "resources_version", "resolve", "attempt_count",
+     "enqueue_time", "start_time", "end_time", "published"}
+)
+_PLAIN_ATTEMPT_FIELDS = frozenset(
+    {"rollout_id", "sequence_id", "attempt_id", "worker_id", "status", "start_time", "end_time",
+     "resources_id", "resources_version"}
+)
+
+
+
+# JSON fields left out while they hold their default (decoding restores it), so that a
+# typical record's values all stay under Redis's ``hash-max-listpack-value`` (64 bytes) and
+# Redis keeps the hash as a compact listpack instead of a hash table (about half the memory).
+# ``input`` and ``mode`` are always stored: ``None`` is not their default.
+# (``config`` and ``result`` are written by :func:`encode_rollout` in their own compact forms.)
+_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None}
+
+
+def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
+    # A plain field that is None is left out (the Lua scripts test for its absence); a JSON
+    # field keeps its None as ``null``, or ``input=None``/``mode=None`` would not read back.
+    out = {}
+    for key, value in data.items():
+        if key in plain:
+            if value is not None:
+                out[key] = str(value)
+        elif key not in _OMITTED_WHEN_DEFAULT or value != _OMITTED_WHEN_DEFAULT[key]:
+            out[key] = json.dumps(value, separators=(",", ":"))
+    return out
+
+
+def _decode(fields: Mapping[bytes | str, bytes | str], plain: frozenset[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for raw_key, raw_value in fields.items():
+        key, value = text(raw_key), text(raw_value)
+        out[key] = value if key in plain else json.loads(value)
+    return out
+
+
+def encode_config(config: RolloutConfig) -> str:
+    """The stored form of a config: only the fields that differ from the defaults (``{}``
+    for a default config). The Lua scripts that read it merge it over :data:`DEFAULT_CONFIG_JSON`."""
+    return config.model_dump_json(exclude_defaults=True)
+
+
+def encode_result(result: RolloutResult) -> str:
+    """The stored form of a result: its ``None`` fields left out (``output``'s own content is
+    kept as it is), so a short result stays a short string."""
+    return result.model_dump_json(exclude_none=True)
+
+
+# What the scripts merge a stored config over (see :func:`encode_config`).
+DEFAULT_CONFIG_JSON = RolloutConfig().model_dump_json()
+
+
+def encode_rollout(rollout: Rollout) -> dict[str, str]:
+    out = _encode(rollout.model_dump(mode="json", exclude={"config", "result"}), _PLAIN_ROLLOUT_FIELDS)
+    config = encode_config(rollout.config)
+    if config != "{}":
+        out["config"] = config
+    if rollout.result is not None:
+        out["result"] = encode_result(rollout.result)
+    return out
+
+
+def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
+    data = _decode(fields, _PLAIN_ROLLOUT_FIELDS)
+    data.pop("published", None)  # bookkeeping of idempotent enqueue, not part of the model
+    return Rollout.model_validate(data)
+
+
+def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
+    return Attempt.model_validate(_decode(fields, _PLAIN_ATTEMPT_FIELDS))
+
+
+@dataclass(frozen=True)
+class StartWith:
+    """The snapshot to start a claimed attempt with at once (see :meth:`RolloutStore.claim`):
+    ``resources_id``/``version``, resolved by the worker from the reference the task message
+    names (``requested_id``: the rollout's ``resources_id``; ``requested_version``: its pinned
+    version, None when it follows its reference)."""
+
+    requested_id: str | None
+    requested_version: int | None
+    resources_id: str
+    version: int
+
+
+_LOST_ERROR = ErrorInfo(
+    type="WorkerLostError",
+    message="the worker running this attempt died or lost its connection; the broker redelivered the rollout",
+).model_dump_json()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`RolloutStore.claim` decided."""
+
+    outcome: Literal["claimed", "missing", "finished", "lost", "duplicate"]
+    sequence_id: int = 0
+    status: str | None = None
+    rollout: Rollout | None = None
+    """``claimed``: the record as the claim left it (``preparing`` or ``running``, on this attempt)."""
+    started: bool = False
+    """``claimed``: the attempt is already ``running`` with the snapshot given to the claim."""
+
+
+class RolloutStore:
+    """Rollout and attempt records, their indexes, and completion notifications.
+
+    Contract:
+
+    * ``create_rollouts`` writes every record and index entry of a batch in one
+      MULTI/EXEC round trip: all or none are visible.
+    * ``claim``, ``start_attempt``, ``finish_attempt`` and ``terminate`` are
+      each one atomic Lua script. A final status (succeeded, failed,
+      cancelled) is never left again; a cancelled rollout stays cancelled
+      even if its attempt finishes afterwards.
+    * A rollout reaching a final status (by any path) has its record and
+      every attempt set to expire ``rollout_ttl_seconds`` later, atomically
+      with that transition (``None``: kept forever).
+    * Lookups of an unknown or expired id raise :class:`RolloutNotFoundError`.
+    * Queries return newest enqueued first, and skip ids whose record has
+      expired (dropping them from the indexes they read).
+    """
+
+    def __init__(
+        self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None, heartbeat_timeout: float = 30.0
+    ) -> None:
+        self.redis = client
+        self.keys = keys
+        self.rollout_ttl_seconds = rollout_ttl_seconds
+        self.heartbeat_timeout = heartbeat_timeout
+        self._ttl_arg = rollout_ttl_seconds or ""
+        self._create = load_script(client, "create_rollouts")
+        self._mark_published = load_script(client, "mark_published")
+        self._heartbeat = load_script(client, "heartbeat")
+        self._sweep = load_script(client, "sweep_unresponsive", "_rollout_prelude")
+        self._release_lost = load_script(client, "release_lost")
+        self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
+        self._start = load_script(client, "start_rollout", "_rollout_prelude")
+        self._finish = load_script(client, "finish_attempt", "_rollout_prelude")
+        self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude")
+
+    # -- writes -----------------------------------------------------------------------
+
+    def create_rollouts(self, rollouts: Sequence[Rollout]) -> int:
+        """Write the batch; return the registry sequence number at that moment (task
+        messages carry it, so worker caches know how fresh they must be)."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(k.seq)
+        # One ZADD per index for the whole batch (index key -> {id: score}), not one per rollout.
+        indexes: dict[str, dict[str, float]] = {}
+        for rollout in rollouts:
+            rid, score = rollout.rollout_id, rollout.enqueue_time
+            pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))
+            for key in self._index_keys(rollout):
+                indexes.setdefault(key, {})[rid] = score
+        for key, members in indexes.items():
+            pipe.zadd(key, members)
+        return int(pipe.execute()[0] or 0)
+
+    def _index_keys(self, rollout: Rollout) -> list[str]:
+        """The indexes a new rollout enters (main, status, mode, resources)."""
+        k = self.keys
+        keys = [k.rollouts, k.rollouts_by_status(rollout.status)]
+        if rollout.mode:
+            keys.append(k.rollouts_by_mode(rollout.mode))
+        if rollout.resources_id:
+            keys.append(k.rollouts_by_resources(rollout.resources_id))
+        return keys
+
+    def create_rollouts_if_absent(
+        self, rollouts: Sequence[Rollout]
+    ) -> tuple[int, dict[str, tuple[Rollout, bool]]]:
+        """Write the rollouts whose id is not taken yet, in one atomic script; return the registry
+        sequence and, by id, the stored record of each rollout that already existed (left as it
+        is) with whether its message was marked sent (:meth:`mark_published`). For
+        caller-chosen ids, so a retried enqueue never creates a rollout twice."""
+        k = self.keys
+        items = []
+        for rollout in rollouts:
+            rid = rollout.rollout_id
+            items.append(json.dumps({"id": rid, "key": k.rollout(rid), "score": repr(rollout.enqueue_time),
+                                     "fields": encode_rollout(rollout), "indexes": self._index_keys(rollout)}))
+        reply = self._create(keys=[k.seq], args=items)
+        existing = {}
+        for rollout, fields in zip(rollouts, reply[1:]):
+            if fields:
+                stored = dict(zip(fields[::2], fields[1::2]))
+                published = b"published" in stored or "published" in stored
+                existing[rollout.rollout_id] = (decode_rollout(stored), published)
+        return int(reply[0] or 0), existing
+
+    def mark_published(self, rollout_ids: Sequence[str]) -> None:
+        """Record that these rollouts' task messages were sent (records that expired are not recreated)."""
+        if rollout_ids:
+            self._mark_published(keys=[self.keys.rollout(rid) for rid in rollout_ids], args=[repr(time.time())])
+
+    def claim(self, rollout: Rollout | str, worker_id: str, start: StartWith | None = None) -> Claim:
+        """Open the next attempt of the rollout (a record or an id) for ``worker_id``, in one
+        atomic script that also returns the record as it leaves it (no separate read).
+
+        With ``start`` (the worker resolved the snapshot before claiming, from what the task
+        message says the rollout asks for) the attempt opens directly as ``running`` with that
+        snapshot, as :meth:`start_attempt` would, when the record asks for the same reference;
+        otherwise it opens ``preparing`` and ``Claim.started`` is False.
+
+        The new attempt's first heartbeat is written with it (deadline
+        ``heartbeat_timeout`` from now), so a rollout shorter than one
+        heartbeat interval costs no heartbeat command.
+
+        If the rollout still has an open attempt, the broker delivered its
+        message again. While that attempt's heartbeat is fresh its worker is
+        alive (the visibility timeout ran out while it worked): the outcome is
+        ``duplicate`` and nothing is written; the caller drops the message.
+        Once the heartbeat expired the worker is presumed dead: that attempt is
+        marked ``worker_lost``, and the rollout fails if the config allows no
+        further attempt.
+        """
+        rollout_id = rollout if isinstance(rollout, str) else rollout.rollout_id
+        k = self.keys
+        now = time.time()
+        keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.events,
+                k.heartbeats]
+        args: list[Any] = [rollout_id, worker_id, repr(now), new_id("at"), k.attempt_prefix(rollout_id),
+                           _LOST_ERROR, self._ttl_arg, repr(now + self.heartbeat_timeout), DEFAULT_CONFIG_JSON]
+        if start is not None:
+            keys.append(k.rollouts_by_resources(start.resources_id))
+            args += ["1", start.requested_id or "", "" if start.requested_version is None else start.requested_version,
+                     start.resources_id, start.version]
+        reply = self._claim(keys=keys, args=args)
+        outcome = text(reply[0])
+        if outcome == "finished":
+            return Claim("finished", status=text(reply[1]))
+        if outcome == "missing":
+            return Claim("missing")
+        if outcome != "claimed":
+            return Claim(outcome, sequence_id=int(reply[1]))  # type: ignore[arg-type]
+        fields = reply[3]
+        record = decode_rollout(dict(zip(fields[::2], fields[1::2])))
+        return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])))
+
+    def start_attempt(self, rollout_id: str, sequence_id: int, resources_id: str, version: int) -> bool:
+        """Mark the attempt running with this concrete snapshot. False: do not run it
+        (the rollout was cancelled, or the attempt superseded)."""
+        k = self.keys
+        return bool(
+            self._start(
+                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id),
+                      k.rollouts_by_resources(resources_id)],
+                args=[rollout_id, sequence_id, resources_id, version],
+            )
+        )
+
+    def finish_attempt(
+        self,
+        rollout_id: str,
+        sequence_id: int,
+        attempt_status: str,
+        next_status: Literal["succeeded", "failed", "requeuing"],
+        error: ErrorInfo | None = None,
+        result: RolloutResult | None = None,
+    ) -> str:
+        """Record the attempt's outcome; return the rollout's status afterwards.
+
+        ``'stale'``: the outcome was refused, nothing written (the attempt was
+        superseded, or already closed as lost, unresponsive or timed out). A
+        rollout already final keeps its status (a cancelled one keeps the late
+        outcome on the attempt only), so it never flips from failed to succeeded.
+        """
+        k = self.keys
+        reply = self._finish(
+            keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events,
+                  k.heartbeats],
+            args=[rollout_id, sequence_id, attempt_status, repr(time.time()),
+                  error.model_dump_json() if error else "", encode_result(result) if result else "",
+                  next_status, self._ttl_arg, k.attempt_prefix(rollout_id)],
+        )
+        return text(reply)
+
+    def terminate(self, rollout_id: str, status: Literal["cancelled", "failed"], error: ErrorInfo | None = None) -> str:
+        """End a rollout that has not finished; return its status afterwards.
+
+        A rollout already finished is left as it is. Raises
+        :class:`RolloutNotFoundError` for an unknown id.
+        """
+        k = self.keys
+        reply = text(
+            self._terminate(
+                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events, k.heartbeats],
+                args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else "",
+                      self._ttl_arg, k.attempt_prefix(rollout_id)],
+            )
+        )
+        if reply == "missing":
+            raise RolloutNotFoundError(rollout_id)
+        return reply
+
+    def heartbeat(self, rollout_id: str, sequence_id: int) -> bool:
+        """Push the open attempt's heartbeat deadline ``heartbeat_timeout`` ahead (one script).
+        False: the attempt is no longer open (finished, cancelled, declared unresponsive or
+        lost), so there is nothing to keep alive."""
+        k = self.keys
+        return bool(self._heartbeat(keys=[k.rollout(rollout_id), k.heartbeats],
+                                    args=[rollout_id, sequence_id, repr(time.time() + self.heartbeat_timeout)]))
+
+    def release_lost(self, rollout_id: str, worker_id: str) -> bool:
+        """The process of ``worker_id`` running the rollout's open attempt died: drop that
+        attempt's heartbeat (one script), so the redelivered message claims the rollout at once
+        and marks the attempt ``worker_lost``. False: the open attempt is not that worker's."""
+        k = self.keys
+        return bool(self._release_lost(keys=[k.rollout(rollout_id), k.heartbeats],
+                                       args=[rollout_id, worker_id, k.attempt_prefix(rollout_id)]))
+
+    def sweep_unresponsive(self, limit: int = 100, now: float | None = None) -> list[tuple[str, str, int]]:
+        """Close open attempts whose heartbeat deadline passed (at most ``limit``), atomically
+        (one script; concurrent sweeps each take distinct entries). Reads only the expired head
+        of the heartbeat index, so a sweep costs O(expired), not a scan.
+
+        Each such attempt becomes ``unresponsive``; its rollout goes to ``requeuing`` (the
+        caller must publish it again) when ``retry_condition`` holds ``unresponsive`` and
+        attempts remain, else to ``failed``. Returns ``(rollout_id, next status, sequence_id)``
+        for each rollout moved.
+        """
+        k = self.keys
+        error = ErrorInfo(
+            type="UnresponsiveAttemptError",
+            message=f"the attempt sent no heartbeat for {self.heartbeat_timeout:g} s (its worker process hung, "
+            "was stopped or lost Redis); the watchdog closed it",
+        ).model_dump_json()
+        reply = self._sweep(
+            keys=[*k.all_status_indexes(), k.heartbeats, k.events],
+            args=[repr(time.time() if now is None else now), limit, k.rollout_prefix, k.ATTEMPT_INFIX, error,
+                  self._ttl_arg, DEFAULT_CONFIG_JSON],
+        )
+        return [(text(reply[i]), text(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get_rollout(self, rollout_id: str) -> Rollout:
+        fields = self.redis.hgetall(self.keys.rollout(rollout_id))
+        if not fields:
+            raise RolloutNotFoundError(rollout_id)
+        return decode_rollout(fields)
+
+    def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
+        """The rollouts, in the order given, read in one round trip."""
+        out = []
+        for rid, rollout in zip(rollout_ids, self._read(rollout_ids)):
+            if rollout is None:
+                raise RolloutNotFoundError(rid)
+            out.append(rollout)
+        return out
+
+    def _read(self, rollout_ids: Sequence[str]) -> list[Rollout | None]:
+        # One round trip; None where the record is gone (never existed, or expired).
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rollout_ids:
+            pipe.hgetall(self.keys.rollout(rid))
+        return [decode_rollout(fields) if fields else None for fields in pipe.execute()]
+
+    def forget(self, rollout_ids: Sequence[str], index_keys: Iterable[str] = ()) -> int:
+        """Drop ids whose record has expired from the main and status indexes and from
+        ``index_keys``; return how many entries were removed. Only for ids known to be
+        gone: a record never comes back once it has expired."""
+        if not rollout_ids:
+            return 0
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for key in dict.fromkeys([k.rollouts, *k.all_status_indexes(), *index_keys]):
+            pipe.zrem(key, *rollout_ids)
+        return sum(pipe.execute())
+
+    def prune_expired(self, dry_run: bool = False, chunk: int = 500) -> int:
+        """Remove the entries of expired rollouts from every rollout index under the prefix
+        (main, status, mode, resources and worker zsets); return how many were removed
+        (on a dry run: found). Each index is read ``chunk`` members at a time, with one
+        pipelined EXISTS per chunk; an index left empty disappears."""
+        k = self.keys
+        removed = 0
+        for raw in self.redis.scan_iter(match=k.rollout_index_pattern, count=1000, _type="ZSET"):
+            key = text(raw)
+            if key != k.rollouts and not key.startswith(f"{k.rollouts}:"):
+                continue  # another deployment's key whose prefix happens to extend ours
+            start = 0
+            while members := [text(m) for m in self.redis.zrange(key, start, start + chunk - 1)]:
+                pipe = self.redis.pipeline(transaction=False)
+                for rid in members:
+                    pipe.exists(k.rollout(rid))
+                gone = [rid for rid, alive in zip(members, pipe.execute()) if not alive]
+                dropped = len(gone) if dry_run or not gone else int(self.redis.zrem(key, *gone))
+                removed += dropped
+                start += len(members) - (0 if dry_run else dropped)
+        return removed
+
+    def get_attempts(self, rollout_id: str) -> list[Attempt]:
+        """Every attempt of the rollout, first to last. The result of the attempt that
+        finished the rollout is stored once, on the rollout, and read from there."""
+        count, result = self.redis.hmget(self.keys.rollout(rollout_id), ["attempt_count", "result"])
+        if count is None and not self.redis.exists(self.keys.rollout(rollout_id)):
+            raise RolloutNotFoundError(rollout_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for seq in range(1, int(count or 0) + 1):
+            pipe.hgetall(self.keys.attempt(rollout_id, seq))
+        attempts = [fields for fields in pipe.execute() if fields]
+        if result is not None and attempts and b"result" not in attempts[-1] and "result" not in attempts[-1]:
+            attempts[-1]["result"] = result
+        return [decode_attempt(fields) for fields in attempts]
+
+    def statuses(self, rollout_ids: Sequence[str]) -> dict[str, str | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rollout_ids:
+            pipe.hget(self.keys.rollout(rid), "status")
+        return {rid: (text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute())}
+
+    def query_rollouts(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        mode: str | None = None,
+        resources_id: str | None = None,
+        worker_id: str | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> list[Rollout]:
+        """Rollouts matching every filter given, newest enqueued first.
+
+        ``status`` may be one status or several; ``resources_id`` matches
+        rollouts pinned to that snapshot or that ran an attempt with it.
+        Ids whose record has expired are skipped and removed from the indexes
+        read, and the page is filled from the entries after it, so paging
+        with ``offset`` stays consistent.
+        """
+        if offset < 0 or limit < 1:
+            raise ValueError("offset must be >= 0 and limit >= 1")
+        k = self.keys
+        filters: list[list[str]] = []
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            unknown = set(wanted) - set(ROLLOUT_STATUSES)
+            if unknown:
+                raise ValueError(f"unknown status {sorted(unknown)}; statuses are {', '.join(ROLLOUT_STATUSES)}")
+            filters.append([k.rollouts_by_status(s) for s in wanted])
+        if mode is not None:
+            filters.append([k.rollouts_by_mode(mode)])
+        if resources_id is not None:
+            filters.append([k.rollouts_by_resources(resources_id)])
+        if worker_id is not None:
+            filters.append([k.rollouts_by_worker(worker_id)])
+        ordered: list[str] | None = None  # with filters: every match, newest first
+        if filters:
+            pipe = self.redis.pipeline(transaction=True)
+            for group in filters:
+                for key in group:
+                    pipe.zrange(key, 0, -1, withscores=True)
+            replies = iter(pipe.execute())
+            scores: dict[str, float] | None = None
+            for group in filters:
+                union: dict[str, float] = {}
+                for _ in group:
+                    union.update((text(member), score) for member, score in next(replies))
+                scores = union if scores is None else {m: s for m, s in scores.items() if m in union}
+            assert scores is not None
+            ordered = sorted(scores, key=lambda m: scores[m], reverse=True)  # type: ignore[index]
+        found: dict[str, Rollout] = {}
+        while True:
+            if ordered is None:
+                ids = [text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
+            else:
+                ids = ordered[offset : offset + limit]
+            unread = [rid for rid in ids if rid not in found]
+            gone = []
+            for rid, rollout in zip(unread, self._read(unread)):
+                if rollout is None:
+                    gone.append(rid)
+                else:
+                    found[rid] = rollout
+            if not gone:
+                return [found[rid] for rid in ids]
+            # Expired: drop them, so the page takes in the entries after it (each pass drops one or more).
+            self.forget(gone, [key for group in filters for key in group])
+            if ordered is not None:
+                dropped = set(gone)
+                ordered = [rid for rid in ordered if rid not in dropped]
+
+    def count_by_status(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=True)
+        for s in ROLLOUT_STATUSES:
+            pipe.zcard(self.keys.rollouts_by_status(s))
+        return dict(zip(ROLLOUT_STATUSES, pipe.execute()))
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def wait_for_rollouts(
+        self,
+        rollout_ids: Sequence[str],
+        timeout: float | None = None,
+        on_finished: Callable[[Rollout], None] | None = None,
+    ) -> list[Rollout]:
+        """Block until every rollout has finished, or ``timeout`` seconds pass.
+
+        Returns the finished rollouts, in the order of ``rollout_ids`` (fewer
+        than asked for on time-out). Woken by the completion notifications
+        that every final transition publishes, not by polling; statuses are
+        read once after subscribing (and again after a dropped connection),
+        so a rollout that finished before the call is never missed. The
+        notifications that arrived together are handled together: their
+        records are read in one round trip.
+        ``on_finished`` is called once per rollout as it finishes.
+        """
+        ids = list(dict.fromkeys(rollout_ids))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished: dict[str, Rollout] = {}
+
+        def collect(candidates: Iterable[str]) -> None:
+            candidates = [rid for rid in candidates if rid not in finished]
+            if not candidates:
+                return
+            statuses = self.statuses(candidates)
+            for rid, status in statuses.items():
+                if status is None:
+                    raise RolloutNotFoundError(rid)
+            done = [rid for rid, status in statuses.items() if status in TERMINAL_STATUSES]
+            keep(self.get_rollouts(done) if done else [])
+
+        def keep(rollouts: Iterable[Rollout]) -> None:
+            for rollout in rollouts:
+                if rollout.is_finished and rollout.rollout_id not in finished:
+                    finished[rollout.rollout_id] = rollout
+                    if on_finished:
+                        on_finished(rollout)
+
+        wanted = set(ids)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.keys.events)
+            collect(ids)
+            while len(finished) < len(ids):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                notified: list[str] = []
+                try:
+                    # Wake at least every few seconds so a silently dead socket is noticed.
+                    message = pubsub.get_message(timeout=min(remaining or 5.0, 5.0))
+                    # Take every notification already received, then read their records at once.
+                    while message is not None:
+                        rid = text(message["data"])
+                        if rid in wanted and rid not in finished:
+                            notified.append(rid)
+                        message = pubsub.get_message(timeout=0)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(0.2)
+                    pubsub.close()
+                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.keys.events)
+                    collect(ids)  # notifications sent while disconnected are lost: re-read
+                    continue
+                if notified:
+                    # A notification is sent only by a final transition: the record alone is read.
+                    keep(self.get_rollouts(list(dict.fromkeys(notified))))
+        finally:
+            pubsub.close()
+        return [finished[rid] for rid in ids if rid in finished]

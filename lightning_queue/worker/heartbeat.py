@@ -1,0 +1,154 @@
+"""Heartbeats and the unresponsive-attempt watchdog.
+
+Worker side (pool process): while an attempt is open, one daemon thread per
+process pushes its heartbeat deadline forward every ``heartbeat_interval``
+seconds. The claim that opens an attempt writes its first deadline, so a
+rollout shorter than one interval costs no heartbeat command at all.
+
+Fleet side (every worker's main process): :func:`sweep` closes the attempts
+whose deadline passed (``heartbeat_timeout`` without a beat: the process hung,
+was stopped, or lost Redis) as ``unresponsive`` and sends their rollouts back
+to the queue, or fails them, per their ``retry_condition``. Every live worker
+sweeps on its own timer, so the watchdog has no single point of failure; the
+sweep is one Lua script that takes each expired entry once, so concurrent
+sweeps are safe, and it reads only the expired head of a zset ordered by
+deadline, so it costs O(expired), not a scan.
+
+If publishing fails, :meth:`LightningClient.publish` fails the rollout with
+the broker's error. If the sweeping worker dies between the script and the
+publish, the hung attempt's own message is still unacked and the broker
+redelivers it after its visibility timeout (the claim then opens the next
+attempt); only if the hung process also wakes up in that window and acks its
+message is the rollout left ``requeuing`` (a known, narrow gap).
+
+Deadlines are wall-clock times written by the beating worker and compared by
+the sweeping one: keep worker clocks in sync (NTP) to well under
+``heartbeat_timeout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Iterator
+
+import redis
+
+if TYPE_CHECKING:
+    from lightning_queue.client import LightningClient
+    from lightning_queue.storage.store import RolloutStore
+
+log = logging.getLogger(__name__)
+
+
+class _Open:
+    """The attempt a process is running, as the heartbeat thread sees it."""
+
+    __slots__ = ("rollout_id", "sequence_id", "last_beat", "alive")
+
+    def __init__(self, rollout_id: str, sequence_id: int) -> None:
+        self.rollout_id = rollout_id
+        self.sequence_id = sequence_id
+        self.last_beat = time.monotonic()  # the claim was the first beat
+        self.alive = True
+
+
+class Heartbeat:
+    """Keeps the heartbeats of the attempts this process runs fresh, from one daemon thread.
+
+    One per process, started on first use (after the pool's fork: threads do
+    not survive one). A prefork child runs one attempt at a time; a thread or
+    gevent pool runs many at once in one process, so every open attempt is
+    tracked. The rollout's own thread only registers and unregisters its
+    attempt, so a short rollout pays nothing.
+    """
+
+    def __init__(self, store: RolloutStore, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._open: dict[tuple[str, int], _Open] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def attempt(self, rollout_id: str, sequence_id: int) -> Iterator[None]:
+        """Beat for attempt ``sequence_id`` of ``rollout_id`` while the block runs."""
+        self._start()
+        key = (rollout_id, sequence_id)
+        with self._lock:
+            self._open[key] = _Open(rollout_id, sequence_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open.pop(key, None)
+
+    def open_attempts(self) -> list[tuple[str, int]]:
+        """The attempts this process is beating for now."""
+        with self._lock:
+            return list(self._open)
+
+    def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lq-heartbeat", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        # Wake twice per interval so a beat is never more than 1.5 intervals after the last.
+        while True:
+            time.sleep(self.interval / 2)
+            now = time.monotonic()
+            with self._lock:
+                due = [o for o in self._open.values() if o.alive and now - o.last_beat >= self.interval]
+            for current in due:
+                self._beat(current)
+
+    def _beat(self, current: _Open) -> None:
+        try:
+            current.alive = self.store.heartbeat(current.rollout_id, current.sequence_id)
+            current.last_beat = time.monotonic()
+        except redis.RedisError as exc:
+            # Keep trying: if Redis stays away long enough the watchdog will close the attempt.
+            log.warning("rollout %s: heartbeat failed (%s)", current.rollout_id, exc)
+            return
+        if not current.alive:
+            log.warning(
+                "rollout %s attempt %d is no longer open (declared unresponsive or lost, or cancelled); "
+                "its result will be refused", current.rollout_id, current.sequence_id,
+            )
+
+
+def heartbeat_of(client: LightningClient) -> Heartbeat:
+    """This process's :class:`Heartbeat` for ``client`` (made on first use)."""
+    beat = client.heartbeat
+    if beat is None:
+        beat = client.heartbeat = Heartbeat(client.store, client.settings.heartbeat_interval)
+    return beat
+
+
+def sweep(client: LightningClient, limit: int = 100) -> list[tuple[str, str, int]]:
+    """Close expired attempts as ``unresponsive`` and publish again the rollouts that are
+    retried (after their backoff); return what moved, as :meth:`RolloutStore.sweep_unresponsive`."""
+    moved = client.store.sweep_unresponsive(limit)
+    for rollout_id, status, seq in moved:
+        log.warning(
+            "rollout %s attempt %d sent no heartbeat for %g s: marked unresponsive, rollout %s",
+            rollout_id, seq, client.store.heartbeat_timeout, "requeued" if status == "requeuing" else "failed",
+        )
+    requeued = {rid: seq for rid, status, seq in moved if status == "requeuing"}
+    for rollout in client.store.get_rollouts(list(requeued)) if requeued else []:
+        client.publish([rollout], countdown=rollout.config.retry_delay(requeued[rollout.rollout_id]) or None)
+    return moved
+
+
+def run_sweep(client: LightningClient) -> None:
+    """One sweep from a timer: errors are logged, never raised (the next tick tries again)."""
+    try:
+        sweep(client)
+    except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+        log.error("unresponsive-attempt sweep failed: %s: %s", type(exc).__name__, exc)
