@@ -62,7 +62,9 @@ class LightningClient:
     ) -> None:
         self.settings = settings or Settings()
         if redis_client is None:
-            redis_client = connect(self.settings.redis_url, self.settings.sentinel_master)
+            redis_client = connect(
+                self.settings.redis_url, self.settings.sentinel_master, retry_seconds=self.settings.redis_retry_seconds
+            )
         self.redis = redis_client
         self.keys = self.settings.keys
         self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
@@ -368,44 +370,3 @@ class LightningClient:
         if status == "cancelled" and terminate:
             self.app.control.revoke(rollout_id, terminate=True, signal="SIGTERM")
         return status
-
-
-class AsyncLightningClient:
-    """The same API as :class:`LightningClient`, for asyncio code.
-
-    Each call runs the synchronous client's method in a worker thread
-    (``asyncio.to_thread``): the Redis work is short round trips, and
-    ``wait_for_rollouts`` blocks only its own thread, never the event loop.
-    """
-
-    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
-        self.sync = LightningClient(settings, **kwargs)
-
-    async def __aenter__(self) -> AsyncLightningClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-def _in_thread(name: str) -> Callable[..., Any]:
-    method = getattr(LightningClient, name)
-
-    async def call(self: AsyncLightningClient, *args: Any, **kwargs: Any) -> Any:
-        if args and name in ("enqueue_rollouts", "add_resources_batch"):
-            args = (list(args[0]), *args[1:])  # consume a generator here, not in the thread
-        return await asyncio.to_thread(getattr(self.sync, name), *args, **kwargs)
-
-    call.__name__ = call.__qualname__ = name
-    call.__doc__ = method.__doc__
-    return call
-
-
-for _name in (
-    "close", "add_resources", "add_resources_batch", "update_resources", "get_resources_by_id",
-    "get_latest_resources", "query_resources", "delete_resources", "set_pointer", "get_pointer", "pointers",
-    "rollback", "pointer_history", "enqueue_rollout", "enqueue_rollouts", "wait_for_rollouts", "get_rollout",
-    "get_rollouts", "get_attempts", "query_rollouts", "cancel_rollout", "apply_retention", "cache_stats",
-    "worker_health",
-):
-    setattr(AsyncLightningClient, _name, _in_thread(_name))

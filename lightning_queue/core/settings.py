@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         description="With a Redis Sentinel LQ_REDIS_URL (sentinel://h1:26379;sentinel://h2:26379/0): the name "
         "the Sentinels monitor the primary under.",
     )
+    redis_retry_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How long a Redis command is retried (exponential backoff) through connection errors and "
+        "time-outs before it fails: a Redis restart shorter than this is ridden out.",
+    )
     key_prefix: str = Field("lq", description="Prefix of every Redis key lightning-queue writes.")
     queue: str = Field("lightning_queue", description="Celery queue rollouts are sent to by default.")
     agent: str | None = Field(

@@ -27,12 +27,15 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def connect(url: str, sentinel_master: str | None = None, check: bool = True) -> redis.Redis:
+def connect(
+    url: str, sentinel_master: str | None = None, *, check: bool = True, retry_seconds: float = 10.0
+) -> redis.Redis:
     """A client for ``url`` that rides out short connection drops.
 
-    Commands are retried with exponential backoff (about 10 s in all) on
-    connection errors and time-outs, so a Redis restart or a network blip does
-    not fail a rollout half way; a longer outage raises ``redis.ConnectionError``.
+    Commands are retried with exponential backoff for up to ``retry_seconds``
+    (``Settings.redis_retry_seconds``) on connection errors and time-outs, so a
+    Redis restart or a network blip does not fail a rollout half way; a longer
+    outage raises ``redis.ConnectionError``.
 
     ``url`` is a ``redis://`` / ``rediss://`` URL, or Redis Sentinel in kombu's
     form, ``sentinel://[:password@]host:26379[/db];sentinel://host2:26379...``,
@@ -50,7 +53,7 @@ def connect(url: str, sentinel_master: str | None = None, check: bool = True) ->
     TLS options go in the URL's query (``rediss://host:6380/0?ssl_ca_certs=/ca.pem``).
     """
     options: dict[str, Any] = {
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+        "retry": retry_policy(retry_seconds),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 30,
         "socket_keepalive": True,
@@ -65,6 +68,22 @@ def connect(url: str, sentinel_master: str | None = None, check: bool = True) ->
     if check:
         check_connection(url, client)
     return client
+
+
+_BACKOFF_BASE, _BACKOFF_CAP = 0.05, 2.0
+
+
+def retry_policy(budget_seconds: float) -> Retry:
+    """Exponential backoff (0.1, 0.2, 0.4 ... capped at 2 s between tries) with as many retries as
+    fit in ``budget_seconds`` of waiting: 10 s gives 8 retries, 0 none."""
+    retries, waited = 0, 0.0
+    while True:
+        delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (retries + 1))
+        if waited + delay > budget_seconds:
+            break
+        waited += delay
+        retries += 1
+    return Retry(ExponentialBackoff(cap=_BACKOFF_CAP, base=_BACKOFF_BASE), retries=retries)
 
 
 def is_sentinel_url(url: str) -> bool:

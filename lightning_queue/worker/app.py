@@ -130,7 +130,8 @@ class LightningCelery(Celery):
             # No start-up check here: a worker's pool process made while Redis restarts must not
             # die of it; its commands ride out the outage through the client's backoff instead.
             settings = self.lightning_settings
-            redis_client = connect(settings.redis_url, settings.sentinel_master, check=False)
+            redis_client = connect(settings.redis_url, settings.sentinel_master, check=False,
+                                   retry_seconds=settings.redis_retry_seconds)
             self._lightning_client = LightningClient(self.lightning_settings, app=self, redis_client=redis_client)
         return self._lightning_client
 
