@@ -343,7 +343,7 @@ def test_cache_max_bytes_zero_disables_it(fake_redis: fakeredis.FakeRedis, prefi
 def test_worker_pool_processes_get_a_cache_and_log_its_stats(
     fake_redis: fakeredis.FakeRedis, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("lightning_queue.worker.app.connect", lambda url, sentinel_master=None, check=True: fake_redis)
+    monkeypatch.setattr("lightning_queue.worker.app.connect", lambda url, sentinel_master=None, **_: fake_redis)
     app = create_app(Settings(redis_url="redis://fakeredis.invalid:1/0", key_prefix=prefix))
     signals.worker_process_init.send(sender=None)
     assert app._lightning_client is None  # not a worker's app: clients stay uncached
