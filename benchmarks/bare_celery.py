@@ -2,7 +2,7 @@
 
 Started as ``celery -A bare_celery worker`` with ``BENCH_REDIS_URL`` and
 ``BENCH_PREFIX`` in the environment. Its settings are lightning-queue's own
-(:func:`lightning_queue.app.celery_config`: JSON, acks_late, prefetch 1,
+(:func:`lightning_queue.broker.app.celery_config`: JSON, acks_late, prefetch 1,
 task events on, the same broker key prefix scheme), except that results go to
 a Redis result backend, the natural way a Celery user learns that tasks
 finished (``ResultSet.get``, which the Redis backend answers from pub/sub).
@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 
 from lightning_queue.core.settings import Settings
-from lightning_queue.worker.app import celery_config
+from lightning_queue.broker.app import celery_config
 
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("BENCH_PREFIX", "lqbench-bare")

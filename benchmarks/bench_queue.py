@@ -229,7 +229,7 @@ class Bench:
 
     def close(self) -> None:
         self.bare.pool.force_close_all()
-        self.client.app.pool.force_close_all()
+        self.client.celery.pool.force_close_all()
         self.client.close()
         self.redis.close()
 

@@ -364,7 +364,7 @@ def run(url: str, prefix: str, quick: bool) -> list[tuple[str, str, str]]:
     batched = time.perf_counter() - start
     rows.append(("enqueue 500 rollouts: enqueue_rollout / enqueue_rollouts",
                  f"{one_by_one * 1e3:.1f} ms / {batched * 1e3:.1f} ms = {one_by_one / batched:.1f}x", ""))
-    client.app.pool.force_close_all()
+    client.celery.pool.force_close_all()
     plain.redis.close()
     client.close()
     return rows

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_queue.aio import AsyncLightningClient
+    from lightning_queue.app import create_app
     from lightning_queue.client import LightningClient
     from lightning_queue.core.errors import (
         AgentNotConfiguredError,
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
     from lightning_queue.storage.registry import DeleteReport, PointerMove, retry_on_conflict
     from lightning_queue.storage.retention import RetentionReport
     from lightning_queue.worker.agent import FunctionalLitAgent, LitAgent, rollout
-    from lightning_queue.worker.app import create_app
 
 __version__ = "0.1.0"
 
@@ -94,7 +94,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "lightning_queue.storage.registry": ("DeleteReport", "PointerMove", "retry_on_conflict"),
     "lightning_queue.storage.retention": ("RetentionReport",),
     "lightning_queue.worker.agent": ("FunctionalLitAgent", "LitAgent", "rollout"),
-    "lightning_queue.worker.app": ("create_app",),
+    "lightning_queue.app": ("create_app",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from lightning_queue.broker.publisher import publish_rollouts
-from lightning_queue.core.errors import (
-    DuplicateRolloutIdError,
-    EnqueueError,
-    ResourcesNotFoundError,
-)
+import redis
+from celery import Celery
+
+from lightning_queue.broker.app import make_celery
+from lightning_queue.broker.publisher import Publisher
+from lightning_queue.core.errors import DuplicateRolloutIdError, EnqueueError, PublishError, ResourcesNotFoundError
 from lightning_queue.core.models import (
     Attempt,
     ErrorInfo,
@@ -24,21 +24,11 @@ from lightning_queue.core.models import (
     RolloutRequest,
 )
 from lightning_queue.core.settings import Settings
-from lightning_queue.storage.connections import connect, text
-from lightning_queue.storage.liveness import WorkerHealth, worker_health
-from lightning_queue.storage.registry import (
-    LATEST,
-    DeleteReport,
-    PointerMove,
-    SnapshotRegistry,
-)
+from lightning_queue.storage.connections import connect
+from lightning_queue.storage.liveness import WorkerHealth, read_cache_stats, read_worker_health
+from lightning_queue.storage.registry import DeleteReport, PointerMove, SnapshotRegistry
 from lightning_queue.storage.retention import RetentionReport, apply_retention
 from lightning_queue.storage.store import RolloutStore
-
-if TYPE_CHECKING:
-    import redis
-
-    from lightning_queue.worker.app import LightningCelery
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +47,7 @@ class LightningClient:
         settings: Settings | None = None,
         *,
         redis_client: redis.Redis | None = None,
-        app: LightningCelery | None = None,
+        celery: Celery | None = None,
     ) -> None:
         self.settings = settings or Settings()
         if redis_client is None:
@@ -70,17 +60,22 @@ class LightningClient:
         self.store = RolloutStore(
             self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline
         )
-        self._app = app
-        self.cache: Any = None  # worker processes attach a SnapshotCache
-        self.heartbeat: Any = None  # worker processes beat through a watchdog.Heartbeat
+        self._celery = celery
+        self._publisher: Publisher | None = None
 
     @property
-    def app(self) -> LightningCelery:
-        if self._app is None:
-            from lightning_queue.worker.app import create_app
+    def celery(self) -> Celery:
+        """The Celery app this client publishes through and sends remote control with (made on
+        first use): configured like the workers', with no tasks and no signal receivers."""
+        if self._celery is None:
+            self._celery = make_celery(self.settings)
+        return self._celery
 
-            self._app = create_app(self.settings)
-        return self._app
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = Publisher(self.celery, self.settings)
+        return self._publisher
 
     def close(self) -> None:
         self.redis.close()
@@ -156,10 +151,7 @@ class LightningClient:
     def cache_stats(self) -> dict[str, dict[str, Any]]:
         """The snapshot-cache stats each live worker process last reported, by
         ``node@host:pid`` (hits, misses, hit_ratio, entries, bytes, mean_load_ms...)."""
-        keys = sorted(self.redis.scan_iter(match=self.keys.cache_stats_pattern, count=1000))
-        prefix = len(self.keys.cache_stats(""))
-        values = self.redis.mget(keys) if keys else []
-        return {text(k)[prefix:]: json.loads(v) for k, v in zip(keys, values) if v is not None}
+        return read_cache_stats(self.redis, self.keys)
 
     def worker_health(self, stall_threshold_seconds: float | None = None) -> list[WorkerHealth]:
         """Every live worker's consumption health, as its main process last recorded it.
@@ -169,17 +161,12 @@ class LightningClient:
         while it had free slots and received nothing: its process is up but it
         does not consume (e.g. after a Redis reconnect); ``reason`` says what was
         seen. A worker whose main process died or hung drops out once its record
-        expires (about three sweep intervals). See :mod:`lightning_queue.health`.
+        expires (about three sweep intervals). See :mod:`lightning_queue.storage.liveness`.
         """
-        return worker_health(self, stall_threshold_seconds)
-
-    def load_snapshot(self, ref: str | None, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate:
-        """The snapshot a rollout runs with (``None`` = latest), through this process's
-        cache when it has one. ``min_seq`` is the registry sequence the answer must
-        be at least as fresh as."""
-        if self.cache is not None:
-            return self.cache.get(ref or LATEST, version, min_seq)
-        return self.registry.fetch(ref or LATEST, version).snapshot
+        threshold = stall_threshold_seconds
+        if threshold is None:
+            threshold = self.settings.stall_threshold_seconds
+        return read_worker_health(self.redis, self.keys, threshold)
 
     # -- rollouts -------------------------------------------------------------------------
 
@@ -250,7 +237,7 @@ class LightningClient:
         claim lets only one delivery run (it is dropped as a duplicate while
         the first runs, or as finished after).
         """
-        queue = queue or self.settings.queue
+        queue = self.publisher.queue_for(queue)
         rollouts = []
         chosen = False
         for item in inputs:
@@ -302,35 +289,18 @@ class LightningClient:
             self.store.mark_published([r.rollout_id for r in unsent])
         return [existing[r.rollout_id][0] if r.rollout_id in existing else r for r in rollouts]
 
-    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0, countdown: float | None = None) -> None:
-        """Send one task message per rollout (ids only): the batch's messages in one Redis
-        pipeline, built from one Celery-made message (see :mod:`lightning_queue.messages`).
-
-        ``registry_seq`` tells worker caches how recent a registry state the
-        rollouts need (see :mod:`lightning_queue.cache`). ``countdown`` delays
-        the messages (a retry's backoff).
-        """
-        settings = self.settings
-        limits = []
-        for rollout in rollouts:
-            limit = rollout.config.timeout_seconds or settings.default_timeout_seconds
-            hard = limit + settings.hard_timeout_grace_seconds if limit else None
-            if hard and hard > settings.visibility_timeout:
-                log.warning(
-                    "rollout %s may run %.0f s, longer than the visibility timeout (%d s): the broker "
-                    "would hand it to a second worker meanwhile; raise LQ_VISIBILITY_TIMEOUT on workers "
-                    "and clients", rollout.rollout_id, hard, settings.visibility_timeout,
-                )
-            limits.append((hard, limit or None))
+    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
+        """Send the rollouts' task messages (see :class:`~lightning_queue.broker.publisher.Publisher`).
+        If the broker does not take them, the rollouts are marked ``failed`` (so nothing waits on
+        them forever) and :class:`EnqueueError` is raised."""
         try:
-            with self.app.producer_or_acquire() as producer:
-                publish_rollouts(self.app, producer, rollouts, limits, registry_seq, countdown)
-        except Exception as exc:
-            ids = [r.rollout_id for r in rollouts]
-            error = ErrorInfo(type=type(exc).__name__, message=f"the task message could not be published: {exc}")
-            for rid in ids:
-                self.store.terminate(rid, "failed", error)
-            raise EnqueueError(ids, exc) from exc
+            self.publisher.publish(rollouts, registry_seq)
+        except PublishError as exc:
+            error = ErrorInfo(type=type(exc.cause).__name__,
+                              message=f"the task message could not be published: {exc.cause}")
+            for rollout in rollouts:
+                self.store.terminate(rollout.rollout_id, "failed", error)
+            raise EnqueueError(exc.rollout_ids, exc.cause) from exc.cause
 
     def wait_for_rollouts(
         self,
@@ -367,5 +337,5 @@ class LightningClient:
         """
         status = self.store.terminate(rollout_id, "cancelled")
         if status == "cancelled" and terminate:
-            self.app.control.revoke(rollout_id, terminate=True, signal="SIGTERM")
+            self.celery.control.revoke(rollout_id, terminate=True, signal="SIGTERM")
         return status

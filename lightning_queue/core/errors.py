@@ -6,7 +6,7 @@ Each message says what was wrong and what to do next. Catch
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class LightningQueueError(Exception):
@@ -196,6 +196,51 @@ class SnapshotInUseError(LightningQueueError):
         self.resources_id = resources_id
         self.pointers = pointers
         self.rollout_ids = rollout_ids
+
+
+class SnapshotDeletedError(LightningQueueError):
+    """A rollout's snapshot was force-deleted while the rollout waited or ran; it failed at once
+    and its message is dropped unrun (the ``error.type`` of such a rollout)."""
+
+    def __init__(self, resources_id: str) -> None:
+        super().__init__(
+            f"snapshot {resources_id!r} was deleted (forced) while this rollout waited for it; enqueue it again "
+            "with another snapshot"
+        )
+        self.resources_id = resources_id
+
+
+class WorkerLostError(LightningQueueError):
+    """An attempt's worker died or lost its connection while running it (the ``error.type`` of
+    such an attempt); the broker redelivered the rollout, which is retried per its config."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "the worker running this attempt died or lost its connection; the broker redelivered the rollout"
+            + (f" ({detail})" if detail else "")
+        )
+
+
+class UnresponsiveAttemptError(LightningQueueError):
+    """An attempt sent no heartbeat for the heartbeat timeout (its worker process hung, was
+    stopped, or lost Redis); the watchdog closed it (the ``error.type`` of such an attempt)."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        super().__init__(
+            f"the attempt sent no heartbeat for {timeout_seconds:g} s (its worker process hung, was stopped or "
+            "lost Redis); the watchdog closed it. If the agent holds the GIL or blocks for long stretches, raise "
+            "LQ_HEARTBEAT_TIMEOUT"
+        )
+        self.timeout_seconds = timeout_seconds
+
+
+class PublishError(LightningQueueError):
+    """Task messages could not be handed to the broker."""
+
+    def __init__(self, rollout_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"could not publish {len(rollout_ids)} rollout message(s) to the broker: {cause}")
+        self.rollout_ids = rollout_ids
+        self.cause = cause
 
 
 class DuplicateRolloutIdError(LightningQueueError, ValueError):

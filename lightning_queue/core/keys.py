@@ -56,12 +56,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_queue.core.models import ROLLOUT_STATUSES
+
 # kombu's Redis transport: a queue's priority sub-queues are "{queue}{sep}{step}" for each
 # step but 0 (kombu.transport.redis.PRIORITY_STEPS and Channel.sep; a unit test keeps them equal).
 CELERY_PRIORITY_STEPS = (0, 3, 6, 9)
 CELERY_PRIORITY_SEP = "\x06\x16"
 
-ROLLOUT_STATUSES = ("queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled")
+# Celery task names, defined once: workers register them, publishers name them.
+ROLLOUT_TASK = "lightning_queue.rollout"
+RETENTION_TASK = "lightning_queue.retention"
+
 
 
 @dataclass(frozen=True)

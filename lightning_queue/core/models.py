@@ -9,10 +9,11 @@ extend: any subclass of :class:`Resource` that declares
 from __future__ import annotations
 
 import os
-import random
 import string
 import time
-from typing import Annotated, Any, ClassVar, Literal, Mapping
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlparse
 
 from pydantic import (
@@ -39,15 +40,26 @@ from lightning_queue.core.errors import (
 )
 
 RolloutMode = Literal["train", "val", "test"]
-RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
 ResolveMode = Literal["pinned", "following"]
+
+# Every status is spelled here once; the sets below, the keys, the store and the Lua scripts
+# (which receive them as arguments) all derive from these.
+RolloutStatus = Literal["queuing", "preparing", "running", "requeuing", "succeeded", "failed", "cancelled"]
 AttemptStatus = Literal[
     "preparing", "running", "succeeded", "failed", "timeout", "worker_lost", "unresponsive", "cancelled"
 ]
 RetryableStatus = Literal["failed", "timeout", "worker_lost", "unresponsive"]
 
+ROLLOUT_STATUSES: tuple[RolloutStatus, ...] = typing.get_args(RolloutStatus)
+"""Every rollout status, in the order of the status index keys the Lua scripts receive."""
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 """A rollout in one of these statuses never changes again."""
+OPEN_STATUSES: frozenset[str] = frozenset({"preparing", "running"})
+"""A rollout in one of these has an open attempt on some worker (which heartbeats it)."""
+ACTIVE_STATUSES: tuple[RolloutStatus, ...] = tuple(s for s in ROLLOUT_STATUSES if s not in TERMINAL_STATUSES)
+"""Not finished yet: waiting for a worker, on one, or waiting to be retried."""
+CLOSED_ATTEMPT_STATUSES: frozenset[str] = frozenset({"timeout", "worker_lost", "unresponsive"})
+"""Attempt outcomes recorded from outside the attempt: a late result from it is refused."""
 
 REVEAL_SECRETS = {"reveal_secrets": True}
 """Serialization context under which secrets are written in clear (only for storage)."""
@@ -170,7 +182,8 @@ class PromptTemplate(Resource):
     def variables(self) -> set[str]:
         """Names the template uses (f-string engine: top-level field names only)."""
         if self.engine == "f-string":
-            return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(self.template) if name}
+            fields = (name for _, name, _, _ in string.Formatter().parse(self.template) if name)
+            return {name.split(".")[0].split("[")[0] for name in fields}
         import jinja2
         from jinja2 import meta
 
@@ -259,8 +272,10 @@ class ResourcesUpdate(BaseModel):
 class RolloutConfig(BaseModel):
     """How a rollout is run: time limit, retries and the backoff between them.
 
-    Attempt ``n`` (``n >= 2``) is sent back to the queue
-    ``retry_delay(n - 1)`` seconds after attempt ``n - 1`` ended:
+    Whether and when an attempt is retried is decided in one place,
+    :mod:`lightning_queue.core.policy`. Attempt ``n`` (``n >= 2``) is sent back
+    to the queue ``policy.retry_delay(config, n - 1)`` seconds after attempt
+    ``n - 1`` ended:
     ``retry_backoff_seconds * 2 ** (n - 2)``, capped at
     ``retry_backoff_max_seconds``, and with ``retry_jitter`` a uniformly
     random delay between 0 and that ("full jitter", as Celery's own
@@ -276,7 +291,7 @@ class RolloutConfig(BaseModel):
     timeout_seconds: float | None = Field(None, gt=0, description="Soft time limit of one attempt.")
     max_attempts: int = Field(1, ge=1, le=100, description="Attempts in all, the first one included.")
     retry_condition: list[RetryableStatus] = Field(
-        default_factory=lambda: ["failed", "timeout", "worker_lost", "unresponsive"],
+        default_factory=lambda: list(typing.get_args(RetryableStatus)),
         description="Attempt outcomes that may be retried while attempts remain.",
     )
     retry_backoff_seconds: float = Field(
@@ -284,13 +299,6 @@ class RolloutConfig(BaseModel):
     )
     retry_backoff_max_seconds: float = Field(600.0, ge=0, description="Upper bound of the retry delay.")
     retry_jitter: bool = Field(False, description="Draw each delay uniformly between 0 and its computed value.")
-
-    def retry_delay(self, sequence_id: int) -> float:
-        """Seconds to wait before the attempt after attempt ``sequence_id`` (1-based)."""
-        if self.retry_backoff_seconds <= 0:
-            return 0.0
-        delay = min(self.retry_backoff_max_seconds, self.retry_backoff_seconds * 2 ** max(0, sequence_id - 1))
-        return random.uniform(0, delay) if self.retry_jitter else delay
 
 
 class ErrorInfo(BaseModel):

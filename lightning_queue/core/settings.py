@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -65,7 +67,9 @@ class Settings(BaseSettings):
         "intervals). Every worker's watchdog then requeues or fails its rollout.",
     )
     watchdog_interval: float | None = Field(
-        None, gt=0, description="How often each worker sweeps for unresponsive attempts (default: one heartbeat interval)."
+        None,
+        gt=0,
+        description="How often each worker sweeps for unresponsive attempts (default: one heartbeat interval).",
     )
     stall_threshold_seconds: float = Field(
         60.0,
@@ -92,6 +96,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Finished rollout records (and their attempts) expire this long after they finish; "
         "unset to keep them forever.",
+    )
+    celery: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Celery settings of your own, applied over lightning-queue's (JSON in LQ_CELERY, e.g. "
+        "'{\"worker_max_tasks_per_child\": 100, \"task_routes\": {...}}').",
     )
     gc_keep: int = Field(50, ge=1, description="Retention: snapshots kept besides those pointed at or in use.")
     gc_interval_seconds: float | None = Field(

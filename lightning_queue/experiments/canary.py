@@ -36,13 +36,13 @@ from lightning_queue.core.errors import (
     InvalidExperimentError,
 )
 from lightning_queue.core.models import Rollout, RolloutConfig
+from lightning_queue.experiments import stats
 from lightning_queue.experiments.manager import (
     Conclusion,
     Experiment,
     Experiments,
     Variant,
 )
-from lightning_queue.experiments import stats
 
 if TYPE_CHECKING:
     from lightning_queue.client import LightningClient

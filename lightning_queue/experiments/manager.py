@@ -29,229 +29,58 @@ canary rollback), the ``experiment_conclude`` Lua script.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
-
+from lightning_queue.client import LightningClient
 from lightning_queue.core.errors import (
     ExperimentError,
     ExperimentExistsError,
     ExperimentNotFoundError,
     ExperimentStateError,
-    ExperimentUnitError,
-    InvalidExperimentError,
     PointerError,
     ResourcesNotFoundError,
 )
-from lightning_queue.core.models import (
-    Rollout,
-    RolloutConfig,
-    RolloutMode,
-    RolloutRequest,
+from lightning_queue.core.models import Rollout, RolloutConfig, RolloutMode, RolloutRequest
+from lightning_queue.experiments.model import (
+    BUCKETS,
+    Experiment,
+    ExperimentStatus,
+    Variant,
+    bucket,
+    bucket_bounds,
+    lookup,
+    parse_experiment,
+    unit_value,
 )
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.store import decode_rollout
 
 if TYPE_CHECKING:
-    from lightning_queue.client import LightningClient
     from lightning_queue.experiments.report import ExperimentReport
 
-BUCKETS = 10_000
-"""Assignment granularity: weights are honoured to 1/10,000."""
+__all__ = [
+    "BUCKETS",
+    "Conclusion",
+    "Experiment",
+    "ExperimentStatus",
+    "Experiments",
+    "Variant",
+    "bucket",
+    "bucket_bounds",
+    "lookup",
+    "parse_experiment",
+    "unit_value",
+]
 
-ExperimentStatus = Literal["draft", "running", "stopped"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Hash fields stored as plain strings beside the JSON spec.
 _PLAIN = ("status", "bucket_version", "revision", "concluded", "create_time", "start_time", "stop_time", "stop_reason",
           "winner")
-
-
-def _check_name(value: str, what: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-'")
-    return value
-
-
-# ----------------------------------------------------------------------------- assignment
-
-
-def bucket(salt: str, version: int, unit: str, space: str = "variant") -> int:
-    """The unit's bucket in ``[0, BUCKETS)``: BLAKE2b of salt, version and unit.
-
-    Stable across processes, machines and Python versions (never Python's
-    ``hash()``, which is salted per process). ``space`` separates independent
-    draws: ``"variant"`` picks the variant, ``"coverage"`` decides inclusion.
-    """
-    data = "\x1f".join((space, salt, str(version), unit)).encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") % BUCKETS
-
-
-def bucket_bounds(weights: Sequence[float]) -> list[int]:
-    """The upper bucket bound of each variant: variant ``i`` owns ``[bounds[i-1], bounds[i])``.
-
-    Ranges are contiguous in the variants' fixed order, so a weight change only
-    moves the buckets between the old and new bounds.
-    """
-    total = float(sum(weights))
-    bounds, running = [], 0.0
-    for w in weights:
-        running += w
-        bounds.append(round(BUCKETS * running / total))
-    bounds[-1] = BUCKETS
-    return bounds
-
-
-def unit_value(value: Any) -> str:
-    """A unit as the string that is hashed: strings as they are, anything else as
-    canonical JSON (sorted keys), so ``7`` and ``"7"`` are the same user only if
-    the caller makes them so."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-_MISSING = object()
-
-
-def lookup(unit_key: str, input: Any, metadata: Mapping[str, Any]) -> Any:
-    """The value at a dotted ``unit_key`` (``input.user.id``, ``metadata.user``; plain
-    ``input`` is the whole input), or a sentinel when it is missing."""
-    root, *path = unit_key.split(".")
-    value: Any = input if root == "input" else metadata
-    for part in path:
-        if isinstance(value, Mapping) and part in value:
-            value = value[part]
-        elif isinstance(value, (list, tuple)) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return _MISSING
-    return value
-
-
-# ----------------------------------------------------------------------------- the model
-
-
-class Variant(BaseModel):
-    """One arm: a snapshot (``resources_id``: an id, or a pointer resolved when each
-    rollout is enqueued) and its share of the units."""
-
-    name: str
-    resources_id: str
-    weight: float = Field(1.0, ge=0)
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return _check_name(value, "variant name")
-
-
-class Experiment(BaseModel):
-    """An experiment's definition and state (stored in Redis; see :mod:`lightning_queue.keys`).
-
-    The first variant is the control. ``unit_key`` is a dotted path into the
-    task input (``input.user_id``) or the enqueue metadata
-    (``metadata.user``); plain ``input`` (the default) makes every distinct
-    input its own unit. ``coverage`` is the share of units in the experiment;
-    the others run with ``fallback`` (default: the control's snapshot).
-    ``paired`` experiments run every input under every variant and ignore the
-    weights and the coverage. ``reassigned`` is set once units have been assigned under more
-    than one set of weights or bucket version (a canary's steps, a re-bucketed
-    restart): the counts then no longer follow one configured split, so the
-    report skips the sample-ratio check.
-    """
-
-    name: str
-    variants: list[Variant] = Field(min_length=2)
-    unit_key: str = "input"
-    salt: str = ""
-    coverage: float = Field(1.0, gt=0, le=1)
-    fallback: str | None = None
-    paired: bool = False
-    description: str = ""
-    status: ExperimentStatus = "draft"
-    bucket_version: int = Field(1, ge=1)
-    revision: int = 0
-    reassigned: bool = False
-    concluded: bool = False
-    create_time: float = Field(default_factory=time.time)
-    start_time: float | None = None
-    stop_time: float | None = None
-    stop_reason: str | None = None
-    winner: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return _check_name(value, "experiment name")
-
-    @field_validator("unit_key")
-    @classmethod
-    def _unit_key(cls, value: str) -> str:
-        if value.split(".")[0] not in ("input", "metadata") or "" in value.split("."):
-            raise ValueError(f"unit_key {value!r} must be 'input', 'input.<field>...' or 'metadata.<field>...'")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Experiment:
-        names = [v.name for v in self.variants]
-        if len(set(names)) != len(names):
-            raise ValueError(f"variant names must be unique, got {names}")
-        if not self.paired and sum(v.weight for v in self.variants) <= 0:
-            raise ValueError("at least one variant needs a positive weight")
-        if not self.salt:
-            self.salt = self.name  # a fixed default: renaming would re-bucket, so it is stored
-        return self
-
-    @property
-    def control(self) -> Variant:
-        return self.variants[0]
-
-    def variant(self, name: str) -> Variant:
-        for v in self.variants:
-            if v.name == name:
-                return v
-        raise InvalidExperimentError(
-            f"experiment {self.name!r} has no variant {name!r}; its variants are "
-            + ", ".join(v.name for v in self.variants)
-        )
-
-    @property
-    def weights(self) -> dict[str, float]:
-        return {v.name: v.weight for v in self.variants}
-
-    def in_coverage(self, unit: str) -> bool:
-        return bucket(self.salt, self.bucket_version, unit, "coverage") < round(self.coverage * BUCKETS)
-
-    def assign(self, unit: Any) -> str | None:
-        """The variant ``unit`` gets, or ``None`` when it is outside coverage. Pure: the
-        same definition gives the same answer in every process."""
-        key = unit_value(unit)
-        if not self.in_coverage(key):
-            return None
-        b = bucket(self.salt, self.bucket_version, key)
-        for variant, bound in zip(self.variants, bucket_bounds([v.weight for v in self.variants])):
-            if b < bound:
-                return variant.name
-        raise AssertionError("the last bound is BUCKETS")  # pragma: no cover
-
-    def unit_of(self, input: Any, metadata: Mapping[str, Any] | None = None) -> str:
-        value = lookup(self.unit_key, input, metadata or {})
-        if value is _MISSING or value is None:
-            raise ExperimentUnitError(self.name, self.unit_key, input)
-        return unit_value(value)
-
-
-def parse_experiment(data: Mapping[str, Any]) -> Experiment:
-    """Validate an experiment definition, raising one :class:`InvalidExperimentError` naming each bad field."""
-    try:
-        return Experiment.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'experiment'}: {e['msg']}" for e in exc.errors())
-        raise InvalidExperimentError(f"invalid experiment {data.get('name')!r}: {problems}") from None
 
 
 def _encode(experiment: Experiment) -> dict[str, str]:
@@ -263,7 +92,7 @@ def _encode(experiment: Experiment) -> dict[str, str]:
     return fields
 
 
-def _decode(fields: Mapping[bytes, bytes]) -> Experiment:
+def _decode(fields: Mapping[bytes | str, bytes | str]) -> Experiment:
     raw = {text(k): text(v) for k, v in fields.items()}
     data = json.loads(raw.pop("spec"))
     for key in _PLAIN:
@@ -347,7 +176,7 @@ class Experiments:
             raise ExperimentNotFoundError(name)
         return _decode(fields)
 
-    def list(self) -> list[Experiment]:
+    def all(self) -> list[Experiment]:
         """Every experiment, newest first."""
         names = [text(n) for n in self.redis.zrevrange(self.keys.experiments, 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
@@ -461,7 +290,7 @@ class Experiments:
         # Indexed after enqueueing because the rollout ids are made there; a crash in
         # between leaves rollouts that run but are missing from the report, never the reverse.
         pipe = self.redis.pipeline(transaction=True)
-        for rollout, (variant, unit_key) in zip(rollouts, assigned):
+        for rollout, (variant, unit_key) in zip(rollouts, assigned, strict=True):
             if variant is not None:
                 pipe.zadd(self.keys.experiment_rollouts(name, variant), {rollout.rollout_id: rollout.enqueue_time})
                 pipe.sadd(self.keys.experiment_units(name, variant), unit_key)
@@ -476,7 +305,7 @@ class Experiments:
         pipe = self.redis.pipeline(transaction=True)
         for v in exp.variants:
             pipe.zrange(self.keys.experiment_rollouts(name, v.name), 0, -1)
-        return {v.name: [text(r) for r in ids] for v, ids in zip(exp.variants, pipe.execute())}
+        return {v.name: [text(r) for r in ids] for v, ids in zip(exp.variants, pipe.execute(), strict=True)}
 
     def snapshot(self, name: str) -> tuple[Experiment, dict[str, list[Rollout]], dict[str, int]]:
         """The experiment, each variant's rollouts whose records are still stored (in
@@ -493,7 +322,7 @@ class Experiments:
         flat = [rid for v in exp.variants for rid in ids[v.name]]
         for rid in flat:
             pipe.hgetall(self.keys.rollout(rid))
-        records = dict(zip(flat, pipe.execute()))
+        records = dict(zip(flat, pipe.execute(), strict=True))
         rollouts = {
             v.name: [decode_rollout(records[rid]) for rid in ids[v.name] if records[rid]] for v in exp.variants
         }
@@ -531,8 +360,9 @@ class Experiments:
         now = time.time()
         reply = self._conclude(
             keys=[k.experiment(name), k.pointers, k.seq, k.snapshot_events],
-            args=[pointer or "", target or "", repr(now), by or f"experiment {name}", self.client.settings.pointer_history_length,
-                  k.pointer_history_prefix, k.snapshot_prefix, expected or "", reason, winner or "", ",".join(allowed)],
+            args=[pointer or "", target or "", repr(now), by or f"experiment {name}",
+                  self.client.settings.pointer_history_length, k.pointer_history_prefix, k.snapshot_prefix,
+                  expected or "", reason, winner or "", ",".join(allowed)],
         )
         status = text(reply[0])
         if status == "missing":

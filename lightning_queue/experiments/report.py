@@ -19,7 +19,7 @@ import numpy as np
 
 from lightning_queue.core.models import Rollout
 from lightning_queue.experiments import stats
-from lightning_queue.experiments.manager import Experiment
+from lightning_queue.experiments.model import Experiment
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ class ExperimentReport:
         from rich.table import Table
 
         exp = self.experiment
-        kind = "paired" if exp.paired else f"unit {exp.unit_key}" + (", reassigned: no SRM check" if exp.reassigned else "")
+        reassigned = ", reassigned: no SRM check" if exp.reassigned else ""
+        kind = "paired" if exp.paired else f"unit {exp.unit_key}{reassigned}"
         variants = Table(title=f"experiment {exp.name} ({exp.status}, {kind}, bucket v{exp.bucket_version})")
         variants.add_column("variant", no_wrap=True)
         for column in ("resources_id", "weight", "units", "rollouts", "success", "reward mean [95% CI]", "std",
@@ -148,9 +149,10 @@ class ExperimentReport:
             srm = Table(title="sample ratio (units vs weights)")
             for column in ("observed", "expected", "chi2", "p", ""):
                 srm.add_column(column)
+            skewed = "[bold red]SRM: assignment is skewed, do not trust the comparison[/]"
+            verdict = skewed if self.srm.flagged else "ok"
             srm.add_row(" / ".join(map(str, self.srm.observed)), " / ".join(f"{e:.1f}" for e in self.srm.expected),
-                        f"{self.srm.chi2:.2f}", _p(self.srm.p_value),
-                        "[bold red]SRM: assignment is skewed, do not trust the comparison[/]" if self.srm.flagged else "ok")
+                        f"{self.srm.chi2:.2f}", _p(self.srm.p_value), verdict)
             out.append(srm)
         return out
 
@@ -206,7 +208,7 @@ def _variant_stats(exp: Experiment, name: str, rollouts: list[Rollout], units: i
     variant = exp.variant(name)
     finished = [r for r in rollouts if r.status in ("succeeded", "failed")]
     succeeded = sum(r.status == "succeeded" for r in finished)
-    rewards = [float(r.reward) for r in rewards_of(rollouts)]  # type: ignore[arg-type]
+    rewards = [r.reward for r in rewards_of(rollouts) if r.reward is not None]
     arr = np.asarray(rewards)
     mean = float(arr.mean()) if len(arr) else None
     std = float(arr.std(ddof=1)) if len(arr) > 1 else None
@@ -214,8 +216,11 @@ def _variant_stats(exp: Experiment, name: str, rollouts: list[Rollout], units: i
     if len(arr) > 1:
         from scipy import stats as st
 
-        ci_low, ci_high = st.t.interval(1 - alpha, len(arr) - 1, loc=mean, scale=st.sem(arr)) if std else (mean, mean)
-        ci = (float(ci_low), float(ci_high))
+        if std:
+            ci_low, ci_high = st.t.interval(1 - alpha, len(arr) - 1, loc=mean, scale=st.sem(arr))
+            ci = (float(ci_low), float(ci_high))
+        elif mean is not None:
+            ci = (mean, mean)
     latencies = np.asarray([r.end_time - r.start_time for r in finished if r.start_time and r.end_time])
     errors = Counter(r.error.type for r in finished if r.status == "failed" and r.error)
     return VariantStats(
@@ -233,7 +238,8 @@ def _pairs(control: list[Rollout], treatment: list[Rollout]) -> tuple[np.ndarray
         groups: dict[str, list[Rollout]] = defaultdict(list)
         for r in rewards_of(rollouts):
             groups[str(r.metadata.get("unit"))].append(r)
-        return {u: (float(np.mean([r.reward for r in rs])), max(r.end_time or 0.0 for r in rs)) for u, rs in groups.items()}
+        return {u: (float(np.mean([r.reward for r in rs])), max(r.end_time or 0.0 for r in rs))
+                for u, rs in groups.items()}
 
     c, t = by_unit(control), by_unit(treatment)
     common = sorted(set(c) & set(t), key=lambda u: (max(c[u][1], t[u][1]), u))

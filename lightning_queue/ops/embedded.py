@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from lightning_queue.core.errors import RedisUnavailableError
+from lightning_queue.core.errors import ConfigurationError, RedisUnavailableError
 from lightning_queue.storage.connections import ping
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -35,9 +36,9 @@ class EmbeddedRedis:
 
     url: str
     kind: str
-    _process: subprocess.Popen | None = field(default=None, repr=False)
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _server: object | None = field(default=None, repr=False)
-    _tmpdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    _tmpdir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, prefer_binary: bool = True) -> EmbeddedRedis:
@@ -56,7 +57,14 @@ class EmbeddedRedis:
         else:
             import threading
 
-            from fakeredis import TcpFakeServer
+            try:
+                from fakeredis import TcpFakeServer
+            except ImportError:
+                raise ConfigurationError(
+                    "no Redis is reachable, no redis-server binary is installed, and the embedded server is not: "
+                    "install it with `pip install 'lightning-queue[embedded]'` (the demo extra includes it), or "
+                    "start a Redis server and point LQ_REDIS_URL at it"
+                ) from None
 
             tcp = TcpFakeServer(("127.0.0.1", port), server_type="redis")
             tcp.daemon_threads = True

@@ -14,9 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from lightning_queue.core.settings import Settings
 
@@ -41,7 +41,7 @@ class WorkerProcess:
     """One ``celery worker`` (its main process and pool children), logging to a file."""
 
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log_path: Path
 
     def log(self) -> str:
@@ -96,7 +96,7 @@ class LocalFleet:
     cwd: str | None = None
     logdir: str | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
-    _tmp: tempfile.TemporaryDirectory | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self, timeout: float = 60.0) -> LocalFleet:
         self.add(self.count, timeout)

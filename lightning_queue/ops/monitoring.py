@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lightning_queue.core.errors import redacted_url
-from lightning_queue.core.keys import ROLLOUT_STATUSES
+from lightning_queue.core.models import ROLLOUT_STATUSES
 from lightning_queue.storage.connections import text
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def experiment_traffic_per_variant(client: LightningClient) -> Iterable[Metric]:
     """
     from lightning_queue.experiments.manager import Experiments
 
-    experiments = Experiments(client).list()
+    experiments = Experiments(client).all()
     pipe = client.redis.pipeline(transaction=False)
     labels = []
     for exp in experiments:
@@ -65,7 +65,7 @@ def experiment_traffic_per_variant(client: LightningClient) -> Iterable[Metric]:
     counts = pipe.execute() if labels else []
     family = GaugeMetricFamily("lq_experiment_rollouts", "Rollouts enqueued under each variant of each experiment.",
                                labels=["prefix", "experiment", "variant", "status"])
-    for label, n in zip(labels, counts):
+    for label, n in zip(labels, counts, strict=True):
         family.add_metric(label, n)
     yield family
 
@@ -88,7 +88,7 @@ class Overview:
     prunes the index (``LQ_ROLLOUT_TTL_SECONDS``).
     """
 
-    rollouts_by_status: dict[str, int]
+    rollouts_by_status: Mapping[str, int]
     queue_depth: dict[str, dict[int, int]]  # queue -> priority step -> messages waiting
     unacked: int  # messages taken by workers and not yet acked (acks late: running rollouts)
     pointers: dict[str, str]  # pointer name -> resources_id
@@ -127,7 +127,7 @@ def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots:
     pipe.get(k.seq)
     replies = iter(pipe.execute())
 
-    by_status = {status: int(next(replies)) for status in ROLLOUT_STATUSES}
+    by_status: dict[str, int] = {status: int(next(replies)) for status in ROLLOUT_STATUSES}
     depth = {queue: {step: int(next(replies)) for step in k.celery_queues(queue)} for queue in queues}
     unacked = int(next(replies))
     pointers = {text(name): text(rid) for name, rid in next(replies).items()}
@@ -139,7 +139,7 @@ def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots:
     pipe = client.redis.pipeline(transaction=False)
     for rid in shown:
         pipe.zcard(k.rollouts_by_resources(rid))
-    by_resources = dict(zip(shown, (int(n) for n in pipe.execute())))
+    by_resources = dict(zip(shown, (int(n) for n in pipe.execute()), strict=True))
     return Overview(by_status, depth, unacked, pointers, snapshots, by_resources, seq)
 
 

@@ -22,9 +22,9 @@ from lightning_queue.core.errors import (
 log = logging.getLogger(__name__)
 
 
-def text(value: bytes | str) -> str:
+def text(value: object) -> str:
     """A Redis reply as ``str`` (clients here return bytes: snapshot payloads are binary)."""
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def connect(
@@ -110,7 +110,8 @@ def _sentinel_primary(url: str, master: str | None, options: dict[str, Any]) -> 
         if parsed.path.strip("/"):
             db = int(parsed.path.strip("/"))
     sentinels = Sentinel(hosts, socket_timeout=5.0, socket_connect_timeout=5.0)
-    return sentinels.master_for(master, password=password, username=username, db=db, **options)
+    primary: redis.Redis = sentinels.master_for(master, password=password, username=username, db=db, **options)
+    return primary
 
 
 def _ping_through(url: str, client: redis.Redis) -> None:

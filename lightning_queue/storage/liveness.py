@@ -1,4 +1,6 @@
-"""Worker liveness, judged by consumption rather than by the process being up.
+"""Worker liveness records: consumption health of each worker and cache stats of each process.
+
+Liveness is judged by consumption rather than by the process being up.
 
 A worker can stay alive yet stop consuming (a known Celery/kombu failure mode
 after a Redis reconnect): its process answers, its pool is idle, and its queue
@@ -18,12 +20,12 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import redis
+
+from lightning_queue.core.keys import Keys
 from lightning_queue.storage.connections import text
-
-if TYPE_CHECKING:
-    from lightning_queue.client import LightningClient
 
 
 @dataclass
@@ -75,8 +77,9 @@ class HealthRecorder:
     """Kept by a worker's main process: notes each message received and, on each tick,
     writes the worker's record (one pipelined round trip to read queue lengths, one write)."""
 
-    def __init__(self, client: LightningClient, hostname: str, ttl: float) -> None:
-        self.client = client
+    def __init__(self, client: redis.Redis, keys: Keys, hostname: str, ttl: float) -> None:
+        self.redis = client
+        self.keys = keys
         self.hostname = hostname
         self.ttl = max(1, int(ttl))
         self.last_received: float | None = None
@@ -87,11 +90,10 @@ class HealthRecorder:
         self.backlog_since = None
 
     def report(self, queues: list[str], consuming: list[str], active: int, concurrency: int) -> dict[str, Any]:
-        client = self.client
-        pipe = client.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
-            pipe.llen(f"{client.keys.celery_prefix}{queue}")
-        queued = dict(zip(queues, pipe.execute()))
+            pipe.llen(self.keys.celery_queue(queue))
+        queued = dict(zip(queues, pipe.execute(), strict=True))
         now = time.time()
         if any(queued.values()):
             if self.backlog_since is None:
@@ -103,15 +105,21 @@ class HealthRecorder:
             "queues": queues, "consuming": consuming, "queued": queued, "last_received": self.last_received,
             "backlog_since": self.backlog_since, "updated": now,
         }
-        client.redis.set(client.keys.worker_health(self.hostname), json.dumps(record), ex=self.ttl)
+        self.redis.set(self.keys.worker_health(self.hostname), json.dumps(record), ex=self.ttl)
         return record
 
 
-def worker_health(client: LightningClient, threshold: float | None = None) -> list[WorkerHealth]:
-    """Every worker whose record has not expired, by hostname, judged against ``threshold``
-    (default ``settings.stall_threshold_seconds``)."""
-    threshold = client.settings.stall_threshold_seconds if threshold is None else threshold
-    keys = sorted(client.redis.scan_iter(match=client.keys.worker_health_pattern, count=1000))
-    values = client.redis.mget(keys) if keys else []
+def read_worker_health(client: redis.Redis, keys: Keys, threshold: float) -> list[WorkerHealth]:
+    """Every worker whose record has not expired, by hostname, judged against ``threshold``."""
+    names = sorted(client.scan_iter(match=keys.worker_health_pattern, count=1000))
+    values = client.mget(names) if names else []
     now = time.time()
     return [judge(json.loads(text(v)), threshold, now) for v in values if v is not None]
+
+
+def read_cache_stats(client: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    """The snapshot-cache stats each live worker process last reported, by ``node@host:pid``."""
+    names = sorted(client.scan_iter(match=keys.cache_stats_pattern, count=1000))
+    prefix = len(keys.cache_stats(""))
+    values = client.mget(names) if names else []
+    return {text(k)[prefix:]: json.loads(v) for k, v in zip(names, values, strict=True) if v is not None}

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import redis
 
@@ -24,6 +25,7 @@ from lightning_queue.core.errors import (
     ResourcesExistError,
     ResourcesNotFoundError,
     SnapshotCorruptedError,
+    SnapshotDeletedError,
     SnapshotInUseError,
     VersionConflictError,
 )
@@ -213,7 +215,7 @@ class SnapshotRegistry:
             _, validated, now = self._write_call("add", rid, resources, None, by, client=pipe)
             staged.append((rid, validated, now))
         out, error = [], None
-        for (rid, validated, now), reply in zip(staged, pipe.execute()):
+        for (rid, validated, now), reply in zip(staged, pipe.execute(), strict=True):
             try:
                 out.append(self._written(reply, rid, validated, now, None))
             except ResourcesExistError as exc:
@@ -258,7 +260,7 @@ class SnapshotRegistry:
             )
         resources_id, seq, pointer = text(reply[1]), int(reply[2]), text(reply[3]) or None
         flat = reply[4:]
-        fields = dict(zip(flat[::2], flat[1::2]))
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
         snapshot = decode_snapshot(resources_id, fields)
         return Fetched(snapshot, seq, int(fields.get(b"size", 0) or 0), pointer)
 
@@ -289,7 +291,7 @@ class SnapshotRegistry:
         pointers = {text(n): text(t) for n, t in pointers_raw.items()}
         out: dict[str, tuple[str, int] | None] = {}
         via_pointer = []
-        for ref, version in zip(refs, versions):
+        for ref, version in zip(refs, versions, strict=True):
             if ref in pointers:
                 via_pointer.append(ref)
             else:
@@ -298,7 +300,7 @@ class SnapshotRegistry:
             pipe = self.redis.pipeline(transaction=False)
             for ref in via_pointer:
                 pipe.hget(self.keys.snapshot(pointers[ref]), "version")
-            for ref, version in zip(via_pointer, pipe.execute()):
+            for ref, version in zip(via_pointer, pipe.execute(), strict=True):
                 out[ref] = (pointers[ref], int(version)) if version is not None else None
         return out
 
@@ -310,7 +312,7 @@ class SnapshotRegistry:
         pipe = self.redis.pipeline(transaction=True)
         for rid in ids:
             pipe.hgetall(self.keys.snapshot(rid))
-        return [decode_snapshot(rid, fields) for rid, fields in zip(ids, pipe.execute()) if fields]
+        return [decode_snapshot(rid, fields) for rid, fields in zip(ids, pipe.execute(), strict=True) if fields]
 
     def list_ids(self) -> list[str]:
         """Every snapshot id, newest write first."""
@@ -394,10 +396,7 @@ class SnapshotRegistry:
         error (and expire like any finished rollout), in the same atomic step.
         """
         k = self.keys
-        error = ErrorInfo(
-            type="SnapshotDeletedError",
-            message=f"snapshot {resources_id!r} was deleted (forced) while this rollout was waiting for it",
-        ).model_dump_json()
+        error = ErrorInfo.from_exception(SnapshotDeletedError(resources_id), with_traceback=False).model_dump_json()
         reply = self._delete(
             keys=[*k.all_status_indexes(), k.snapshot(resources_id), k.snapshots, k.pointers, k.seq,
                   k.snapshot_events, k.rollouts_by_resources(resources_id), k.events],
@@ -416,8 +415,18 @@ class SnapshotRegistry:
         return DeleteReport(resources_id, pointers, rollouts)
 
 
+class SnapshotWriter(Protocol):
+    """What :func:`retry_on_conflict` needs: a registry or a client."""
+
+    def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate: ...
+
+    def update_resources(
+        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None
+    ) -> ResourcesUpdate: ...
+
+
 def retry_on_conflict(
-    registry_or_client: Any,
+    registry_or_client: SnapshotWriter,
     resources_id: str,
     change: Callable[[ResourcesUpdate], ResourcesLike],
     attempts: int = 10,

@@ -13,31 +13,25 @@ Run it from code (:func:`apply_retention`, ``LightningClient.apply_retention``),
 from the command line (``lightning-queue resources gc``), or on a schedule:
 with ``LQ_GC_INTERVAL_SECONDS`` set, ``celery -A lightning_queue.app beat``
 (or a worker started with ``-B``) sends the ``lightning_queue.retention`` task
-to the default queue at that interval.
+(registered in :mod:`lightning_queue.worker.tasks`) to the default queue at that interval.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any
 
 from lightning_queue.core.errors import ResourcesNotFoundError, SnapshotInUseError
+from lightning_queue.core.models import ACTIVE_STATUSES
 from lightning_queue.storage.connections import text
-
-if TYPE_CHECKING:
-    from celery import Task
-
-    from lightning_queue.storage.registry import SnapshotRegistry
-    from lightning_queue.storage.store import RolloutStore
-    from lightning_queue.worker.app import LightningCelery
+from lightning_queue.storage.registry import SnapshotRegistry
+from lightning_queue.storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "lightning_queue.retention"
-SCHEDULE_ENTRY = "lightning-queue-retention"
-ACTIVE_STATUSES = ("queuing", "preparing", "running", "requeuing")
 _CHUNK = 1000
 
 
@@ -137,7 +131,7 @@ def in_use(store: RolloutStore) -> dict[str, int]:
             pipe.hmget(k.rollout(rid), "resources_id", "attempt_count")
         records = pipe.execute()
         pipe = redis.pipeline(transaction=False)
-        for rid, (_, attempts) in zip(chunk, records):
+        for rid, (_, attempts) in zip(chunk, records, strict=True):
             for n in range(1, int(attempts or 0) + 1):
                 pipe.hget(k.attempt(rid, n), "resources_id")
         attempt_ids = iter(pipe.execute())
@@ -161,32 +155,3 @@ def _in_use_reason(exc: SnapshotInUseError) -> str:
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
-
-
-
-# -- the scheduled task ---------------------------------------------------------------------
-
-
-def run_retention(task: Task, keep: int | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """The ``lightning_queue.retention`` task: apply the policy with ``settings.gc_keep``
-    (or ``keep``) and log the summary."""
-    report = task.app.lightning.apply_retention(keep, dry_run)  # type: ignore[attr-defined]
-    log.info("%s", report.summary())
-    if report.skipped:
-        log.info("retention skipped: %s", report.skipped)
-    return report.as_dict()
-
-
-def register_retention(app: LightningCelery) -> None:
-    """Register the retention task on ``app`` and, when ``gc_interval_seconds`` is set,
-    schedule it in ``app.conf.beat_schedule`` (run by ``celery beat`` or ``worker -B``).
-
-    A run that no worker took before the next one is due expires: runs never pile up.
-    """
-    app.task(bind=True, name=TASK_NAME, ignore_result=True)(run_retention)
-    interval = app.lightning_settings.gc_interval_seconds
-    if interval:
-        app.conf.beat_schedule = {
-            **(app.conf.beat_schedule or {}),
-            SCHEDULE_ENTRY: {"task": TASK_NAME, "schedule": interval, "options": {"expires": interval}},
-        }

@@ -1,26 +1,43 @@
-"""The Lua scripts of the registry and the store: every multi-key change is one script in ``lua/``."""
+"""The Lua scripts of the registry and the store: every multi-key change is one script in ``lua/``.
+
+Scripts name statuses through placeholders filled in from :mod:`lightning_queue.core.models`
+(``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__`` and ``__CLOSED__`` the sets), so a
+status is spelled once, in Python.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import cache
 from importlib import resources as importlib_resources
 
 import redis
 from redis.commands.core import Script
 
-from lightning_queue.core.keys import ROLLOUT_STATUSES
+from lightning_queue.core.models import CLOSED_ATTEMPT_STATUSES, OPEN_STATUSES, ROLLOUT_STATUSES, TERMINAL_STATUSES
+
+
+def _lua_set(names: Iterable[str]) -> str:
+    return ", ".join(f"['{name}'] = true" for name in sorted(names))
+
+
+_PLACEHOLDERS = {
+    "__STATUSES__": ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES),
+    "__TERMINAL__": _lua_set(TERMINAL_STATUSES),
+    "__OPEN__": _lua_set(OPEN_STATUSES),
+    "__CLOSED__": _lua_set(CLOSED_ATTEMPT_STATUSES),
+}
 
 
 @cache
-def _script_source(name: str) -> str:
+def script_source(name: str) -> str:
     source = importlib_resources.files("lightning_queue.storage").joinpath("lua", f"{name}.lua").read_text()
-    # The rollout statuses, in the order the status index keys are passed (Keys.all_status_indexes).
-    return source.replace("__STATUSES__", ", ".join(f"'{s}'" for s in ROLLOUT_STATUSES))
+    for placeholder, value in _PLACEHOLDERS.items():
+        source = source.replace(placeholder, value)
+    return source
 
 
 def load_script(client: redis.Redis, name: str, *preludes: str) -> Script:
     """Register ``lua/<name>.lua`` on ``client``, after the shared ``lua/<prelude>.lua``
     files it builds on (EVALSHA, falling back to EVAL)."""
-    return client.register_script("".join(_script_source(p) for p in (*preludes, name)))
-
-
+    return client.register_script("".join(script_source(p) for p in (*preludes, name)))

@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import redis
 
-from lightning_queue.core.errors import RolloutNotFoundError
-from lightning_queue.core.keys import ROLLOUT_STATUSES, Keys
+from lightning_queue.core.errors import RolloutNotFoundError, UnresponsiveAttemptError, WorkerLostError
+from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import (
+    ROLLOUT_STATUSES,
     TERMINAL_STATUSES,
     Attempt,
     ErrorInfo,
@@ -49,6 +51,7 @@ from lightning_queue.core.models import (
     RolloutResult,
     new_id,
 )
+from lightning_queue.core.policy import NextStatus, next_status
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.scripts import load_script
 
@@ -95,7 +98,7 @@ def _decode(fields: Mapping[bytes | str, bytes | str], plain: frozenset[str]) ->
 
 def encode_config(config: RolloutConfig) -> str:
     """The stored form of a config: only the fields that differ from the defaults (``{}``
-    for a default config). The Lua scripts that read it merge it over :data:`DEFAULT_CONFIG_JSON`."""
+    for a default config); decoding validates it over the defaults."""
     return config.model_dump_json(exclude_defaults=True)
 
 
@@ -104,9 +107,6 @@ def encode_result(result: RolloutResult) -> str:
     kept as it is), so a short result stays a short string."""
     return result.model_dump_json(exclude_none=True)
 
-
-# What the scripts merge a stored config over (see :func:`encode_config`).
-DEFAULT_CONFIG_JSON = RolloutConfig().model_dump_json()
 
 
 def encode_rollout(rollout: Rollout) -> dict[str, str]:
@@ -140,12 +140,6 @@ class StartWith:
     requested_version: int | None
     resources_id: str
     version: int
-
-
-_LOST_ERROR = ErrorInfo(
-    type="WorkerLostError",
-    message="the worker running this attempt died or lost its connection; the broker redelivered the rollout",
-).model_dump_json()
 
 
 @dataclass(frozen=True)
@@ -191,11 +185,11 @@ class RolloutStore:
         self._create = load_script(client, "create_rollouts")
         self._mark_published = load_script(client, "mark_published")
         self._heartbeat = load_script(client, "heartbeat")
-        self._sweep = load_script(client, "sweep_unresponsive", "_rollout_prelude")
         self._release_lost = load_script(client, "release_lost")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
         self._finish = load_script(client, "finish_attempt", "_rollout_prelude")
+        self._lease = load_script(client, "lease_expired")
         self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude")
 
     # -- writes -----------------------------------------------------------------------
@@ -210,7 +204,7 @@ class RolloutStore:
         indexes: dict[str, dict[str, float]] = {}
         for rollout in rollouts:
             rid, score = rollout.rollout_id, rollout.enqueue_time
-            pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))
+            pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))  # type: ignore[arg-type]  # str values
             for key in self._index_keys(rollout):
                 indexes.setdefault(key, {})[rid] = score
         for key, members in indexes.items():
@@ -242,9 +236,9 @@ class RolloutStore:
                                      "fields": encode_rollout(rollout), "indexes": self._index_keys(rollout)}))
         reply = self._create(keys=[k.seq], args=items)
         existing = {}
-        for rollout, fields in zip(rollouts, reply[1:]):
+        for rollout, fields in zip(rollouts, reply[1:], strict=True):
             if fields:
-                stored = dict(zip(fields[::2], fields[1::2]))
+                stored = dict(zip(fields[::2], fields[1::2], strict=True))
                 published = b"published" in stored or "published" in stored
                 existing[rollout.rollout_id] = (decode_rollout(stored), published)
         return int(reply[0] or 0), existing
@@ -272,31 +266,45 @@ class RolloutStore:
         alive (the visibility timeout ran out while it worked): the outcome is
         ``duplicate`` and nothing is written; the caller drops the message.
         Once the heartbeat expired the worker is presumed dead: that attempt is
-        marked ``worker_lost``, and the rollout fails if the config allows no
-        further attempt.
+        closed as ``worker_lost`` (:meth:`finish_attempt` from outside, fenced
+        on the expired heartbeat) with the retry policy's decision
+        (:func:`lightning_queue.core.policy.next_status`), and the claim is made
+        again; the outcome is ``lost`` when the policy allows no further attempt.
         """
         rollout_id = rollout if isinstance(rollout, str) else rollout.rollout_id
         k = self.keys
-        now = time.time()
-        keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.events,
-                k.heartbeats]
-        args: list[Any] = [rollout_id, worker_id, repr(now), new_id("at"), k.attempt_prefix(rollout_id),
-                           _LOST_ERROR, self._ttl_arg, repr(now + self.heartbeat_timeout), DEFAULT_CONFIG_JSON]
-        if start is not None:
-            keys.append(k.rollouts_by_resources(start.resources_id))
-            args += ["1", start.requested_id or "", "" if start.requested_version is None else start.requested_version,
-                     start.resources_id, start.version]
-        reply = self._claim(keys=keys, args=args)
-        outcome = text(reply[0])
-        if outcome == "finished":
-            return Claim("finished", status=text(reply[1]))
-        if outcome == "missing":
-            return Claim("missing")
-        if outcome != "claimed":
-            return Claim(outcome, sequence_id=int(reply[1]))  # type: ignore[arg-type]
-        fields = reply[3]
-        record = decode_rollout(dict(zip(fields[::2], fields[1::2])))
-        return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])))
+        while True:
+            now = time.time()
+            keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.heartbeats]
+            args: list[Any] = [rollout_id, worker_id, repr(now), new_id("at"), k.attempt_prefix(rollout_id),
+                               repr(now + self.heartbeat_timeout)]
+            if start is not None:
+                keys.append(k.rollouts_by_resources(start.resources_id))
+                args += ["1", start.requested_id or "",
+                         "" if start.requested_version is None else start.requested_version,
+                         start.resources_id, start.version]
+            reply = self._claim(keys=keys, args=args)
+            outcome = text(reply[0])
+            if outcome == "finished":
+                return Claim("finished", status=text(reply[1]))
+            if outcome == "missing":
+                return Claim("missing")
+            if outcome == "duplicate":
+                return Claim("duplicate", sequence_id=int(reply[1]))
+            if outcome == "expired":
+                seq = int(reply[1])
+                config = RolloutConfig.model_validate_json(text(reply[2]) or "{}")
+                error = ErrorInfo.from_exception(WorkerLostError(), with_traceback=False)
+                closed = self.finish_attempt(rollout_id, seq, "worker_lost", next_status(config, seq, "worker_lost"),
+                                             error=error, outside=now)
+                if closed == "alive":  # it beat between the two scripts: a live duplicate after all
+                    return Claim("duplicate", sequence_id=seq)
+                if closed == "failed":
+                    return Claim("lost", sequence_id=seq)
+                continue  # requeuing (or closed by someone else meanwhile): claim the next attempt
+            fields = reply[3]
+            record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)))
+            return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])))
 
     def start_attempt(self, rollout_id: str, sequence_id: int, resources_id: str, version: int) -> bool:
         """Mark the attempt running with this concrete snapshot. False: do not run it
@@ -315,26 +323,41 @@ class RolloutStore:
         rollout_id: str,
         sequence_id: int,
         attempt_status: str,
-        next_status: Literal["succeeded", "failed", "requeuing"],
+        next_status: NextStatus,
         error: ErrorInfo | None = None,
         result: RolloutResult | None = None,
+        outside: float | None = None,
     ) -> str:
-        """Record the attempt's outcome; return the rollout's status afterwards.
+        """Record the attempt's outcome and move the rollout to ``next_status`` (the retry
+        policy's decision, :func:`lightning_queue.core.policy.next_status`), atomically; return
+        the rollout's status afterwards.
 
         ``'stale'``: the outcome was refused, nothing written (the attempt was
         superseded, or already closed as lost, unresponsive or timed out). A
         rollout already final keeps its status (a cancelled one keeps the late
         outcome on the attempt only), so it never flips from failed to succeeded.
+
+        ``outside`` (a time) closes the attempt from outside its worker: only if
+        it is still the open attempt and its heartbeat expired by then;
+        ``'alive'`` when it beat since (nothing written).
         """
+        call = self._finish_call(rollout_id, sequence_id, attempt_status, next_status, error, result, outside)
+        return text(self._finish(keys=call["keys"], args=call["args"]))
+
+    def _finish_call(
+        self, rollout_id: str, sequence_id: int, attempt_status: str, next_status: NextStatus,
+        error: ErrorInfo | None, result: RolloutResult | None, outside: float | None,
+    ) -> dict[str, list[Any]]:
+        """The keys and arguments of one ``finish_attempt`` script call."""
         k = self.keys
-        reply = self._finish(
-            keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events,
-                  k.heartbeats],
-            args=[rollout_id, sequence_id, attempt_status, repr(time.time()),
-                  error.model_dump_json() if error else "", encode_result(result) if result else "",
-                  next_status, self._ttl_arg, k.attempt_prefix(rollout_id)],
-        )
-        return text(reply)
+        return {
+            "keys": [*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events,
+                     k.heartbeats],
+            "args": [rollout_id, sequence_id, attempt_status, repr(time.time()),
+                     error.model_dump_json() if error else "", encode_result(result) if result else "",
+                     next_status, self._ttl_arg, k.attempt_prefix(rollout_id),
+                     "" if outside is None else repr(outside)],
+        }
 
     def terminate(self, rollout_id: str, status: Literal["cancelled", "failed"], error: ErrorInfo | None = None) -> str:
         """End a rollout that has not finished; return its status afterwards.
@@ -370,28 +393,37 @@ class RolloutStore:
         return bool(self._release_lost(keys=[k.rollout(rollout_id), k.heartbeats],
                                        args=[rollout_id, worker_id, k.attempt_prefix(rollout_id)]))
 
-    def sweep_unresponsive(self, limit: int = 100, now: float | None = None) -> list[tuple[str, str, int]]:
-        """Close open attempts whose heartbeat deadline passed (at most ``limit``), atomically
-        (one script; concurrent sweeps each take distinct entries). Reads only the expired head
-        of the heartbeat index, so a sweep costs O(expired), not a scan.
+    def close_unresponsive(self, limit: int = 100, now: float | None = None) -> list[tuple[str, str, int]]:
+        """Close open attempts whose heartbeat deadline passed (at most ``limit``) as
+        ``unresponsive``, each with the retry policy's decision: its rollout goes to
+        ``requeuing`` (the caller must publish it again) or ``failed``. Returns
+        ``(rollout_id, next status, sequence_id)`` for each rollout moved.
 
-        Each such attempt becomes ``unresponsive``; its rollout goes to ``requeuing`` (the
-        caller must publish it again) when ``retry_condition`` holds ``unresponsive`` and
-        attempts remain, else to ``failed``. Returns ``(rollout_id, next status, sequence_id)``
-        for each rollout moved.
+        Two round trips, O(expired), not a scan: one script takes the expired head of the
+        heartbeat index with the records' attempt counts and configs, leasing each entry for
+        half a heartbeat timeout so concurrent sweeps take distinct entries; then one pipeline
+        of :meth:`finish_attempt` calls, each fenced on the leased deadline, so an attempt that
+        beat meanwhile (or that another path closed) is left alone. A sweep that dies between
+        the two leaves its entries to come due again when the lease ends.
         """
         k = self.keys
-        error = ErrorInfo(
-            type="UnresponsiveAttemptError",
-            message=f"the attempt sent no heartbeat for {self.heartbeat_timeout:g} s (its worker process hung, "
-            "was stopped or lost Redis); the watchdog closed it",
-        ).model_dump_json()
-        reply = self._sweep(
-            keys=[*k.all_status_indexes(), k.heartbeats, k.events],
-            args=[repr(time.time() if now is None else now), limit, k.rollout_prefix, k.ATTEMPT_INFIX, error,
-                  self._ttl_arg, DEFAULT_CONFIG_JSON],
-        )
-        return [(text(reply[i]), text(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
+        now = time.time() if now is None else now
+        lease = now + self.heartbeat_timeout / 2
+        flat = self._lease(keys=[k.heartbeats], args=[repr(now), limit, repr(lease), k.rollout_prefix])
+        if not flat:
+            return []
+        error = ErrorInfo.from_exception(UnresponsiveAttemptError(self.heartbeat_timeout), with_traceback=False)
+        decided: list[tuple[str, int, NextStatus]] = []
+        for i in range(0, len(flat), 3):
+            rid, seq = text(flat[i]), int(text(flat[i + 1]) or 0)
+            config = RolloutConfig.model_validate_json(text(flat[i + 2]) or "{}")
+            decided.append((rid, seq, next_status(config, seq, "unresponsive")))
+        pipe = self.redis.pipeline(transaction=False)
+        for rid, seq, status in decided:
+            call = self._finish_call(rid, seq, "unresponsive", status, error, None, lease)
+            self._finish(keys=call["keys"], args=call["args"], client=pipe)
+        return [(rid, text(reply), seq) for (rid, seq, _), reply in zip(decided, pipe.execute(), strict=True)
+                if text(reply) in ("requeuing", "failed")]
 
     # -- reads --------------------------------------------------------------------------
 
@@ -404,7 +436,7 @@ class RolloutStore:
     def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
         """The rollouts, in the order given, read in one round trip."""
         out = []
-        for rid, rollout in zip(rollout_ids, self._read(rollout_ids)):
+        for rid, rollout in zip(rollout_ids, self._read(rollout_ids), strict=True):
             if rollout is None:
                 raise RolloutNotFoundError(rid)
             out.append(rollout)
@@ -445,7 +477,7 @@ class RolloutStore:
                 pipe = self.redis.pipeline(transaction=False)
                 for rid in members:
                     pipe.exists(k.rollout(rid))
-                gone = [rid for rid, alive in zip(members, pipe.execute()) if not alive]
+                gone = [rid for rid, alive in zip(members, pipe.execute(), strict=True) if not alive]
                 dropped = len(gone) if dry_run or not gone else int(self.redis.zrem(key, *gone))
                 removed += dropped
                 start += len(members) - (0 if dry_run else dropped)
@@ -469,7 +501,7 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=False)
         for rid in rollout_ids:
             pipe.hget(self.keys.rollout(rid), "status")
-        return {rid: (text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute())}
+        return {rid: (text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute(), strict=True)}
 
     def query_rollouts(
         self,
@@ -519,7 +551,7 @@ class RolloutStore:
                     union.update((text(member), score) for member, score in next(replies))
                 scores = union if scores is None else {m: s for m, s in scores.items() if m in union}
             assert scores is not None
-            ordered = sorted(scores, key=lambda m: scores[m], reverse=True)  # type: ignore[index]
+            ordered = sorted(scores, key=scores.__getitem__, reverse=True)
         found: dict[str, Rollout] = {}
         while True:
             if ordered is None:
@@ -528,7 +560,7 @@ class RolloutStore:
                 ids = ordered[offset : offset + limit]
             unread = [rid for rid in ids if rid not in found]
             gone = []
-            for rid, rollout in zip(unread, self._read(unread)):
+            for rid, rollout in zip(unread, self._read(unread), strict=True):
                 if rollout is None:
                     gone.append(rid)
                 else:
@@ -545,7 +577,7 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=True)
         for s in ROLLOUT_STATUSES:
             pipe.zcard(self.keys.rollouts_by_status(s))
-        return dict(zip(ROLLOUT_STATUSES, pipe.execute()))
+        return dict(zip(ROLLOUT_STATUSES, pipe.execute(), strict=True))
 
     # -- waiting ------------------------------------------------------------------------
 

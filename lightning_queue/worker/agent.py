@@ -12,8 +12,9 @@ import inspect
 import numbers
 import types
 import typing
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -39,7 +40,9 @@ def to_result(raw: Any) -> RolloutResult:
         try:
             return RolloutResult.model_validate(raw)
         except ValidationError as exc:
-            raise InvalidRolloutResultError(f"the agent returned a mapping that is not a RolloutResult: {exc}") from None
+            raise InvalidRolloutResultError(
+                f"the agent returned a mapping that is not a RolloutResult: {exc}"
+            ) from None
     raise InvalidRolloutResultError(
         f"the agent returned a {type(raw).__name__}; return a float reward, a RolloutResult "
         "(reward, step_rewards, trace, output) or None"
@@ -177,10 +180,12 @@ class FunctionalLitAgent(LitAgent):
         return kwargs
 
     def rollout(self, task: Any, resources: Mapping[str, Resource], rollout: Rollout) -> RawResult:
-        return self.func(task, **self._kwargs(resources, rollout))  # type: ignore[return-value]
+        raw = typing.cast(RawResult, self.func(task, **self._kwargs(resources, rollout)))
+        return raw
 
     async def rollout_async(self, task: Any, resources: Mapping[str, Resource], rollout: Rollout) -> RawResult:
-        return await self.func(task, **self._kwargs(resources, rollout))  # type: ignore[misc]
+        raw = await typing.cast(Awaitable[RawResult], self.func(task, **self._kwargs(resources, rollout)))
+        return raw
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped function directly (handy in unit tests of the agent)."""

@@ -13,21 +13,20 @@ trip. Anything else is one atomic :meth:`SnapshotRegistry.fetch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
 from lightning_queue.core.errors import ResourcesNotFoundError, SnapshotCorruptedError
 from lightning_queue.core.models import ResourcesUpdate
+from lightning_queue.core.settings import Settings
 from lightning_queue.storage.registry import LATEST, Fetched, SnapshotRegistry
-
-if TYPE_CHECKING:
-    from lightning_queue.client import LightningClient
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class SnapshotCache:
         stats_interval: float = 10.0,
     ) -> None:
         if max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1 (a cache of 0 bytes is no cache: leave client.cache None)")
+            raise ValueError("max_bytes must be >= 1 (a cache of 0 bytes is no cache: run without one)")
         self.registry = registry
         self.max_bytes = max_bytes
         self.poll_seconds = poll_seconds
@@ -252,16 +251,14 @@ class SnapshotCache:
                         delay = 0.05
                     elif message["type"] == "message":
                         self._apply(json.loads(message["data"]))
-            except Exception as exc:  # a broken connection or a malformed event: start over
+            except Exception as exc:  # noqa: BLE001 - a broken connection or a malformed event: start over
                 log.warning("snapshot cache: event listener failed (%s: %s); resubscribing in %.2f s",
                             type(exc).__name__, exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
             finally:
-                try:
+                with contextlib.suppress(redis.RedisError, OSError):  # the connection may already be gone
                     pubsub.close()
-                except Exception:  # the connection may already be gone
-                    pass
 
     def _maybe_report(self) -> None:
         if self.stats_key is None or time.monotonic() < self._next_report:
@@ -307,18 +304,16 @@ class SnapshotCache:
             self._applied_seq = max(self._applied_seq, seq)
 
 
-def attach_cache(client: LightningClient, process: str | None = None) -> SnapshotCache | None:
-    """Give a worker process's client a started, pre-warmed cache of
-    ``settings.cache_max_bytes`` (none when that is 0). A failed pre-warm is
-    logged, not raised: the cache then fills on use. With ``process`` (a name
-    unique in the fleet, e.g. ``node@host:pid``) the cache reports its stats
-    under :meth:`Keys.cache_stats`, for ``lightning-queue workers``."""
-    settings = client.settings
+def start_cache(registry: SnapshotRegistry, settings: Settings, process: str | None = None) -> SnapshotCache | None:
+    """A started, pre-warmed cache of ``settings.cache_max_bytes`` for a worker process (None
+    when that is 0). A failed pre-warm is logged, not raised: the cache then fills on use.
+    With ``process`` (a name unique in the fleet, e.g. ``node@host:pid``) the cache reports
+    its stats under :meth:`Keys.cache_stats`, for ``lightning-queue workers``."""
     if settings.cache_max_bytes == 0:
         return None
     cache = SnapshotCache(
-        client.registry, settings.cache_max_bytes,
-        stats_key=client.keys.cache_stats(process) if process else None,
+        registry, settings.cache_max_bytes,
+        stats_key=registry.keys.cache_stats(process) if process else None,
         stats_interval=settings.cache_stats_interval_seconds,
     )
     if not cache.start():
@@ -328,5 +323,4 @@ def attach_cache(client: LightningClient, process: str | None = None) -> Snapsho
         log.info("snapshot cache: pre-warmed %d snapshot(s)", loaded)
     except redis.RedisError as exc:
         log.warning("snapshot cache: pre-warm failed (%s); it fills on use", exc)
-    client.cache = cache
     return cache

@@ -1,25 +1,10 @@
-"""Heartbeats and the unresponsive-attempt watchdog.
+"""Heartbeats: while an attempt is open, its process keeps its heartbeat deadline fresh.
 
-Worker side (pool process): while an attempt is open, one daemon thread per
-process pushes its heartbeat deadline forward every ``heartbeat_interval``
-seconds. The claim that opens an attempt writes its first deadline, so a
-rollout shorter than one interval costs no heartbeat command at all.
-
-Fleet side (every worker's main process): :func:`sweep` closes the attempts
-whose deadline passed (``heartbeat_timeout`` without a beat: the process hung,
-was stopped, or lost Redis) as ``unresponsive`` and sends their rollouts back
-to the queue, or fails them, per their ``retry_condition``. Every live worker
-sweeps on its own timer, so the watchdog has no single point of failure; the
-sweep is one Lua script that takes each expired entry once, so concurrent
-sweeps are safe, and it reads only the expired head of a zset ordered by
-deadline, so it costs O(expired), not a scan.
-
-If publishing fails, :meth:`LightningClient.publish` fails the rollout with
-the broker's error. If the sweeping worker dies between the script and the
-publish, the hung attempt's own message is still unacked and the broker
-redelivers it after its visibility timeout (the claim then opens the next
-attempt); only if the hung process also wakes up in that window and acks its
-message is the rollout left ``requeuing`` (a known, narrow gap).
+One daemon thread per worker process pushes the deadline of every attempt the process runs
+forward every ``heartbeat_interval`` seconds. The claim that opens an attempt writes its
+first deadline, so a rollout shorter than one interval costs no heartbeat command at all.
+An attempt whose deadline passes is closed by the fleet's sweep
+(:func:`lightning_queue.worker.recovery.sweep_unresponsive`).
 
 Deadlines are wall-clock times written by the beating worker and compared by
 the sweeping one: keep worker clocks in sync (NTP) to well under
@@ -32,13 +17,11 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
 
 import redis
 
-if TYPE_CHECKING:
-    from lightning_queue.client import LightningClient
-    from lightning_queue.storage.store import RolloutStore
+from lightning_queue.storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +29,7 @@ log = logging.getLogger(__name__)
 class _Open:
     """The attempt a process is running, as the heartbeat thread sees it."""
 
-    __slots__ = ("rollout_id", "sequence_id", "last_beat", "alive")
+    __slots__ = ("alive", "last_beat", "rollout_id", "sequence_id")
 
     def __init__(self, rollout_id: str, sequence_id: int) -> None:
         self.rollout_id = rollout_id
@@ -121,34 +104,3 @@ class Heartbeat:
                 "rollout %s attempt %d is no longer open (declared unresponsive or lost, or cancelled); "
                 "its result will be refused", current.rollout_id, current.sequence_id,
             )
-
-
-def heartbeat_of(client: LightningClient) -> Heartbeat:
-    """This process's :class:`Heartbeat` for ``client`` (made on first use)."""
-    beat = client.heartbeat
-    if beat is None:
-        beat = client.heartbeat = Heartbeat(client.store, client.settings.heartbeat_interval)
-    return beat
-
-
-def sweep(client: LightningClient, limit: int = 100) -> list[tuple[str, str, int]]:
-    """Close expired attempts as ``unresponsive`` and publish again the rollouts that are
-    retried (after their backoff); return what moved, as :meth:`RolloutStore.sweep_unresponsive`."""
-    moved = client.store.sweep_unresponsive(limit)
-    for rollout_id, status, seq in moved:
-        log.warning(
-            "rollout %s attempt %d sent no heartbeat for %g s: marked unresponsive, rollout %s",
-            rollout_id, seq, client.store.heartbeat_timeout, "requeued" if status == "requeuing" else "failed",
-        )
-    requeued = {rid: seq for rid, status, seq in moved if status == "requeuing"}
-    for rollout in client.store.get_rollouts(list(requeued)) if requeued else []:
-        client.publish([rollout], countdown=rollout.config.retry_delay(requeued[rollout.rollout_id]) or None)
-    return moved
-
-
-def run_sweep(client: LightningClient) -> None:
-    """One sweep from a timer: errors are logged, never raised (the next tick tries again)."""
-    try:
-        sweep(client)
-    except Exception as exc:  # noqa: BLE001 - a timer callback must not die
-        log.error("unresponsive-attempt sweep failed: %s: %s", type(exc).__name__, exc)

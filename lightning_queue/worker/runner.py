@@ -9,34 +9,27 @@ the attempt running with it: two Redis round trips per rollout (claim,
 finish) instead of four (read, claim, start, finish). Nothing is left
 stuck: a missing snapshot fails the rollout with an error naming the id and
 the message is acked; an agent exception fails the attempt and retries
-through Celery while ``max_attempts`` allows; a soft time limit raises inside
-the agent, a hard one kills the process and is recorded by the worker's main
-process; a worker that dies has its message redelivered, and the next claim
-marks the lost attempt.
+while ``max_attempts`` allows; a soft time limit raises inside the agent, a
+hard one kills the process and is recorded by the worker's main process; a
+worker that dies has its message redelivered, and the next claim marks the
+lost attempt.
 
-While the attempt is open the process heartbeats it (:mod:`lightning_queue.watchdog`).
+While the attempt is open the process heartbeats it (:mod:`lightning_queue.worker.heartbeat`).
 A second delivery of a message whose attempt still beats is dropped without
 running, and an outcome the store refuses (the attempt was superseded, or
 closed as unresponsive, lost or cancelled meanwhile) is logged and not
-recorded. Retries wait the config's backoff (``RolloutConfig.retry_delay``).
+recorded. Whether an attempt is retried is the policy's decision
+(:mod:`lightning_queue.core.policy`); the retry is sent by :mod:`lightning_queue.worker.recovery`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-import redis
-from billiard.exceptions import (
-    SoftTimeLimitExceeded,
-    TimeLimitExceeded,
-    WorkerLostError,
-)
-from celery import Task
-from celery.exceptions import Reject
-from celery.worker.request import Request
+from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic_core import PydanticSerializationError
 
 from lightning_queue.core.errors import (
@@ -44,102 +37,22 @@ from lightning_queue.core.errors import (
     MissingResourceError,
     ResourcesNotFoundError,
     RolloutFailed,
-    RolloutNotFoundError,
     SnapshotCorruptedError,
 )
-from lightning_queue.core.models import (
-    ErrorInfo,
-    ResourcesUpdate,
-    Rollout,
-    RolloutConfig,
-)
+from lightning_queue.core.models import ErrorInfo, Resource, ResourcesUpdate, Rollout
+from lightning_queue.core.policy import is_retryable, next_status
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.registry import LATEST
-from lightning_queue.storage.store import StartWith
-from lightning_queue.worker.heartbeat import heartbeat_of
-
-if TYPE_CHECKING:
-    from lightning_queue.storage.store import RolloutStore
-    from lightning_queue.worker.app import LightningCelery
+from lightning_queue.storage.store import RolloutStore, StartWith
+from lightning_queue.worker import recovery
+from lightning_queue.worker.agent import LitAgent
+from lightning_queue.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "lightning_queue.rollout"
-
-# Errors that another attempt cannot fix: retrying would only repeat them.
-_PERMANENT = (ResourcesNotFoundError, SnapshotCorruptedError, MissingResourceError)
-
-
-def next_status(
-    config: RolloutConfig, sequence_id: int, attempt_status: str, retryable: bool = True
-) -> Literal["succeeded", "failed", "requeuing"]:
-    """Where a rollout goes after attempt ``sequence_id`` ended with ``attempt_status``."""
-    if attempt_status == "succeeded":
-        return "succeeded"
-    if retryable and attempt_status in config.retry_condition and sequence_id < config.max_attempts:
-        return "requeuing"
-    return "failed"
-
-
-class RolloutTaskRequest(Request):
-    """The worker's main process's view of one rollout message.
-
-    When the pool process running it dies (SIGKILL, OOM), Celery requeues the
-    message at once; the attempt's heartbeat is dropped first, so the
-    redelivery claims the rollout (marking the attempt ``worker_lost``)
-    instead of being dropped as a duplicate of an attempt that seems alive.
-    """
-
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        exc = getattr(exc_info, "exception", None)
-        if isinstance(exc, WorkerLostError) or isinstance(getattr(exc, "exc", None), WorkerLostError):
-            rollout_id = (self.kwargs or {}).get("rollout_id") or self.id
-            try:
-                self.task.app.lightning.store.release_lost(rollout_id, self.hostname)
-            except Exception as err:  # noqa: BLE001 - the watchdog still recovers the attempt later
-                log.warning("rollout %s: could not release the lost attempt (%s)", rollout_id, err)
-        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
-
-
-class RolloutTask(Task):
-    """Base class of the rollout task; handles what happens outside the task body."""
-
-    Request = RolloutTaskRequest
-    acks_late = True
-    reject_on_worker_lost = True
-    typing = True
-    # An expected outcome: Flower shows the task failed, the worker logs no traceback.
-    throws = (RolloutFailed,)
-
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        # A hard time limit kills the child process; this runs in the worker's main process.
-        if isinstance(exc, TimeLimitExceeded):
-            record_hard_timeout(self.app, kwargs.get("rollout_id") or task_id, exc)
-
-
-def record_hard_timeout(app: LightningCelery, rollout_id: str, exc: BaseException) -> None:
-    """The agent ignored its soft time limit and its process was killed: record the
-    attempt as timed out and requeue the rollout if attempts remain."""
-    client = app.lightning
-    try:
-        rollout = client.store.get_rollout(rollout_id)
-    except RolloutNotFoundError:
-        return
-    if rollout.is_finished or rollout.attempt_count == 0:
-        return
-    seq = rollout.attempt_count
-    error = ErrorInfo(
-        type="TimeLimitExceeded",
-        message=f"the agent ignored its soft time limit and its process was killed ({exc})",
-    )
-    status = client.store.finish_attempt(
-        rollout_id, seq, "timeout", next_status(rollout.config, seq, "timeout"), error=error
-    )
-    if status == "requeuing":
-        client.publish([rollout], countdown=rollout.config.retry_delay(seq) or None)
-    elif status == "stale":
-        log.warning("rollout %s attempt %d: hard time-out not recorded, the attempt was already closed",
-                    rollout_id, seq)
+Outcome = dict[str, Any]
+"""What the rollout task returns (Flower shows it): the rollout id, its status, and on
+success the concrete snapshot and the reward."""
 
 
 def log_refused(store: RolloutStore, rollout_id: str, seq: int, status: str, attempt_status: str) -> None:
@@ -159,40 +72,32 @@ def log_refused(store: RolloutStore, rollout_id: str, seq: int, status: str, att
                     rollout_id, seq, attempt_status)
 
 
-def run_rollout(
-    task: RolloutTask,
+def run(
+    ctx: WorkerContext,
+    agent: LitAgent,
+    worker_id: str,
     rollout_id: str,
+    registry_seq: int = 0,
     resources_id: str | None = None,
     resources_version: int | None = None,
-    registry_seq: int = 0,
-) -> dict[str, Any]:
-    """Run one rollout. ``resources_id``/``resources_version`` in the message name the
-    snapshot the rollout asks for (Flower shows them; the worker uses them to resolve it
-    from its cache before claiming); the rollout record is authoritative.
-    ``registry_seq`` is the registry state at enqueue: the snapshot cache must
-    have caught up with it before it may answer without asking Redis."""
-    app: LightningCelery = task.app  # type: ignore[assignment]
-    try:
-        return _run(task, app, rollout_id, registry_seq, resources_id, resources_version)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        # Redis stayed unreachable through the client's retries: give the message back
-        # so the rollout runs again once Redis is back, instead of acking it unrecorded.
-        log.error("rollout %s: lost the connection to Redis (%s); requeuing the message", rollout_id, exc)
-        raise Reject(str(exc), requeue=True) from exc
+) -> Outcome:
+    """Run one rollout on this process. ``resources_id``/``resources_version`` are what the task
+    message says the rollout asks for (Flower shows them; the worker uses them to resolve the
+    snapshot from its cache before claiming); the rollout record is authoritative.
+    ``registry_seq`` is the registry state at enqueue: the snapshot cache must have caught up
+    with it before it may answer without asking Redis.
 
-
-def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq: int = 0,
-         resources_id: str | None = None, resources_version: int | None = None) -> dict[str, Any]:
-    client = app.lightning
-    store = client.store
-    worker_id = task.request.hostname or f"pid-{os.getpid()}"
+    Raises :class:`RolloutFailed` when the rollout ends ``failed`` (so Celery and Flower show the
+    task failed) and Celery's ``Retry`` when it is retried; returns the outcome otherwise.
+    """
+    store = ctx.store
     # The message says which snapshot the rollout asks for; when this process's cache holds it
     # (nearly always), the claim opens the attempt running with it: one round trip instead of
     # three (read the record, claim, start). The claim checks the record asks for the same
     # reference; on a miss or a mismatch the attempt opens preparing and the snapshot is
     # resolved from the record below.
     start = None
-    cached = _cached_snapshot(app, resources_id, resources_version, registry_seq)
+    cached = ctx.peek_snapshot(resources_id or agent.default_resources or LATEST, resources_version, registry_seq)
     if cached is not None:
         start = StartWith(resources_id, resources_version, cached.resources_id, cached.version)
     claim = store.claim(rollout_id, worker_id, start)
@@ -205,38 +110,24 @@ def _run(task: RolloutTask, app: LightningCelery, rollout_id: str, registry_seq:
         return {"rollout_id": rollout_id, "status": claim.status or claim.outcome}
     assert claim.rollout is not None
     seq = claim.sequence_id
-    with heartbeat_of(client).attempt(rollout_id, seq):
-        return _run_attempt(task, app, claim.rollout, seq, registry_seq, cached if claim.started else None)
-
-
-def _cached_snapshot(
-    app: LightningCelery, resources_id: str | None, resources_version: int | None, registry_seq: int
-) -> ResourcesUpdate | None:
-    """The snapshot the message's reference names, if this process's cache answers it from
-    memory (the rule of :func:`_run_attempt`: a pinned version, else the reference's current
-    one, ``None`` meaning the agent's default or ``latest``)."""
-    cache = app.lightning.cache
-    if cache is None:
-        return None
-    ref = resources_id or app.agent.default_resources or LATEST
-    return cache.peek(ref, resources_version, registry_seq)
+    with ctx.heartbeat.attempt(rollout_id, seq):
+        return _run_attempt(ctx, agent, claim.rollout, seq, registry_seq, cached if claim.started else None)
 
 
 def _run_attempt(
-    task: RolloutTask, app: LightningCelery, rollout: Rollout, seq: int, registry_seq: int,
+    ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, registry_seq: int,
     started: ResourcesUpdate | None = None,
-) -> dict[str, Any]:
+) -> Outcome:
     """Run attempt ``seq`` of ``rollout`` (the record as the claim left it). ``started``: the
     claim already opened the attempt running with this snapshot."""
-    client = app.lightning
-    store = client.store
+    store = ctx.store
     rollout_id = rollout.rollout_id
     snapshot = started
     if snapshot is None:
         try:
             version = rollout.resources_version if rollout.resolve == "pinned" else None
-            ref = rollout.resources_id or app.agent.default_resources  # None: latest
-            snapshot = client.load_snapshot(ref, version, registry_seq)
+            ref = rollout.resources_id or agent.default_resources  # None: latest
+            snapshot = ctx.load_snapshot(ref, version, registry_seq)
         except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
             status = store.finish_attempt(
                 rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)
@@ -254,15 +145,17 @@ def _run_attempt(
     result = None
     attempt_status = "succeeded"
     retryable = True
+    # Read-only: the snapshot may be the worker cache's own copy, shared by later rollouts.
+    resources: Mapping[str, Resource] = MappingProxyType(snapshot.resources)
     try:
-        # Read-only: the snapshot may be the worker cache's own copy, shared by later rollouts.
-        result = app.agent.execute(rollout.input, MappingProxyType(snapshot.resources), rollout)
+        result = agent.execute(rollout.input, resources, rollout)
         result.model_dump_json()  # the output must be JSON-able to be stored
     except SoftTimeLimitExceeded as exc:
         attempt_status, result = "timeout", None
+        limit = rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds
         error = ErrorInfo(
             type="SoftTimeLimitExceeded",
-            message=f"the rollout ran past its time limit of {rollout.config.timeout_seconds or app.lightning_settings.default_timeout_seconds} s",
+            message=f"the rollout ran past its time limit of {limit} s",
             traceback=ErrorInfo.from_exception(exc).traceback,
         )
     except PydanticSerializationError as exc:
@@ -270,9 +163,9 @@ def _run_attempt(
         error = ErrorInfo.from_exception(
             InvalidRolloutResultError(f"the agent's output is not JSON-serializable: {exc}")
         )
-    except Exception as exc:  # the agent's own failure, whatever it is
+    except Exception as exc:  # noqa: BLE001 - the agent's own failure, whatever it is
         attempt_status, result = "failed", None
-        retryable = not isinstance(exc, _PERMANENT)
+        retryable = is_retryable(exc)
         if isinstance(exc, MissingResourceError):
             exc = MissingResourceError(f"snapshot {snapshot.resources_id!r} (version {snapshot.version}): {exc}")
         error = ErrorInfo.from_exception(exc)
@@ -284,8 +177,7 @@ def _run_attempt(
     )
     log_refused(store, rollout_id, seq, status, attempt_status)
     if status == "requeuing":
-        # Celery's own retry: the same task id goes back to the queue with its time limits.
-        raise task.retry(max_retries=None, countdown=rollout.config.retry_delay(seq))
+        raise recovery.retry_after_attempt(ctx, rollout, seq)
     if status == "failed" and error is not None:
         raise RolloutFailed(rollout_id, error.type, error.message)
     return {
@@ -295,8 +187,3 @@ def _run_attempt(
         "version": snapshot.version,
         "reward": result.reward if result else None,
     }
-
-
-def register_tasks(app: LightningCelery) -> None:
-    app.task(bind=True, base=RolloutTask, name=TASK_NAME)(run_rollout)
-

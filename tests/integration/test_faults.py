@@ -116,7 +116,7 @@ def test_worker_that_stops_consuming_is_reported_stalled(settings: Settings, sta
         stuck, healthy = start_workers(f"{AGENTS}:counted_sleeper", count=2, settings=settings)
         wait_until(lambda: len(client.worker_health()) == 2, what="both workers' health records")
         # Alive but no longer consuming, as after the kombu reconnect bug.
-        replies = client.app.control.cancel_consumer(settings.queue, destination=[stuck.hostname], reply=True,
+        replies = client.celery.control.cancel_consumer(settings.queue, destination=[stuck.hostname], reply=True,
                                                      timeout=10)
         assert replies, "the worker did not answer the remote control command"
 

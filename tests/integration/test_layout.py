@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -26,8 +25,10 @@ from lightning_queue import (
 )
 from lightning_queue.core.models import Rollout
 from lightning_queue.ops.embedded import EmbeddedRedis
-from lightning_queue.worker.cache import attach_cache
-from lightning_queue.worker.runner import _run
+from lightning_queue.broker.app import make_celery
+from lightning_queue.worker import runner
+from lightning_queue.worker.cache import SnapshotCache, start_cache
+from lightning_queue.worker.context import WorkerContext
 
 COMPACT = {"listpack", "ziplist"}  # Redis 7 / Redis 6 name for the same compact encoding
 
@@ -46,19 +47,22 @@ def own_client() -> Iterator[LightningClient]:
     try:
         yield client
     finally:
-        if client.cache is not None:
-            client.cache.close()
         client.close()
         server.stop()
 
 
-def run_one(client: LightningClient, record: Rollout) -> str:
+def run_one(client: LightningClient, record: Rollout, cache: SnapshotCache | None) -> str:
     """Run the rollout through the runner in this process (no broker), as a worker would."""
     client.store.create_rollouts([record])
-    task = SimpleNamespace(app=SimpleNamespace(lightning=client, agent=noop, lightning_settings=client.settings),
-                           request=SimpleNamespace(hostname="layout@host"))
+    ctx = WorkerContext.create(client.settings, make_celery(client.settings), redis_client=client.redis)
+    ctx.cache = cache
     seq = int(client.redis.get(client.keys.seq) or 0)
-    return _run(task, task.app, record.rollout_id, seq, record.resources_id, record.resources_version)["status"]
+    try:
+        return str(runner.run(ctx, noop, "layout@host", record.rollout_id, seq, record.resources_id,
+                              record.resources_version)["status"])
+    finally:
+        if cache is not None:
+            cache.close()
 
 
 def encodings(client: LightningClient, rollout_id: str) -> dict[str, str]:
@@ -77,12 +81,11 @@ def encodings(client: LightningClient, rollout_id: str) -> dict[str, str]:
 def test_finished_noop_rollout_keys_stay_listpacks(own_client: LightningClient, cached: bool,
                                                    config: RolloutConfig) -> None:
     own_client.add_resources({"prompt": PromptTemplate(template="{question}")}, "layout-snap")
-    if cached:
-        cache = attach_cache(own_client)
-        assert cache is not None
+    cache = start_cache(own_client.registry, own_client.settings) if cached else None
+    assert (cache is not None) == cached
     record = Rollout(input={"i": 1}, resources_id="layout-snap", resources_version=1, resolve="pinned",
                      config=config)
-    assert run_one(own_client, record) == "succeeded"
+    assert run_one(own_client, record, cache) == "succeeded"
     done = own_client.get_rollout(record.rollout_id)
     assert done.status == "succeeded" and done.result is not None and done.config == config
     attempt, = own_client.get_attempts(record.rollout_id)

@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning_queue import LightningClient, RolloutConfig
 from lightning_queue.broker.publisher import task_kwargs
-from lightning_queue.worker.runner import TASK_NAME
+from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
 
 
 def _normalized(raw: bytes) -> dict[str, Any]:
@@ -44,8 +44,8 @@ def test_batch_messages_match_send_task(client: LightningClient) -> None:
     ours = client.enqueue_rollouts([1, 2], config=limited, queue=queue, check_resources=False)
     grace = client.settings.hard_timeout_grace_seconds
     theirs = ours[0].model_copy(update={"rollout_id": "ro-reference"})
-    with client.app.producer_or_acquire() as producer:
-        client.app.send_task(TASK_NAME, kwargs=task_kwargs(theirs, 0), task_id=theirs.rollout_id, queue=queue,
+    with client.celery.producer_or_acquire() as producer:
+        client.celery.send_task(TASK_NAME, kwargs=task_kwargs(theirs, 0), task_id=theirs.rollout_id, queue=queue,
                              producer=producer, soft_time_limit=5, time_limit=5 + grace)
     key = client.settings.keys.celery_prefix + queue
     stored = client.redis.lrange(key, 0, -1)  # LPUSH: newest first

@@ -18,8 +18,8 @@ from lightning_queue import (
     PromptTemplate,
     RolloutConfig,
     Settings,
-    cli,
 )
+from lightning_queue.ops import cli
 from lightning_queue.core.errors import RedisUnavailableError
 from lightning_queue.ops.embedded import free_port
 from tests.conftest import delete_prefix

@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lightning_queue import LLM, LightningClient, PromptTemplate, Settings, cli
+from lightning_queue import LLM, LightningClient, PromptTemplate, Settings
+from lightning_queue.ops import cli
 from lightning_queue.core.errors import (
     RedisAuthError,
     RedisUnavailableError,
     ResourcesNotFoundError,
     RolloutNotFoundError,
 )
-from lightning_queue.worker.app import celery_config, create_app
-from lightning_queue.worker.runner import TASK_NAME
+from lightning_queue.broker.app import celery_config
+from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
+from lightning_queue.app import create_app
 from tests.conftest import delete_prefix
 from tests.integration.private_redis import private_redis_fixture  # noqa: F401 (the private_redis fixture)
 from tests.integration.security_agents import Vault

@@ -15,7 +15,12 @@ from celery import signals
 from lightning_queue import LLM, LightningClient, PromptTemplate, Settings, create_app
 from lightning_queue.core.errors import NoLatestResourcesError, ResourcesNotFoundError
 from lightning_queue.storage.registry import SnapshotRegistry
-from lightning_queue.worker.cache import SnapshotCache, attach_cache
+from lightning_queue.broker.app import make_celery
+from lightning_queue.broker.publisher import Publisher
+from lightning_queue.worker.cache import SnapshotCache, start_cache
+from lightning_queue.worker.context import WorkerContext
+from lightning_queue.worker.heartbeat import Heartbeat
+from tests.unit.test_runner import recording_agent
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -319,16 +324,25 @@ def test_a_read_older_than_an_applied_event_does_not_overwrite_it(
     assert cache._pointers["latest"][0] == "rs-c"
 
 
+def worker_context(client: LightningClient, cache: SnapshotCache | None) -> WorkerContext:
+    """A worker process's context over the client's registry and store, with ``cache``."""
+    settings = client.settings
+    return WorkerContext(settings=settings, redis=client.redis, registry=client.registry, store=client.store,
+                         publisher=Publisher(make_celery(settings), settings),
+                         heartbeat=Heartbeat(client.store, settings.heartbeat_interval), cache=cache)
+
+
 def test_load_snapshot_goes_through_the_cache(fake_client: LightningClient, llm: LLM) -> None:
     snap = fake_client.add_resources({"main": llm})
-    cache = attach_cache(fake_client)
+    cache = start_cache(fake_client.registry, fake_client.settings)
+    assert cache is not None
+    ctx = worker_context(fake_client, cache)
     try:
-        assert fake_client.cache is cache and cache is not None
         assert cache.stats()["load_count"] == 1  # pre-warmed
         seq = seq_of(fake_client.registry)
         caught_up(cache, fake_client.registry)
-        assert fake_client.load_snapshot(None, None, seq) == snap
-        assert fake_client.load_snapshot(snap.resources_id, 1, seq) == snap
+        assert ctx.load_snapshot(None, None, seq) == snap
+        assert ctx.load_snapshot(snap.resources_id, 1, seq) == snap
         assert cache.stats()["hits"] == 2
     finally:
         cache.close()
@@ -337,26 +351,33 @@ def test_load_snapshot_goes_through_the_cache(fake_client: LightningClient, llm:
 def test_cache_max_bytes_zero_disables_it(fake_redis: fakeredis.FakeRedis, prefix: str) -> None:
     settings = Settings(redis_url="redis://fakeredis.invalid:1/0", key_prefix=prefix, cache_max_bytes=0)
     client = LightningClient(settings, redis_client=fake_redis)
-    assert attach_cache(client) is None and client.cache is None
+    assert start_cache(client.registry, settings) is None
 
 
 def test_worker_pool_processes_get_a_cache_and_log_its_stats(
     fake_redis: fakeredis.FakeRedis, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("lightning_queue.worker.app.connect", lambda url, sentinel_master=None, **_: fake_redis)
-    app = create_app(Settings(redis_url="redis://fakeredis.invalid:1/0", key_prefix=prefix))
-    signals.worker_process_init.send(sender=None)
-    assert app._lightning_client is None  # not a worker's app: clients stay uncached
+    connected: list[str] = []
 
-    app.is_worker = True  # what worker_init does in the worker's main process
+    def connect(url: str, *args: object, **kwargs: object) -> fakeredis.FakeRedis:
+        connected.append(url)
+        return fake_redis
+
+    monkeypatch.setattr("lightning_queue.worker.context.connect", connect)  # what WorkerContext.create calls
+    app = create_app(Settings(redis_url="redis://fakeredis.invalid:1/0", key_prefix=prefix), agent=noop)
     signals.worker_process_init.send(sender=None)
-    cache = app.lightning.cache
+    assert app.context_pid is None and connected == []  # not this process's worker: nothing built
+
+    monkeypatch.setattr("lightning_queue.worker.signals._worker_app", app)  # what worker_init records
+    signals.worker_process_init.send(sender=None)
+    assert connected == ["redis://fakeredis.invalid:1/0"]
+    cache = app.context.cache
     assert isinstance(cache, SnapshotCache)
-    with caplog.at_level(logging.INFO, logger="lightning_queue.worker.app"):
+    with caplog.at_level(logging.INFO, logger="lightning_queue.worker.context"):
         signals.worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
     assert "snapshot cache stats" in caplog.text and "'hits': 0" in caplog.text
     assert cache._thread is None  # the listener was stopped
-    app.is_worker = False  # its signal handlers stay connected for the rest of the session
+    assert app.context_pid is None
 
 
 def test_a_read_from_before_a_resubscription_or_a_deletion_is_not_learned(
@@ -387,15 +408,14 @@ def test_a_read_from_before_a_resubscription_or_a_deletion_is_not_learned(
 
 
 def test_cache_reports_its_stats_for_the_fleet_view(fake_client: LightningClient, llm: LLM) -> None:
-    from lightning_queue.worker.cache import attach_cache
-
     fake_client.add_resources({"main": llm}, "rs-a")
     fake_client.settings.cache_stats_interval_seconds = 0.05
-    cache = attach_cache(fake_client, "w1@host:123")
+    cache = start_cache(fake_client.registry, fake_client.settings, "w1@host:123")
     assert cache is not None
+    ctx = worker_context(fake_client, cache)
     try:
-        fake_client.load_snapshot("rs-a", 1)  # pre-warmed by id and version: a hit
-        fake_client.load_snapshot("rs-a", None, min_seq=10**9)  # not caught up that far: a miss
+        ctx.load_snapshot("rs-a", 1)  # pre-warmed by id and version: a hit
+        ctx.load_snapshot("rs-a", None, min_seq=10**9)  # not caught up that far: a miss
         deadline = time.monotonic() + 5
         while fake_client.cache_stats().get("w1@host:123", {}).get("misses") != 1:
             assert time.monotonic() < deadline, fake_client.cache_stats()
@@ -425,3 +445,6 @@ def test_peek_answers_from_memory_or_none_without_redis(
     assert cache.peek("rs-a", None, seq + 1) is None  # not caught up with a newer enqueue
     assert calls.fetches == [] and calls.commands == []
     assert cache.stats()["hits"] == 2
+
+
+noop, _ = recording_agent()

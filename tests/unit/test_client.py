@@ -22,7 +22,10 @@ from lightning_queue import (
     RolloutRequest,
     RolloutResult,
 )
-from lightning_queue.worker.runner import TASK_NAME
+from lightning_queue.broker.app import make_celery
+from lightning_queue.core.settings import Settings
+from lightning_queue.broker.publisher import Publisher
+from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
 
 
 @pytest.fixture
@@ -107,12 +110,16 @@ class FakeApp:
 
     def __init__(self, fail: BaseException | None = None) -> None:
         self.fail = fail
+        self.real = make_celery(Settings())  # routing and message building need no broker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
     @contextmanager
     def producer_or_acquire(self) -> Iterator[object]:
         if self.fail is not None:
             raise self.fail
-        yield object()
+        yield SimpleNamespace(channel=SimpleNamespace(client=None))  # a kombu Redis producer, as far as it matters
 
 
 @pytest.fixture
@@ -120,18 +127,19 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], list[tuple[An
     """What ``publish`` hands the message builder: (rollout ids, (hard, soft) limits, registry seq)."""
     calls: list[tuple[list[str], list[tuple[Any, Any]], int]] = []
 
-    def publish_rollouts(app: Any, producer: Any, rollouts: Sequence[Rollout], limits: Any, seq: int = 0,
-                         countdown: float | None = None) -> None:
-        calls.append(([r.rollout_id for r in rollouts], list(limits), seq))
+    def build(self: Publisher, rollouts: Sequence[Rollout], limits: Any, registry_seq: int = 0,
+              countdown: float | None = None) -> None:
+        calls.append(([r.rollout_id for r in rollouts], list(limits), registry_seq))
 
-    monkeypatch.setattr("lightning_queue.client.publish_rollouts", publish_rollouts)
+    monkeypatch.setattr(Publisher, "build", build)
+    monkeypatch.setattr(Publisher, "_send", lambda self, producer, batch: None)
     return calls
 
 
 def test_publish_sends_one_message_per_rollout(
     fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch, sent: list[Any]
 ) -> None:
-    monkeypatch.setattr(fake_client, "_app", FakeApp())
+    monkeypatch.setattr(fake_client, "_celery", FakeApp())
     monkeypatch.setattr(fake_client.settings, "default_timeout_seconds", 30.0)
     plain, limited = fake_client.enqueue_rollouts(
         [1, RolloutRequest(input=2, resources_id="rs-x", config=RolloutConfig(timeout_seconds=5))],
@@ -146,28 +154,21 @@ def test_publish_sends_one_message_per_rollout(
 def test_a_countdown_becomes_the_eta_of_every_message_in_the_batch(fake_client: LightningClient) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from lightning_queue.broker.publisher import build_messages
-    from lightning_queue.worker.app import create_app
-
-    app = create_app(fake_client.settings)
+    publisher = fake_client.publisher
     now = datetime.now(timezone.utc)
-    batch = build_messages(app, [Rollout(input=1, queue="q"), Rollout(input=2, queue="q")], [(None, None)] * 2,
-                           countdown=30)
+    batch = publisher.build([Rollout(input=1, queue="q"), Rollout(input=2, queue="q")], [(None, None)] * 2,
+                            countdown=30)
     etas = {json.loads(m)["headers"]["eta"] for m in batch.by_queue["q"]}
     [eta] = etas
     assert timedelta(seconds=29) < datetime.fromisoformat(eta) - now < timedelta(seconds=40)
-    assert json.loads(build_messages(app, [Rollout(input=1, queue="q")], [(None, None)]).by_queue["q"][0])[
+    assert json.loads(publisher.build([Rollout(input=1, queue="q")], [(None, None)]).by_queue["q"][0])[
         "headers"]["eta"] is None
 
 
 def test_built_messages_are_celery_task_messages(fake_client: LightningClient) -> None:
-    from lightning_queue.broker.publisher import build_messages
-    from lightning_queue.worker.app import create_app
-
-    app = create_app(fake_client.settings)  # builds messages without a broker
     plain = Rollout(input=1, queue="q1")
     pinned = Rollout(input=2, queue="q2", resources_id="rs-x", resources_version=3)
-    batch = build_messages(app, [plain, pinned], [(None, None), (15.0, 5.0)], registry_seq=7)
+    batch = fake_client.publisher.build([plain, pinned], [(None, None), (15.0, 5.0)], registry_seq=7)  # no broker needed
     assert list(batch.by_queue) == ["q1", "q2"]
     first, second = (json.loads(batch.by_queue[q][0]) for q in ("q1", "q2"))
     assert first["headers"]["task"] == TASK_NAME and first["headers"]["id"] == plain.rollout_id
@@ -186,7 +187,7 @@ def test_publish_failure_fails_rollouts_and_raises(fake_client: LightningClient,
     class BrokerDown(ConnectionError):
         pass
 
-    monkeypatch.setattr(fake_client, "_app", FakeApp(fail=BrokerDown("connection refused")))
+    monkeypatch.setattr(fake_client, "_celery", FakeApp(fail=BrokerDown("connection refused")))
     with pytest.raises(EnqueueError) as info:
         fake_client.enqueue_rollouts(["a", "b"])
     rollout_ids = info.value.rollout_ids
@@ -264,7 +265,9 @@ def test_cancel_revokes_with_terminate_only_what_it_cancelled(
 ) -> None:
     revoked: list[tuple[str, dict[str, Any]]] = []
     control = SimpleNamespace(revoke=lambda task_id, **options: revoked.append((task_id, options)))
-    monkeypatch.setattr(fake_client, "_app", SimpleNamespace(control=control))
+    celery = FakeApp()
+    celery.control = control
+    monkeypatch.setattr(fake_client, "_celery", celery)
     running, done = fake_client.enqueue_rollouts([1, 2], check_resources=False)
     store = fake_client.store
     claim = store.claim(running, "w1")
@@ -281,8 +284,8 @@ def test_cancel_revokes_with_terminate_only_what_it_cancelled(
 def test_publish_warns_when_a_time_limit_outlasts_the_visibility_timeout(
     fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(fake_client, "_app", FakeApp())
-    monkeypatch.setattr("lightning_queue.client.publish_rollouts", lambda *args: None)
+    monkeypatch.setattr(fake_client, "_celery", FakeApp())
+    monkeypatch.setattr(Publisher, "_send", lambda self, producer, batch: None)
     monkeypatch.setattr(fake_client.settings, "visibility_timeout", 100)
     fake_client.enqueue_rollout(1, config=RolloutConfig(timeout_seconds=50), check_resources=False)
     assert "visibility timeout" not in caplog.text

@@ -189,7 +189,7 @@ def test_create_validates_and_refuses_a_taken_name(experiments: Experiments) -> 
             {"name": "c", "resources_id": "rs-a"}, {"name": "t", "resources_id": "rs-b"}]})
     with pytest.raises(ExperimentNotFoundError, match="'ghost'"):
         experiments.get("ghost")
-    assert [e.name for e in experiments.list()] == ["ab"]
+    assert [e.name for e in experiments.all()] == ["ab"]
 
 
 def test_status_changes(experiments: Experiments) -> None:

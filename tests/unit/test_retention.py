@@ -18,14 +18,12 @@ from lightning_queue import (
 )
 from lightning_queue.core.errors import RolloutNotFoundError
 from lightning_queue.core.models import ErrorInfo
-from lightning_queue.storage.retention import (
-    SCHEDULE_ENTRY,
-    TASK_NAME,
-    RetentionPolicy,
-    apply_retention,
-)
+from lightning_queue.core.keys import RETENTION_TASK as TASK_NAME
+from lightning_queue.storage.retention import RetentionPolicy, apply_retention
 from lightning_queue.storage.store import RolloutStore
-from lightning_queue.worker.app import create_app
+from lightning_queue.app import create_app
+from lightning_queue.worker.context import WorkerContext
+from lightning_queue.worker.tasks import SCHEDULE_ENTRY
 from tests.unit.test_store import expire_heartbeat, run_to_running
 
 MakeRollouts = Callable[..., list[Rollout]]
@@ -378,8 +376,8 @@ def test_schedule_entry_exists_only_when_an_interval_is_set(prefix: str) -> None
 def test_task_applies_the_policy_with_gc_keep(fake_redis: fakeredis.FakeRedis, prefix: str) -> None:
     settings = Settings(key_prefix=prefix, gc_keep=2, gc_interval_seconds=60)
     app = create_app(settings)
-    client = LightningClient(settings, redis_client=fake_redis, app=app)
-    app._lightning_client = client  # what app.lightning would build, on fakeredis
+    client = LightningClient(settings, redis_client=fake_redis)
+    app._context = WorkerContext.create(settings, app, redis_client=fake_redis)  # what app.context builds, on fakeredis
     for i in range(5):
         client.add_resources(prompt(f"p{i}"), f"rs-{i}")
 

@@ -1,17 +1,19 @@
-"""The runner's task body (``_run``) and retry rules, with a stand-in for the Celery task."""
+"""The runner's task body (:func:`lightning_queue.worker.runner.run`) and the retry rules,
+on a worker context built over the test's fakeredis client."""
 
 from __future__ import annotations
 
 import os
 import time
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fakeredis
 import pytest
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 from lightning_queue import (
     LLM,
@@ -23,36 +25,50 @@ from lightning_queue import (
     RolloutResult,
     rollout,
 )
+from lightning_queue.broker.app import make_celery
+from lightning_queue.broker.publisher import Publisher
 from lightning_queue.core.errors import (
     ResourcesNotFoundError,
     RolloutFailed,
     RolloutNotFoundError,
     SnapshotCorruptedError,
 )
-from lightning_queue.worker.cache import SnapshotCache, attach_cache
-from lightning_queue.worker.runner import (
-    _run,
-    next_status,
-    record_hard_timeout,
-    run_rollout,
-)
+from lightning_queue.core.policy import next_status, retry_delay
+from lightning_queue.worker import recovery, runner
+from lightning_queue.worker.cache import SnapshotCache, start_cache
+from lightning_queue.worker.context import WorkerContext
+from lightning_queue.worker.heartbeat import Heartbeat
+from lightning_queue.worker.tasks import run_rollout
 
-
-class RetryRequested(Exception):
-    """What the stub ``task.retry`` raises in place of ``celery.exceptions.Retry``."""
+RetryRequested = Retry  # what the runner raises when the policy retries an attempt
 
 
 class FakeTask:
-    """What ``_run`` uses of a bound Celery task."""
+    """A worker process as the runner sees it: a context sharing the test client's registry
+    and store (so tests can patch them), the agent, and the worker's hostname. Messages the
+    recovery publishes (retries) are recorded in ``retries`` instead of sent."""
+
+    cache: SnapshotCache | None = None  # set per test by the ``worker_cache`` fixture
 
     def __init__(self, client: LightningClient, agent: LitAgent, hostname: str | None = "worker-1@host") -> None:
-        self.app = SimpleNamespace(lightning=client, agent=agent, lightning_settings=client.settings)
-        self.request = SimpleNamespace(hostname=hostname)
+        self.client = client
+        self.agent = agent
+        self.hostname = hostname or f"pid-{os.getpid()}"
+        settings = client.settings
+        self.ctx = WorkerContext(settings=settings, redis=client.redis, registry=client.registry, store=client.store,
+                                 publisher=Publisher(make_celery(settings), settings),
+                                 heartbeat=Heartbeat(client.store, settings.heartbeat_interval), cache=self.cache)
         self.retries: list[dict[str, Any]] = []
 
-    def retry(self, **options: Any) -> RetryRequested:
-        self.retries.append(options)
-        raise RetryRequested()
+        def publish(rollouts: Any, registry_seq: int = 0, countdown: float | None = None) -> None:
+            self.retries.extend({"countdown": countdown or 0} for _ in rollouts)
+
+        self.ctx.publisher.publish = publish  # type: ignore[method-assign]
+
+    def as_celery_task(self) -> Any:
+        """What the ``lightning_queue.rollout`` task body reads of its bound Celery task."""
+        return SimpleNamespace(app=SimpleNamespace(context=self.ctx, agent=self.agent),
+                               request=SimpleNamespace(hostname=self.hostname))
 
 
 @pytest.fixture(params=["no cache", "cache"], autouse=True)
@@ -63,17 +79,18 @@ def worker_cache(request: pytest.FixtureRequest, fake_client: LightningClient) -
     if request.param == "no cache":
         yield None
         return
-    cache = attach_cache(fake_client)
+    cache = start_cache(fake_client.registry, fake_client.settings)
+    FakeTask.cache = cache
     yield cache
+    FakeTask.cache = None
     if cache is not None:
         cache.close()
-    fake_client.cache = None
 
 
 def run(task: FakeTask, rollout_id: str) -> dict[str, Any]:
-    """``_run`` with the message ``publish`` would send: the record's reference and the
+    """:func:`runner.run` with the message ``publish`` would send: the record's reference and the
     registry sequence now (with a cache, once its listener caught up with that sequence)."""
-    client: LightningClient = task.app.lightning
+    client = task.client
     message: dict[str, Any] = {}
     try:
         record = client.store.get_rollout(rollout_id)
@@ -81,21 +98,21 @@ def run(task: FakeTask, rollout_id: str) -> dict[str, Any]:
     except RolloutNotFoundError:
         pass
     seq = int(client.redis.get(client.keys.seq) or 0)
-    cache = client.cache
+    cache = task.ctx.cache
     if cache is not None:
         deadline = time.monotonic() + 10
         while cache.stats()["applied_seq"] < seq:
             assert time.monotonic() < deadline, "the cache listener did not catch up"
             time.sleep(0.005)
         warm(task, message.get("resources_id"), message.get("resources_version"), seq)
-    return _run(task, task.app, rollout_id, seq, **message)  # type: ignore[arg-type]
+    return runner.run(task.ctx, task.agent, task.hostname, rollout_id, seq, **message)
 
 
 def warm(task: FakeTask, resources_id: str | None, version: int | None, seq: int) -> None:
     """Load the snapshot the message names into the cache, as an earlier rollout would have
     (so the claim can start the attempt at once); a snapshot that does not load is left out."""
     try:
-        task.app.lightning.load_snapshot(resources_id or task.app.agent.default_resources, version, seq)
+        task.ctx.load_snapshot(resources_id or task.agent.default_resources, version, seq)
     except (ResourcesNotFoundError, SnapshotCorruptedError):
         pass
 
@@ -282,7 +299,7 @@ def test_agent_exception_retries_then_fails(fake_client: LightningClient, enqueu
 
     with pytest.raises(RetryRequested):
         run(task, queued.rollout_id)
-    assert task.retries == [{"max_retries": None, "countdown": 0}]
+    assert task.retries == [{"countdown": 0}]
     requeued = fake_client.get_rollout(queued.rollout_id)
     assert requeued.status == "requeuing" and requeued.error is not None
     first, = fake_client.get_attempts(queued.rollout_id)
@@ -474,12 +491,12 @@ def test_hard_time_limit_is_recorded(
     fake_client.store.start_attempt(queued.rollout_id, claim.sequence_id, "rs", 1)
     task = FakeTask(fake_client, recording_agent()[0])
 
-    record_hard_timeout(task.app, queued.rollout_id, TimeLimitExceeded(11))  # type: ignore[arg-type]
+    recovery.record_hard_timeout(task.ctx, queued.rollout_id, TimeLimitExceeded(11))
 
     assert fake_client.get_rollout(queued.rollout_id).status == expected
     attempt, = fake_client.get_attempts(queued.rollout_id)
     assert attempt.status == "timeout" and attempt.error is not None and attempt.error.type == "TimeLimitExceeded"
-    assert published.count(queued.rollout_id) == (2 if expected == "requeuing" else 1)  # republished to retry
+    assert len(task.retries) == (1 if expected == "requeuing" else 0)  # republished to retry
 
 
 def test_hard_time_limit_ignores_finished_and_unknown(
@@ -488,8 +505,8 @@ def test_hard_time_limit_ignores_finished_and_unknown(
     queued = enqueue()
     fake_client.cancel_rollout(queued.rollout_id, terminate=False)
     task = FakeTask(fake_client, recording_agent()[0])
-    record_hard_timeout(task.app, queued.rollout_id, TimeLimitExceeded(1))  # type: ignore[arg-type]
-    record_hard_timeout(task.app, "ro-nope", TimeLimitExceeded(1))  # type: ignore[arg-type]
+    recovery.record_hard_timeout(task.ctx, queued.rollout_id, TimeLimitExceeded(1))
+    recovery.record_hard_timeout(task.ctx, "ro-nope", TimeLimitExceeded(1))
     assert fake_client.get_rollout(queued.rollout_id).status == "cancelled"
 
 
@@ -499,7 +516,7 @@ def test_redis_outage_requeues_the_message(fake_client: LightningClient, monkeyp
 
     monkeypatch.setattr(fake_client.store, "claim", unreachable)  # the runner's first Redis call
     with pytest.raises(Reject) as info:
-        run_rollout(FakeTask(fake_client, recording_agent()[0]), "ro-x")  # type: ignore[arg-type]
+        run_rollout(FakeTask(fake_client, recording_agent()[0]).as_celery_task(), "ro-x")
     assert info.value.requeue is True
 
 
@@ -594,7 +611,7 @@ def test_result_of_an_attempt_closed_meanwhile_is_refused_and_logged(
     def hangs(task: Any) -> float:
         # While it "hangs", the watchdog declares it unresponsive and fails the rollout.
         store.redis.zadd(store.keys.heartbeats, {queued.rollout_id: 0})
-        assert store.sweep_unresponsive() == [(queued.rollout_id, "failed", 1)]
+        assert store.close_unresponsive() == [(queued.rollout_id, "failed", 1)]
         return 1.0
 
     reply = run(FakeTask(fake_client, hangs), queued.rollout_id)
@@ -654,20 +671,17 @@ def test_hard_timeout_republishes_with_backoff(
 ) -> None:
     queued = enqueue(config=RolloutConfig(max_attempts=2, retry_backoff_seconds=3))
     fake_client.store.claim(queued, "w1")
-    sent: list[tuple[str, float | None]] = []
-    monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0, countdown=None: sent.extend(
-        (r.rollout_id, countdown) for r in rollouts))
-    app = SimpleNamespace(lightning=fake_client)
-    record_hard_timeout(app, queued.rollout_id, TimeLimitExceeded(4))  # type: ignore[arg-type]
-    assert sent == [(queued.rollout_id, 3.0)]
+    task = FakeTask(fake_client, recording_agent()[0])
+    recovery.record_hard_timeout(task.ctx, queued.rollout_id, TimeLimitExceeded(4))
+    assert task.retries == [{"countdown": 3.0}]
 
 
 def test_retry_delay_with_jitter_stays_within_the_backoff() -> None:
     config = RolloutConfig(retry_backoff_seconds=1, retry_backoff_max_seconds=8, retry_jitter=True)
-    delays = [config.retry_delay(seq) for seq in range(1, 7) for _ in range(50)]
+    delays = [retry_delay(config, seq) for seq in range(1, 7) for _ in range(50)]
     assert all(0 <= d <= 8 for d in delays)
     assert len(set(delays)) > 1
-    assert RolloutConfig().retry_delay(3) == 0.0
+    assert retry_delay(RolloutConfig(), 3) == 0.0
 
 
 def test_result_of_a_superseded_attempt_is_refused_naming_the_new_one(
@@ -714,7 +728,7 @@ def test_cached_snapshot_starts_the_attempt_in_the_claim(
     monkeypatch.setattr(fake_client.store, "start_attempt", forbid)
     monkeypatch.setattr(fake_client.registry, "fetch", forbid)
 
-    reply = _run(task, task.app, queued.rollout_id, seq, "rs-a", 1)  # type: ignore[arg-type]
+    reply = runner.run(task.ctx, task.agent, task.hostname, queued.rollout_id, seq, "rs-a", 1)
 
     assert reply["status"] == "succeeded" and (reply["resources_id"], reply["version"]) == ("rs-a", 1)
     assert calls[0]["rollout"].status == "running" and calls[0]["rollout"].attempt_count == 1
@@ -747,7 +761,7 @@ def test_a_message_naming_another_snapshot_than_the_record_resolves_from_the_rec
 
     monkeypatch.setattr(fake_client.store, "start_attempt", spy)
     # A message that disagrees with the record (pinned to rs-a): the record decides.
-    reply = _run(task, task.app, queued.rollout_id, seq, "rs-a", 1)  # type: ignore[arg-type]
+    reply = runner.run(task.ctx, task.agent, task.hostname, queued.rollout_id, seq, "rs-a", 1)
 
     assert started == [("rs-b", 1)] and reply["resources_id"] == "rs-b"
     assert calls[0]["llm"] == newer

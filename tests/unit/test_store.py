@@ -720,7 +720,7 @@ def test_scripts_apply_the_default_config_to_a_record_that_stores_none(
         run_to_running(store, rollout)
         expire_heartbeat(store, rollout.rollout_id)
     assert store.claim(lost.rollout_id, "w2").outcome == "lost"
-    moved = {rid: status for rid, status, _ in store.sweep_unresponsive()}
+    moved = {rid: status for rid, status, _ in store.close_unresponsive()}
     assert moved == {hung.rollout_id: "failed", "ro-retried": "requeuing"}
 
 

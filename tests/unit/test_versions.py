@@ -26,7 +26,7 @@ from lightning_queue.core.errors import (
 )
 from lightning_queue.core.keys import Keys
 from lightning_queue.storage.registry import SnapshotRegistry, retry_on_conflict
-from tests.unit.test_runner import FakeTask, RetryRequested, run
+from tests.unit.test_runner import FakeTask, RetryRequested, recording_agent, run
 
 
 class Counter(Resource):
@@ -160,9 +160,10 @@ def test_load_snapshot_follows_or_pins(fake_client: LightningClient) -> None:
     fake_client.add_resources(prompt("a1"), "rs-a")
     fake_client.set_pointer("prod", "rs-a")
     fake_client.update_resources("rs-a", prompt("a2"))
-    assert fake_client.load_snapshot("prod").resources == prompt("a2")
-    assert fake_client.load_snapshot("rs-a", 1).resources == prompt("a1")
-    assert fake_client.load_snapshot(None).version == 2
+    ctx = FakeTask(fake_client, recording_agent()[0]).ctx  # a worker process's context, uncached
+    assert ctx.load_snapshot("prod").resources == prompt("a2")
+    assert ctx.load_snapshot("rs-a", 1).resources == prompt("a1")
+    assert ctx.load_snapshot(None).version == 2
 
 
 def test_each_attempt_records_the_snapshot_it_ran_with(

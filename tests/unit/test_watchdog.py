@@ -12,7 +12,9 @@ import pytest
 from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResult
 from lightning_queue.storage.liveness import HealthRecorder, judge
 from lightning_queue.storage.store import RolloutStore
-from lightning_queue.worker.heartbeat import Heartbeat, run_sweep, sweep
+from lightning_queue.worker.heartbeat import Heartbeat
+from lightning_queue.worker.recovery import sweep_unresponsive
+from tests.unit.test_runner import FakeTask, recording_agent
 from tests.unit.test_store import run_to_running
 
 MakeRollouts = Callable[..., list[Rollout]]
@@ -94,8 +96,8 @@ def test_sweep_requeues_an_expired_attempt_and_refuses_its_late_result(
     run_to_running(store, fresh)
     store.redis.zadd(store.keys.heartbeats, {rid: time.time() - 1})
 
-    assert store.sweep_unresponsive() == [(rid, "requeuing", 1)]
-    assert store.sweep_unresponsive() == []  # taken once
+    assert store.close_unresponsive() == [(rid, "requeuing", 1)]
+    assert store.close_unresponsive() == []  # taken once
     [attempt] = store.get_attempts(rid)
     assert attempt.status == "unresponsive" and attempt.error.type == "UnresponsiveAttemptError"
     assert status_index_members(rid) == ["requeuing"]
@@ -121,7 +123,7 @@ def test_sweep_fails_the_rollout_and_it_never_flips_to_succeeded(
     run_to_running(store, rollout)
     store.redis.zadd(store.keys.heartbeats, {rid: 0})
 
-    assert store.sweep_unresponsive() == [(rid, "failed", 1)]
+    assert store.close_unresponsive() == [(rid, "failed", 1)]
     failed = store.get_rollout(rid)
     assert failed.status == "failed" and failed.error.type == "UnresponsiveAttemptError"
     assert failed.end_time is not None
@@ -137,10 +139,10 @@ def test_sweep_reads_only_the_expired_head(store: RolloutStore, make_rollouts: M
         run_to_running(store, r)
     now = time.time()
     store.redis.zadd(store.keys.heartbeats, {r.rollout_id: now - 10 + i for i, r in enumerate(rollouts[:3])})
-    moved = store.sweep_unresponsive(limit=2)
+    moved = store.close_unresponsive(limit=2)
     assert [m[0] for m in moved] == [r.rollout_id for r in rollouts[:2]]
-    assert [m[0] for m in store.sweep_unresponsive(limit=2)] == [rollouts[2].rollout_id]
-    assert store.sweep_unresponsive() == []
+    assert [m[0] for m in store.close_unresponsive(limit=2)] == [rollouts[2].rollout_id]
+    assert store.close_unresponsive() == []
 
 
 def test_concurrent_sweeps_take_each_expired_attempt_once(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
@@ -149,7 +151,7 @@ def test_concurrent_sweeps_take_each_expired_attempt_once(store: RolloutStore, m
         run_to_running(store, r)
     store.redis.zadd(store.keys.heartbeats, {r.rollout_id: 0 for r in rollouts})
     results: list[list[tuple[str, str, int]]] = []
-    threads = [threading.Thread(target=lambda: results.append(store.sweep_unresponsive(limit=7))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: results.append(store.close_unresponsive(limit=7))) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -167,25 +169,41 @@ def test_sweep_republishes_requeued_rollouts_with_their_backoff(
     for r in (retried, final):
         run_to_running(store, r)
         store.redis.zadd(store.keys.heartbeats, {r.rollout_id: 0})
-    sent: list[tuple[str, float | None]] = []
-    monkeypatch.setattr(fake_client, "publish",
-                        lambda rollouts, registry_seq=0, countdown=None: sent.extend(
-                            (r.rollout_id, countdown) for r in rollouts))
+    task = FakeTask(fake_client, recording_agent()[0])
 
-    moved = sweep(fake_client)
+    moved = sweep_unresponsive(task.ctx)
 
     assert sorted(moved) == sorted([(retried.rollout_id, "requeuing", 1), (final.rollout_id, "failed", 1)])
-    assert sent == [(retried.rollout_id, 4.0)]
+    assert task.retries == [{"countdown": 4.0}]
 
 
-def test_run_sweep_logs_instead_of_raising(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch,
-                                           caplog: pytest.LogCaptureFixture) -> None:
-    def broken(limit: int = 100) -> None:
-        raise RuntimeError("redis went away")
+def test_a_sweep_that_died_after_leasing_leaves_its_entries_due_again(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    run_to_running(store, rollout)
+    store.redis.zadd(store.keys.heartbeats, {rid: 0})
+    now = time.time()
+    store._lease(keys=[store.keys.heartbeats], args=[repr(now), 10, repr(now + 5), store.keys.rollout_prefix])
+    assert store.close_unresponsive(now=now + 1) == []  # leased by the sweep that died
+    assert store.get_rollout(rid).status == "running"
+    assert store.close_unresponsive(now=now + 6) == [(rid, "requeuing", 1)]  # the lease ended
 
-    monkeypatch.setattr(fake_client.store, "sweep_unresponsive", broken)
-    run_sweep(fake_client)
-    assert "sweep failed: RuntimeError: redis went away" in caplog.text
+
+def test_an_attempt_that_beats_after_the_lease_is_left_alone(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    seq = run_to_running(store, rollout)
+    store.redis.zadd(store.keys.heartbeats, {rid: 0})
+    lease = store._lease
+    def lease_then_beat(**kwargs: object) -> object:
+        taken = lease(**kwargs)
+        assert store.heartbeat(rid, seq)  # the "hung" process was only slow
+        return taken
+    store._lease = lease_then_beat  # type: ignore[method-assign]
+    assert store.close_unresponsive() == []
+    assert store.get_rollout(rid).status == "running"
 
 
 # --------------------------------------------------------------------------- the heartbeat thread
@@ -269,7 +287,7 @@ def test_judge_names_the_queue_it_no_longer_consumes() -> None:
 
 
 def test_recorder_tracks_the_backlog_and_client_reports_it(fake_client: LightningClient) -> None:
-    recorder = HealthRecorder(fake_client, "w1@h", ttl=30)
+    recorder = HealthRecorder(fake_client.redis, fake_client.keys, "w1@h", ttl=30)
     queue_key = f"{fake_client.keys.celery_prefix}q"
     first = recorder.report(["q"], ["q"], active=0, concurrency=1)
     assert first["backlog_since"] is None and first["queued"] == {"q": 0}
@@ -294,7 +312,8 @@ def test_recorder_tracks_the_backlog_and_client_reports_it(fake_client: Lightnin
 
 def test_worker_warns_when_its_time_limits_outlast_the_visibility_timeout() -> None:
     from lightning_queue import Settings
-    from lightning_queue.worker.app import celery_config, check_visibility_timeout
+    from lightning_queue.broker.app import celery_config
+    from lightning_queue.worker.app import check_visibility_timeout
 
     ok = Settings(visibility_timeout=600, default_timeout_seconds=300, heartbeat_interval=10)
     assert check_visibility_timeout(ok) is None

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from lightning_queue import LLM, PromptTemplate, Rollout
-from lightning_queue.worker.app import LightningCelery, load_agent
+from lightning_queue.worker.app import WorkerApp, load_agent
 from tests.openai_stub import OpenAIStub
 from workers import calc_agent
 from workers.calc_agent import (
@@ -115,6 +115,6 @@ def test_http_errors_raise_a_clear_error(openai_stub: OpenAIStub) -> None:
 
 
 def test_module_exposes_a_worker_app_and_the_agent() -> None:
-    assert isinstance(calc_agent.app, LightningCelery)
+    assert isinstance(calc_agent.app, WorkerApp)
     assert calc_agent.app.agent is calc_agent.agent
     assert load_agent("workers.calc_agent:agent") is calc_agent.agent

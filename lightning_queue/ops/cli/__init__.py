@@ -577,7 +577,7 @@ def experiments_status(name: Optional[str] = typer.Argument(None, help="One expe
         if name is not None:
             console.print_json(ex.get(name).model_dump_json())
             return
-        experiments = ex.list()
+        experiments = ex.all()
     table = Table("name", "status", "variants", "unit", "coverage", "bucket v", "created", "note")
     for e in experiments:
         variants = ", ".join(f"{v.name}={v.resources_id}" + ("" if e.paired else f":{v.weight:g}") for v in e.variants)
@@ -631,7 +631,7 @@ def _queues(queues: Optional[str]) -> list[str]:
 def _ping(client: LightningClient, timeout: float) -> dict[str, bool] | None:
     """Each worker node that answered a Celery ping within ``timeout`` (None: the ping itself failed)."""
     try:
-        replies = client.app.control.ping(timeout=timeout)
+        replies = client.celery.control.ping(timeout=timeout)
     except Exception:  # noqa: BLE001 - the broker may be unreachable: the frame shows it, not a traceback
         return None
     return {node: True for reply in replies for node in reply}

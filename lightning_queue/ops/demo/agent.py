@@ -26,21 +26,23 @@ from typing import Any
 from lightning_queue.core.models import PromptTemplate, Rollout, RolloutResult
 from lightning_queue.worker.agent import rollout
 
+_BY_SYMBOL = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv}
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
 def _left_to_right(expression: str) -> int:
     tokens = re.findall(r"\d+|[-+*]|//", expression)
     value = int(tokens[0])
-    for op, number in zip(tokens[1::2], tokens[2::2]):
-        value = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv}[op](value, int(number))
+    for op, number in zip(tokens[1::2], tokens[2::2], strict=False):
+        value = _BY_SYMBOL[op](value, int(number))
     return value
 
 
 def _with_precedence(expression: str) -> int:
     def walk(node: ast.AST) -> int:
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+            value: int = _OPS[type(node.op)](walk(node.left), walk(node.right))
+            return value
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
         raise ValueError(f"not simple arithmetic: {expression!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -29,7 +30,7 @@ DEMO_AGENT = "lightning_queue.ops.demo.agent:agent"
 
 
 def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: bool = False,
-             console: Console | None = None) -> dict:
+             console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
 
     started = time.monotonic()
@@ -58,14 +59,14 @@ def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: b
             table.add_column(column)
         short_names = {w.hostname: w.name.split("-")[0] for w in fleet.workers}  # w1-<prefix>@host -> w1
         for score in report.scores:
-            workers_used = Counter()
+            workers_used: Counter[str] = Counter()
             for r in score.rollouts:
                 attempt = client.get_attempts(r.rollout_id)[-1]
                 workers_used[short_names.get(attempt.worker_id, attempt.worker_id)] += 1
             promoted = "[bold green]promoted -> latest[/]" if score is report.promoted else ""
+            spread = " ".join(f"{w}:{n}" for w, n in sorted(workers_used.items()))
             table.add_row(score.name, score.resources_id, str(len(score.rollouts)), str(score.summary.failed),
-                          f"{score.summary.mean_reward:.3f}", " ".join(f"{w}:{n}" for w, n in sorted(workers_used.items())),
-                          promoted)
+                          f"{score.summary.mean_reward:.3f}", spread, promoted)
         console.print(table)
         ran_with = Counter(client.get_attempts(r.rollout_id)[-1].resources_id for r in report.validation)
         console.print(
@@ -76,7 +77,8 @@ def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: b
         elapsed = time.monotonic() - started
         console.print(f"[bold]Done in {elapsed:.1f} s.[/] Promoted {report.promoted.name!r} "
                       f"({report.promoted.resources_id}, version {report.promoted_version}).")
-        return {"promoted": report.promoted.name, "seconds": elapsed, "validation_mean": report.validation_summary.mean_reward}
+        return {"promoted": report.promoted.name, "seconds": elapsed,
+                "validation_mean": report.validation_summary.mean_reward}
     except BaseException:
         if fleet.workers:
             console.print("[red]worker logs:[/]\n" + fleet.logs()[-6000:])

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from lightning_queue.client import LightningClient
 from lightning_queue.core.metrics import RewardSummary
@@ -54,8 +55,8 @@ class SearchReport:
 
 def prompt_search(
     client: LightningClient,
-    train: list[dict],
-    val: list[dict],
+    train: list[dict[str, Any]],
+    val: list[dict[str, Any]],
     candidates: dict[str, str] = CANDIDATES,
     timeout: float = 600,
     on_finished: Callable[[Rollout], None] | None = None,
@@ -89,6 +90,7 @@ def prompt_search(
 
     # Unpinned rollouts follow latest: they run with the promoted prompt.
     val_rollouts = client.enqueue_rollouts(val, mode="val")
-    validation = client.wait_for_rollouts([r.rollout_id for r in val_rollouts], timeout=timeout, on_finished=on_finished)
+    validation = client.wait_for_rollouts([r.rollout_id for r in val_rollouts], timeout=timeout,
+                                          on_finished=on_finished)
     return SearchReport(list(scores.values()), best, promoted.version, validation)
 

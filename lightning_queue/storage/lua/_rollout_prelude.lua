@@ -1,9 +1,12 @@
--- Shared by the rollout scripts. KEYS[1..#STATUSES] are the status index zsets, in
+-- Shared by the rollout scripts. The status names and sets are filled in from core/models.py
+-- (scripts.py); no script decides whether a rollout is retried: core/policy.py does, and passes
+-- the decision in. KEYS[1..#STATUSES] are the status index zsets, in
 -- STATUSES order; each script's own keys follow from KEYS[#STATUSES + 1].
 -- The scripts read each hash once (one HMGET) and write it once (one HSET with every field):
 -- Redis runs every command of a script on its single thread, so each one saved is server CPU.
 local STATUSES = {__STATUSES__}
-local TERMINAL = {succeeded = true, failed = true, cancelled = true}
+local TERMINAL = {__TERMINAL__}
+local OPEN = {__OPEN__}
 local STATUS_INDEX = {}
 for i, name in ipairs(STATUSES) do
   STATUS_INDEX[name] = KEYS[i]
@@ -29,18 +32,4 @@ local function expire_rollout(rollout_key, attempt_prefix, ttl, n)
   for i = 1, tonumber(n or 0) do
     redis.call('EXPIRE', attempt_prefix .. i, ttl)
   end
-end
-
--- The stored `config` field (JSON of the fields that differ from the defaults; absent when none
--- do) merged over `defaults_json` (the JSON of a default RolloutConfig, sent by the caller).
--- Returns whether an attempt ending `attempt_status` after attempt `n` may be retried.
-local function may_retry(config_json, defaults_json, attempt_status, n)
-  local defaults = cjson.decode(defaults_json)
-  local config = cjson.decode(config_json or '{}')
-  local condition = config['retry_condition'] or defaults['retry_condition']
-  local max_attempts = tonumber(config['max_attempts'] or defaults['max_attempts'])
-  for _, s in ipairs(condition) do
-    if s == attempt_status then return tonumber(n) < max_attempts end
-  end
-  return false
 end

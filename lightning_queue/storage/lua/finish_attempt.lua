@@ -2,27 +2,42 @@
 -- KEYS[K+1] rollout hash, KEYS[K+2] attempt hash, KEYS[K+3] events channel, KEYS[K+4] heartbeat index
 -- ARGV[1] rollout_id, ARGV[2] sequence_id, ARGV[3] attempt status, ARGV[4] now,
 -- ARGV[5] error JSON or '', ARGV[6] result JSON or '', ARGV[7] next rollout status
--- (succeeded | failed | requeuing), ARGV[8] TTL of a finished rollout in seconds or '' (none),
--- ARGV[9] attempt key prefix ("{p}:rollout:{id}:attempt:")
+-- (succeeded | failed | requeuing: the retry policy's decision, core/policy.py),
+-- ARGV[8] TTL of a finished rollout in seconds or '' (none), ARGV[9] attempt key prefix
+-- ("{p}:rollout:{id}:attempt:"), ARGV[10] '' when the attempt reports its own outcome, or a time
+-- when it is closed from outside (the unresponsive sweep, a claim that found its worker dead):
+-- then only if its heartbeat expired by that time, so an attempt that beat since is left alone.
 -- The result is stored once: on the rollout when the outcome is accepted (the attempt that
 -- finished the rollout reads it from there), on the attempt only when the rollout was cancelled
 -- while it ran (kept for inspection, the rollout keeps its status).
--- Returns the rollout's status afterwards, or 'stale' when the attempt is no longer the
--- rollout's current one or was already closed as lost, unresponsive or timed out (its
--- outcome is refused: nothing is written).
+-- Returns the rollout's status afterwards; 'stale' when the attempt is no longer the rollout's
+-- current one or was already closed as lost, unresponsive or timed out (its outcome is refused:
+-- nothing is written); 'alive' when closing from outside and the attempt beat since.
 local rollout_key = KEYS[K + 1]
+local rid = ARGV[1]
 local r = redis.call('HMGET', rollout_key, 'attempt_count', 'status', 'enqueue_time')
-if r[1] ~= ARGV[2] then
+local status = r[2]
+local outside = ARGV[10] ~= ''
+if outside then
+  local deadline = redis.call('ZSCORE', KEYS[K + 4], rid)
+  if r[1] ~= ARGV[2] or not OPEN[status] then
+    -- Nothing open to close; an expired index entry left behind goes (a fresh one is another attempt's).
+    if deadline and tonumber(deadline) <= tonumber(ARGV[10]) then redis.call('ZREM', KEYS[K + 4], rid) end
+    return 'stale'
+  end
+  if deadline and tonumber(deadline) > tonumber(ARGV[10]) then
+    return 'alive'
+  end
+elseif r[1] ~= ARGV[2] then
   return 'stale'
 end
-local closed = redis.call('HGET', KEYS[K + 2], 'status')
-if closed == 'worker_lost' or closed == 'unresponsive' or closed == 'timeout' then
+local CLOSED = {__CLOSED__}
+if CLOSED[redis.call('HGET', KEYS[K + 2], 'status')] then
   return 'stale'
 end
-redis.call('ZREM', KEYS[K + 4], ARGV[1])
+redis.call('ZREM', KEYS[K + 4], rid)
 local attempt = {'status', ARGV[3], 'end_time', ARGV[4]}
 if ARGV[5] ~= '' then table.insert(attempt, 'error'); table.insert(attempt, ARGV[5]) end
-local status = r[2]
 if TERMINAL[status] then
   -- Cancelled while it ran: the outcome is kept on the attempt only, which expires with the rollout.
   if ARGV[6] ~= '' then table.insert(attempt, 'result'); table.insert(attempt, ARGV[6]) end
@@ -42,9 +57,9 @@ end
 redis.call('HSET', rollout_key, unpack(fields))
 -- An earlier attempt's error may be on the record; only a retried rollout can have one.
 if next_status == 'succeeded' and tonumber(ARGV[2]) > 1 then redis.call('HDEL', rollout_key, 'error') end
-move_status(ARGV[1], status, next_status, r[3])
+move_status(rid, status, next_status, r[3])
 if TERMINAL[next_status] then
   expire_rollout(rollout_key, ARGV[9], ARGV[8], ARGV[2])
-  redis.call('PUBLISH', KEYS[K + 3], ARGV[1])
+  redis.call('PUBLISH', KEYS[K + 3], rid)
 end
 return next_status

@@ -3,8 +3,9 @@
 -- ARGV[1] rollout_id, ARGV[2] sequence_id, ARGV[3] new deadline
 -- Returns 1, or 0 when the attempt is no longer the rollout's open one (finished, cancelled,
 -- or declared unresponsive or lost): then the index is left alone and the caller stops beating.
+local OPEN = {__OPEN__}
 local r = redis.call('HMGET', KEYS[1], 'status', 'attempt_count')
-if (r[1] ~= 'preparing' and r[1] ~= 'running') or r[2] ~= ARGV[2] then
+if not OPEN[r[1]] or r[2] ~= ARGV[2] then
   return 0
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])

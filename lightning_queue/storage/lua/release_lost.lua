@@ -3,8 +3,9 @@
 -- KEYS[1] rollout hash, KEYS[2] heartbeat index zset
 -- ARGV[1] rollout_id, ARGV[2] worker_id of the process that died, ARGV[3] attempt key prefix
 -- Returns 1 when the open attempt was that worker's and its heartbeat was dropped, else 0.
+local OPEN = {__OPEN__}
 local r = redis.call('HMGET', KEYS[1], 'status', 'attempt_count')
-if r[1] ~= 'preparing' and r[1] ~= 'running' then
+if not OPEN[r[1]] then
   return 0
 end
 if redis.call('HGET', ARGV[3] .. r[2], 'worker_id') ~= ARGV[2] then

@@ -18,7 +18,7 @@ if ARGV[4] ~= '' then
 else
   redis.call('HSET', rollout_key, 'status', ARGV[2], 'end_time', ARGV[3])
 end
-if status == 'preparing' or status == 'running' then
+if OPEN[status] then
   -- Close the open attempt too; if its agent still finishes, finish_attempt records that outcome.
   redis.call('HSET', ARGV[6] .. r[2], 'status', ARGV[2], 'end_time', ARGV[3])
 end

@@ -1,0 +1,66 @@
+"""Fleet duties: what every worker's main process does for the fleet, on the worker's own timer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.worker import state
+
+from lightning_queue.storage.liveness import HealthRecorder
+from lightning_queue.worker import recovery
+from lightning_queue.worker.app import WorkerApp
+
+log = logging.getLogger(__name__)
+
+
+class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ships no type information
+    """Sweep for unresponsive attempts (:func:`lightning_queue.worker.recovery.sweep_unresponsive`)
+    and record this worker's consumption health (:mod:`lightning_queue.storage.liveness`).
+
+    A consumer bootstep, so it runs in each worker and restarts with the consumer after a lost
+    connection; with every worker sweeping, the watchdog has no single point of failure. A
+    failing tick is logged and the next one tries again.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.queues: list[str] | None = None
+
+    def start(self, c: Any) -> None:
+        app = c.app
+        if not isinstance(app, WorkerApp):
+            return
+        if self.queues is None:
+            # The queues it was started for: cancel_consumer later deselects them, and a
+            # worker that stopped consuming one must still be judged on it.
+            selected = app.amqp.queues.consume_from or app.amqp.queues
+            self.queues = sorted(selected)
+        settings = app.settings
+        if app.health is None:
+            ctx = app.context
+            app.health = HealthRecorder(ctx.redis, ctx.settings.keys, c.hostname, ttl=3 * settings.sweep_interval + 5)
+        self.tref = c.timer.call_repeatedly(settings.sweep_interval, self.tick, (c,), priority=10)
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def tick(self, c: Any) -> None:
+        app: WorkerApp = c.app
+        try:
+            recovery.sweep_unresponsive(app.context)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("unresponsive-attempt sweep failed: %s: %s", type(exc).__name__, exc)
+        try:
+            consuming = sorted(q.name for q in (c.task_consumer.queues if c.task_consumer else []))
+            concurrency = int(getattr(c.controller, "concurrency", 0) or getattr(c.pool, "num_processes", 1) or 1)
+            if app.health is not None:
+                app.health.report(self.queues or [], consuming, len(state.active_requests), concurrency)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("worker health report failed: %s: %s", type(exc).__name__, exc)

@@ -1,0 +1,88 @@
+"""What one worker process works with: its connections, store, registry, cache and heartbeat.
+
+Each process of a worker builds its own :class:`WorkerContext`: the main process (which
+sweeps for unresponsive attempts, records hard time-outs and lost pool processes, and
+reports the worker's health) and, after the fork, each pool process (which runs rollouts
+and keeps a snapshot cache). Nothing is shared across a fork: sockets and threads do not
+survive one. The algorithm side never sees a context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from celery import Celery
+from redis import Redis
+
+from lightning_queue.broker.publisher import Publisher
+from lightning_queue.core.models import ResourcesUpdate
+from lightning_queue.core.settings import Settings
+from lightning_queue.storage.connections import connect
+from lightning_queue.storage.registry import LATEST, SnapshotRegistry
+from lightning_queue.storage.store import RolloutStore
+from lightning_queue.worker.cache import SnapshotCache, start_cache
+from lightning_queue.worker.heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """One worker process's view of the system. Build it with :meth:`create`."""
+
+    settings: Settings
+    redis: Redis
+    registry: SnapshotRegistry
+    store: RolloutStore
+    publisher: Publisher
+    heartbeat: Heartbeat
+    cache: SnapshotCache | None = None
+    pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def create(
+        cls,
+        settings: Settings,
+        celery: Celery,
+        *,
+        redis_client: Redis | None = None,
+        cache_name: str | None = None,
+        with_cache: bool = False,
+    ) -> WorkerContext:
+        """A context for this process. No start-up check of the connection: a pool process
+        made while Redis restarts must not die of it; its commands ride out the outage
+        through the retry budget instead. ``with_cache`` starts a snapshot cache (none when
+        ``settings.cache_max_bytes`` is 0) that reports its stats as ``cache_name``."""
+        if redis_client is None:
+            redis_client = connect(settings.redis_url, settings.sentinel_master, check=False,
+                                   retry_seconds=settings.redis_retry_seconds)
+        keys = settings.keys
+        registry = SnapshotRegistry(redis_client, keys, settings)
+        store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline)
+        cache = start_cache(registry, settings, cache_name) if with_cache else None
+        return cls(settings=settings, redis=redis_client, registry=registry, store=store,
+                   publisher=Publisher(celery, settings), heartbeat=Heartbeat(store, settings.heartbeat_interval),
+                   cache=cache)
+
+    def load_snapshot(self, ref: str | None, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate:
+        """The snapshot a rollout runs with (``None`` = latest), through this process's cache
+        when it has one. ``min_seq`` is the registry sequence the answer must be at least as
+        fresh as."""
+        if self.cache is not None:
+            return self.cache.get(ref or LATEST, version, min_seq)
+        return self.registry.fetch(ref or LATEST, version).snapshot
+
+    def peek_snapshot(self, ref: str | None, version: int | None, min_seq: int) -> ResourcesUpdate | None:
+        """The snapshot :meth:`load_snapshot` would answer from memory, or None (no cache, or a
+        miss); never touches Redis."""
+        return None if self.cache is None else self.cache.peek(ref or LATEST, version, min_seq)
+
+    def close(self) -> None:
+        """Stop the cache's listener (logging its stats) and close the connections."""
+        if self.cache is not None:
+            self.cache.close()
+            log.info("snapshot cache stats: %s", self.cache.stats())
+        if self.pid == os.getpid():
+            self.redis.close()
