@@ -6,6 +6,7 @@ Each message says what was wrong and what to do next. Catch
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 
@@ -313,21 +314,26 @@ class ExperimentUnitError(ExperimentError, KeyError):
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its password replaced by ``**`` and its query dropped (it may name key files or
-    carry a password), for messages and logs. Works on malformed URLs too: whatever stands before
-    the last ``@`` after the scheme is credentials. A ``;``-separated list of URLs (kombu's
-    Sentinel form) is masked URL by URL."""
+    """``url`` for messages and logs, with what is secret masked and nothing else: the password
+    of the user info (``redis://user:**@host``) and the value of a ``password`` query parameter.
+    A URL without a password is returned unchanged (a user name alone, ``redis://user@host``,
+    is not a secret). Works on malformed URLs too: whatever stands before the last ``@`` after
+    the scheme is user info, so a password holding ``/``, ``?`` or ``@`` is still masked whole.
+    A ``;``-separated list of URLs (kombu's Sentinel form) is masked URL by URL."""
     if ";" in url:
         return ";".join(redacted_url(part) for part in url.split(";"))
-    url = url.split("?", 1)[0]
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    scheme, sep, userinfo = head.partition("://")
-    if not sep:
-        scheme, sep, userinfo = head.partition(":")
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}{sep}{user + ':**' if colon else '**'}@{host}"
+    head, at, rest = url.rpartition("@")
+    if at:
+        scheme, sep, userinfo = head.partition("://")
+        if not sep:
+            scheme, sep, userinfo = head.partition(":")
+        user, _, password = userinfo.partition(":")
+        if password:
+            url = f"{scheme}{sep}{user}:**@{rest}"
+    return _PASSWORD_PARAMETER.sub(r"\1**", url)
+
+
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]+", re.IGNORECASE)
 
 
 class InvalidRedisUrlError(ConfigurationError):

@@ -145,14 +145,17 @@ class PromptTemplate(Resource):
     @model_validator(mode="after")
     def _template_parses(self) -> PromptTemplate:
         # A template with a syntax error is refused when the snapshot is stored, not at rollout time.
-        import jinja2
-
         try:
             if self.engine == "f-string":
                 list(string.Formatter().parse(self.template))
             else:
-                jinja2.Environment().parse(self.template)
-        except (ValueError, jinja2.TemplateSyntaxError) as exc:
+                import jinja2  # here, not above: every snapshot read validates its f-string templates
+
+                try:
+                    jinja2.Environment().parse(self.template)
+                except jinja2.TemplateSyntaxError as exc:
+                    raise ValueError(str(exc)) from None
+        except ValueError as exc:
             raise ValueError(
                 f"field template: {self.engine} template does not parse ({exc}); "
                 + ("double literal braces as {{ and }}" if self.engine == "f-string" else "fix its Jinja syntax")

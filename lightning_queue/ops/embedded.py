@@ -10,9 +10,8 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
-from lightning_queue.core.errors import ConfigurationError, RedisUnavailableError
+from lightning_queue.core.errors import ConfigurationError, RedisUnavailableError, redacted_url
 from lightning_queue.storage.connections import ping
 
 log = logging.getLogger(__name__)
@@ -96,10 +95,10 @@ class EmbeddedRedis:
 
 
 def ensure_redis(url: str, prefer_binary: bool = True) -> tuple[str, EmbeddedRedis | None]:
-    """Return ``url`` when it answers; otherwise start an embedded server and return its URL."""
+    """Return ``url`` when it answers; otherwise start an embedded server and return its URL
+    and the server (the caller tells the user: this function does not, so it is said once)."""
     if ping(url):
         return url, None
-    host = urlparse(url).hostname
-    log.warning("no Redis at %s (%s); starting an embedded one", url, host)
+    log.info("no Redis at %s; starting an embedded one", redacted_url(url))
     server = EmbeddedRedis.start(prefer_binary=prefer_binary)
     return server.url, server

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import zstandard
-
 from lightning_queue.core.errors import SnapshotCorruptedError, SnapshotTooLargeError
 
 PLAIN = "json"
@@ -43,6 +41,8 @@ def encode(raw: bytes, compress_threshold: int, max_bytes: int, resources_id: st
     if len(raw) >= compress_threshold:
         # A (de)compressor object must not be shared between threads; making one costs ~8 µs, nothing
         # next to the work it does on a payload above the threshold, so each call gets its own.
+        import zstandard  # here: reading and writing small snapshots (most CLI calls) never needs it
+
         packed = zstandard.ZstdCompressor(level=LEVEL).compress(raw)
         if len(packed) < len(raw):
             return EncodedPayload(packed, ZSTD, digest, len(raw))
@@ -52,6 +52,8 @@ def encode(raw: bytes, compress_threshold: int, max_bytes: int, resources_id: st
 def decode(data: bytes, encoding: str, expected_checksum: str | None, resources_id: str) -> bytes:
     """The uncompressed JSON; :class:`SnapshotCorruptedError` on a bad payload or checksum."""
     if encoding == ZSTD:
+        import zstandard
+
         try:
             raw = zstandard.ZstdDecompressor().decompress(data)
         except zstandard.ZstdError as exc:

@@ -441,9 +441,9 @@ def test_bad_rollout_option_on_the_command_line(fake_client: LightningClient, mo
 
     from lightning_queue.ops import cli
 
-    monkeypatch.setattr(cli, "_client", lambda: fake_client)
     monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)
-    result = CliRunner().invoke(cli.app, ["rollouts", "submit", '{"q": 1}', "--mode", "training"])
+    result = CliRunner().invoke(cli.app, ["rollouts", "submit", '{"q": 1}', "--mode", "training"],
+                                obj=cli.CliContext(client=fake_client))
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "mode: Input should be 'train', 'val' or 'test'" in result.stderr
     assert "Traceback" not in result.stderr and fake_client.query_rollouts() == []

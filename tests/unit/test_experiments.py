@@ -496,10 +496,9 @@ def test_a_canary_schedule_must_increase(snapshots: LightningClient) -> None:
 
 
 @pytest.fixture
-def invoke(snapshots: LightningClient, outcome: dict[str, Outcome], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
-    monkeypatch.setattr(cli, "_client", lambda: snapshots)
+def invoke(snapshots: LightningClient, outcome: dict[str, Outcome]) -> Callable[..., Any]:
     runner = CliRunner()
-    return lambda *args: runner.invoke(cli.app, list(args))
+    return lambda *args: runner.invoke(cli.app, list(args), obj=cli.CliContext(client=snapshots))
 
 
 def test_cli_create_start_report_promote(invoke: Callable[..., Any], snapshots: LightningClient,

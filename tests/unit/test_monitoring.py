@@ -229,13 +229,20 @@ def _status(client: LightningClient, monkeypatch: pytest.MonkeyPatch, *args: str
 
     from lightning_queue.ops import cli
 
-    monkeypatch.setattr(cli, "_client", lambda: client)
-    return CliRunner().invoke(cli.app, ["status", "--once", *args], env={"COLUMNS": "200"})
+    return CliRunner().invoke(cli.app, ["status", "--once", *args], env={"COLUMNS": "200"},
+                              obj=cli.CliContext(client=client))
 
 
 def _row(output: str, first_cell: str) -> list[str]:
-    line = next(line for line in output.splitlines() if line.startswith(f"│ {first_cell} "))
-    return [cell.strip() for cell in line.strip("│").split("│")]
+    """The cells of the table row starting with ``first_cell`` (columns start where the header
+    line above the row's table has a word after two spaces)."""
+    import re
+
+    lines = output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{first_cell} "))
+    rule = max(i for i in range(at) if lines[i].startswith("─"))
+    starts = [m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", lines[rule - 1])]
+    return [lines[at][a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
 
 
 def test_status_once_prints_one_frame(populated: LightningClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,7 +264,7 @@ def test_status_shows_ping_replies_and_the_liveness_hook(
 ) -> None:
     from lightning_queue.ops import cli, monitoring
 
-    monkeypatch.setattr(cli, "_ping", lambda client, timeout: {"w1@h": True, "w3@h": True})
+    monkeypatch.setattr(cli.status, "_ping", lambda client, timeout: {"w1@h": True, "w3@h": True})
     monkeypatch.setattr(monitoring, "worker_liveness", lambda client: {"w2@h": "stalled"})
     out = _status(populated, monkeypatch).stdout
     assert _row(out, "w1@h")[2:4] == ["pong", "-"]

@@ -14,11 +14,13 @@ import uuid
 from collections import Counter
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from lightning_queue.client import LightningClient
+from lightning_queue.core.errors import redacted_url
 from lightning_queue.core.settings import Settings
 from lightning_queue.ops.demo.datasets import arithmetic
 from lightning_queue.ops.demo.search import CANDIDATES, prompt_search
@@ -36,9 +38,10 @@ def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: b
     started = time.monotonic()
     url, embedded = ensure_redis(settings.redis_url)
     if embedded:
-        console.print(f"[yellow]No Redis at {settings.redis_url}[/]; started an embedded {embedded.kind} at {url}")
+        console.print(f"[yellow]No Redis at {redacted_url(settings.redis_url)}[/]: started an embedded "
+                      f"{embedded.kind} at {url}")
     else:
-        console.print(f"Using Redis at {url}")
+        console.print(f"Using Redis at {redacted_url(url)}")
     prefix = f"lq-demo-{uuid.uuid4().hex[:8]}"
     demo_settings = settings.model_copy(update={"redis_url": url, "key_prefix": prefix, "queue": f"{prefix}-rollouts"})
 
@@ -54,9 +57,15 @@ def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: b
             task = bar.add_task("rollouts", total=total)
             report = prompt_search(client, train, val, on_finished=lambda _: bar.advance(task))
 
-        table = Table(title="Prompt search: one snapshot per candidate prompt, run side by side")
-        for column in ("candidate", "resources_id", "rollouts", "failed", "mean reward", "workers", ""):
-            table.add_column(column)
+        # The id names the candidate (prompt-<candidate>-<run>) and is never cut, so it can be copied
+        # into `lightning-queue resources get`; the columns of several words wrap to leave it room
+        # at 80 columns.
+        table = Table(title="Prompt search: one snapshot per candidate prompt, run side by side",
+                      box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for column in ("resources_id", "rollouts"):
+            table.add_column(column, no_wrap=True)
+        for column in ("mean reward", "workers", ""):
+            table.add_column(column, overflow="fold")
         short_names = {w.hostname: w.name.split("-")[0] for w in fleet.workers}  # w1-<prefix>@host -> w1
         for score in report.scores:
             workers_used: Counter[str] = Counter()
@@ -64,9 +73,10 @@ def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: b
                 attempt = client.get_attempts(r.rollout_id)[-1]
                 workers_used[short_names.get(attempt.worker_id, attempt.worker_id)] += 1
             promoted = "[bold green]promoted -> latest[/]" if score is report.promoted else ""
-            spread = " ".join(f"{w}:{n}" for w, n in sorted(workers_used.items()))
-            table.add_row(score.name, score.resources_id, str(len(score.rollouts)), str(score.summary.failed),
-                          f"{score.summary.mean_reward:.3f}", spread, promoted)
+            ran_on = " ".join(f"{w}:{n}" for w, n in sorted(workers_used.items()))
+            failed = f", {score.summary.failed} failed" if score.summary.failed else ""
+            table.add_row(score.resources_id, f"{len(score.rollouts)}{failed}", f"{score.summary.mean_reward:.3f}",
+                          ran_on, promoted)
         console.print(table)
         ran_with = Counter(client.get_attempts(r.rollout_id)[-1].resources_id for r in report.validation)
         console.print(

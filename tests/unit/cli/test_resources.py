@@ -1,58 +1,12 @@
-"""The command line, on fakeredis: each command's output and exit code, and one-line errors for bad input."""
+"""``lightning-queue resources``: snapshots and pointers, each command's output and exit code."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
-
-import pytest
-from click.testing import Result
-from typer.testing import CliRunner
 
 from lightning_queue import LightningClient, PromptTemplate
-from lightning_queue.ops import cli
-
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture
-def client(fake_client: LightningClient, monkeypatch: pytest.MonkeyPatch) -> LightningClient:
-    """The client every command uses; task messages go nowhere (no broker here)."""
-    monkeypatch.setattr(cli, "_client", lambda: fake_client)
-    monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)
-    return fake_client
-
-
-@pytest.fixture
-def invoke(client: LightningClient) -> Invoke:
-    runner = CliRunner()
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(cli.app, list(args))
-
-    return invoke
-
-
-@pytest.fixture
-def two(client: LightningClient) -> LightningClient:
-    """rs-a and rs-b (latest); prod names rs-a."""
-    client.add_resources({"prompt": PromptTemplate(template="a {x}")}, "rs-a")
-    client.add_resources({"prompt": PromptTemplate(template="b {x}")}, "rs-b")
-    client.set_pointer("prod", "rs-a")
-    return client
-
-
-def one_line_error(result: Result, *fragments: str) -> None:
-    """Exit 1, nothing on stdout, one line on stderr holding every fragment, no traceback."""
-    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
+from tests.unit.cli.expect import Invoke, one_line_error, rows, words
 
 PROMPT_JSON = json.dumps({"prompt": {"resource_type": "prompt_template", "template": "c {x}"}})
 
@@ -78,16 +32,14 @@ def test_pointers_table(invoke: Invoke, two: LightningClient) -> None:
     two.update_resources("rs-a", {"prompt": PromptTemplate(template="a2 {x}")})  # rs-a v2, latest too
     result = invoke("resources", "pointers")
     assert result.exit_code == 0
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("│")]
-    assert [row[1:6:2] for row in rows] == [["latest", "rs-a", "2"], ["prod", "rs-a", "2"]]
+    assert rows(result.stdout) == [["latest", "rs-a", "2"], ["prod", "rs-a", "2"]]
 
 
 def test_history_defaults_to_latest(invoke: Invoke, two: LightningClient) -> None:
     result = invoke("resources", "history")
     assert result.exit_code == 0
     assert all(header in result.stdout for header in ("from", "to", "when", "by"))
-    rows = [line.split("│")[1:-1] for line in result.stdout.splitlines() if line.startswith("│")]
-    assert [(f.strip(), t.strip(), by.strip()) for f, t, _, by in rows] == [
+    assert [(f, t, by) for f, t, _, by in rows(result.stdout)] == [
         ("rs-a", "rs-b", "add_resources"), ("(unset)", "rs-a", "add_resources")
     ]
     result = invoke("resources", "history", "prod", "--limit", "1")
@@ -199,60 +151,60 @@ def test_invalid_resources_are_a_one_line_error(invoke: Invoke, two: LightningCl
     one_line_error(invoke("resources", "add", '{"p": {"resource_type": "nope"}}'), "unknown resource_type 'nope'")
 
 
-# --------------------------------------------------------------------------- rollouts submit
 
 
-def test_submit_pins_by_default_and_follows_with_follow(invoke: Invoke, two: LightningClient) -> None:
-    pinned = invoke("rollouts", "submit", "q1", "-r", "prod")
-    following = invoke("rollouts", "submit", '{"q": 2}', "--resources-id", "prod", "--follow")
-    latest = invoke("rollouts", "submit", "q3")
-    assert pinned.exit_code == following.exit_code == latest.exit_code == 0
-
-    r = two.get_rollout(pinned.stdout.strip())
-    assert (r.input, r.resolve, r.resources_id, r.resources_version) == ("q1", "pinned", "rs-a", 1)
-    r = two.get_rollout(following.stdout.strip())
-    assert (r.input, r.resolve, r.resources_id, r.resources_version) == ({"q": 2}, "following", "prod", None)
-    r = two.get_rollout(latest.stdout.strip())
-    assert (r.resolve, r.resources_id) == ("following", None)
+# --------------------------------------------------------------------------- add, list, latest
 
 
-def test_submit_with_an_unknown_resources_id_enqueues_nothing(invoke: Invoke, two: LightningClient) -> None:
-    one_line_error(invoke("rollouts", "submit", "q", "-r", "rs-nope"), "'rs-nope'", "nothing was enqueued")
-    assert two.query_rollouts() == []
+def test_add_from_an_argument_or_a_file(invoke: Invoke, client: LightningClient, tmp_path: Path) -> None:
+    result = invoke("resources", "add", PROMPT_JSON, "--id", "rs-mine")
+    assert result.exit_code == 0 and result.stdout.startswith("rs-mine version 1\n")
+    assert json.loads(result.stdout.split("\n", 1)[1])["resources"]["prompt"]["template"] == "c {x}"
+    file = tmp_path / "resources.json"
+    file.write_text(PROMPT_JSON)
+    result = invoke("resources", "add", "--file", str(file))
+    assert result.exit_code == 0
+    generated = result.stdout.split()[0]
+    assert client.get_latest_resources().resources_id == generated  # type: ignore[union-attr]
+    one_line_error(invoke("resources", "add", PROMPT_JSON, "--file", str(file)), "either", "not both")
+    one_line_error(invoke("resources", "add"), "either")
 
 
-def test_unknown_rollout_is_a_one_line_error(invoke: Invoke, client: LightningClient) -> None:
-    one_line_error(invoke("rollouts", "status", "ro-nope"), "'ro-nope'", "expired")
+def test_latest(invoke: Invoke, client: LightningClient) -> None:
+    one_line_error(invoke("resources", "latest"), "no snapshot has been stored yet")
+    client.add_resources({"prompt": PromptTemplate(template="x {x}")}, "rs-x")
+    result = invoke("resources", "latest")
+    assert result.exit_code == 0 and result.stdout.startswith("rs-x version 1\n")
 
 
-def test_workers_shows_each_process_cache_and_the_fleet_hit_ratio(client: LightningClient, invoke: Invoke) -> None:
-    assert "no worker process has reported" in invoke("workers").output
-    stats = {"hits": 9, "misses": 1, "hit_ratio": 0.9, "entries": 2, "bytes": 2_000_000, "evictions": 0,
-             "mean_load_ms": 2.5}
-    client.redis.set(client.keys.cache_stats("w1@h:11"), json.dumps(stats))
-    client.redis.set(client.keys.cache_stats("w2@h:12"), json.dumps({**stats, "hits": 1, "misses": 9,
-                                                                      "hit_ratio": 0.1}))
-    result = invoke("workers")
-    assert result.exit_code == 0, result.output
-    assert "w1@h:11" in result.output and "90.0%" in result.output and "2.00" in result.output
-    assert "fleet: 2 process(es), hit ratio 50.0%" in result.output
+def test_list_shows_versions_and_pointers(invoke: Invoke, two: LightningClient) -> None:
+    two.update_resources("rs-a", {"prompt": PromptTemplate(template="a2 {x}")})  # latest and prod name rs-a
+    result = invoke("resources", "list", columns=120)
+    assert result.exit_code == 0
+    assert [(r[0], r[1], r[3], r[4]) for r in rows(result.stdout)] == [
+        ("rs-a", "2", "prompt: prompt_template", "latest, prod"), ("rs-b", "1", "prompt: prompt_template", "")]
+    assert [r[0] for r in rows(invoke("resources", "list", "--limit", "1", "--offset", "1").stdout)] == ["rs-b"]
 
 
-def test_workers_reports_a_stalled_worker_and_exits_1(client: LightningClient, invoke: Invoke) -> None:
-    import time
+def test_list_at_80_columns_prints_ids_that_can_be_fed_back(invoke: Invoke, client: LightningClient) -> None:
+    resources = {"prompt": PromptTemplate(template="{x}")}
+    ids = [client.add_resources(resources).resources_id for _ in range(3)]
+    ids.append(client.add_resources(resources, "prompt-step-by-step-terse-8dfcd8").resources_id)
+    result = invoke("resources", "list")
+    assert result.exit_code == 0 and "…" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert [r[0] for r in rows(result.stdout)] == ids[::-1]  # a table: each id whole in its row
+    for resources_id in words(result.stdout) & set(ids):  # copied from the output into the next command
+        shown = invoke("resources", "get", resources_id)
+        assert shown.exit_code == 0 and shown.stdout.startswith(f"{resources_id} version 1")
 
-    now = time.time()
-    base = {"pid": 1, "concurrency": 1, "queues": ["q"], "queued": {"q": 4}, "updated": now}
-    client.redis.set(client.keys.worker_health("stuck@h"), json.dumps(
-        {**base, "hostname": "stuck@h", "active": 0, "consuming": [], "last_received": None,
-         "backlog_since": now - 3600}))
-    client.redis.set(client.keys.worker_health("busy@h"), json.dumps(
-        {**base, "hostname": "busy@h", "active": 1, "consuming": ["q"], "last_received": now - 5,
-         "backlog_since": now - 3600}))
-    result = invoke("workers")
-    assert result.exit_code == 1, result.output
-    assert "STALLED" in result.output and "busy@h" in result.output
-    assert "stalled: stuck@h: messages waited" in result.output and "no longer consumes q" in result.output
-    assert "stalled: busy@h" not in result.output
-    client.redis.delete(client.keys.worker_health("stuck@h"))
-    assert invoke("workers").exit_code == 0
+
+def test_ids_too_long_for_a_table_row_are_listed_as_records(invoke: Invoke, client: LightningClient) -> None:
+    long_id = "an-experiment-name-that-someone-chose-to-describe-it-fully-v2"
+    client.add_resources({"prompt": PromptTemplate(template="{x}")}, long_id)
+    result = invoke("resources", "list")
+    assert result.exit_code == 0 and "…" not in result.stdout and "─" not in result.stdout
+    lines = result.stdout.split("\n")
+    assert lines[0].split() == ["resources_id", long_id] and lines[4].split()[:2] == ["pointers", "latest"]
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert invoke("resources", "get", lines[0].split()[1]).exit_code == 0
