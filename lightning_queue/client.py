@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
 
-from lightning_queue.broker.app import make_celery
-from lightning_queue.broker.publisher import Publisher
 from lightning_queue.core.errors import DuplicateRolloutIdError, EnqueueError, PublishError, ResourcesNotFoundError
 from lightning_queue.core.models import (
     Attempt,
@@ -29,6 +26,11 @@ from lightning_queue.storage.liveness import WorkerHealth, read_cache_stats, rea
 from lightning_queue.storage.registry import DeleteReport, PointerMove, SnapshotRegistry
 from lightning_queue.storage.retention import RetentionReport, apply_retention
 from lightning_queue.storage.store import RolloutStore
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from lightning_queue.broker.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,18 @@ class LightningClient:
         """The Celery app this client publishes through and sends remote control with (made on
         first use): configured like the workers', with no tasks and no signal receivers."""
         if self._celery is None:
+            # Made, and Celery imported, only when this client publishes or sends a remote-control
+            # command: reading snapshots and results needs neither.
+            from lightning_queue.broker.app import make_celery
+
             self._celery = make_celery(self.settings)
         return self._celery
 
     @property
     def publisher(self) -> Publisher:
         if self._publisher is None:
+            from lightning_queue.broker.publisher import Publisher
+
             self._publisher = Publisher(self.celery, self.settings)
         return self._publisher
 

@@ -195,7 +195,7 @@ def test_status_shows_the_result_and_the_attempts(invoke: Invoke, two: Lightning
 def test_cancel(client: LightningClient, two: LightningClient) -> None:
     revoked: list[str] = []
     celery = SimpleNamespace(control=SimpleNamespace(revoke=lambda task_id, **_: revoked.append(task_id)))
-    with_celery = LightningClient(client.settings, redis_client=client.redis, app=celery)  # type: ignore[arg-type]
+    with_celery = LightningClient(client.settings, redis_client=client.redis, celery=celery)  # type: ignore[arg-type]
     rid = two.enqueue_rollout("q").rollout_id
     result = CliRunner().invoke(app, ["rollouts", "cancel", rid], obj=CliContext(client=with_celery))
     assert result.exit_code == 0 and result.stdout == f"{rid}: cancelled\n"
