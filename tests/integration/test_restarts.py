@@ -18,9 +18,9 @@ from lightning_queue import (
     PromptTemplate,
     RolloutConfig,
     Settings,
-    cli,
 )
 from lightning_queue.core.errors import RedisUnavailableError
+from lightning_queue.ops import cli
 from lightning_queue.ops.embedded import free_port
 from tests.conftest import delete_prefix
 from tests.integration.test_resilience import restartable_redis  # noqa: F401 (a fixture: AOF, appendfsync always)

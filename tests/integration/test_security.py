@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lightning_queue import LLM, LightningClient, PromptTemplate, Settings, cli
+from lightning_queue import LLM, LightningClient, PromptTemplate, Settings
 from lightning_queue.core.errors import (
     RedisAuthError,
     RedisUnavailableError,
     ResourcesNotFoundError,
     RolloutNotFoundError,
 )
+from lightning_queue.ops import cli
 from lightning_queue.worker.app import celery_config, create_app
 from lightning_queue.worker.runner import TASK_NAME
 from tests.conftest import delete_prefix
