@@ -20,6 +20,7 @@ from lightning_queue import (
 )
 from lightning_queue.ops.fleet import LocalFleet, WorkerProcess
 from tests.conftest import delete_prefix
+from tests.integration.conftest import STOP_GRACE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENT = "tests.integration.bad_agents:catalogue"
@@ -38,7 +39,7 @@ def live(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
         fleet.start()
         yield client, fleet.workers[0]
     finally:
-        fleet.close()
+        fleet.close(STOP_GRACE)
         client.close()
         delete_prefix(redis_url, prefix)
 
