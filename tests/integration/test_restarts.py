@@ -28,6 +28,7 @@ from tests.integration.test_resilience import restartable_redis  # noqa: F401 (a
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENTS = "tests.integration.agents"
 WAIT = 90.0
+SHORT_RETRY = 0.5  # seconds of connection retries where Redis is deliberately unreachable
 
 
 def wait_until(condition, what: str, timeout: float = WAIT) -> None:
@@ -101,16 +102,19 @@ def test_redis_restart_with_aof_loses_no_snapshot_rollout_or_result(
 
 def test_unreachable_redis_at_start_is_named_by_client_cli_and_worker() -> None:
     url = f"redis://:not-shown-pw@127.0.0.1:{free_port()}/0"
+    # Nothing will ever answer: a short retry budget instead of the default ~10 s, for each of the
+    # three. Riding out a Redis restart with the default budget is test_redis_restart_with_aof_... above.
+    retry = {"LQ_REDIS_RETRY_SECONDS": str(SHORT_RETRY)}
     with pytest.raises(RedisUnavailableError) as info:
-        LightningClient(Settings(redis_url=url))
+        LightningClient(Settings(redis_url=url, redis_retry_seconds=SHORT_RETRY))
     message = str(info.value)
     assert "redis://:**@127.0.0.1" in message and "not-shown-pw" not in message and "LQ_REDIS_URL" in message
 
-    result = CliRunner().invoke(cli.app, ["--redis-url", url, "rollouts", "list"])
+    result = CliRunner().invoke(cli.app, ["--redis-url", url, "rollouts", "list"], env=retry)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "cannot reach Redis at redis://:**@127.0.0.1" in result.stderr and "not-shown-pw" not in result.stderr
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LQ_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LQ_")} | retry
     worker = subprocess.run([sys.executable, "-m", "lightning_queue", "--redis-url", url, "worker", "--agent",
                              f"{AGENTS}:echo"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
                             check=False)
