@@ -39,23 +39,28 @@ def wait_until(condition, what: str, timeout: float = WAIT) -> None:
 
 
 def test_sigterm_lets_the_running_rollout_finish_and_hands_back_the_rest(
-    client: LightningClient, start_workers
+    client: LightningClient, start_workers, tmp_path: Path
 ) -> None:
     client.add_resources({"prompt": PromptTemplate(template="p")}, "rs-a")
-    (first,) = start_workers(f"{AGENTS}:sleeper", count=1)  # one slot
-    queued = client.enqueue_rollouts([{"sleep": 3} for _ in range(4)], resources_id="rs-a",
+    (first,) = start_workers(f"{AGENTS}:gated", count=1)  # one slot
+    gate = tmp_path / "gate"  # every rollout runs until it is opened
+    queued = client.enqueue_rollouts([{"gate": str(gate)} for _ in range(4)], resources_id="rs-a",
                                      config=RolloutConfig(max_attempts=1))  # a lost attempt would fail it
     ids = [r.rollout_id for r in queued]
     wait_until(lambda: any(r.status == "running" for r in client.get_rollouts(ids)), "a rollout to run")
     running = next(r.rollout_id for r in client.get_rollouts(ids) if r.status == "running")
 
     first.process.send_signal(signal.SIGTERM)  # warm shutdown
+    # The worker is shutting down while the rollout still runs; only now may it finish.
+    wait_until(lambda: "Warm shutdown" in first.log(), "the worker to begin its warm shutdown")
+    assert client.get_rollout(running).status == "running"
+    gate.touch()
     first.process.wait(WAIT)
     assert client.get_rollout(running).status == "succeeded"  # finished before the worker exited
     assert [a.status for a in client.get_attempts(running)] == ["succeeded"]
     assert client.get_attempts(running)[0].worker_id == first.hostname
 
-    (second,) = start_workers(f"{AGENTS}:sleeper", count=1)
+    (second,) = start_workers(f"{AGENTS}:gated", count=1)
     done = client.wait_for_rollouts(ids, timeout=WAIT)
     assert [r.status for r in done] == ["succeeded"] * 4  # the others were handed back, none lost
     for rid in ids:
