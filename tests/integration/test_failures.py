@@ -1,4 +1,7 @@
-"""Nothing is left stuck: failures, retries, time limits, dead workers and cancels."""
+"""Nothing is left stuck: failures, retries, time limits, dead workers and cancels.
+
+The two tests of a pool process dying share a fleet (``shared_workers``: its worker replaces the
+process); the others need workers of their own (other agents or settings, or started later)."""
 
 from __future__ import annotations
 
@@ -128,9 +131,9 @@ def test_hard_time_limit_kills_an_agent_ignoring_the_soft_one(settings, start_wo
         assert served_after(client, attempt.worker_id, [r.rollout_id for r in later])
 
 
-def test_rollout_survives_its_worker_process_dying(client, start_workers, marker_dir):
+def test_rollout_survives_its_worker_process_dying(shared_workers, marker_dir):
+    client = shared_workers(f"{AGENTS}:suicidal", count=2).client  # kills a pool process: its worker replaces it
     add_prompt(client)
-    start_workers(f"{AGENTS}:suicidal", count=2)
     rollout = client.enqueue_rollout({"marker_dir": marker_dir}, config=RolloutConfig(max_attempts=2))
 
     [done] = client.wait_for_rollouts([rollout.rollout_id], timeout=WAIT)
@@ -141,9 +144,9 @@ def test_rollout_survives_its_worker_process_dying(client, start_workers, marker
     assert second.status == "succeeded"
 
 
-def test_lost_worker_fails_the_rollout_when_no_attempt_is_left(client, start_workers, marker_dir):
+def test_lost_worker_fails_the_rollout_when_no_attempt_is_left(shared_workers, marker_dir):
+    client = shared_workers(f"{AGENTS}:suicidal", count=2).client
     add_prompt(client)
-    start_workers(f"{AGENTS}:suicidal", count=2)
     rollout = client.enqueue_rollout({"marker_dir": marker_dir})  # max_attempts=1
 
     [done] = client.wait_for_rollouts([rollout.rollout_id], timeout=WAIT)
@@ -154,6 +157,9 @@ def test_lost_worker_fails_the_rollout_when_no_attempt_is_left(client, start_wor
 
 
 def test_cancelled_queued_rollout_is_never_run(client, start_workers, worker_pool, marker_dir):
+    # Workers of its own, started after the cancel: Celery's revoke broadcast never reached them,
+    # so what skips the rollout is the runner's check of the record (running workers would drop
+    # the message as revoked before the runner sees it).
     add_prompt(client)
     cancelled, kept = client.enqueue_rollouts([{"marker_dir": marker_dir, "i": i} for i in range(2)])
     assert client.cancel_rollout(cancelled.rollout_id) == "cancelled"
