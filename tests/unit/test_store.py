@@ -586,11 +586,11 @@ def test_wait_ignores_requeues_and_other_rollouts(
     worker = another_client(fake_redis, fake_client)
 
     def work() -> None:
-        time.sleep(0.05)
+        wait_for_subscriber(fake_redis, store)
         finish(worker.store, other)
         seq = run_to_running(worker.store, wanted)
         worker.store.finish_attempt(wanted.rollout_id, seq, "failed", "requeuing")
-        time.sleep(0.05)
+        time.sleep(0.05)  # spacing, not synchronization: the waiter may see the requeue apart from the finish
         finish(worker.store, wanted, 3.0)
 
     calls: list[Rollout] = []
