@@ -163,8 +163,9 @@ class LocalFleet:
     def logs(self) -> str:
         return "\n".join(f"----- {w.name} -----\n{w.log()}" for w in self.workers)
 
-    def close(self) -> None:
-        self.stop()
+    def close(self, timeout: float = 15.0) -> None:
+        """:meth:`stop` (``timeout``: how long warm shutdown may take), then remove the temporary log directory."""
+        self.stop(timeout)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

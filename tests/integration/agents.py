@@ -70,6 +70,16 @@ def sleeper(task: dict[str, Any], rollout: Rollout) -> float:
 
 
 @rollout
+def gated(task: dict[str, Any], rollout: Rollout) -> float:
+    """Runs until the file ``task["gate"]`` exists (the test opens it when it has seen what it waits
+    for), for at most ``task.get("hold", 120)`` seconds."""
+    deadline = time.monotonic() + task.get("hold", 120)
+    while not Path(task["gate"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 1.0
+
+
+@rollout
 def stubborn(task: dict[str, Any], rollout: Rollout) -> float:
     """Ignores its soft time limit: only the hard limit (killing the process) stops it."""
     try:

@@ -1,13 +1,12 @@
 """The bad-input catalogue, live: the cases that need a real worker process (see
-``tests/unit/test_bad_input.py`` for the rest). One worker, started once for the module, serves
-every case; after each, the rollout has ended with a clear error (nothing lost or stuck) and the
-same worker process runs the next good rollout (the worker is alive)."""
+``tests/unit/test_bad_input.py`` for the rest). One worker, started once for the module
+(``shared_workers``: restarted only if it died or a case failed), serves every case; after each,
+the rollout has ended with a clear error (nothing lost or stuck) and the same worker process runs
+the next good rollout (the worker is alive)."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,32 +14,26 @@ import pytest
 from lightning_queue import (
     LightningClient,
     PromptTemplate,
+    ResourcesNotFoundError,
     RolloutConfig,
-    Settings,
 )
-from lightning_queue.ops.fleet import LocalFleet, WorkerProcess
-from tests.conftest import delete_prefix
+from lightning_queue.ops.fleet import WorkerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENT = "tests.integration.bad_agents:catalogue"
 WAIT = 60.0
 
 
-@pytest.fixture(scope="module")
-def live(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LightningClient, WorkerProcess]]:
-    prefix = f"lqtest-live-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=redis_url, key_prefix=prefix, queue=f"{prefix}-q", hard_timeout_grace_seconds=2)
-    fleet = LocalFleet(settings, AGENT, count=1, concurrency=1, pythonpath=[str(REPO_ROOT)], cwd=str(REPO_ROOT),
-                       logdir=str(tmp_path_factory.mktemp("live-fleet")))
-    client = LightningClient(settings)
+@pytest.fixture
+def live(shared_workers) -> tuple[LightningClient, WorkerProcess]:
+    """The module's one worker (one pool process), and a client on its prefix and the test's queue."""
+    share = shared_workers(AGENT, count=1, hard_timeout_grace_seconds=2)
+    client = share.client
     try:
+        client.get_resources_by_id("rs-ok")
+    except ResourcesNotFoundError:  # the first test on this fleet
         client.add_resources({"prompt": PromptTemplate(template="Q: {question}")}, "rs-ok")
-        fleet.start()
-        yield client, fleet.workers[0]
-    finally:
-        fleet.close()
-        client.close()
-        delete_prefix(redis_url, prefix)
+    (worker,) = share.workers
+    return client, worker
 
 
 def run(client: LightningClient, task: dict, **options) -> str:

@@ -1,4 +1,7 @@
-"""The queue benchmark runs end to end (``--quick``) and prints every row. No timing is asserted."""
+"""The queue benchmark runs end to end (``--quick``) and prints every row. No timing is asserted.
+
+Marked ``bench``: left out of the default selection (it takes half a minute), run by ``.ci/run``
+with ``python -m pytest -m bench``."""
 
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="the benchmark starts its own redis-server")
 def test_bench_queue_quick_prints_every_row() -> None:
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick"], check=False, capture_output=True, text=True,

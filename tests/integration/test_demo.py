@@ -13,7 +13,6 @@ from algorithms.baseline import run_baseline
 from lightning_queue import LightningClient, PromptTemplate, Settings
 from lightning_queue.ops.demo.datasets import arithmetic
 from lightning_queue.ops.demo.run import run_demo
-from lightning_queue.ops.fleet import LocalFleet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,12 +28,12 @@ def test_demo_promotes_the_best_prompt_and_validation_follows_it(settings: Setti
         assert worker in text, text
 
 
-def test_baseline_runs_the_dataset_against_one_snapshot(settings: Settings, client: LightningClient) -> None:
+def test_baseline_runs_the_dataset_against_one_snapshot(client: LightningClient, start_workers) -> None:
     terse = client.add_resources({"prompt": PromptTemplate(template="Reply with only the final number. Q: {question}")},
                                  "terse")
     client.add_resources({"prompt": PromptTemplate(template="Q: {question}")}, "plain")  # latest
-    with LocalFleet(settings, "workers.demo_agent:agent", count=2, pythonpath=[str(REPO_ROOT)]):
-        report = run_baseline(client, arithmetic(), terse.resources_id, timeout=60)
+    start_workers("workers.demo_agent:agent", count=2)
+    report = run_baseline(client, arithmetic(), terse.resources_id, timeout=60)
     assert report.summary.count == len(arithmetic()) and report.summary.failed == 0
     assert report.summary.mean_reward == 0.5  # terse but left to right: right on the half without a precedence trap
     assert {client.get_attempts(r.rollout_id)[0].resources_id for r in report.rollouts} == {"terse"}

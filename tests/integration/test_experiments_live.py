@@ -1,4 +1,7 @@
-"""Experiments end to end: real Redis, real `celery worker` processes running the demo agent."""
+"""Experiments end to end: real Redis, real `celery worker` processes running the demo agent.
+
+The tests share one fleet (``shared_workers``) and so one key prefix: each names its snapshots,
+pointers and experiments apart from the others' and reads only its own rollouts."""
 
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ TERSE_STEPS = "Think step by step, then reply with only the final number. Q: {qu
 
 
 def test_a_split_experiment_routes_units_to_their_snapshots_and_promotes_the_winner(
-    client: LightningClient, start_workers: Any, tmp_path: Path
+    shared_workers: Any, tmp_path: Path
 ) -> None:
+    client: LightningClient = shared_workers(DEMO, count=2).client
     client.add_resources({"prompt": PromptTemplate(template=STEP_BY_STEP)}, "steps")
     client.add_resources({"prompt": PromptTemplate(template=TERSE_STEPS)}, "terse-steps")
     client.set_pointer("prod", "steps")
@@ -35,7 +39,6 @@ def test_a_split_experiment_routes_units_to_their_snapshots_and_promotes_the_win
     experiments.create(Experiment(name="live", unit_key="input.user_id", variants=[
         Variant(name="control", resources_id="prod"), Variant(name="treatment", resources_id="terse-steps")]))
     experiments.start("live")
-    start_workers(DEMO, count=2)
     tasks = [{"user_id": f"user-{i}", **row} for i, row in zip(range(120), itertools.cycle(arithmetic()))]
 
     rollouts = experiments.enqueue("live", tasks)
@@ -64,8 +67,8 @@ def test_a_split_experiment_routes_units_to_their_snapshots_and_promotes_the_win
     assert client.get_pointer("prod") == "terse-steps" and experiments.get("live").status == "stopped"
 
 
-def test_the_ab_test_script_pairs_every_question(client: LightningClient, start_workers: Any) -> None:
-    start_workers(DEMO, count=2)
+def test_the_ab_test_script_pairs_every_question(shared_workers: Any) -> None:
+    client: LightningClient = shared_workers(DEMO, count=2).client
     report = ab_test(client, arithmetic(), paired=True, timeout=WAIT, promote="latest")
     (comparison,) = report.comparisons
     assert comparison.paired is not None and comparison.paired.n == len(arithmetic())
@@ -78,13 +81,13 @@ def _traffic() -> Iterator[dict[str, Any]]:
         yield {"user_id": f"user-{i}", **row}
 
 
-def test_a_canary_that_fails_on_real_workers_is_rolled_back(client: LightningClient, start_workers: Any) -> None:
+def test_a_canary_that_fails_on_real_workers_is_rolled_back(shared_workers: Any) -> None:
+    client: LightningClient = shared_workers(DEMO, count=2).client
     client.add_resources({"prompt": PromptTemplate(template=STEP_BY_STEP)}, "stable")
-    client.set_pointer("prod", "stable")
+    client.set_pointer("canary-prod", "stable")
     # The agent formats the prompt with `question`; this one names `query`, so every rollout fails.
     client.add_resources({"prompt": PromptTemplate(template="Q: {query}")}, "broken")
-    start_workers(DEMO, count=2)
-    canary = Canary(client, "live-canary", "broken", pointer="prod", unit_key="input.user_id",
+    canary = Canary(client, "live-canary", "broken", pointer="canary-prod", unit_key="input.user_id",
                     schedule=(0.25, 0.5, 1.0), rollouts_per_step=20, timeout=WAIT,
                     guardrail=Guardrail(max_failure_increase=0.05, min_sample=10))
 
@@ -92,7 +95,7 @@ def test_a_canary_that_fails_on_real_workers_is_rolled_back(client: LightningCli
 
     assert result.outcome == "rolled_back", result
     assert "failure rate 100.0% in treatment vs 0.0% in control" in result.reason
-    assert client.get_pointer("canary") == "stable" and client.get_pointer("prod") == "stable"
+    assert client.get_pointer("canary") == "stable" and client.get_pointer("canary-prod") == "stable"
     assert Experiments(client).get("live-canary").status == "stopped"
     failed = [r for r in result.rollouts if r.metadata["variant"] == "treatment"]
     assert failed and all(r.status == "failed" and r.error.type == "TemplateRenderError" for r in failed)  # type: ignore[union-attr]

@@ -92,16 +92,18 @@ def test_duplicate_delivery_while_running_is_dropped_and_runs_once(
     settings: Settings, start_workers, worker_pool, marker_dir
 ):
     # The broker hands the message to a second worker 3 s after the first took it, while the
-    # first still runs it (10 s): the duplicate must be dropped, never run, never recorded.
+    # first still runs it (held until the test has seen the redelivery): the duplicate must be
+    # dropped, never run, never recorded.
     settings = settings.model_copy(update={"visibility_timeout": 3, "heartbeat_interval": 0.4,
                                            "heartbeat_timeout": 2.5})
     with LightningClient(settings) as client:
         client.add_resources({"prompt": PromptTemplate(template="p")})
-        start_workers(f"{AGENTS}:counted_sleeper", count=2, settings=settings)
-        rid = client.enqueue_rollout({"marker_dir": marker_dir, "sleep": 10},
+        start_workers(f"{AGENTS}:held_first", count=2, settings=settings)
+        rid = client.enqueue_rollout({"marker_dir": marker_dir},
                                      config=RolloutConfig(max_attempts=3)).rollout_id
 
         worker_pool.wait_for_log(f"rollout {rid}: delivered again while attempt 1 runs", timeout=WAIT)
+        (Path(marker_dir) / "go").touch()  # the first run may finish now
         [done] = client.wait_for_rollouts([rid], timeout=WAIT)
 
         assert (done.status, done.attempt_count) == ("succeeded", 1)

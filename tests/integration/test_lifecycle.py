@@ -17,6 +17,7 @@ import redis
 
 from lightning_queue import LightningClient, PromptTemplate, Rollout, Settings
 from lightning_queue.ops.fleet import LocalFleet
+from tests.integration.conftest import STOP_GRACE
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ def start_fleet(settings: Settings) -> Iterator[Callable[[], LocalFleet]]:
 
     yield start
     for fleet in fleets:
-        fleet.close()
+        fleet.close(STOP_GRACE)
 
 
 def wait_all(client: LightningClient, fleet: LocalFleet, rollouts: Sequence[Rollout]) -> list[Rollout]:

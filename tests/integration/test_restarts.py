@@ -29,6 +29,7 @@ from tests.integration.test_resilience import restartable_redis  # noqa: F401 (a
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENTS = "tests.integration.agents"
 WAIT = 90.0
+SHORT_RETRY = 0.5  # seconds of connection retries where Redis is deliberately unreachable
 
 
 def wait_until(condition, what: str, timeout: float = WAIT) -> None:
@@ -39,23 +40,28 @@ def wait_until(condition, what: str, timeout: float = WAIT) -> None:
 
 
 def test_sigterm_lets_the_running_rollout_finish_and_hands_back_the_rest(
-    client: LightningClient, start_workers
+    client: LightningClient, start_workers, tmp_path: Path
 ) -> None:
     client.add_resources({"prompt": PromptTemplate(template="p")}, "rs-a")
-    (first,) = start_workers(f"{AGENTS}:sleeper", count=1)  # one slot
-    queued = client.enqueue_rollouts([{"sleep": 3} for _ in range(4)], resources_id="rs-a",
+    (first,) = start_workers(f"{AGENTS}:gated", count=1)  # one slot
+    gate = tmp_path / "gate"  # every rollout runs until it is opened
+    queued = client.enqueue_rollouts([{"gate": str(gate)} for _ in range(4)], resources_id="rs-a",
                                      config=RolloutConfig(max_attempts=1))  # a lost attempt would fail it
     ids = [r.rollout_id for r in queued]
     wait_until(lambda: any(r.status == "running" for r in client.get_rollouts(ids)), "a rollout to run")
     running = next(r.rollout_id for r in client.get_rollouts(ids) if r.status == "running")
 
     first.process.send_signal(signal.SIGTERM)  # warm shutdown
+    # The worker is shutting down while the rollout still runs; only now may it finish.
+    wait_until(lambda: "Warm shutdown" in first.log(), "the worker to begin its warm shutdown")
+    assert client.get_rollout(running).status == "running"
+    gate.touch()
     first.process.wait(WAIT)
     assert client.get_rollout(running).status == "succeeded"  # finished before the worker exited
     assert [a.status for a in client.get_attempts(running)] == ["succeeded"]
     assert client.get_attempts(running)[0].worker_id == first.hostname
 
-    (second,) = start_workers(f"{AGENTS}:sleeper", count=1)
+    (second,) = start_workers(f"{AGENTS}:gated", count=1)
     done = client.wait_for_rollouts(ids, timeout=WAIT)
     assert [r.status for r in done] == ["succeeded"] * 4  # the others were handed back, none lost
     for rid in ids:
@@ -79,7 +85,9 @@ def test_redis_restart_with_aof_loses_no_snapshot_rollout_or_result(
         wait_until(lambda: sum(r.status == "succeeded" for r in client.get_rollouts(ids)) >= 3, "a few results")
         finished_before = {r.rollout_id: r.result for r in client.get_rollouts(ids) if r.status == "succeeded"}
 
-        restart(down_seconds=2)  # mid-run: some rollouts running, most queued
+        # Mid-run: some rollouts running, most queued. Client and workers ride it out with the
+        # default retry budget (redis_retry_seconds, ~10 s), which only this and test_resilience rely on.
+        restart(down_seconds=2)
 
         # The client reconnects by itself; everything written before is still there.
         assert client.get_resources_by_id("rs-before").resources["prompt"].template == "before {x}"  # type: ignore[attr-defined]
@@ -102,16 +110,19 @@ def test_redis_restart_with_aof_loses_no_snapshot_rollout_or_result(
 
 def test_unreachable_redis_at_start_is_named_by_client_cli_and_worker() -> None:
     url = f"redis://:not-shown-pw@127.0.0.1:{free_port()}/0"
+    # Nothing will ever answer: a short retry budget instead of the default ~10 s, for each of the
+    # three. Riding out a Redis restart with the default budget is test_redis_restart_with_aof_... above.
+    retry = {"LQ_REDIS_RETRY_SECONDS": str(SHORT_RETRY)}
     with pytest.raises(RedisUnavailableError) as info:
-        LightningClient(Settings(redis_url=url))
+        LightningClient(Settings(redis_url=url, redis_retry_seconds=SHORT_RETRY))
     message = str(info.value)
     assert "redis://:**@127.0.0.1" in message and "not-shown-pw" not in message and "LQ_REDIS_URL" in message
 
-    result = CliRunner().invoke(cli.app, ["--redis-url", url, "rollouts", "list"])
+    result = CliRunner().invoke(cli.app, ["--redis-url", url, "rollouts", "list"], env=retry)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "cannot reach Redis at redis://:**@127.0.0.1" in result.stderr and "not-shown-pw" not in result.stderr
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LQ_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LQ_")} | retry
     worker = subprocess.run([sys.executable, "-m", "lightning_queue", "--redis-url", url, "worker", "--agent",
                              f"{AGENTS}:echo"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
                             check=False)

@@ -16,16 +16,16 @@ import pytest
 from typer.testing import CliRunner
 
 from lightning_queue import LLM, LightningClient, PromptTemplate, Settings
-from lightning_queue.ops import cli
+from lightning_queue.app import create_app
+from lightning_queue.broker.app import celery_config
 from lightning_queue.core.errors import (
     RedisAuthError,
     RedisUnavailableError,
     ResourcesNotFoundError,
     RolloutNotFoundError,
 )
-from lightning_queue.broker.app import celery_config
 from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
-from lightning_queue.app import create_app
+from lightning_queue.ops import cli
 from tests.conftest import delete_prefix
 from tests.integration.private_redis import private_redis_fixture  # noqa: F401 (the private_redis fixture)
 from tests.integration.security_agents import Vault
@@ -135,10 +135,11 @@ def test_tls_whole_flow_wrong_password_and_unknown_ca(private_redis, prefix: str
     where = f"127.0.0.1:{server.port}"
     refused_everywhere(server.url(password=WRONG), WRONG, where)
 
-    # Without our CA the server's certificate is not trusted: refused, not silently accepted.
+    # Without our CA the server's certificate is not trusted: refused, not silently accepted (and
+    # refused again on every retry: a short retry budget, not the default ~10 s).
     untrusted = url.split("?", 1)[0]
     with pytest.raises(RedisUnavailableError) as info:
-        LightningClient(Settings(redis_url=untrusted, key_prefix=prefix))
+        LightningClient(Settings(redis_url=untrusted, key_prefix=prefix, redis_retry_seconds=0.5))
     assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and PASSWORD not in str(info.value)
 
 

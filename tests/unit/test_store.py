@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import fakeredis
 import pytest
+import redis
 
 from lightning_queue import (
     LightningClient,
@@ -22,6 +24,7 @@ from lightning_queue.storage.store import RolloutStore, StartWith
 
 MakeRollouts = Callable[..., list[Rollout]]
 IndexMembers = Callable[[str], list[str]]
+WAIT_DEADLINE = 30.0  # how long a test waits for an event that should come at once: only a bug reaches it
 
 
 def expire_heartbeat(store: RolloutStore, rollout_id: str) -> None:
@@ -464,15 +467,46 @@ def finish(store: RolloutStore, rollout: Rollout, reward: float = 1.0) -> None:
     store.finish_attempt(rollout.rollout_id, seq, "succeeded", "succeeded", result=RolloutResult(reward=reward))
 
 
-def test_wait_returns_at_once_for_finished(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+@dataclass
+class Read:
+    """One read of the waiter's subscription: how long it could block, and whether anything came."""
+
+    timeout: float | None
+    received: bool
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Read]]:
+    """Every read a waiter makes on its subscription (``PubSub.parse_response`` returns None only
+    when nothing arrived before the read's time-out). What woke a waiter is told by these, not by
+    a clock: a read that blocked and timed out is a safety wake-up or the deadline."""
+    seen: list[Read] = []
+    parse_response = redis.client.PubSub.parse_response
+
+    def spy(self: redis.client.PubSub, block: bool = True, timeout: float = 0) -> Any:
+        response = parse_response(self, block=block, timeout=timeout)
+        seen.append(Read(None if block else timeout, response is not None))
+        return response
+
+    monkeypatch.setattr(redis.client.PubSub, "parse_response", spy)
+    yield seen
+
+
+def blocked_in_vain(reads: list[Read]) -> list[Read]:
+    """The reads that could wait and got nothing: the waiter woke by a time-out, not a notification."""
+    return [r for r in reads if (r.timeout is None or r.timeout > 0) and not r.received]
+
+
+def test_wait_returns_at_once_for_finished(
+    store: RolloutStore, make_rollouts: MakeRollouts, reads: list[Read]
+) -> None:
     a, b = make_rollouts(2)
     finish(store, a, 0.1)
     store.terminate(b.rollout_id, "cancelled")
     seen: list[str] = []
-    started = time.monotonic()
     done = store.wait_for_rollouts([b.rollout_id, a.rollout_id, b.rollout_id], timeout=2,
                                    on_finished=lambda r: seen.append(r.rollout_id))
-    assert time.monotonic() - started < 1
+    assert reads == []  # answered from the one status read: it never waited for a notification
     assert ids(done) == [b.rollout_id, a.rollout_id]
     assert [r.status for r in done] == ["cancelled", "succeeded"]
     assert sorted(seen) == sorted([a.rollout_id, b.rollout_id])
@@ -488,14 +522,13 @@ def test_wait_unknown_id_raises(store: RolloutStore, make_rollouts: MakeRollouts
         store.wait_for_rollouts([a.rollout_id, "ro-ghost"], timeout=1)
 
 
-def test_wait_times_out_with_partial_list(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+def test_wait_times_out_with_partial_list(store: RolloutStore, make_rollouts: MakeRollouts, reads: list[Read]) -> None:
     a, b, c = make_rollouts(3)
     finish(store, b)
-    started = time.monotonic()
-    done = store.wait_for_rollouts(ids([a, b, c]), timeout=0.2)
-    elapsed = time.monotonic() - started
+    done = store.wait_for_rollouts(ids([a, b, c]), timeout=0.5)
     assert ids(done) == [b.rollout_id]
-    assert 0.15 <= elapsed < 2
+    # It waited: it gave up when a read found nothing before the time-out, not before reading.
+    assert reads and reads[-1] in blocked_in_vain(reads)
 
 
 def another_client(fake_redis: fakeredis.FakeRedis, fake_client: LightningClient) -> LightningClient:
@@ -504,8 +537,17 @@ def another_client(fake_redis: fakeredis.FakeRedis, fake_client: LightningClient
     return LightningClient(fake_client.settings, redis_client=fakeredis.FakeRedis(server=server))
 
 
+def wait_for_subscriber(fake_redis: fakeredis.FakeRedis, store: RolloutStore) -> None:
+    """Until a waiter has subscribed to the completion notifications."""
+    deadline = time.monotonic() + WAIT_DEADLINE
+    while fake_redis.pubsub_numsub(store.keys.events)[0][1] < 1:
+        assert time.monotonic() < deadline, "no waiter subscribed"
+        time.sleep(0.005)
+
+
 def test_wait_wakes_on_notification_from_another_client(
-    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient
+    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient,
+    reads: list[Read],
 ) -> None:
     a, b, c = make_rollouts(3)
     worker = another_client(fake_redis, fake_client)
@@ -517,23 +559,21 @@ def test_wait_wakes_on_notification_from_another_client(
             seen.append((rollout.rollout_id, rollout.reward))
 
     def work() -> None:
-        time.sleep(0.05)
+        wait_for_subscriber(fake_redis, store)
         finish(worker.store, b, 2.0)
-        time.sleep(0.05)
+        time.sleep(0.05)  # spacing, not synchronization: the waiter may see them together or apart
         finish(worker.store, a, 1.0)
         time.sleep(0.05)
         worker.store.terminate(c.rollout_id, "cancelled")
 
     thread = threading.Thread(target=work)
-    started = time.monotonic()
     thread.start()
     try:
-        done = store.wait_for_rollouts(ids([a, b, c]), timeout=10, on_finished=on_finished)
+        done = store.wait_for_rollouts(ids([a, b, c]), timeout=WAIT_DEADLINE, on_finished=on_finished)
     finally:
         thread.join()
         worker.close()
-    elapsed = time.monotonic() - started
-    assert elapsed < 3  # woken by notifications, not by the 5 s safety wake-up
+    assert blocked_in_vain(reads) == []  # woken by notifications, never by the 5 s safety wake-up
     assert ids(done) == ids([a, b, c])  # in the order asked for
     assert [r.status for r in done] == ["succeeded", "succeeded", "cancelled"]
     assert seen == [(b.rollout_id, 2.0), (a.rollout_id, 1.0), (c.rollout_id, None)]  # once each, as they finish
@@ -546,11 +586,11 @@ def test_wait_ignores_requeues_and_other_rollouts(
     worker = another_client(fake_redis, fake_client)
 
     def work() -> None:
-        time.sleep(0.05)
+        wait_for_subscriber(fake_redis, store)
         finish(worker.store, other)
         seq = run_to_running(worker.store, wanted)
         worker.store.finish_attempt(wanted.rollout_id, seq, "failed", "requeuing")
-        time.sleep(0.05)
+        time.sleep(0.05)  # spacing, not synchronization: the waiter may see the requeue apart from the finish
         finish(worker.store, wanted, 3.0)
 
     calls: list[Rollout] = []
@@ -567,7 +607,8 @@ def test_wait_ignores_requeues_and_other_rollouts(
 
 
 def test_wait_wakes_when_a_lost_worker_fails_the_rollout(
-    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient
+    store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient,
+    reads: list[Read],
 ) -> None:
     rollout, = make_rollouts(1)
     run_to_running(store, rollout, worker="w-dead")
@@ -575,19 +616,18 @@ def test_wait_wakes_when_a_lost_worker_fails_the_rollout(
     worker = another_client(fake_redis, fake_client)
 
     def redeliver() -> None:
-        time.sleep(0.05)
+        wait_for_subscriber(fake_redis, store)
         worker.store.claim(rollout, "w-alive")
 
     thread = threading.Thread(target=redeliver)
-    started = time.monotonic()
     thread.start()
     try:
-        done = store.wait_for_rollouts([rollout.rollout_id], timeout=2)
+        done = store.wait_for_rollouts([rollout.rollout_id], timeout=WAIT_DEADLINE)
     finally:
         thread.join()
         worker.close()
-    assert time.monotonic() - started < 1.5
     assert [r.status for r in done] == ["failed"]
+    assert blocked_in_vain(reads) == []  # the failure's notification woke it
 
 
 def test_wait_reads_notifications_that_arrived_together_in_one_round_trip(
