@@ -71,7 +71,8 @@ def ab_test(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=0, help="start this many local demo workers (default: use yours)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="start this many local demo workers (default: use yours)")
     parser.add_argument("--split", action="store_true", help="split users by hash instead of pairing on questions")
     parser.add_argument("--users", type=int, default=200, help="with --split: simulated users (one question each)")
     parser.add_argument("--promote", metavar="POINTER", help="move POINTER to a significant winner")
@@ -90,7 +91,8 @@ def main() -> None:
     console = Console()
     for table in report.tables():
         console.print(table)
-    console.print(f"chart: {report.save_chart(args.chart)}; winner: {report.winner or 'none (no significant difference)'}")
+    winner = report.winner or "none (no significant difference)"
+    console.print(f"chart: {report.save_chart(args.chart)}; winner: {winner}")
 
 
 if __name__ == "__main__":

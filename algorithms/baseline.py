@@ -42,7 +42,9 @@ def main() -> None:
     with LightningClient() as client:
         report = run_baseline(client, arithmetic(), resources_id)
     target = resources_id or "latest"
-    print(f"{len(report.rollouts)} rollouts on {target}: mean reward {report.summary.mean_reward:.3f}, {report.summary.failed} failed")
+    summary = report.summary
+    print(f"{len(report.rollouts)} rollouts on {target}: mean reward {summary.mean_reward:.3f}, "
+          f"{summary.failed} failed")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from algorithms.local import client_for
 from lightning_queue import (
@@ -70,7 +71,8 @@ def run_canary(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=0, help="start this many local demo workers (default: use yours)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="start this many local demo workers (default: use yours)")
     parser.add_argument("--candidate", choices=sorted(CANDIDATES), default="better")
     parser.add_argument("--schedule", default="0.01,0.05,0.25,0.5,1.0", help="treatment weights, comma-separated")
     parser.add_argument("--per-step", type=int, default=30, help="treatment rollouts to finish before each step")

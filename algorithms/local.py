@@ -9,9 +9,9 @@ the scripts use the settings and the workers you already run.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from lightning_queue import LightningClient, Settings
 from lightning_queue.ops.fleet import LocalFleet

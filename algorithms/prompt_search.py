@@ -24,8 +24,8 @@ def main() -> None:
     for score in report.scores:
         print(f"{score.name:<20} {score.resources_id:<32} {len(score.rollouts):>3} rollouts  "
               f"mean {score.summary.mean_reward:.3f}")
-    print(f"promoted {report.promoted.resources_id} (v{report.promoted_version}); "
-          f"validation on latest: mean {report.validation_summary.mean_reward:.3f} over {len(report.validation)} rollouts")
+    print(f"promoted {report.promoted.resources_id} (v{report.promoted_version}); validation on latest: "
+          f"mean {report.validation_summary.mean_reward:.3f} over {len(report.validation)} rollouts")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from typing import Any
 
 from celery import Celery
 
-from lightning_queue.core.settings import Settings
 from lightning_queue.broker.app import celery_config
+from lightning_queue.core.settings import Settings
 
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("BENCH_PREFIX", "lqbench-bare")

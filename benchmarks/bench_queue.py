@@ -342,7 +342,7 @@ def run_steps(b: Bench, m: int) -> tuple[list[str], dict[str, list[float]], dict
             raise RuntimeError(f"rollout {rollout.rollout_id}: the claim did not start the attempt ({claim})")
         store.finish_attempt(rollout.rollout_id, claim.sequence_id, "succeeded", "succeeded", result=result)
         t2 = time.perf_counter()
-        for timer, begin, end in zip(timers, (t0, t1), (t1, t2)):
+        for timer, begin, end in zip(timers, (t0, t1), (t1, t2), strict=True):
             timer.append(end - begin)
     return [r.rollout_id for r in rollouts], steps, calls_delta(before, calls_now(b.redis))
 
@@ -356,7 +356,8 @@ def worker_steps(b: Bench, rows: list[Row], lq_commands: float, bare_commands: f
     top = delta.get("evalsha", 0)
     inside = sum(delta.values()) - top
     rows.append((f"worker round trips per rollout, in process ({m} rollouts, one at a time)",
-                 f"{top / m:.0f} round trips, {sum(delta.values()) / m:.1f} commands ({inside / m:.1f} inside Lua scripts)",
+                 f"{top / m:.0f} round trips, {sum(delta.values()) / m:.1f} commands "
+                 f"({inside / m:.1f} inside Lua scripts)",
                  ""))
     for name, samples in steps.items():
         rows.append((f"  {name}", f"median {statistics.median(samples) * 1e3:.3f} ms", ""))

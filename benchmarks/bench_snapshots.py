@@ -18,7 +18,8 @@ import statistics
 import sys
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -336,7 +337,8 @@ def run(url: str, prefix: str, quick: bool) -> list[tuple[str, str, str]]:
         rows.append((f"cache hit, {label}", f"median {med:.2f} µs, p99 {p99:.2f} µs", "< 50 µs"))
     rows.append((f"Redis commands during {gets:,} hits",
                  f"{counter.commands} commands, {counter.checkouts} connections", "0"))
-    summary = f"hits {stats['hits']:,}, misses {stats['misses']}, entries {stats['entries']}, {stats['bytes'] / 1e6:.1f} MB"
+    summary = (f"hits {stats['hits']:,}, misses {stats['misses']}, entries {stats['entries']}, "
+               f"{stats['bytes'] / 1e6:.1f} MB")
     rows.append(("  cache stats after the hit loop", summary, ""))
     hit_med = statistics.median(samples["pinned"]) / 1e6
     rows.append(("  1 MB snapshot: cold fetch / cache hit", f"{on_med / hit_med:,.0f}x faster", ""))

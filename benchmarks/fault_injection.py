@@ -187,7 +187,9 @@ def main() -> int:
     prefix = f"lqfaults-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q",
                         visibility_timeout=args.visibility_timeout)
-    print(f"Redis {url} ({f'own, appendonly yes, appendfsync {args.appendfsync}, restarts by SIG{args.redis_signal}' if own else 'given: no restarts'}), "
+    mode = (f"own, appendonly yes, appendfsync {args.appendfsync}, restarts by SIG{args.redis_signal}" if own
+            else "given: no restarts")
+    print(f"Redis {url} ({mode}), "
           f"prefix {prefix}, {args.workers} workers, {args.rollouts} rollouts of {args.agent_seconds[0]}-"
           f"{args.agent_seconds[1]} s, {args.duration:.0f} s of faults, seed {seed}", flush=True)
     fleet = LocalFleet(settings, "fault_injection:agent", count=args.workers, pythonpath=[str(HERE)])

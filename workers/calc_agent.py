@@ -21,7 +21,8 @@ import json
 import math
 import operator
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -169,7 +170,9 @@ def chat(http: httpx.Client, llm: LLM, messages: list[dict[str, Any]]) -> dict[s
     try:
         return response.json()["choices"][0]["message"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise LLMRequestError(f"POST {url} answered something that is not a chat completion: {response.text[:500]}") from exc
+        raise LLMRequestError(
+            f"POST {url} answered something that is not a chat completion: {response.text[:500]}"
+        ) from exc
 
 
 def run_tool(call: dict[str, Any]) -> str:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from algorithms.ab_test import ab_test
 from lightning_queue import (

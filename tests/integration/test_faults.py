@@ -3,11 +3,12 @@ a hung (SIGSTOPped) pool process, duplicate deliveries, a worker that stops cons
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lightning_queue import LightningClient, PromptTemplate, RolloutConfig, Settings
 
@@ -172,5 +173,5 @@ def test_retries_wait_their_backoff_and_end_failed_with_the_last_error(settings:
         assert (done.error.type, done.error.message) == ("ValueError", "boom on backoff")
         attempts = client.get_attempts(rid)
         # Each retry was sent with its countdown: it cannot have started before the backoff ran out.
-        gaps = [later.start_time - earlier.end_time for earlier, later in zip(attempts, attempts[1:])]
+        gaps = [later.start_time - earlier.end_time for earlier, later in itertools.pairwise(attempts)]
         assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -23,9 +24,9 @@ from lightning_queue import (
     Settings,
     rollout,
 )
+from lightning_queue.broker.app import make_celery
 from lightning_queue.core.models import Rollout
 from lightning_queue.ops.embedded import EmbeddedRedis
-from lightning_queue.broker.app import make_celery
 from lightning_queue.worker import runner
 from lightning_queue.worker.cache import SnapshotCache, start_cache
 from lightning_queue.worker.context import WorkerContext

@@ -9,8 +9,8 @@ Every test enqueues while no worker runs, changes the registry, and only then st
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import pytest
 import redis

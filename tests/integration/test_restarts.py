@@ -19,7 +19,6 @@ from lightning_queue import (
     RolloutConfig,
     Settings,
 )
-from lightning_queue.ops import cli
 from lightning_queue.core.errors import RedisUnavailableError
 from lightning_queue.ops import cli
 from lightning_queue.ops.embedded import free_port

@@ -72,7 +72,7 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
 
     def start(name: str, args: list[str]) -> None:
         (tmp_path / name).mkdir()
-        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(tmp_path / f"{name}.log", "wb")
         processes[name] = subprocess.Popen(["redis-server", *args, "--dir", str(tmp_path / name)],
                                            stdout=log, stderr=subprocess.STDOUT)
 
@@ -88,7 +88,7 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     )
     processes["sentinel"] = subprocess.Popen(
         ["redis-server", str(conf), "--sentinel", "--dir", str(tmp_path)],
-        stdout=open(tmp_path / "sentinel.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        stdout=open(tmp_path / "sentinel.log", "wb"), stderr=subprocess.STDOUT)
     s = SentinelSet(primary, replica, sentinel, processes)
     try:
         _wait(lambda: s.direct(replica).info("replication")["master_link_status"] == "up", "the replica to sync")

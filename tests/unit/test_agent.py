@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import pytest
 
@@ -97,7 +98,7 @@ def test_optional_and_default_parameters() -> None:
     seen: dict[str, Any] = {}
 
     @rollout
-    def agent(task: str, llm: LLM | None = None, calc: Optional[Calculator] = None, retries: int = 3, **extra: Any) -> None:
+    def agent(task: str, llm: LLM | None = None, calc: Calculator | None = None, retries: int = 3, **extra: Any) -> None:
         seen.update(llm=llm, calc=calc, retries=retries, extra=extra)
 
     run(agent, {"p": PROMPT})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -13,10 +14,10 @@ import redis
 from celery import signals
 
 from lightning_queue import LLM, LightningClient, PromptTemplate, Settings, create_app
-from lightning_queue.core.errors import NoLatestResourcesError, ResourcesNotFoundError
-from lightning_queue.storage.registry import SnapshotRegistry
 from lightning_queue.broker.app import make_celery
 from lightning_queue.broker.publisher import Publisher
+from lightning_queue.core.errors import NoLatestResourcesError, ResourcesNotFoundError
+from lightning_queue.storage.registry import SnapshotRegistry
 from lightning_queue.worker.cache import SnapshotCache, start_cache
 from lightning_queue.worker.context import WorkerContext
 from lightning_queue.worker.heartbeat import Heartbeat

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC
 from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import fakeredis
 import pytest
@@ -23,9 +25,9 @@ from lightning_queue import (
     RolloutResult,
 )
 from lightning_queue.broker.app import make_celery
-from lightning_queue.core.settings import Settings
 from lightning_queue.broker.publisher import Publisher
 from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
+from lightning_queue.core.settings import Settings
 
 
 @pytest.fixture
@@ -152,10 +154,10 @@ def test_publish_sends_one_message_per_rollout(
 
 
 def test_a_countdown_becomes_the_eta_of_every_message_in_the_batch(fake_client: LightningClient) -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     publisher = fake_client.publisher
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     batch = publisher.build([Rollout(input=1, queue="q"), Rollout(input=2, queue="q")], [(None, None)] * 2,
                             countdown=30)
     etas = {json.loads(m)["headers"]["eta"] for m in batch.by_queue["q"]}
@@ -252,7 +254,7 @@ async def test_async_client_has_every_method_of_the_sync_one(fake_client: Lightn
     assert not missing, f"AsyncLightningClient lacks {sorted(missing)}"
 
     client = AsyncLightningClient(fake_client.settings, redis_client=fake_client.redis)
-    await client.add_resources_batch((("rs-%d" % i, {"main": llm}) for i in range(3)))  # a generator is fine
+    await client.add_resources_batch((f"rs-{i}", {"main": llm}) for i in range(3))  # a generator is fine
     assert await client.set_pointer("prod", "rs-0") == "rs-0"
     assert (await client.pointers())["prod"] == "rs-0"
     await client.set_pointer("prod", "rs-1")

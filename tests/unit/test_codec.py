@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fakeredis
 import pytest
@@ -21,9 +22,9 @@ from lightning_queue import (
     SnapshotCorruptedError,
 )
 from lightning_queue.core.errors import RolloutFailed, SnapshotTooLargeError
-from lightning_queue.storage import codec
 from lightning_queue.core.models import dump_resources
 from lightning_queue.core.settings import Settings
+from lightning_queue.storage import codec
 from lightning_queue.storage.registry import SnapshotRegistry
 from tests.unit.test_runner import FakeTask, recording_agent, run
 

@@ -7,13 +7,15 @@ exactly what real workers would have written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,7 +149,7 @@ def test_growing_the_treatment_only_ever_moves_units_into_it() -> None:
     assignments = [[ab(variants=[Variant(name="control", resources_id="rs-a", weight=1 - w),
                                  Variant(name="treatment", resources_id="rs-b", weight=w)]).assign(f"u{i}")
                     for i in range(20_000)] for w in steps]
-    for earlier, later in zip(assignments, assignments[1:]):
+    for earlier, later in itertools.pairwise(assignments):
         assert all(b == "treatment" for a, b in zip(earlier, later) if a == "treatment")
     assert all(a == "treatment" for a in assignments[-1])
 
@@ -178,7 +180,7 @@ def test_create_validates_and_refuses_a_taken_name(experiments: Experiments) -> 
     assert experiments.get("ab") == exp
     with pytest.raises(ExperimentExistsError, match="'ab' already exists"):
         experiments.create(ab())
-    with pytest.raises(ResourcesNotFoundError, match="'rs-nope'.*was not created"):
+    with pytest.raises(ResourcesNotFoundError, match=r"'rs-nope'.*was not created"):
         experiments.create(ab("other", variants=[Variant(name="c", resources_id="rs-a"),
                                                  Variant(name="t", resources_id="rs-nope")]))
     with pytest.raises(InvalidExperimentError, match="unique"):
@@ -245,8 +247,8 @@ def test_enqueue_resolves_a_pointer_variant_now(experiments: Experiments, snapsh
 def test_a_missing_unit_enqueues_nothing(experiments: Experiments, published: list[str]) -> None:
     experiments.create(ab())
     experiments.start("ab")
-    with pytest.raises(ExperimentUnitError, match="'input.user'.*no value"):
-        experiments.enqueue("ab", users(3) + [{"question": "no user"}])
+    with pytest.raises(ExperimentUnitError, match=r"'input\.user'.*no value"):
+        experiments.enqueue("ab", [*users(3), {"question": "no user"}])
     assert published == [] and experiments.rollout_ids("ab") == {"control": [], "treatment": []}
     # A function of the input may name the unit instead.
     rollouts = experiments.enqueue("ab", [{"q": 1}, {"q": 2}], unit=lambda item: item["q"])
@@ -426,7 +428,7 @@ def test_promote_refuses_without_a_winner_and_changes_nothing_on_conflict(
     experiments.create(ab())
     experiments.start("ab")
     experiments.enqueue("ab", users(100))  # every reward 1: no difference
-    with pytest.raises(ExperimentError, match="no variant .* beats the control"):
+    with pytest.raises(ExperimentError, match=r"no variant .* beats the control"):
         experiments.promote("ab", pointer="prod")
     with pytest.raises(PointerError, match="not the expected 'rs-b'"):
         experiments.promote("ab", "treatment", "prod", expected="rs-b")

@@ -107,14 +107,14 @@ def test_user_resource_type_round_trips_with_builtin_ones(llm: LLM) -> None:
 def test_resource_subclass_without_literal_type_is_refused() -> None:
     with pytest.raises(TypeError, match="resource_type"):
 
-        class Nameless(Resource):  # noqa: F841
+        class Nameless(Resource):
             value: int = 0
 
 
 def test_resource_type_name_cannot_be_taken_twice() -> None:
     with pytest.raises(TypeError, match="already registered"):
 
-        class NotAnLLM(Resource):  # noqa: F841
+        class NotAnLLM(Resource):
             resource_type: Literal["llm"] = "llm"
 
 

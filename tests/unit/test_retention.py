@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fakeredis
 import pytest
@@ -16,12 +17,12 @@ from lightning_queue import (
     RolloutResult,
     Settings,
 )
+from lightning_queue.app import create_app
 from lightning_queue.core.errors import RolloutNotFoundError
-from lightning_queue.core.models import ErrorInfo
 from lightning_queue.core.keys import RETENTION_TASK as TASK_NAME
+from lightning_queue.core.models import ErrorInfo
 from lightning_queue.storage.retention import RetentionPolicy, apply_retention
 from lightning_queue.storage.store import RolloutStore
-from lightning_queue.app import create_app
 from lightning_queue.worker.context import WorkerContext
 from lightning_queue.worker.tasks import SCHEDULE_ENTRY
 from tests.unit.test_store import expire_heartbeat, run_to_running

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from types import SimpleNamespace
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import fakeredis
 import pytest
@@ -288,7 +289,7 @@ def test_retry_on_conflict_loses_no_update_under_contention(fake_redis: fakeredi
             start.wait()
             for _ in range(increments):
                 retry_on_conflict(registry, "rs-counter", increment, attempts=1000)
-        except Exception as exc:  # noqa: BLE001 (reported by the test thread below)
+        except Exception as exc:
             errors.append(exc)
         finally:
             client.close()
@@ -376,7 +377,7 @@ def test_pointers_always_name_existing_snapshots_under_interleavings(
                 if found:
                     with lock:
                         violations.append(f"after {op} by thread {n}: {found}")
-        except Exception as exc:  # noqa: BLE001 (reported by the test thread below)
+        except Exception as exc:
             errors.append(exc)
         finally:
             client.close()
