@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import redis
 
@@ -210,7 +211,7 @@ class RolloutStore:
         indexes: dict[str, dict[str, float]] = {}
         for rollout in rollouts:
             rid, score = rollout.rollout_id, rollout.enqueue_time
-            pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))
+            pipe.hset(k.rollout(rid), mapping=cast("Mapping[Any, str]", encode_rollout(rollout)))
             for key in self._index_keys(rollout):
                 indexes.setdefault(key, {})[rid] = score
         for key, members in indexes.items():
@@ -242,9 +243,9 @@ class RolloutStore:
                                      "fields": encode_rollout(rollout), "indexes": self._index_keys(rollout)}))
         reply = self._create(keys=[k.seq], args=items)
         existing = {}
-        for rollout, fields in zip(rollouts, reply[1:]):
+        for rollout, fields in zip(rollouts, reply[1:], strict=True):
             if fields:
-                stored = dict(zip(fields[::2], fields[1::2]))
+                stored = dict(zip(fields[::2], fields[1::2], strict=True))
                 published = b"published" in stored or "published" in stored
                 existing[rollout.rollout_id] = (decode_rollout(stored), published)
         return int(reply[0] or 0), existing
@@ -295,7 +296,7 @@ class RolloutStore:
         if outcome != "claimed":
             return Claim(outcome, sequence_id=int(reply[1]))  # type: ignore[arg-type]
         fields = reply[3]
-        record = decode_rollout(dict(zip(fields[::2], fields[1::2])))
+        record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)))
         return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])))
 
     def start_attempt(self, rollout_id: str, sequence_id: int, resources_id: str, version: int) -> bool:
@@ -404,7 +405,7 @@ class RolloutStore:
     def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
         """The rollouts, in the order given, read in one round trip."""
         out = []
-        for rid, rollout in zip(rollout_ids, self._read(rollout_ids)):
+        for rid, rollout in zip(rollout_ids, self._read(rollout_ids), strict=True):
             if rollout is None:
                 raise RolloutNotFoundError(rid)
             out.append(rollout)
@@ -441,11 +442,11 @@ class RolloutStore:
             if key != k.rollouts and not key.startswith(f"{k.rollouts}:"):
                 continue  # another deployment's key whose prefix happens to extend ours
             start = 0
-            while members := [text(m) for m in self.redis.zrange(key, start, start + chunk - 1)]:
+            while members := [text(m) for m in cast("list[bytes]", self.redis.zrange(key, start, start + chunk - 1))]:
                 pipe = self.redis.pipeline(transaction=False)
                 for rid in members:
                     pipe.exists(k.rollout(rid))
-                gone = [rid for rid, alive in zip(members, pipe.execute()) if not alive]
+                gone = [rid for rid, alive in zip(members, pipe.execute(), strict=True) if not alive]
                 dropped = len(gone) if dry_run or not gone else int(self.redis.zrem(key, *gone))
                 removed += dropped
                 start += len(members) - (0 if dry_run else dropped)
@@ -469,7 +470,7 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=False)
         for rid in rollout_ids:
             pipe.hget(self.keys.rollout(rid), "status")
-        return {rid: (text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute())}
+        return {rid: (text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute(), strict=True)}
 
     def query_rollouts(
         self,
@@ -519,16 +520,17 @@ class RolloutStore:
                     union.update((text(member), score) for member, score in next(replies))
                 scores = union if scores is None else {m: s for m, s in scores.items() if m in union}
             assert scores is not None
-            ordered = sorted(scores, key=lambda m: scores[m], reverse=True)  # type: ignore[index]
+            ordered = sorted(scores, key=lambda m: scores[m], reverse=True)
         found: dict[str, Rollout] = {}
         while True:
             if ordered is None:
-                ids = [text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
+                page = cast("list[bytes]", self.redis.zrevrange(k.rollouts, offset, offset + limit - 1))
+                ids = [text(i) for i in page]
             else:
                 ids = ordered[offset : offset + limit]
             unread = [rid for rid in ids if rid not in found]
             gone = []
-            for rid, rollout in zip(unread, self._read(unread)):
+            for rid, rollout in zip(unread, self._read(unread), strict=True):
                 if rollout is None:
                     gone.append(rid)
                 else:
@@ -545,7 +547,7 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=True)
         for s in ROLLOUT_STATUSES:
             pipe.zcard(self.keys.rollouts_by_status(s))
-        return dict(zip(ROLLOUT_STATUSES, pipe.execute()))
+        return dict(zip(ROLLOUT_STATUSES, pipe.execute(), strict=True))
 
     # -- waiting ------------------------------------------------------------------------
 
