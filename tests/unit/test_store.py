@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import fakeredis
 import pytest
@@ -19,6 +20,7 @@ from lightning_queue import (
 from lightning_queue.core.keys import ROLLOUT_STATUSES
 from lightning_queue.core.models import ErrorInfo
 from lightning_queue.storage.store import RolloutStore, StartWith
+from lightning_queue.storage.waiting import Read, Step, Waiter
 
 MakeRollouts = Callable[..., list[Rollout]]
 IndexMembers = Callable[[str], list[str]]
@@ -596,28 +598,28 @@ def test_wait_reads_notifications_that_arrived_together_in_one_round_trip(
     rollouts = make_rollouts(5)
     for rollout in rollouts:
         run_to_running(store, rollout)
-    statuses = store.statuses
     reads: list[list[str]] = []
-    get_rollouts = store.get_rollouts
+    next_step, replied = Waiter.next_step, Waiter.replied
 
-    def first_read(rollout_ids: list[str]) -> dict[str, str | None]:
-        # The waiter is subscribed and has read the statuses (all running); the five then
-        # finish before it looks at its notifications, which are all waiting together.
-        seen = statuses(rollout_ids)
-        for rollout in rollouts:
-            store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
-        monkeypatch.setattr(store, "statuses", lambda ids: pytest.fail("a status read per notification"))
-        return seen
+    def record(waiter: Waiter) -> Step:
+        step = next_step(waiter)
+        if isinstance(step, Read):
+            reads.append([command[0] for command in step.commands])
+        return step
 
-    def spy(rollout_ids: list[str]) -> list[Rollout]:
-        reads.append(list(rollout_ids))
-        return get_rollouts(rollout_ids)
+    def then_finish(waiter: Waiter, replies: Sequence[Any]) -> None:
+        replied(waiter, replies)
+        if len(reads) == 1:
+            # The waiter is subscribed and has read the statuses (all running); the five then
+            # finish before it looks at its notifications, which are all waiting together.
+            for rollout in rollouts:
+                store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
 
-    monkeypatch.setattr(store, "statuses", first_read)
-    monkeypatch.setattr(store, "get_rollouts", spy)
+    monkeypatch.setattr(Waiter, "next_step", record)
+    monkeypatch.setattr(Waiter, "replied", then_finish)
     done = store.wait_for_rollouts(ids(rollouts), timeout=5)
     assert ids(done) == ids(rollouts) and {r.status for r in done} == {"succeeded"}
-    assert reads == [ids(rollouts)]
+    assert reads == [["HGET"] * 5, ["HGETALL"] * 5]  # one status read, then one read of all five records
 
 
 # --------------------------------------------------------------------------- claim and start in one script
