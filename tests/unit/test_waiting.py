@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ import fakeredis
 import pytest
 import redis
 
-from lightning_queue import Rollout, RolloutNotFoundError, RolloutResult
+from lightning_queue import AsyncLightningClient, Rollout, RolloutNotFoundError, RolloutResult
 from lightning_queue.core.errors import RedisAuthError, RedisUnavailableError
 from lightning_queue.core.keys import Keys
 from lightning_queue.storage.store import RolloutStore, decode_rollout, encode_rollout
@@ -309,6 +310,32 @@ def test_sync_wait_raises_when_a_record_vanishes_while_it_waits(
     thread.join(30)
     assert isinstance(outcome[0], RolloutNotFoundError) and outcome[0].rollout_id == running[1].rollout_id
     assert subscribers(store) == 0
+
+
+async def test_async_wait_finds_rollouts_whose_notification_was_lost(
+    async_client: AsyncLightningClient, store: RolloutStore, running: list[Rollout], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lightning_queue.storage.waiting.RECONCILE_SECONDS", 0.2)
+    task = asyncio.create_task(async_client.wait_for_rollouts([r.rollout_id for r in running], timeout=30))
+    while subscribers(store) < 1:
+        await asyncio.sleep(0.01)
+    finish_quietly(store, running)
+    done = await asyncio.wait_for(task, 30)
+    assert [r.status for r in done] == ["succeeded"] * 3
+
+
+async def test_async_wait_raises_when_a_record_vanishes_while_it_waits(
+    async_client: AsyncLightningClient, store: RolloutStore, running: list[Rollout], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lightning_queue.storage.waiting.RECONCILE_SECONDS", 0.2)
+    task = asyncio.create_task(async_client.wait_for_rollouts([r.rollout_id for r in running], timeout=30))
+    while subscribers(store) < 1:
+        await asyncio.sleep(0.01)
+    store.redis.delete(store.keys.rollout(running[2].rollout_id))
+    with pytest.raises(RolloutNotFoundError, match=running[2].rollout_id):
+        await asyncio.wait_for(task, 30)
+    # (fakeredis keeps counting a closed asyncio subscriber: tests/integration/test_aio.py checks that
+    # the subscription is given back, on a real server.)
 
 
 def test_the_sync_wait_uses_a_bounded_client_of_its_own(fake_redis: fakeredis.FakeRedis) -> None:
