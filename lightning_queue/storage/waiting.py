@@ -13,8 +13,10 @@ Why statuses are read again, and when:
   was down. redis-py re-subscribes by itself when it reconnects, so the confirmation
   message (``subscribe``) is the one reliable sign that a gap just ended; the statuses of the
   unfinished rollouts are read after it, so every rollout that finished in the gap is seen.
-* **Every** :data:`RECONCILE_SECONDS`, as a safety net for a notification lost in any other
-  way. It costs one pipelined ``HGET status`` per unfinished rollout.
+* **After** :data:`RECONCILE_SECONDS` **of silence** (no full read and no notification for
+  one of its rollouts), as a safety net for a notification lost in any other way. It costs
+  one pipelined ``HGET status`` per unfinished rollout; while notifications keep arriving
+  they show the subscription works, so a large wait is not re-read needlessly.
 
 A rollout whose record is missing on any read (never created, expired, or Redis lost its
 data) raises :class:`RolloutNotFoundError`: it will never finish.
@@ -44,7 +46,7 @@ from lightning_queue.core.models import TERMINAL_STATUSES, Rollout
 from lightning_queue.storage.connections import RedisUnreachableError, backoff_delay, text
 
 RECONCILE_SECONDS = 5.0
-"""Statuses are read again after this long without a full read, in case a notification was lost."""
+"""Statuses are read again after this long without a full read or a notification, in case one was lost."""
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
@@ -121,7 +123,7 @@ class Waiter:
         self._subscribe_sent = False
         self._subscribed = False  # a confirmation arrived since the last failure
         self._stale = True  # no full status read since the last (re-)subscription
-        self._last_full_read = float("-inf")
+        self._quiet_since = float("-inf")  # the last full read or notification for one of ours
         self._reading: tuple[Literal["statuses", "records"], list[str], float] | None = None
         self._unreachable_since: float | None = None
         self._failures = 0
@@ -137,19 +139,19 @@ class Waiter:
             return Subscribe(self.channel)
         # Read after the confirmation, so nothing finishes unseen between the read and the
         # subscription; once past the deadline nothing will be listened to, so read anyway.
-        due = now - self._last_full_read >= self._reconcile_seconds
+        due = now - self._quiet_since >= self._reconcile_seconds
         if (self._stale and (self._subscribed or expired)) or (not self._stale and due and not expired):
             unfinished = [rid for rid in self._ids if rid not in self._finished and rid not in self._notified]
             if unfinished:
                 return self._read("statuses", unfinished, now)
-            self._stale, self._last_full_read = False, now
+            self._stale, self._quiet_since = False, now
         if self._notified:
             return self._read("records", list(self._notified), now)
         if expired:
             return Done(self.finished())
         timeout = self._reconcile_seconds
         if not self._stale:
-            timeout = self._last_full_read + self._reconcile_seconds - now
+            timeout = self._quiet_since + self._reconcile_seconds - now
         if self._deadline is not None:
             timeout = min(timeout, self._deadline - now)
         return Listen(max(timeout, 0.0))
@@ -182,6 +184,7 @@ class Waiter:
             rid = text(message["data"])
             if rid in self._wanted and rid not in self._finished:
                 self._notified[rid] = None
+                self._quiet_since = max(self._quiet_since, self._clock())
 
     def replied(self, replies: Sequence[Any]) -> None:
         """The replies to the last :class:`Read`. Raises :class:`RolloutNotFoundError` for a
@@ -196,7 +199,7 @@ class Waiter:
                     raise RolloutNotFoundError(rid)
                 if text(status) in TERMINAL_STATUSES:
                     self._notified[rid] = None
-            self._stale, self._last_full_read = False, started
+            self._stale, self._quiet_since = False, max(self._quiet_since, started)
             return
         for rid, fields in zip(ids, replies, strict=True):
             self._notified.pop(rid, None)

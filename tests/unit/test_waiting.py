@@ -125,6 +125,21 @@ def test_statuses_are_reread_every_reconcile_interval() -> None:
     assert records_read(waiter.next_step(), ["a"])
 
 
+def test_notifications_postpone_the_periodic_reread() -> None:
+    clock = Clock()
+    waiter = make_waiter(["a", "b", "c"], clock, timeout=None)
+    subscribed(waiter)
+    waiter.next_step()
+    waiter.replied([b"running"] * 3)
+    clock.now += 4
+    waiter.received(notification("a"))  # the subscription evidently works
+    assert records_read(waiter.next_step(), ["a"])
+    waiter.replied([record("a")])
+    assert waiter.next_step() == Listen(5.0)
+    clock.now += 5
+    assert statuses_read(waiter.next_step(), ["b", "c"])  # five seconds of silence
+
+
 def test_notifications_that_arrived_together_are_read_in_one_round_trip() -> None:
     clock = Clock()
     waiter = make_waiter(["a", "b", "c"], clock)
