@@ -3,23 +3,69 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lightning_queue.client import LightningClient
+from lightning_queue.client import LightningClient, ResourcesLike
+from lightning_queue.core.models import (
+    Attempt,
+    ResolveMode,
+    ResourcesUpdate,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutRequest,
+)
 from lightning_queue.core.settings import Settings
+from lightning_queue.storage.connections import connect_async, server_url
+from lightning_queue.storage.liveness import WorkerHealth
+from lightning_queue.storage.registry import DeleteReport, PointerMove
+from lightning_queue.storage.retention import RetentionReport
+from lightning_queue.storage.waiting import wait_async
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+    from celery import Celery
 
 
 class AsyncLightningClient:
-    """The same API as :class:`LightningClient`, for asyncio code.
+    """The same API as :class:`LightningClient`, for asyncio code; use it with ``async with``
+    (or call :meth:`close`).
 
-    Each call runs the synchronous client's method in a worker thread
-    (``asyncio.to_thread``): the Redis work is short round trips, and
-    ``wait_for_rollouts`` blocks only its own thread, never the event loop.
+    :meth:`wait_for_rollouts`, the one call that can last indefinitely, runs natively on
+    ``redis.asyncio`` pub/sub (its own subscription, no thread): cancelling it (e.g. with
+    ``asyncio.wait_for``) stops it at once and closes its connection.
+
+    Every other call is a few bounded round trips, so it runs the synchronous client's
+    method in a worker thread (``asyncio.to_thread``): each operation then has one
+    implementation (the registry's and store's Lua scripts and pipelines, and publishing,
+    which goes through Celery/kombu and has no asyncio API), and a thread is held at most
+    for the round trips plus the Redis retry budget (``Settings.redis_retry_seconds``),
+    after which the call raises :class:`RedisUnavailableError`. Cancelling such a call
+    stops waiting for it; the round trips it started complete in their thread.
+
+    ``redis_client`` is the synchronous client for those calls and ``async_redis_client``
+    the asyncio one for waits; by default both are built from ``settings``. Building the
+    client checks that Redis answers (a blocking PING, as :class:`LightningClient` does).
     """
 
-    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
-        self.sync = LightningClient(settings, **kwargs)
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis_client: redis.Redis | None = None,
+        async_redis_client: redis.asyncio.Redis | None = None,
+        celery: Celery | None = None,
+    ) -> None:
+        self.sync = LightningClient(settings, redis_client=redis_client, celery=celery)
+        self.settings = self.sync.settings
+        if async_redis_client is None:
+            async_redis_client = connect_async(self.settings.redis_url, self.settings.sentinel_master)
+            self._server = self.settings.redis_url
+        else:
+            self._server = server_url(async_redis_client)
+        self.redis = async_redis_client
 
     async def __aenter__(self) -> AsyncLightningClient:
         return self
@@ -27,25 +73,187 @@ class AsyncLightningClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def close(self) -> None:
+        """Close both clients' connections (without a thread: it cannot wait behind other calls).
+        Waits still running in other tasks are not stopped by it: cancel them."""
+        await self.redis.aclose()
+        self.sync.close()
 
-def _in_thread(name: str) -> Callable[..., Any]:
-    method = getattr(LightningClient, name)
+    # -- resources ------------------------------------------------------------------------
 
-    async def call(self: AsyncLightningClient, *args: Any, **kwargs: Any) -> Any:
-        if args and name in ("enqueue_rollouts", "add_resources_batch"):
-            args = (list(args[0]), *args[1:])  # consume a generator here, not in the thread
-        return await asyncio.to_thread(getattr(self.sync, name), *args, **kwargs)
+    async def add_resources(self, resources: ResourcesLike, resources_id: str | None = None) -> ResourcesUpdate:
+        """Store a new snapshot (version 1) and make it the latest, atomically.
+        See :meth:`LightningClient.add_resources`."""
+        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id)
 
-    call.__name__ = call.__qualname__ = name
-    call.__doc__ = method.__doc__
-    return call
+    async def add_resources_batch(
+        self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]]
+    ) -> list[ResourcesUpdate]:
+        """Add many snapshots in one pipelined round trip (the last becomes latest). ``items`` may
+        be any iterable (consumed here, not in the thread)."""
+        return await asyncio.to_thread(self.sync.add_resources_batch, list(items))
 
+    async def update_resources(
+        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None
+    ) -> ResourcesUpdate:
+        """Store the next version under an existing id and make it the latest, atomically; with
+        ``expected_version``, a compare-and-set raising :class:`VersionConflictError`.
+        See :meth:`LightningClient.update_resources`."""
+        return await asyncio.to_thread(self.sync.update_resources, resources_id, resources, expected_version)
 
-for _name in (
-    "close", "add_resources", "add_resources_batch", "update_resources", "get_resources_by_id",
-    "get_latest_resources", "query_resources", "delete_resources", "set_pointer", "get_pointer", "pointers",
-    "rollback", "pointer_history", "enqueue_rollout", "enqueue_rollouts", "wait_for_rollouts", "get_rollout",
-    "get_rollouts", "get_attempts", "query_rollouts", "cancel_rollout", "apply_retention", "cache_stats",
-    "worker_health",
-):
-    setattr(AsyncLightningClient, _name, _in_thread(_name))
+    async def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate:
+        """A snapshot by id or pointer name; ``version`` reads an earlier version. Raises
+        :class:`ResourcesNotFoundError` for an unknown id."""
+        return await asyncio.to_thread(self.sync.get_resources_by_id, resources_id, version)
+
+    async def get_latest_resources(self) -> ResourcesUpdate | None:
+        """The snapshot ``latest`` points at, or None when there is none."""
+        return await asyncio.to_thread(self.sync.get_latest_resources)
+
+    async def query_resources(self, offset: int = 0, limit: int = 50) -> list[ResourcesUpdate]:
+        """Snapshots, newest written first, ``limit`` from ``offset``."""
+        return await asyncio.to_thread(self.sync.query_resources, offset, limit)
+
+    async def delete_resources(self, resources_id: str, force: bool = False) -> DeleteReport:
+        """Delete a snapshot; refused (:class:`SnapshotInUseError`) while pointers or unfinished
+        rollouts use it, unless ``force``."""
+        return await asyncio.to_thread(self.sync.delete_resources, resources_id, force)
+
+    async def apply_retention(self, keep: int | None = None, dry_run: bool = False) -> RetentionReport:
+        """Delete old snapshots, keeping the newest ``keep`` and every one in use.
+        See :meth:`LightningClient.apply_retention`."""
+        return await asyncio.to_thread(self.sync.apply_retention, keep, dry_run)
+
+    async def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """The snapshot-cache stats each live worker process last reported, by ``node@host:pid``."""
+        return await asyncio.to_thread(self.sync.cache_stats)
+
+    async def worker_health(self, stall_threshold_seconds: float | None = None) -> list[WorkerHealth]:
+        """Every live worker's consumption health. See :meth:`LightningClient.worker_health`."""
+        return await asyncio.to_thread(self.sync.worker_health, stall_threshold_seconds)
+
+    # -- pointers -------------------------------------------------------------------------
+
+    async def set_pointer(self, name: str, target: str, expected: str | None = None) -> str:
+        """Point ``name`` at a snapshot (compare-and-set with ``expected``); return the id it names."""
+        return await asyncio.to_thread(self.sync.set_pointer, name, target, expected)
+
+    async def get_pointer(self, name: str) -> str | None:
+        """The snapshot id ``name`` points at, or None."""
+        return await asyncio.to_thread(self.sync.get_pointer, name)
+
+    async def pointers(self) -> dict[str, str]:
+        """Every pointer and the snapshot id it names."""
+        return await asyncio.to_thread(self.sync.pointers)
+
+    async def rollback(self, pointer: str = "latest") -> PointerMove:
+        """Move ``pointer`` back to its previous target in one atomic step."""
+        return await asyncio.to_thread(self.sync.rollback, pointer)
+
+    async def pointer_history(self, pointer: str = "latest", limit: int = 20) -> list[PointerMove]:
+        """The pointer's last ``limit`` moves, newest first."""
+        return await asyncio.to_thread(self.sync.pointer_history, pointer, limit)
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    async def enqueue_rollout(
+        self,
+        input: Any,
+        *,
+        resources_id: str | None = None,
+        resolve: ResolveMode | None = None,
+        mode: RolloutMode | None = "train",
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        queue: str | None = None,
+        check_resources: bool = True,
+        rollout_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Rollout:
+        """Enqueue one rollout. See :meth:`LightningClient.enqueue_rollout`."""
+        return await asyncio.to_thread(
+            self.sync.enqueue_rollout, input, resources_id=resources_id, resolve=resolve, mode=mode, config=config,
+            metadata=metadata, queue=queue, check_resources=check_resources, rollout_id=rollout_id,
+            idempotency_key=idempotency_key,
+        )
+
+    async def enqueue_rollouts(
+        self,
+        inputs: Iterable[Any | RolloutRequest],
+        *,
+        resources_id: str | None = None,
+        resolve: ResolveMode | None = None,
+        mode: RolloutMode | None = "train",
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        queue: str | None = None,
+        check_resources: bool = True,
+    ) -> list[Rollout]:
+        """Enqueue a batch of rollouts in a constant number of round trips (``inputs`` is consumed
+        here, not in the thread). See :meth:`LightningClient.enqueue_rollouts` for the
+        semantics: atomic records, idempotent ids, :class:`EnqueueError` on a failed publish."""
+        return await asyncio.to_thread(
+            self.sync.enqueue_rollouts, list(inputs), resources_id=resources_id, resolve=resolve, mode=mode,
+            config=config, metadata=metadata, queue=queue, check_resources=check_resources,
+        )
+
+    async def wait_for_rollouts(
+        self,
+        rollout_ids: Sequence[str],
+        timeout: float | None = None,
+        on_finished: Callable[[Rollout], None] | None = None,
+    ) -> list[Rollout]:
+        """Wait until every rollout has finished, or ``timeout`` seconds pass (``None``: no limit).
+
+        Returns the finished rollouts in the order of ``rollout_ids`` (each once); on time-out,
+        only those that had finished. ``on_finished`` is called (in the event loop) once per
+        rollout as it is seen finished. Natively asyncio: cancelling the call ends it and
+        closes its pub/sub connection.
+
+        Raises :class:`RolloutNotFoundError` when a rollout's record does not exist, at the
+        start or later (it expired, or Redis lost its data). Raises
+        :class:`RedisUnavailableError` when Redis is unreachable at the deadline or for longer
+        than ``Settings.redis_retry_seconds`` in a row; the call returns or raises within about
+        half a second of its deadline even then. The algorithm (and why it cannot miss a
+        completion) is :mod:`lightning_queue.storage.waiting`'s, shared with
+        :meth:`LightningClient.wait_for_rollouts`.
+        """
+        waiter = self.sync.store.waiter(rollout_ids, timeout, on_finished,
+                                        retry_seconds=self.settings.redis_retry_seconds, server=self._server)
+        return await wait_async(self.redis, waiter)
+
+    async def get_rollout(self, rollout_id: str) -> Rollout:
+        """The rollout; raises :class:`RolloutNotFoundError` for an unknown or expired id."""
+        return await asyncio.to_thread(self.sync.get_rollout, rollout_id)
+
+    async def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
+        """The rollouts, in the order given, in one round trip; raises
+        :class:`RolloutNotFoundError` for an unknown or expired id."""
+        return await asyncio.to_thread(self.sync.get_rollouts, list(rollout_ids))
+
+    async def get_attempts(self, rollout_id: str) -> list[Attempt]:
+        """Every attempt of the rollout, first to last."""
+        return await asyncio.to_thread(self.sync.get_attempts, rollout_id)
+
+    async def query_rollouts(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        mode: str | None = None,
+        resources_id: str | None = None,
+        worker_id: str | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> list[Rollout]:
+        """Rollouts matching every filter given, newest enqueued first.
+        See :meth:`RolloutStore.query_rollouts`."""
+        statuses = status if status is None or isinstance(status, str) else list(status)
+        return await asyncio.to_thread(
+            self.sync.query_rollouts, status=statuses, mode=mode, resources_id=resources_id, worker_id=worker_id,
+            offset=offset, limit=limit,
+        )
+
+    async def cancel_rollout(self, rollout_id: str, terminate: bool = True) -> str:
+        """Cancel a rollout that has not finished; return its status afterwards.
+        See :meth:`LightningClient.cancel_rollout`."""
+        return await asyncio.to_thread(self.sync.cancel_rollout, rollout_id, terminate)

@@ -316,9 +316,21 @@ class LightningClient:
         timeout: float | None = None,
         on_finished: Callable[[Rollout], None] | None = None,
     ) -> list[Rollout]:
-        """Block until the rollouts finish or ``timeout`` passes; see
-        :meth:`RolloutStore.wait_for_rollouts`."""
-        return self.store.wait_for_rollouts(rollout_ids, timeout, on_finished)
+        """Block until every rollout has finished, or ``timeout`` seconds pass (``None``: no limit).
+
+        Returns the finished rollouts in the order of ``rollout_ids`` (each once); on time-out,
+        only those that had finished. Woken by pub/sub notifications; statuses are re-read
+        whenever the subscription is (re-)established, so completions during a reconnect are
+        not missed. ``on_finished`` is called once per rollout, as it is seen finished.
+
+        Raises :class:`RolloutNotFoundError` when a rollout's record does not exist, at the
+        start or later (it expired, or Redis lost its data). Raises
+        :class:`RedisUnavailableError` when Redis is unreachable at the deadline or for longer
+        than ``settings.redis_retry_seconds`` in a row; the call returns or raises within about
+        half a second of its deadline even then. See :meth:`RolloutStore.wait_for_rollouts`.
+        """
+        return self.store.wait_for_rollouts(rollout_ids, timeout, on_finished,
+                                            retry_seconds=self.settings.redis_retry_seconds)
 
     def get_rollout(self, rollout_id: str) -> Rollout:
         return self.store.get_rollout(rollout_id)

@@ -35,7 +35,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
 
@@ -43,7 +43,6 @@ from lightning_queue.core.errors import RolloutNotFoundError, UnresponsiveAttemp
 from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import (
     ROLLOUT_STATUSES,
-    TERMINAL_STATUSES,
     Attempt,
     ErrorInfo,
     Rollout,
@@ -52,8 +51,9 @@ from lightning_queue.core.models import (
     new_id,
 )
 from lightning_queue.core.policy import NextStatus, next_status
-from lightning_queue.storage.connections import text
+from lightning_queue.storage.connections import text, waiting_client
 from lightning_queue.storage.scripts import load_script
+from lightning_queue.storage.waiting import Waiter, wait
 
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
@@ -204,7 +204,7 @@ class RolloutStore:
         indexes: dict[str, dict[str, float]] = {}
         for rollout in rollouts:
             rid, score = rollout.rollout_id, rollout.enqueue_time
-            pipe.hset(k.rollout(rid), mapping=encode_rollout(rollout))  # type: ignore[arg-type]  # str values
+            pipe.hset(k.rollout(rid), mapping=cast("Mapping[Any, str]", encode_rollout(rollout)))
             for key in self._index_keys(rollout):
                 indexes.setdefault(key, {})[rid] = score
         for key, members in indexes.items():
@@ -473,7 +473,7 @@ class RolloutStore:
             if key != k.rollouts and not key.startswith(f"{k.rollouts}:"):
                 continue  # another deployment's key whose prefix happens to extend ours
             start = 0
-            while members := [text(m) for m in self.redis.zrange(key, start, start + chunk - 1)]:
+            while members := [text(m) for m in cast("list[bytes]", self.redis.zrange(key, start, start + chunk - 1))]:
                 pipe = self.redis.pipeline(transaction=False)
                 for rid in members:
                     pipe.exists(k.rollout(rid))
@@ -555,7 +555,8 @@ class RolloutStore:
         found: dict[str, Rollout] = {}
         while True:
             if ordered is None:
-                ids = [text(i) for i in self.redis.zrevrange(k.rollouts, offset, offset + limit - 1)]
+                page = cast("list[bytes]", self.redis.zrevrange(k.rollouts, offset, offset + limit - 1))
+                ids = [text(i) for i in page]
             else:
                 ids = ordered[offset : offset + limit]
             unread = [rid for rid in ids if rid not in found]
@@ -586,69 +587,45 @@ class RolloutStore:
         rollout_ids: Sequence[str],
         timeout: float | None = None,
         on_finished: Callable[[Rollout], None] | None = None,
+        retry_seconds: float = 10.0,
     ) -> list[Rollout]:
-        """Block until every rollout has finished, or ``timeout`` seconds pass.
+        """Block until every rollout has finished, or ``timeout`` seconds pass (``None``: no limit).
 
-        Returns the finished rollouts, in the order of ``rollout_ids`` (fewer
-        than asked for on time-out). Woken by the completion notifications
-        that every final transition publishes, not by polling; statuses are
-        read once after subscribing (and again after a dropped connection),
-        so a rollout that finished before the call is never missed. The
-        notifications that arrived together are handled together: their
-        records are read in one round trip.
-        ``on_finished`` is called once per rollout as it finishes.
+        Returns the finished rollouts in the order of ``rollout_ids`` (each once); on
+        time-out, only those that had finished. Woken by the notification each final
+        transition publishes, not by polling. The statuses are read after the
+        subscription is confirmed and again whenever it is re-established after a
+        dropped connection (and every few seconds, in case a notification was lost), so
+        no rollout that finishes before or during the call is missed. Notifications that
+        arrived together are read in one round trip. ``on_finished`` is called once per
+        rollout, as it is seen finished.
+
+        Raises :class:`RolloutNotFoundError` when a rollout's record does not exist, at the
+        start or on any later read (it expired, or Redis lost its data): it would never
+        finish. Raises :class:`RedisUnavailableError` when Redis is unreachable at the
+        deadline (what the unseen rollouts did is then unknown), or for longer than
+        ``retry_seconds`` in a row; shorter outages are ridden out. Its own connections give
+        up on a silent server after a fraction of a second
+        (:data:`~lightning_queue.storage.connections.WAIT_IO_TIMEOUT`), so the call returns
+        or raises within about that much of its deadline. See
+        :mod:`lightning_queue.storage.waiting`.
         """
-        ids = list(dict.fromkeys(rollout_ids))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        finished: dict[str, Rollout] = {}
+        with waiting_client(self.redis) as (client, server):
+            return wait(client, self.waiter(rollout_ids, timeout, on_finished, retry_seconds=retry_seconds,
+                                            server=server))
 
-        def collect(candidates: Iterable[str]) -> None:
-            candidates = [rid for rid in candidates if rid not in finished]
-            if not candidates:
-                return
-            statuses = self.statuses(candidates)
-            for rid, status in statuses.items():
-                if status is None:
-                    raise RolloutNotFoundError(rid)
-            done = [rid for rid, status in statuses.items() if status in TERMINAL_STATUSES]
-            keep(self.get_rollouts(done) if done else [])
-
-        def keep(rollouts: Iterable[Rollout]) -> None:
-            for rollout in rollouts:
-                if rollout.is_finished and rollout.rollout_id not in finished:
-                    finished[rollout.rollout_id] = rollout
-                    if on_finished:
-                        on_finished(rollout)
-
-        wanted = set(ids)
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(self.keys.events)
-            collect(ids)
-            while len(finished) < len(ids):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                notified: list[str] = []
-                try:
-                    # Wake at least every few seconds so a silently dead socket is noticed.
-                    message = pubsub.get_message(timeout=min(remaining or 5.0, 5.0))
-                    # Take every notification already received, then read their records at once.
-                    while message is not None:
-                        rid = text(message["data"])
-                        if rid in wanted and rid not in finished:
-                            notified.append(rid)
-                        message = pubsub.get_message(timeout=0)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    time.sleep(0.2)
-                    pubsub.close()
-                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(self.keys.events)
-                    collect(ids)  # notifications sent while disconnected are lost: re-read
-                    continue
-                if notified:
-                    # A notification is sent only by a final transition: the record alone is read.
-                    keep(self.get_rollouts(list(dict.fromkeys(notified))))
-        finally:
-            pubsub.close()
-        return [finished[rid] for rid in ids if rid in finished]
+    def waiter(
+        self,
+        rollout_ids: Sequence[str],
+        timeout: float | None,
+        on_finished: Callable[[Rollout], None] | None,
+        *,
+        retry_seconds: float,
+        server: str,
+    ) -> Waiter:
+        """The state of one wait on these rollouts (this store's keys and record format), for
+        :func:`~lightning_queue.storage.waiting.wait` or
+        :func:`~lightning_queue.storage.waiting.wait_async` to run. ``server`` names Redis in
+        errors."""
+        return Waiter(rollout_ids, self.keys, decode_rollout, timeout=timeout, retry_seconds=retry_seconds,
+                      server=server, on_finished=on_finished)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import fakeredis
 import pytest
 
-from lightning_queue import LLM, LightningClient, PromptTemplate, Rollout, RolloutConfig
+from lightning_queue import LLM, AsyncLightningClient, LightningClient, PromptTemplate, Rollout, RolloutConfig
 from lightning_queue.core.keys import ROLLOUT_STATUSES
 from lightning_queue.storage.registry import SnapshotRegistry
 from lightning_queue.storage.store import RolloutStore
@@ -22,6 +23,17 @@ def llm() -> LLM:
 @pytest.fixture
 def prompt() -> PromptTemplate:
     return PromptTemplate(template="Solve: {question}")
+
+
+@pytest.fixture
+async def async_client(fake_client: LightningClient, fake_redis: fakeredis.FakeRedis) -> AsyncIterator[AsyncLightningClient]:
+    """An :class:`AsyncLightningClient` on ``fake_client``'s fake server (its sync calls share
+    ``fake_client``'s connection, its waits use a ``FakeAsyncRedis``)."""
+    server = fake_redis.connection_pool.connection_kwargs["server"]
+    client = AsyncLightningClient(fake_client.settings, redis_client=fake_redis,
+                                  async_redis_client=fakeredis.FakeAsyncRedis(server=server))
+    yield client
+    await client.redis.aclose()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from lightning_queue.broker.app import make_celery
 from lightning_queue.broker.publisher import Publisher
 from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
 from lightning_queue.core.settings import Settings
+from lightning_queue.storage.store import RolloutStore
 
 
 @pytest.fixture
@@ -226,8 +228,10 @@ def test_cancel_and_queries(fake_client: LightningClient, published: list[list[s
     assert [r.status for r in fake_client.wait_for_rollouts([first.rollout_id], timeout=1)] == ["cancelled"]
 
 
-async def test_async_client(fake_client: LightningClient, published: list[list[str]], llm: LLM) -> None:
-    client = AsyncLightningClient(fake_client.settings, redis_client=fake_client.redis)
+async def test_async_client(
+    fake_client: LightningClient, async_client: AsyncLightningClient, published: list[list[str]], llm: LLM
+) -> None:
+    client = async_client
     snapshot = await client.add_resources({"main": llm}, "rs-a")
     assert (await client.get_latest_resources()) == snapshot
     rollout = await client.enqueue_rollout({"q": 1}, resources_id="rs-a")
@@ -247,13 +251,25 @@ async def test_async_client(fake_client: LightningClient, published: list[list[s
     assert await client.cancel_rollout(batch[0].rollout_id, terminate=False) == "cancelled"
 
 
-async def test_async_client_has_every_method_of_the_sync_one(fake_client: LightningClient, llm: LLM) -> None:
+async def test_async_client_has_every_method_of_the_sync_one(async_client: AsyncLightningClient, llm: LLM) -> None:
     public = {n for n in vars(LightningClient) if not n.startswith("_") and callable(getattr(LightningClient, n))}
-    worker_side = {"publish", "load_snapshot"}  # used by workers and the runner, not by algorithms
-    missing = public - worker_side - {n for n in vars(AsyncLightningClient) if not n.startswith("_")}
-    assert not missing, f"AsyncLightningClient lacks {sorted(missing)}"
+    worker_side = {"publish"}  # the client sends messages through it; an algorithm calls enqueue_rollouts
+    async_public = {n for n in vars(AsyncLightningClient) if not n.startswith("_")}
+    assert public - worker_side == async_public, "the async and sync clients' public methods differ"
+    for name in sorted(async_public):
+        method = vars(AsyncLightningClient)[name]
+        assert inspect.iscoroutinefunction(method), f"AsyncLightningClient.{name} is not written out as async def"
+        ours = inspect.signature(method, eval_str=True)
+        theirs = inspect.signature(getattr(LightningClient, name), eval_str=True)
+        if any(p.kind is p.VAR_KEYWORD for p in theirs.parameters.values()):
+            theirs = inspect.signature(getattr(RolloutStore, name), eval_str=True)  # query_rollouts(**filters)
+        # Same parameters (names, kinds, defaults) and the same result type; the async client may
+        # accept any iterable where the sync one takes a sequence.
+        assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in theirs.parameters.values()], name
+        assert ours.return_annotation == theirs.return_annotation, name
 
-    client = AsyncLightningClient(fake_client.settings, redis_client=fake_client.redis)
+    client = async_client
     await client.add_resources_batch((f"rs-{i}", {"main": llm}) for i in range(3))  # a generator is fine
     assert await client.set_pointer("prod", "rs-0") == "rs-0"
     assert (await client.pointers())["prod"] == "rs-0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from lightning_queue import (
 from lightning_queue.core.keys import ROLLOUT_STATUSES
 from lightning_queue.core.models import ErrorInfo
 from lightning_queue.storage.store import RolloutStore, StartWith
+from lightning_queue.storage.waiting import Read, Step, Waiter
 
 MakeRollouts = Callable[..., list[Rollout]]
 IndexMembers = Callable[[str], list[str]]
@@ -469,7 +470,7 @@ def finish(store: RolloutStore, rollout: Rollout, reward: float = 1.0) -> None:
 
 
 @dataclass
-class Read:
+class SubscriptionRead:
     """One read of the waiter's subscription: how long it could block, and whether anything came."""
 
     timeout: float | None
@@ -477,29 +478,29 @@ class Read:
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Read]]:
+def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[SubscriptionRead]]:
     """Every read a waiter makes on its subscription (``PubSub.parse_response`` returns None only
     when nothing arrived before the read's time-out). What woke a waiter is told by these, not by
     a clock: a read that blocked and timed out is a safety wake-up or the deadline."""
-    seen: list[Read] = []
+    seen: list[SubscriptionRead] = []
     parse_response = redis.client.PubSub.parse_response
 
     def spy(self: redis.client.PubSub, block: bool = True, timeout: float = 0) -> Any:
         response = parse_response(self, block=block, timeout=timeout)
-        seen.append(Read(None if block else timeout, response is not None))
+        seen.append(SubscriptionRead(None if block else timeout, response is not None))
         return response
 
     monkeypatch.setattr(redis.client.PubSub, "parse_response", spy)
     yield seen
 
 
-def blocked_in_vain(reads: list[Read]) -> list[Read]:
+def blocked_in_vain(reads: list[SubscriptionRead]) -> list[SubscriptionRead]:
     """The reads that could wait and got nothing: the waiter woke by a time-out, not a notification."""
     return [r for r in reads if (r.timeout is None or r.timeout > 0) and not r.received]
 
 
 def test_wait_returns_at_once_for_finished(
-    store: RolloutStore, make_rollouts: MakeRollouts, reads: list[Read]
+    store: RolloutStore, make_rollouts: MakeRollouts, reads: list[SubscriptionRead]
 ) -> None:
     a, b = make_rollouts(2)
     finish(store, a, 0.1)
@@ -507,7 +508,7 @@ def test_wait_returns_at_once_for_finished(
     seen: list[str] = []
     done = store.wait_for_rollouts([b.rollout_id, a.rollout_id, b.rollout_id], timeout=2,
                                    on_finished=lambda r: seen.append(r.rollout_id))
-    assert reads == []  # answered from the one status read: it never waited for a notification
+    assert blocked_in_vain(reads) == []  # answered from the status read: it never waited for a notification
     assert ids(done) == [b.rollout_id, a.rollout_id]
     assert [r.status for r in done] == ["cancelled", "succeeded"]
     assert sorted(seen) == sorted([a.rollout_id, b.rollout_id])
@@ -523,7 +524,7 @@ def test_wait_unknown_id_raises(store: RolloutStore, make_rollouts: MakeRollouts
         store.wait_for_rollouts([a.rollout_id, "ro-ghost"], timeout=1)
 
 
-def test_wait_times_out_with_partial_list(store: RolloutStore, make_rollouts: MakeRollouts, reads: list[Read]) -> None:
+def test_wait_times_out_with_partial_list(store: RolloutStore, make_rollouts: MakeRollouts, reads: list[SubscriptionRead]) -> None:
     a, b, c = make_rollouts(3)
     finish(store, b)
     done = store.wait_for_rollouts(ids([a, b, c]), timeout=0.5)
@@ -548,7 +549,7 @@ def wait_for_subscriber(fake_redis: fakeredis.FakeRedis, store: RolloutStore) ->
 
 def test_wait_wakes_on_notification_from_another_client(
     store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient,
-    reads: list[Read],
+    reads: list[SubscriptionRead],
 ) -> None:
     a, b, c = make_rollouts(3)
     worker = another_client(fake_redis, fake_client)
@@ -609,7 +610,7 @@ def test_wait_ignores_requeues_and_other_rollouts(
 
 def test_wait_wakes_when_a_lost_worker_fails_the_rollout(
     store: RolloutStore, make_rollouts: MakeRollouts, fake_redis: fakeredis.FakeRedis, fake_client: LightningClient,
-    reads: list[Read],
+    reads: list[SubscriptionRead],
 ) -> None:
     rollout, = make_rollouts(1)
     run_to_running(store, rollout, worker="w-dead")
@@ -637,28 +638,28 @@ def test_wait_reads_notifications_that_arrived_together_in_one_round_trip(
     rollouts = make_rollouts(5)
     for rollout in rollouts:
         run_to_running(store, rollout)
-    statuses = store.statuses
     reads: list[list[str]] = []
-    get_rollouts = store.get_rollouts
+    next_step, replied = Waiter.next_step, Waiter.replied
 
-    def first_read(rollout_ids: list[str]) -> dict[str, str | None]:
-        # The waiter is subscribed and has read the statuses (all running); the five then
-        # finish before it looks at its notifications, which are all waiting together.
-        seen = statuses(rollout_ids)
-        for rollout in rollouts:
-            store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
-        monkeypatch.setattr(store, "statuses", lambda ids: pytest.fail("a status read per notification"))
-        return seen
+    def record(waiter: Waiter) -> Step:
+        step = next_step(waiter)
+        if isinstance(step, Read):
+            reads.append([command[0] for command in step.commands])
+        return step
 
-    def spy(rollout_ids: list[str]) -> list[Rollout]:
-        reads.append(list(rollout_ids))
-        return get_rollouts(rollout_ids)
+    def then_finish(waiter: Waiter, replies: Sequence[Any]) -> None:
+        replied(waiter, replies)
+        if len(reads) == 1:
+            # The waiter is subscribed and has read the statuses (all running); the five then
+            # finish before it looks at its notifications, which are all waiting together.
+            for rollout in rollouts:
+                store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
 
-    monkeypatch.setattr(store, "statuses", first_read)
-    monkeypatch.setattr(store, "get_rollouts", spy)
+    monkeypatch.setattr(Waiter, "next_step", record)
+    monkeypatch.setattr(Waiter, "replied", then_finish)
     done = store.wait_for_rollouts(ids(rollouts), timeout=5)
     assert ids(done) == ids(rollouts) and {r.status for r in done} == {"succeeded"}
-    assert reads == [ids(rollouts)]
+    assert reads == [["HGET"] * 5, ["HGETALL"] * 5]  # one status read, then one read of all five records
 
 
 # --------------------------------------------------------------------------- claim and start in one script
