@@ -106,6 +106,33 @@ class InvalidRolloutResultError(LightningQueueError, TypeError):
     """An agent returned something that is neither a reward nor a RolloutResult."""
 
 
+class NonFiniteRewardError(InvalidRolloutResultError, ValueError):
+    """An agent reported a reward (or a step reward) that is NaN or infinite: JSON cannot hold it,
+    and a mean over it means nothing. The attempt fails with this error instead of storing null."""
+
+    def __init__(self, field: str, value: float) -> None:
+        super().__init__(
+            f"the agent reported {field} = {value!r}; rewards must be finite numbers (JSON has no NaN or "
+            "infinity): return a finite float, or None for no reward"
+        )
+        self.field = field
+        self.value = value
+
+
+class AgentExitError(LightningQueueError):
+    """An agent raised ``SystemExit`` (``sys.exit()``) or ``KeyboardInterrupt`` inside a rollout: the
+    attempt fails with this error (naming which) and the worker process goes on."""
+
+    def __init__(self, exc: BaseException) -> None:
+        what = f"called sys.exit({exc.code!r}) (SystemExit)" if isinstance(exc, SystemExit) else \
+            f"raised {type(exc).__name__}"
+        super().__init__(
+            f"the agent {what} inside the rollout; an agent reports failure by raising an Exception, never by "
+            "exiting: the attempt failed and the worker process went on"
+        )
+        self.exit_type = type(exc).__name__
+
+
 class RolloutNotFoundError(LightningQueueError, LookupError):
     """No rollout is stored under the requested id (never was, or it finished and expired)."""
 
@@ -116,6 +143,26 @@ class RolloutNotFoundError(LightningQueueError, LookupError):
             "`lightning-queue rollouts list`"
         )
         self.rollout_id = rollout_id
+
+
+class RegistryLostError(RolloutNotFoundError):
+    """Redis lost its data (restarted without persistence, flushed, or failed over to an empty
+    replica): the registry epoch this process knew is gone or was replaced, and with it every
+    snapshot, pointer and rollout record written before. A :class:`RolloutNotFoundError` when a
+    wait finds its records gone for this reason (``rollout_id`` names one of them)."""
+
+    def __init__(self, known: str, current: str | None, rollout_id: str | None = None) -> None:
+        now = f"a new registry (epoch {current!r}) has been started since" if current else "it is empty now"
+        what = f"rollout {rollout_id!r} and " if rollout_id else ""
+        LightningQueueError.__init__(
+            self,
+            f"Redis lost its data: the registry epoch {known!r} this process knew is gone and {now}, so {what}every "
+            "snapshot, pointer and rollout written before are gone; store the snapshots again and enqueue the "
+            "rollouts again (and give Redis persistence: appendonly yes, see docs/operations.md)",
+        )
+        self.rollout_id = rollout_id or ""
+        self.known_epoch = known
+        self.current_epoch = current
 
 
 class EnqueueError(LightningQueueError):
@@ -242,6 +289,18 @@ class PublishError(LightningQueueError):
         super().__init__(f"could not publish {len(rollout_ids)} rollout message(s) to the broker: {cause}")
         self.rollout_ids = rollout_ids
         self.cause = cause
+
+
+class InvalidRolloutIdError(LightningQueueError, ValueError):
+    """A caller-chosen rollout id holds characters that could address another key (``:``...)."""
+
+    def __init__(self, rollout_id: object) -> None:
+        super().__init__(
+            f"invalid rollout id {rollout_id!r}: use 1-200 letters, digits, '.', '_', '@' or '-', starting with a "
+            "letter or digit (no ':': such an id could address another rollout's attempt record); or pass an "
+            "idempotency_key, which may hold anything"
+        )
+        self.rollout_id = rollout_id
 
 
 class DuplicateRolloutIdError(LightningQueueError, ValueError):
@@ -383,8 +442,16 @@ class TemplateRenderError(LightningQueueError, KeyError):
 class InvalidRolloutInputError(LightningQueueError, TypeError):
     """A rollout's task input cannot be stored: it is not JSON-serializable."""
 
+    what = "input"
+
     def __init__(self, cause: BaseException) -> None:
         super().__init__(
-            f"the rollout input is not JSON-serializable ({cause}); pass dicts, lists, strings, numbers, "
+            f"the rollout {self.what} is not JSON-serializable ({cause}); pass dicts, lists, strings, numbers, "
             "booleans and None only (convert other objects, e.g. to str or a dict, before enqueuing)"
         )
+
+
+class InvalidRolloutMetadataError(InvalidRolloutInputError):
+    """A rollout's metadata cannot be stored: it is not JSON-serializable."""
+
+    what = "metadata"

@@ -9,6 +9,9 @@ Snapshot registry::
     {p}:pointers                      hash   pointer name ("latest", "prod", ...) -> resources_id
     {p}:pointer-history:{name}        list   the pointer's last moves, newest first (JSON: from, to, time, by)
     {p}:seq                           string registry sequence: bumped by every write, move and delete
+    {p}:epoch                         string the registry's epoch: a random id written once, by the first write
+                                             (:mod:`lightning_queue.storage.epoch`); gone or changed = Redis
+                                             lost its data
     {p}:snapshot-events               pub/sub JSON of each registry change (worker caches listen)
     {p}:cache-stats:{worker}:{pid}    string JSON stats of one worker process's snapshot cache (expires)
 
@@ -25,6 +28,9 @@ Rollout store::
     {p}:events                           pub/sub channel; a finished rollout's id is published
     {p}:heartbeats                       zset  rollout_id -> deadline of its open attempt's heartbeat
                                                (the watchdog reads only the expired head)
+    {p}:watchdog                         hash  the fleet's sweeps: ``last`` (Redis time of the last one) and
+                                               ``hold`` (no attempt is presumed dead before this Redis time:
+                                               set after a gap in the sweeps, i.e. an outage)
 
 Workers::
 
@@ -54,6 +60,7 @@ through kombu's ``global_keyprefix`` transport option::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lightning_queue.core.models import ROLLOUT_STATUSES
@@ -67,11 +74,25 @@ CELERY_PRIORITY_SEP = "\x06\x16"
 ROLLOUT_TASK = "lightning_queue.rollout"
 RETENTION_TASK = "lightning_queue.retention"
 
+KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+"""Key prefixes: 1-100 letters, digits, ``.``, ``_`` and ``-``. No ``:``, so one prefix's keys (all
+``{prefix}:...``) never start with another prefix followed by ``:`` and the ACL rule ``~P:* &P:*``
+matches exactly prefix ``P``'s keys and channels; no glob characters (``*?[]\\``), so ``{prefix}:*``
+in SCAN and ACL patterns means what it says."""
 
 
 @dataclass(frozen=True)
 class Keys:
+    """Every key and channel of one prefix (see :data:`KEY_PREFIX_PATTERN` for what a prefix may hold)."""
+
     prefix: str = "lq"
+
+    def __post_init__(self) -> None:
+        if not KEY_PREFIX_PATTERN.match(self.prefix):
+            raise ValueError(
+                f"key prefix {self.prefix!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (no ':', so no prefix can reach into another's keys)"
+            )
 
     # -- snapshot registry --------------------------------------------------
     @property
@@ -111,6 +132,10 @@ class Keys:
     @property
     def seq(self) -> str:
         return f"{self.prefix}:seq"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
 
     # -- rollout store --------------------------------------------------------
     @property
@@ -160,6 +185,10 @@ class Keys:
     @property
     def heartbeats(self) -> str:
         return f"{self.prefix}:heartbeats"
+
+    @property
+    def watchdog(self) -> str:
+        return f"{self.prefix}:watchdog"
 
     # -- worker health ---------------------------------------------------------------
     def worker_health(self, hostname: str) -> str:

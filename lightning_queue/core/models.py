@@ -9,6 +9,7 @@ extend: any subclass of :class:`Resource` that declares
 from __future__ import annotations
 
 import os
+import re
 import string
 import time
 import typing
@@ -34,7 +35,9 @@ from pydantic_core import PydanticSerializationError, to_json
 
 from lightning_queue.core.errors import (
     InvalidResourcesError,
+    InvalidRolloutIdError,
     InvalidRolloutInputError,
+    InvalidRolloutMetadataError,
     TemplateRenderError,
     UnknownResourceTypeError,
 )
@@ -385,8 +388,22 @@ class Attempt(BaseModel):
     result: RolloutResult | None = None
 
 
-ROLLOUT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
-"""Caller-chosen rollout ids: 1-200 characters, letters, digits and ``._:@-``."""
+ROLLOUT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,199}$"
+"""Rollout ids: 1-200 characters, letters, digits and ``._@-``. No ``:``, the key layout's separator:
+an id like ``job-2:attempt:1`` would address rollout ``job-2``'s attempt record."""
+_ROLLOUT_ID = re.compile(ROLLOUT_ID_PATTERN)
+
+
+def is_rollout_id(value: object) -> bool:
+    """Whether ``value`` can be a rollout id (and so addresses no key but its own rollout's)."""
+    return isinstance(value, str) and _ROLLOUT_ID.match(value) is not None
+
+
+def check_rollout_id(value: object) -> str:
+    """``value``, or :class:`InvalidRolloutIdError` when it cannot be a rollout id."""
+    if not is_rollout_id(value):
+        raise InvalidRolloutIdError(value)
+    return typing.cast(str, value)
 
 
 def idempotent_rollout_id(idempotency_key: str) -> str:
@@ -405,6 +422,15 @@ def _json_input(value: Any) -> Any:
     return value
 
 
+def _json_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    # As the input: stored as JSON, so refused at enqueue with an error of its own.
+    try:
+        to_json(value)
+    except PydanticSerializationError as exc:
+        raise InvalidRolloutMetadataError(exc) from None
+    return value
+
+
 class RolloutRequest(BaseModel):
     """One rollout to enqueue in a batch, with its own snapshot, mode, config or metadata.
 
@@ -417,7 +443,7 @@ class RolloutRequest(BaseModel):
     """
 
     input: Annotated[Any, AfterValidator(_json_input)]
-    rollout_id: str | None = Field(None, pattern=ROLLOUT_ID_PATTERN)
+    rollout_id: Annotated[str | None, AfterValidator(lambda v: v if v is None else check_rollout_id(v))] = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=1000)
 
     @model_validator(mode="after")
@@ -436,4 +462,4 @@ class RolloutRequest(BaseModel):
     resolve: ResolveMode | None = None
     mode: RolloutMode | None = "train"
     config: RolloutConfig | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, Any], AfterValidator(_json_metadata)] = Field(default_factory=dict)

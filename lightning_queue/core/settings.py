@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lightning_queue.core.keys import Keys
+from lightning_queue.core.keys import KEY_PREFIX_PATTERN, Keys
 
 
 class Settings(BaseSettings):
@@ -35,7 +35,11 @@ class Settings(BaseSettings):
         description="How long a Redis command is retried (exponential backoff) through connection errors and "
         "time-outs before it fails: a Redis restart shorter than this is ridden out.",
     )
-    key_prefix: str = Field("lq", description="Prefix of every Redis key lightning-queue writes.")
+    key_prefix: str = Field(
+        "lq",
+        description="Prefix of every Redis key and channel lightning-queue uses: letters, digits, '.', '_' and '-' "
+        "(no ':', so no prefix can reach into another's keys).",
+    )
     queue: str = Field("lightning_queue", description="Celery queue rollouts are sent to by default.")
     agent: str | None = Field(
         None, description="Worker side: 'module:attribute' of the agent the worker runs."
@@ -54,7 +58,8 @@ class Settings(BaseSettings):
     hard_timeout_grace_seconds: float = Field(
         10.0,
         gt=0,
-        description="After the soft time limit, how long an agent may ignore it before its process is killed.",
+        description="Worker side: after the soft time limit, or the SIGTERM of a cancel, how long an agent may ignore "
+        "it before its process is killed (the worker's own setting decides, not the enqueuing client's).",
     )
 
     heartbeat_interval: float = Field(
@@ -109,9 +114,14 @@ class Settings(BaseSettings):
 
     @field_validator("key_prefix")
     @classmethod
-    def _no_separator_at_ends(cls, value: str) -> str:
-        if not value or value.startswith(":") or value.endswith(":"):
-            raise ValueError("key_prefix must be non-empty and must not start or end with ':'")
+    def _prefix_cannot_nest(cls, value: str) -> str:
+        # A prefix holding ':' would nest: prefix "exp"'s keys ("exp:*") would include prefix
+        # "exp:secret"'s, and so would an ACL rule written for "exp".
+        if not KEY_PREFIX_PATTERN.match(value):
+            raise ValueError(
+                f"key_prefix {value!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with "
+                "a letter or digit (no ':': prefixes must not nest, see docs/operations.md#security)"
+            )
         return value
 
     @property
@@ -122,6 +132,15 @@ class Settings(BaseSettings):
     @property
     def sweep_interval(self) -> float:
         return self.watchdog_interval or self.heartbeat_interval
+
+    @property
+    def sweep_outage_seconds(self) -> float:
+        """A pause of the fleet's unresponsive sweeps longer than this is taken for a Redis outage
+        (no worker could sweep), after which no attempt is declared dead for one heartbeat
+        timeout, so live workers beat first. It is the shortest outage that can let the deadline
+        of a live attempt pass (the timeout less 1.5 heartbeat intervals: the most a beat can lag),
+        but at least 1.5 sweep intervals, so the sweeps' own rhythm is never taken for one."""
+        return max(1.5 * self.sweep_interval, self.heartbeat_deadline - 1.5 * self.heartbeat_interval)
 
     @property
     def keys(self) -> Keys:
