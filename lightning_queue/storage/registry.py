@@ -41,6 +41,7 @@ from lightning_queue.core.models import (
 from lightning_queue.core.settings import Settings
 from lightning_queue.storage import codec
 from lightning_queue.storage.connections import text
+from lightning_queue.storage.epoch import RegistryEpoch, propose
 from lightning_queue.storage.scripts import load_script
 
 LATEST = "latest"
@@ -50,12 +51,22 @@ ResourcesLike = Mapping[str, Resource | Mapping[str, Any]]
 
 
 def check_name(name: str, what: str) -> str:
-    """Ids and pointer names are short and colon-free, so they cannot break the key layout."""
+    """Ids and pointer names are short and colon-free, so they cannot address any key but their
+    own (``rs-a:v:1`` would be version 1 of ``rs-a``)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise PointerError(
             f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+def _check_ref(ref: str) -> str:
+    # A reference that cannot be an id or a pointer name names nothing, and must not be used in a key.
+    if not isinstance(ref, str) or not _NAME.match(ref):
+        raise ResourcesNotFoundError(
+            str(ref), hint="ids and pointer names hold only letters, digits, '.', '_' and '-' (1-128 of them, "
+            "starting with a letter or digit)")
+    return ref
 
 
 def _check_new_id(resources_id: str) -> str:
@@ -93,12 +104,13 @@ def decode_snapshot(resources_id: str, fields: Mapping[bytes | str, bytes | str]
 
 @dataclass(frozen=True)
 class Fetched:
-    """A snapshot as read, with the registry sequence number at the read (for caches)."""
+    """A snapshot as read, with the registry sequence number and epoch at the read (for caches)."""
 
     snapshot: ResourcesUpdate
     seq: int
     size: int
     pointer: str | None = None
+    epoch: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,15 +154,18 @@ class SnapshotRegistry:
     * ``query_resources`` lists snapshots newest write first.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, settings: Settings | None = None, epoch: RegistryEpoch | None = None
+    ) -> None:
         self.redis = client
         self.keys = keys
+        self.epoch = epoch if epoch is not None else RegistryEpoch(client, keys)
         settings = settings or Settings(key_prefix=keys.prefix)
         self.compress_threshold = settings.compress_threshold_bytes
         self.max_bytes = settings.max_snapshot_bytes
         self.history_length = settings.pointer_history_length
         self.rollout_ttl_seconds = settings.rollout_ttl_seconds  # for rollouts a forced delete fails
-        self._write = load_script(client, "write_snapshot", "_registry_prelude")
+        self._write = load_script(client, "write_snapshot", "_registry_prelude", "_epoch_prelude")
         self._get = load_script(client, "get_snapshot")
         self._set_pointer = load_script(client, "set_pointer", "_registry_prelude")
         self._rollback = load_script(client, "rollback_pointer", "_registry_prelude")
@@ -168,10 +183,11 @@ class SnapshotRegistry:
         now = time.time()
         k = self.keys
         reply = self._write(
-            keys=[k.snapshot(resources_id), k.snapshots, k.pointers, k.seq, k.snapshot_events],
+            keys=[k.snapshot(resources_id), k.snapshots, k.pointers, k.seq, k.snapshot_events, k.epoch],
             args=[resources_id, encoded.data, encoded.encoding, encoded.checksum, encoded.size, repr(now), mode,
                   "" if expected_version is None else expected_version, by, self.history_length,
-                  k.pointer_history_prefix, k.snapshot_version_prefix(resources_id)],
+                  k.pointer_history_prefix, k.snapshot_version_prefix(resources_id), self.epoch.expected(),
+                  propose()],
             client=client,
         )
         return reply, validated, now
@@ -179,12 +195,15 @@ class SnapshotRegistry:
     def _written(self, reply: Any, resources_id: str, validated: dict[str, Resource], now: float,
                  expected_version: int | None) -> ResourcesUpdate:
         status = text(reply[0])
+        if status == "epoch":  # nothing written: Redis lost its data since this process last looked
+            self.epoch.saw(text(reply[1]) or None)
         if status in ("exists", "name_taken"):
             raise ResourcesExistError(resources_id)
         if status == "missing":
             raise ResourcesNotFoundError(resources_id, hint="add it first with add_resources()")
         if status == "conflict":
             raise VersionConflictError(resources_id, expected_version or 0, int(reply[1]))
+        self.epoch.saw(text(reply[3]))  # adopted when this process knew none
         return ResourcesUpdate(resources_id=resources_id, version=int(reply[1]), create_time=float(reply[2]),
                                update_time=now, resources=validated)
 
@@ -232,6 +251,7 @@ class SnapshotRegistry:
         *,
         by: str = "update_resources",
     ) -> ResourcesUpdate:
+        _check_ref(resources_id)
         reply, validated, now = self._write_call("update", resources_id, resources, expected_version, by)
         return self._written(reply, resources_id, validated, now, expected_version)
 
@@ -239,10 +259,12 @@ class SnapshotRegistry:
 
     def fetch(self, ref: str, version: int | None = None) -> Fetched:
         """Resolve ``ref`` (pointer name or id) and read it, atomically; ``version``
-        picks an earlier version (default: the current one)."""
+        picks an earlier version (default: the current one). A ``ref`` that cannot be an id or a
+        pointer name (it holds ``:``...) raises :class:`ResourcesNotFoundError`."""
+        _check_ref(ref)
         k = self.keys
         reply = self._get(
-            keys=[k.pointers, k.seq],
+            keys=[k.pointers, k.seq, k.epoch],
             args=[ref, "" if version is None else version, k.snapshot_prefix, k.VERSION_INFIX],
         )
         status = text(reply[0])
@@ -258,11 +280,11 @@ class SnapshotRegistry:
                 hint=f"version {version} is not stored (the current version is {text(reply[2])}; earlier "
                 "versions are removed when the snapshot is deleted)",
             )
-        resources_id, seq, pointer = text(reply[1]), int(reply[2]), text(reply[3]) or None
-        flat = reply[4:]
+        resources_id, seq, pointer, epoch = text(reply[1]), int(reply[2]), text(reply[3]) or None, text(reply[4])
+        flat = reply[5:]
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         snapshot = decode_snapshot(resources_id, fields)
-        return Fetched(snapshot, seq, int(fields.get(b"size", 0) or 0), pointer)
+        return Fetched(snapshot, seq, int(fields.get(b"size", 0) or 0), pointer, epoch)
 
     def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate:
         """The snapshot (a pointer name is followed); :class:`ResourcesNotFoundError` if none."""
@@ -282,7 +304,10 @@ class SnapshotRegistry:
         return self.fetch(ref or LATEST, version).snapshot
 
     def current_versions(self, refs: Sequence[str]) -> dict[str, tuple[str, int] | None]:
-        """Each reference resolved to (resources_id, current version), or None; one round trip."""
+        """Each reference resolved to (resources_id, current version), or None; one round trip.
+        A reference that cannot be an id or a pointer name raises :class:`ResourcesNotFoundError`."""
+        for ref in refs:
+            _check_ref(ref)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hgetall(self.keys.pointers)
         for ref in refs:
@@ -328,7 +353,7 @@ class SnapshotRegistry:
         return {text(n): text(t) for n, t in self.redis.hgetall(self.keys.pointers).items()}
 
     def get_pointer(self, name: str) -> str | None:
-        target = self.redis.hget(self.keys.pointers, name)
+        target = self.redis.hget(self.keys.pointers, check_name(name, "pointer name"))
         return text(target) if target is not None else None
 
     def set_pointer(self, name: str, target: str, *, expected: str | None = None, by: str = "set_pointer") -> str:
@@ -336,6 +361,7 @@ class SnapshotRegistry:
         return the id it now names. ``expected`` makes it a compare-and-set on the
         current target."""
         check_name(name, "pointer name")
+        _check_ref(target)
         k = self.keys
         reply = self._set_pointer(
             keys=[k.pointers, k.seq, k.snapshot_events],
@@ -358,6 +384,7 @@ class SnapshotRegistry:
         A second rollback undoes the first (like ``cd -``); use
         :meth:`pointer_history` and :meth:`set_pointer` to go further back.
         """
+        check_name(name, "pointer name")
         k = self.keys
         now = time.time()
         reply = self._rollback(
@@ -376,7 +403,7 @@ class SnapshotRegistry:
 
     def pointer_history(self, name: str = LATEST, limit: int = 20) -> list[PointerMove]:
         """The pointer's last moves, newest first."""
-        entries = self.redis.lrange(self.keys.pointer_history(name), 0, limit - 1)
+        entries = self.redis.lrange(self.keys.pointer_history(check_name(name, "pointer name")), 0, limit - 1)
         moves = []
         for raw in entries:
             entry = json.loads(raw)
@@ -395,6 +422,7 @@ class SnapshotRegistry:
         remaining snapshot) and those rollouts fail with a "snapshot deleted"
         error (and expire like any finished rollout), in the same atomic step.
         """
+        _check_ref(resources_id)
         k = self.keys
         error = ErrorInfo.from_exception(SnapshotDeletedError(resources_id), with_traceback=False).model_dump_json()
         reply = self._delete(

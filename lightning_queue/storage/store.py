@@ -32,6 +32,7 @@ stay compact listpacks (about half the memory of a hash table).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,12 @@ from typing import Any, Literal, cast
 
 import redis
 
-from lightning_queue.core.errors import RolloutNotFoundError, UnresponsiveAttemptError, WorkerLostError
+from lightning_queue.core.errors import (
+    RegistryLostError,
+    RolloutNotFoundError,
+    UnresponsiveAttemptError,
+    WorkerLostError,
+)
 from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import (
     ROLLOUT_STATUSES,
@@ -48,12 +54,16 @@ from lightning_queue.core.models import (
     Rollout,
     RolloutConfig,
     RolloutResult,
+    check_rollout_id,
     new_id,
 )
 from lightning_queue.core.policy import NextStatus, next_status
 from lightning_queue.storage.connections import text, waiting_client
+from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
 from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.waiting import Waiter, wait
+
+log = logging.getLogger(__name__)
 
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
@@ -140,13 +150,16 @@ class StartWith:
     requested_version: int | None
     resources_id: str
     version: int
+    epoch: str
+    """The registry epoch the snapshot was read in: the attempt starts with it only if the
+    registry is still of that epoch (else ``(resources_id, version)`` may hold other content)."""
 
 
 @dataclass(frozen=True)
 class Claim:
     """What :meth:`RolloutStore.claim` decided."""
 
-    outcome: Literal["claimed", "missing", "finished", "lost", "duplicate"]
+    outcome: Literal["claimed", "missing", "finished", "lost", "duplicate", "held"]
     sequence_id: int = 0
     status: str | None = None
     rollout: Rollout | None = None
@@ -175,16 +188,19 @@ class RolloutStore:
     """
 
     def __init__(
-        self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None, heartbeat_timeout: float = 30.0
+        self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None, heartbeat_timeout: float = 30.0,
+        epoch: RegistryEpoch | None = None,
     ) -> None:
         self.redis = client
         self.keys = keys
         self.rollout_ttl_seconds = rollout_ttl_seconds
         self.heartbeat_timeout = heartbeat_timeout
+        self.epoch = epoch if epoch is not None else RegistryEpoch(client, keys)
         self._ttl_arg = rollout_ttl_seconds or ""
-        self._create = load_script(client, "create_rollouts")
+        self._create = load_script(client, "create_rollouts", "_epoch_prelude")
         self._mark_published = load_script(client, "mark_published")
         self._heartbeat = load_script(client, "heartbeat")
+        self._heartbeat_worker = load_script(client, "heartbeat_worker")
         self._release_lost = load_script(client, "release_lost")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
@@ -194,12 +210,15 @@ class RolloutStore:
 
     # -- writes -----------------------------------------------------------------------
 
-    def create_rollouts(self, rollouts: Sequence[Rollout]) -> int:
-        """Write the batch; return the registry sequence number at that moment (task
-        messages carry it, so worker caches know how fresh they must be)."""
+    def create_rollouts(self, rollouts: Sequence[Rollout]) -> RegistryMark:
+        """Write the batch; return the registry sequence number and epoch at that moment (task
+        messages carry them, so worker caches know how fresh, and of which registry, an answer
+        must be). Creates the registry epoch when there is none, in the same transaction."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(k.seq)
+        pipe.set(k.epoch, propose(), nx=True)
+        pipe.get(k.epoch)
         # One ZADD per index for the whole batch (index key -> {id: score}), not one per rollout.
         indexes: dict[str, dict[str, float]] = {}
         for rollout in rollouts:
@@ -209,7 +228,8 @@ class RolloutStore:
                 indexes.setdefault(key, {})[rid] = score
         for key, members in indexes.items():
             pipe.zadd(key, members)
-        return int(pipe.execute()[0] or 0)
+        seq, _, epoch, *_ = pipe.execute()
+        return RegistryMark(int(seq or 0), text(epoch))
 
     def _index_keys(self, rollout: Rollout) -> list[str]:
         """The indexes a new rollout enters (main, status, mode, resources)."""
@@ -223,25 +243,29 @@ class RolloutStore:
 
     def create_rollouts_if_absent(
         self, rollouts: Sequence[Rollout]
-    ) -> tuple[int, dict[str, tuple[Rollout, bool]]]:
+    ) -> tuple[RegistryMark, dict[str, tuple[Rollout, bool]]]:
         """Write the rollouts whose id is not taken yet, in one atomic script; return the registry
-        sequence and, by id, the stored record of each rollout that already existed (left as it
-        is) with whether its message was marked sent (:meth:`mark_published`). For
-        caller-chosen ids, so a retried enqueue never creates a rollout twice."""
+        sequence and epoch (see :meth:`create_rollouts`) and, by id, the stored record of each
+        rollout that already existed (left as it is) with whether its message was marked sent
+        (:meth:`mark_published`). For caller-chosen ids, so a retried enqueue never creates a
+        rollout twice. Raises :class:`RegistryLostError`, writing nothing, when Redis lost its
+        data since this store's process last looked (see :mod:`lightning_queue.storage.epoch`)."""
         k = self.keys
         items = []
         for rollout in rollouts:
             rid = rollout.rollout_id
             items.append(json.dumps({"id": rid, "key": k.rollout(rid), "score": repr(rollout.enqueue_time),
                                      "fields": encode_rollout(rollout), "indexes": self._index_keys(rollout)}))
-        reply = self._create(keys=[k.seq], args=items)
+        reply = self._create(keys=[k.seq, k.epoch], args=[self.epoch.expected(), propose(), *items])
+        if text(reply[0]) == "epoch":  # nothing written: Redis lost its data since this process last looked
+            self.epoch.saw(text(reply[1]) or None)
         existing = {}
-        for rollout, fields in zip(rollouts, reply[1:], strict=True):
+        for rollout, fields in zip(rollouts, reply[2:], strict=True):
             if fields:
                 stored = dict(zip(fields[::2], fields[1::2], strict=True))
                 published = b"published" in stored or "published" in stored
                 existing[rollout.rollout_id] = (decode_rollout(stored), published)
-        return int(reply[0] or 0), existing
+        return RegistryMark(int(reply[0] or 0), text(reply[1])), existing
 
     def mark_published(self, rollout_ids: Sequence[str]) -> None:
         """Record that these rollouts' task messages were sent (records that expired are not recreated)."""
@@ -264,33 +288,38 @@ class RolloutStore:
         If the rollout still has an open attempt, the broker delivered its
         message again. While that attempt's heartbeat is fresh its worker is
         alive (the visibility timeout ran out while it worked): the outcome is
-        ``duplicate`` and nothing is written; the caller drops the message.
+        ``duplicate`` and nothing is written; the caller drops the message. So
+        is it (outcome ``held``) when the heartbeat expired while the watchdog
+        holds off after an outage (:meth:`close_unresponsive`): its worker may be
+        alive and not have beaten again yet; if it is not, the sweep closes the
+        attempt once the hold ends and sends the rollout again.
         Once the heartbeat expired the worker is presumed dead: that attempt is
         closed as ``worker_lost`` (:meth:`finish_attempt` from outside, fenced
         on the expired heartbeat) with the retry policy's decision
         (:func:`lightning_queue.core.policy.next_status`), and the claim is made
         again; the outcome is ``lost`` when the policy allows no further attempt.
         """
-        rollout_id = rollout if isinstance(rollout, str) else rollout.rollout_id
+        rollout_id = check_rollout_id(rollout if isinstance(rollout, str) else rollout.rollout_id)
         k = self.keys
         while True:
             now = time.time()
-            keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.heartbeats]
+            keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.heartbeats,
+                    k.watchdog]
             args: list[Any] = [rollout_id, worker_id, repr(now), new_id("at"), k.attempt_prefix(rollout_id),
                                repr(now + self.heartbeat_timeout)]
             if start is not None:
-                keys.append(k.rollouts_by_resources(start.resources_id))
+                keys += [k.rollouts_by_resources(start.resources_id), k.epoch]
                 args += ["1", start.requested_id or "",
                          "" if start.requested_version is None else start.requested_version,
-                         start.resources_id, start.version]
+                         start.resources_id, start.version, start.epoch]
             reply = self._claim(keys=keys, args=args)
             outcome = text(reply[0])
             if outcome == "finished":
                 return Claim("finished", status=text(reply[1]))
             if outcome == "missing":
                 return Claim("missing")
-            if outcome == "duplicate":
-                return Claim("duplicate", sequence_id=int(reply[1]))
+            if outcome in ("duplicate", "held"):
+                return Claim(cast('Literal["duplicate", "held"]', outcome), sequence_id=int(reply[1]))
             if outcome == "expired":
                 seq = int(reply[1])
                 config = RolloutConfig.model_validate_json(text(reply[2]) or "{}")
@@ -306,17 +335,28 @@ class RolloutStore:
             record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)))
             return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])))
 
-    def start_attempt(self, rollout_id: str, sequence_id: int, resources_id: str, version: int) -> bool:
+    def start_attempt(
+        self, rollout_id: str, sequence_id: int, resources_id: str, version: int, epoch: str | None = None
+    ) -> bool:
         """Mark the attempt running with this concrete snapshot. False: do not run it
-        (the rollout was cancelled, or the attempt superseded)."""
+        (the rollout was cancelled, or the attempt superseded).
+
+        ``epoch`` is the registry epoch the snapshot was read in: when the registry is no longer
+        of that epoch (Redis lost its data, so ``(resources_id, version)`` may now hold other
+        content), nothing is written and :class:`RegistryLostError` is raised; read the snapshot
+        again. ``None`` checks nothing."""
         k = self.keys
-        return bool(
-            self._start(
-                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id),
-                      k.rollouts_by_resources(resources_id)],
-                args=[rollout_id, sequence_id, resources_id, version],
-            )
+        args: list[Any] = [rollout_id, sequence_id, resources_id, version]
+        if epoch is not None:
+            args.append(epoch)
+        reply = self._start(
+            keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id),
+                  k.rollouts_by_resources(resources_id), k.epoch],
+            args=args,
         )
+        if isinstance(reply, list):
+            raise RegistryLostError(epoch or "", text(reply[1]) or None, rollout_id)
+        return bool(reply)
 
     def finish_attempt(
         self,
@@ -366,6 +406,7 @@ class RolloutStore:
         :class:`RolloutNotFoundError` for an unknown id.
         """
         k = self.keys
+        check_rollout_id(rollout_id)
         reply = text(
             self._terminate(
                 keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events, k.heartbeats],
@@ -385,6 +426,19 @@ class RolloutStore:
         return bool(self._heartbeat(keys=[k.rollout(rollout_id), k.heartbeats],
                                     args=[rollout_id, sequence_id, repr(time.time() + self.heartbeat_timeout)]))
 
+    def heartbeat_for_workers(self, rollout_ids: Sequence[str], worker_id: str) -> list[bool]:
+        """Push the deadline of each rollout's open attempt ``heartbeat_timeout`` ahead if that
+        attempt is ``worker_id``'s (one script each, in one pipeline): what a worker's main
+        process does for the attempts its live pool processes run. False where the rollout has
+        no open attempt of that worker."""
+        k = self.keys
+        deadline = repr(time.time() + self.heartbeat_timeout)
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rollout_ids:
+            self._heartbeat_worker(keys=[k.rollout(rid), k.heartbeats], args=[rid, worker_id, k.attempt_prefix(rid),
+                                   deadline], client=pipe)
+        return [bool(reply) for reply in pipe.execute()]
+
     def release_lost(self, rollout_id: str, worker_id: str) -> bool:
         """The process of ``worker_id`` running the rollout's open attempt died: drop that
         attempt's heartbeat (one script), so the redelivered message claims the rollout at once
@@ -393,11 +447,20 @@ class RolloutStore:
         return bool(self._release_lost(keys=[k.rollout(rollout_id), k.heartbeats],
                                        args=[rollout_id, worker_id, k.attempt_prefix(rollout_id)]))
 
-    def close_unresponsive(self, limit: int = 100, now: float | None = None) -> list[tuple[str, str, int]]:
+    def close_unresponsive(
+        self, limit: int = 100, now: float | None = None, outage_seconds: float | None = None
+    ) -> list[tuple[str, str, int]]:
         """Close open attempts whose heartbeat deadline passed (at most ``limit``) as
         ``unresponsive``, each with the retry policy's decision: its rollout goes to
         ``requeuing`` (the caller must publish it again) or ``failed``. Returns
         ``(rollout_id, next status, sequence_id)`` for each rollout moved.
+
+        Outages are waited out: attempts cannot beat while Redis is unreachable, so a long
+        outage lets deadlines pass while their workers live. Each sweep notes the time (Redis's
+        clock) in :attr:`Keys.watchdog`; when the last sweep of the fleet is more than
+        ``outage_seconds`` old (default half the heartbeat timeout), no sweep could run, i.e.
+        Redis was unreachable or stopped that long, and nothing is closed for one heartbeat
+        timeout: the live workers beat first. The claim honours the same hold.
 
         Two round trips, O(expired), not a scan: one script takes the expired head of the
         heartbeat index with the records' attempt counts and configs, leasing each entry for
@@ -409,7 +472,18 @@ class RolloutStore:
         k = self.keys
         now = time.time() if now is None else now
         lease = now + self.heartbeat_timeout / 2
-        flat = self._lease(keys=[k.heartbeats], args=[repr(now), limit, repr(lease), k.rollout_prefix])
+        gap = self.heartbeat_timeout / 2 if outage_seconds is None else outage_seconds
+        reply = self._lease(keys=[k.heartbeats, k.watchdog],
+                            args=[repr(now), limit, repr(lease), k.rollout_prefix, repr(gap),
+                                  repr(self.heartbeat_timeout)])
+        if text(reply[0]) == "hold":
+            if int(reply[2]):
+                log.warning(
+                    "no sweep of this fleet ran for over %g s: Redis was unreachable, stopped or restarted; no "
+                    "attempt is declared unresponsive for the next %s s, so live workers can beat first",
+                    gap, text(reply[1]))
+            return []
+        flat = reply[1:]
         if not flat:
             return []
         error = ErrorInfo.from_exception(UnresponsiveAttemptError(self.heartbeat_timeout), with_traceback=False)
@@ -428,7 +502,9 @@ class RolloutStore:
     # -- reads --------------------------------------------------------------------------
 
     def get_rollout(self, rollout_id: str) -> Rollout:
-        fields = self.redis.hgetall(self.keys.rollout(rollout_id))
+        """The rollout; :class:`RolloutNotFoundError` for an unknown id, :class:`InvalidRolloutIdError`
+        for one that cannot be a rollout id (it could address another key)."""
+        fields = self.redis.hgetall(self.keys.rollout(check_rollout_id(rollout_id)))
         if not fields:
             raise RolloutNotFoundError(rollout_id)
         return decode_rollout(fields)
@@ -436,6 +512,8 @@ class RolloutStore:
     def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
         """The rollouts, in the order given, read in one round trip."""
         out = []
+        for rid in rollout_ids:
+            check_rollout_id(rid)
         for rid, rollout in zip(rollout_ids, self._read(rollout_ids), strict=True):
             if rollout is None:
                 raise RolloutNotFoundError(rid)
@@ -486,7 +564,7 @@ class RolloutStore:
     def get_attempts(self, rollout_id: str) -> list[Attempt]:
         """Every attempt of the rollout, first to last. The result of the attempt that
         finished the rollout is stored once, on the rollout, and read from there."""
-        count, result = self.redis.hmget(self.keys.rollout(rollout_id), ["attempt_count", "result"])
+        count, result = self.redis.hmget(self.keys.rollout(check_rollout_id(rollout_id)), ["attempt_count", "result"])
         if count is None and not self.redis.exists(self.keys.rollout(rollout_id)):
             raise RolloutNotFoundError(rollout_id)
         pipe = self.redis.pipeline(transaction=False)
@@ -500,7 +578,7 @@ class RolloutStore:
     def statuses(self, rollout_ids: Sequence[str]) -> dict[str, str | None]:
         pipe = self.redis.pipeline(transaction=False)
         for rid in rollout_ids:
-            pipe.hget(self.keys.rollout(rid), "status")
+            pipe.hget(self.keys.rollout(check_rollout_id(rid)), "status")
         return {rid: (text(s) if s is not None else None) for rid, s in zip(rollout_ids, pipe.execute(), strict=True)}
 
     def query_rollouts(
@@ -628,4 +706,4 @@ class RolloutStore:
         :func:`~lightning_queue.storage.waiting.wait_async` to run. ``server`` names Redis in
         errors."""
         return Waiter(rollout_ids, self.keys, decode_rollout, timeout=timeout, retry_seconds=retry_seconds,
-                      server=server, on_finished=on_finished)
+                      server=server, on_finished=on_finished, epoch=self.epoch)

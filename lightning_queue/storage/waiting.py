@@ -19,7 +19,10 @@ Why statuses are read again, and when:
   they show the subscription works, so a large wait is not re-read needlessly.
 
 A rollout whose record is missing on any read (never created, expired, or Redis lost its
-data) raises :class:`RolloutNotFoundError`: it will never finish.
+data) raises :class:`RolloutNotFoundError`: it will never finish. Every read also reads the
+registry epoch (:mod:`lightning_queue.storage.epoch`): when the records vanished because Redis
+lost its data (the epoch the client knew is gone or replaced), the error is the subclass
+:class:`RegistryLostError`, which says so.
 
 Redis unreachable: after a failed operation the subscription's connection is dropped too
 (a read that timed out says little about it) and everything is retried: reconnect,
@@ -42,8 +45,9 @@ import redis.asyncio
 
 from lightning_queue.core.errors import RedisAuthError, RedisUnavailableError, RolloutNotFoundError
 from lightning_queue.core.keys import Keys
-from lightning_queue.core.models import TERMINAL_STATUSES, Rollout
+from lightning_queue.core.models import TERMINAL_STATUSES, Rollout, check_rollout_id
 from lightning_queue.storage.connections import RedisUnreachableError, backoff_delay, text
+from lightning_queue.storage.epoch import RegistryEpoch
 
 RECONCILE_SECONDS = 5.0
 """Statuses are read again after this long without a full read or a notification, in case one was lost."""
@@ -91,7 +95,8 @@ class Waiter:
     ``timeout`` is in seconds from now (``None``: no deadline). ``retry_seconds`` is how long
     Redis may stay unreachable before the wait gives up; ``server`` names it in that error (no
     password). ``decode`` turns a stored record into a :class:`Rollout`. ``on_finished`` is
-    called once per rollout, as it is seen finished.
+    called once per rollout, as it is seen finished. ``epoch`` is the registry epoch as the
+    waiting process knows it (told what each read finds; no I/O of its own).
     """
 
     def __init__(
@@ -106,10 +111,12 @@ class Waiter:
         on_finished: Callable[[Rollout], None] | None = None,
         reconcile_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        epoch: RegistryEpoch | None = None,
     ) -> None:
-        self._ids = list(dict.fromkeys(rollout_ids))
+        self._ids = [check_rollout_id(rid) for rid in dict.fromkeys(rollout_ids)]
         self._wanted = set(self._ids)
         self._keys = keys
+        self._epoch = epoch
         self._decode = decode
         self._clock = clock
         self._deadline = None if timeout is None else clock() + max(timeout, 0.0)
@@ -158,9 +165,10 @@ class Waiter:
 
     def _read(self, kind: Literal["statuses", "records"], ids: list[str], now: float) -> Read:
         self._reading = (kind, ids, now)
+        epoch = (("GET", self._keys.epoch),) if self._epoch is not None else ()
         if kind == "statuses":
-            return Read(tuple(("HGET", self._keys.rollout(rid), "status") for rid in ids))
-        return Read(tuple(("HGETALL", self._keys.rollout(rid)) for rid in ids))
+            return Read((*epoch, *(("HGET", self._keys.rollout(rid), "status") for rid in ids)))
+        return Read((*epoch, *(("HGETALL", self._keys.rollout(rid)) for rid in ids)))
 
     def finished(self) -> list[Rollout]:
         """The rollouts seen finished so far, in the order asked for."""
@@ -188,11 +196,17 @@ class Waiter:
 
     def replied(self, replies: Sequence[Any]) -> None:
         """The replies to the last :class:`Read`. Raises :class:`RolloutNotFoundError` for a
-        record that is gone."""
+        record that is gone (:class:`RegistryLostError` when Redis lost its data)."""
         assert self._reading is not None, "replied() without a Read"
         kind, ids, started = self._reading
         self._reading = None
         self._reachable()
+        if self._epoch is not None:
+            raw, *replies = replies
+            epoch = None if raw is None else text(raw)
+            missing = [rid for rid, reply in zip(ids, replies, strict=True) if not reply]
+            if missing or self._epoch.known is None:  # a record is gone: because Redis lost its data?
+                self._epoch.saw(epoch, missing[0] if missing else None)
         if kind == "statuses":
             for rid, status in zip(ids, replies, strict=True):
                 if status is None:

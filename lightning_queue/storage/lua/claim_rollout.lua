@@ -1,19 +1,25 @@
 -- A worker takes a rollout: open a new attempt, atomically, and return the record.
 -- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset,
 -- KEYS[K+3] heartbeat index zset (rollout_id -> heartbeat deadline of its open attempt),
--- KEYS[K+4] (only when starting) index of the rollouts of the snapshot it starts with
+-- KEYS[K+4] the watchdog hash (its 'hold': no attempt is presumed dead before that Redis time),
+-- KEYS[K+5] (only when starting) index of the rollouts of the snapshot it starts with,
+-- KEYS[K+6] (only when starting) the registry epoch
 -- ARGV[1] rollout_id, ARGV[2] worker_id, ARGV[3] now, ARGV[4] new attempt_id,
 -- ARGV[5] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[6] heartbeat deadline of the new
 -- attempt (its first heartbeat: a short rollout never sends another),
 -- ARGV[7] '1' to start the attempt at once (running, not preparing) with the concrete snapshot
 -- ARGV[10] (resources_id) version ARGV[11], which the worker resolved from what the task message
 -- says: ARGV[8] the rollout's resources_id ('' none) and ARGV[9] its pinned version ('' when it
--- follows). When the record says otherwise, the attempt stays preparing and the caller resolves
--- the snapshot from the returned record (the record is authoritative).
+-- follows), and ARGV[12] the registry epoch the worker read that snapshot in. When the record says
+-- otherwise, or the registry is no longer of that epoch (Redis lost its data: (id, version) may now
+-- hold other content), the attempt stays preparing and the caller resolves the snapshot from the
+-- returned record (the record is authoritative).
 -- Returns {'missing'} | {'finished', status} | {'duplicate', n} (attempt n is open and its
 -- heartbeat fresh: this is a second delivery of a message still being run; nothing is written) |
 -- {'expired', n, config} (attempt n is open but its heartbeat expired: its worker died; nothing is
 -- written: the caller closes it as worker_lost with the retry policy's decision, then claims again) |
+-- {'held', n} (attempt n's heartbeat expired, but the watchdog holds off after an outage: its worker
+-- may be alive and not have beaten again yet; nothing is written, the caller drops this delivery) |
 -- {'claimed', n, started (1 running, 0 preparing), the record's fields (HGETALL) afterwards}.
 local rollout_key = KEYS[K + 1]
 local rid = ARGV[1]
@@ -36,6 +42,13 @@ if OPEN[status] then
     -- while the attempt ran): running it again would run the rollout twice.
     return {'duplicate', n}
   end
+  local hold = redis.call('HGET', KEYS[K + 4], 'hold')
+  if hold then
+    local t = redis.call('TIME')
+    if tonumber(hold) > tonumber(t[1]) + tonumber(t[2]) / 1000000 then
+      return {'held', n}
+    end
+  end
   return {'expired', n, r[5] or ''}
 end
 n = n + 1
@@ -43,6 +56,7 @@ n = n + 1
 local pinned = r[8] == 'pinned'
 local want_version = pinned and (r[7] or '') or ''
 local start = ARGV[7] == '1' and (r[6] or '') == ARGV[8] and want_version == ARGV[9]
+  and (redis.call('GET', KEYS[K + 6]) or '') == ARGV[12]
 local attempt = {'rollout_id', rid, 'sequence_id', n, 'attempt_id', ARGV[4], 'worker_id', ARGV[2],
   'start_time', now}
 local next_status = 'preparing'
@@ -66,6 +80,6 @@ redis.call('ZADD', KEYS[K + 3], ARGV[6], rid)
 -- Scored by enqueue time like every other index, so queries order the same whatever the filter.
 redis.call('ZADD', KEYS[K + 2], score, rid)
 if start then
-  redis.call('ZADD', KEYS[K + 4], score, rid)
+  redis.call('ZADD', KEYS[K + 5], score, rid)
 end
 return {'claimed', n, start and 1 or 0, redis.call('HGETALL', rollout_key)}

@@ -1,13 +1,17 @@
 -- Create the rollouts of a batch whose ids the caller chose, skipping those that exist, atomically.
--- KEYS[1] registry sequence
--- ARGV[i] JSON {id, key, score, fields: {field: string}, indexes: [zset key]} of one rollout
+-- KEYS[1] registry sequence, KEYS[2] registry epoch (needs _epoch_prelude)
+-- ARGV[1] the epoch the writer knows ('' none yet), ARGV[2] the epoch it proposes if there is none,
+-- ARGV[i > 2] JSON {id, key, score, fields: {field: string}, indexes: [zset key]} of one rollout
 -- Every index gets one ZADD for all the batch's new members (in chunks, under Lua's stack
 -- limit on unpack), not one per rollout.
--- Returns {registry seq, then per rollout: {} when it was created, else its stored hash (HGETALL)}.
-local out = {redis.call('GET', KEYS[1]) or '0'}
+-- Returns {registry seq, registry epoch, then per rollout: {} when it was created, else its stored hash
+-- (HGETALL)} | {'epoch', current-or-''} (Redis lost its data since the writer last looked: nothing written).
+local epoch, current_epoch = establish_epoch(KEYS[2], ARGV[1], ARGV[2])
+if not epoch then return {'epoch', current_epoch} end
+local out = {redis.call('GET', KEYS[1]) or '0', epoch}
 local members = {}  -- index key -> {score, id, score, id, ...}
 local order = {}
-for i = 1, #ARGV do
+for i = 3, #ARGV do
   local r = cjson.decode(ARGV[i])
   local existing = redis.call('HGETALL', r.key)
   if #existing == 0 then

@@ -2,12 +2,16 @@
 -- (mode 'add') or version n+1 of an existing one (mode 'update', optionally compare-and-set).
 -- The version being replaced is kept, unchanged, under its own key.
 -- KEYS[1] snapshot hash, KEYS[2] snapshots index, KEYS[3] pointers hash, KEYS[4] sequence,
--- KEYS[5] snapshot events channel
+-- KEYS[5] snapshot events channel, KEYS[6] registry epoch (needs _epoch_prelude)
 -- ARGV[1] resources_id, ARGV[2] payload, ARGV[3] encoding, ARGV[4] checksum, ARGV[5] size,
 -- ARGV[6] now, ARGV[7] 'add' | 'update', ARGV[8] expected version or '', ARGV[9] who writes,
 -- ARGV[10] pointer history length, ARGV[11] pointer history key prefix,
--- ARGV[12] this id's old-version key prefix ("{p}:snapshot:{id}:v:")
--- Returns {'ok', version, create_time} | {'exists'} | {'name_taken'} | {'missing'} | {'conflict', current}.
+-- ARGV[12] this id's old-version key prefix ("{p}:snapshot:{id}:v:"),
+-- ARGV[13] the epoch the writer knows ('' none yet), ARGV[14] the epoch it proposes if there is none
+-- Returns {'ok', version, create_time, epoch} | {'exists'} | {'name_taken'} | {'missing'} |
+-- {'conflict', current} | {'epoch', current-or-''} (Redis lost its data since the writer last looked).
+local epoch, current_epoch = establish_epoch(KEYS[6], ARGV[13], ARGV[14])
+if not epoch then return {'epoch', current_epoch} end
 local id = ARGV[1]
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 local version, create_time
@@ -31,4 +35,4 @@ redis.call('HSET', KEYS[1], 'resources', ARGV[2], 'encoding', ARGV[3], 'checksum
 move_pointer(KEYS[3], ARGV[11], 'latest', id, ARGV[6], ARGV[9], ARGV[10])
 local seq = announce(KEYS[4], KEYS[5], {op = 'write', id = id, version = version, pointers = {latest = id}})
 redis.call('ZADD', KEYS[2], seq, id)
-return {'ok', version, create_time}
+return {'ok', version, create_time, epoch}
