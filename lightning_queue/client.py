@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from lightning_queue.core.errors import DuplicateRolloutIdError, EnqueueError, PublishError, ResourcesNotFoundError
+from lightning_queue.core.errors import (
+    DuplicateRolloutIdError,
+    EnqueueError,
+    PublishError,
+    RegistryLostError,
+    ResourcesNotFoundError,
+)
 from lightning_queue.core.models import (
     Attempt,
     ErrorInfo,
@@ -22,6 +28,7 @@ from lightning_queue.core.models import (
 )
 from lightning_queue.core.settings import Settings
 from lightning_queue.storage.connections import connect
+from lightning_queue.storage.epoch import RegistryEpoch
 from lightning_queue.storage.liveness import WorkerHealth, read_cache_stats, read_worker_health
 from lightning_queue.storage.registry import DeleteReport, PointerMove, SnapshotRegistry
 from lightning_queue.storage.retention import RetentionReport, apply_retention
@@ -58,9 +65,13 @@ class LightningClient:
             )
         self.redis = redis_client
         self.keys = self.settings.keys
-        self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
+        # The registry epoch as this client knows it, shared by its registry and store: Redis losing
+        # its data makes the next write, enqueue or wait raise RegistryLostError.
+        self.epoch = RegistryEpoch(self.redis, self.keys)
+        self.registry = SnapshotRegistry(self.redis, self.keys, self.settings, epoch=self.epoch)
         self.store = RolloutStore(
-            self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline
+            self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline,
+            epoch=self.epoch,
         )
         self._celery = celery
         self._publisher: Publisher | None = None
@@ -230,7 +241,10 @@ class LightningClient:
         anything is written), one MULTI/EXEC for all records, one pipeline for
         all task messages and one for their task-sent events (Flower's). If
         publishing fails the records are marked ``failed`` and
-        :class:`EnqueueError` is raised.
+        :class:`EnqueueError` is raised. Once this client has written or waited,
+        one more round trip first checks the registry epoch: if Redis lost its
+        data since, :class:`RegistryLostError` is raised and nothing is written
+        (the next call enqueues into the new registry).
 
         Idempotent enqueue: a request with a ``rollout_id`` (or an
         ``idempotency_key``, which names one) whose rollout already exists
@@ -269,40 +283,58 @@ class LightningClient:
             )
         if not rollouts:
             return []
+        if not chosen and self.epoch.known is not None:
+            self.epoch.check()  # (the idempotent path's script checks it itself)
         if check_resources:
             refs = sorted({r.resources_id for r in rollouts if r.resources_id})
             resolved = self.registry.current_versions(refs) if refs else {}
             for ref in refs:
                 if resolved[ref] is None:
+                    if chosen and self.epoch.known is not None:
+                        self.epoch.check()  # gone because Redis lost its data? Then say that
                     raise ResourcesNotFoundError(ref, hint="nothing was enqueued; add the snapshot first")
             for rollout in rollouts:
                 if rollout.resolve == "pinned" and rollout.resources_id:
                     rollout.resources_id, rollout.resources_version = resolved[rollout.resources_id]  # type: ignore[misc]
         if not chosen:
-            seq = self.store.create_rollouts(rollouts)
-            self.publish(rollouts, seq)
+            mark = self.store.create_rollouts(rollouts)
+            self._adopt(mark.epoch)
+            self.publish(rollouts, mark.seq)
             return rollouts
         seen: set[str] = set()
         for rollout in rollouts:
             if rollout.rollout_id in seen:
                 raise DuplicateRolloutIdError(rollout.rollout_id)
             seen.add(rollout.rollout_id)
-        seq, existing = self.store.create_rollouts_if_absent(rollouts)
+        mark, existing = self.store.create_rollouts_if_absent(rollouts)
+        self._adopt(mark.epoch)
         unsent = [r for r in rollouts if r.rollout_id not in existing]
         # Written by an earlier call that may have crashed before publishing: send it now.
         unsent += [r for r, published in existing.values()
                    if not published and r.status == "queuing" and r.attempt_count == 0]
         if unsent:
-            self.publish(unsent, seq)
+            self.publish(unsent, mark.seq)
             self.store.mark_published([r.rollout_id for r in unsent])
         return [existing[r.rollout_id][0] if r.rollout_id in existing else r for r in rollouts]
 
-    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
-        """Send the rollouts' task messages (see :class:`~lightning_queue.broker.publisher.Publisher`).
-        If the broker does not take them, the rollouts are marked ``failed`` (so nothing waits on
-        them forever) and :class:`EnqueueError` is raised."""
+    def _adopt(self, epoch: str) -> None:
+        """The records just written went into registry ``epoch``: their messages carry it (the
+        client now knows it: :meth:`publish` stamps them with what it knows). Redis
+        lost its data between the epoch check and the write (rare): say so, and go on with the
+        new registry (the rollouts exist there and run)."""
         try:
-            self.publisher.publish(rollouts, registry_seq)
+            self.epoch.saw(epoch)
+        except RegistryLostError as exc:
+            log.warning("%s", exc)
+            self.epoch.saw(epoch)
+
+    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
+        """Send the rollouts' task messages (see :class:`~lightning_queue.broker.publisher.Publisher`),
+        stamped with ``registry_seq`` and the registry epoch this client knows (the one the
+        records were just written in). If the broker does not take them, the rollouts are marked
+        ``failed`` (so nothing waits on them forever) and :class:`EnqueueError` is raised."""
+        try:
+            self.publisher.publish(rollouts, registry_seq, registry_epoch=self.epoch.known or "")
         except PublishError as exc:
             error = ErrorInfo(type=type(exc.cause).__name__,
                               message=f"the task message could not be published: {exc.cause}")
@@ -324,7 +356,8 @@ class LightningClient:
         not missed. ``on_finished`` is called once per rollout, as it is seen finished.
 
         Raises :class:`RolloutNotFoundError` when a rollout's record does not exist, at the
-        start or later (it expired, or Redis lost its data). Raises
+        start or later (it expired, or Redis lost its data: then it is the subclass
+        :class:`RegistryLostError`, which says so). Raises
         :class:`RedisUnavailableError` when Redis is unreachable at the deadline or for longer
         than ``settings.redis_retry_seconds`` in a row; the call returns or raises within about
         half a second of its deadline even then. See :meth:`RolloutStore.wait_for_rollouts`.

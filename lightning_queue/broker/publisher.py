@@ -63,10 +63,14 @@ def _delivery_tag() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def task_kwargs(rollout: Rollout, registry_seq: int) -> dict[str, Any]:
-    """The rollout task's keyword arguments: ids only (Flower shows them)."""
-    return {"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id,
-            "resources_version": rollout.resources_version, "registry_seq": registry_seq}
+def task_kwargs(rollout: Rollout, registry_seq: int, registry_epoch: str = "") -> dict[str, Any]:
+    """The rollout task's keyword arguments: ids only (Flower shows them). ``registry_seq`` and
+    ``registry_epoch`` say how fresh, and of which registry, a worker cache's answer must be."""
+    kwargs = {"rollout_id": rollout.rollout_id, "resources_id": rollout.resources_id,
+              "resources_version": rollout.resources_version, "registry_seq": registry_seq}
+    if registry_epoch:
+        kwargs["registry_epoch"] = registry_epoch
+    return kwargs
 
 
 @dataclass
@@ -115,13 +119,14 @@ class Publisher:
             )
         return hard, soft or None
 
-    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0, countdown: float | None = None) -> None:
+    def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0, countdown: float | None = None,
+                *, registry_epoch: str = "") -> None:
         """Send one task message per rollout (ids only), to each rollout's queue.
 
-        ``registry_seq`` tells worker caches how recent a registry state the rollouts need
-        (see :mod:`lightning_queue.worker.cache`); ``countdown`` delays the messages (Celery's
-        ``eta``). Raises :class:`PublishError` when the broker did not take them; the caller
-        decides what becomes of the rollouts.
+        ``registry_seq`` and ``registry_epoch`` tell worker caches how recent a registry state,
+        and of which registry, the rollouts need (see :mod:`lightning_queue.worker.cache`);
+        ``countdown`` delays the messages (Celery's ``eta``). Raises :class:`PublishError` when
+        the broker did not take them; the caller decides what becomes of the rollouts.
         """
         if not rollouts:
             return
@@ -129,9 +134,9 @@ class Publisher:
         try:
             with self.app.producer_or_acquire() as producer:
                 if hasattr(producer.channel, "client"):
-                    self._send(producer, self.build(rollouts, limits, registry_seq, countdown))
+                    self._send(producer, self.build(rollouts, limits, registry_seq, countdown, registry_epoch))
                 else:
-                    self._send_one_by_one(producer, rollouts, limits, registry_seq, countdown)
+                    self._send_one_by_one(producer, rollouts, limits, registry_seq, countdown, registry_epoch)
         except Exception as exc:
             raise PublishError([r.rollout_id for r in rollouts], exc) from exc
 
@@ -141,6 +146,7 @@ class Publisher:
         limits: Sequence[Limits],
         registry_seq: int = 0,
         countdown: float | None = None,
+        registry_epoch: str = "",
     ) -> TaskMessages:
         """One task message per rollout: the one ``app.send_task(ROLLOUT_TASK, kwargs=...,
         task_id=rollout_id, queue=rollout.queue, time_limit=hard, soft_time_limit=soft,
@@ -155,7 +161,7 @@ class Publisher:
         out = TaskMessages()
         hostname, pid, clock = anon_nodename(), os.getpid(), app.clock
         for rollout, (hard, soft) in zip(rollouts, limits, strict=True):
-            rid, queue, kwargs = rollout.rollout_id, rollout.queue, task_kwargs(rollout, registry_seq)
+            rid, queue, kwargs = rollout.rollout_id, rollout.queue, task_kwargs(rollout, registry_seq, registry_epoch)
             kwargsrepr = repr(kwargs)
             headers = {**template.headers, "id": rid, "root_id": rid, "timelimit": [hard, soft],
                        "kwargsrepr": kwargsrepr}
@@ -209,9 +215,10 @@ class Publisher:
 
     def _send_one_by_one(
         self, producer: Producer, rollouts: Sequence[Rollout], limits: Sequence[Limits], registry_seq: int,
-        countdown: float | None,
+        countdown: float | None, registry_epoch: str,
     ) -> None:
         for rollout, (hard, soft) in zip(rollouts, limits, strict=True):
-            self.app.send_task(ROLLOUT_TASK, kwargs=task_kwargs(rollout, registry_seq), task_id=rollout.rollout_id,
+            self.app.send_task(ROLLOUT_TASK, kwargs=task_kwargs(rollout, registry_seq, registry_epoch),
+                               task_id=rollout.rollout_id,
                                queue=rollout.queue, time_limit=hard, soft_time_limit=soft, countdown=countdown,
                                producer=producer)
