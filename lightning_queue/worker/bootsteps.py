@@ -8,16 +8,23 @@ from typing import Any
 from celery import bootsteps
 from celery.worker import state
 
+from lightning_queue.core.errors import RegistryLostError
+from lightning_queue.core.keys import ROLLOUT_TASK
 from lightning_queue.storage.liveness import HealthRecorder
 from lightning_queue.worker import recovery
 from lightning_queue.worker.app import WorkerApp
+from lightning_queue.worker.heartbeat import beat_for_pool
 
 log = logging.getLogger(__name__)
 
 
 class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ships no type information
-    """Sweep for unresponsive attempts (:func:`lightning_queue.worker.recovery.sweep_unresponsive`)
-    and record this worker's consumption health (:mod:`lightning_queue.storage.liveness`).
+    """Sweep for unresponsive attempts (:func:`lightning_queue.worker.recovery.sweep_unresponsive`),
+    record this worker's consumption health (:mod:`lightning_queue.storage.liveness`), check the
+    registry epoch (:mod:`lightning_queue.storage.epoch`: Redis losing its data is logged), and
+    beat for the attempts this worker's pool processes run while they are alive and not stopped
+    (:func:`lightning_queue.worker.heartbeat.beat_for_pool`: an agent holding the GIL cannot
+    beat itself).
 
     A consumer bootstep, so it runs in each worker and restarts with the consumer after a lost
     connection; with every worker sweeping, the watchdog has no single point of failure. A
@@ -29,6 +36,7 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.tref: Any = None
+        self.beat_tref: Any = None
         self.queues: list[str] | None = None
 
     def start(self, c: Any) -> None:
@@ -45,14 +53,32 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
             ctx = app.context
             app.health = HealthRecorder(ctx.redis, ctx.settings.keys, c.hostname, ttl=3 * settings.sweep_interval + 5)
         self.tref = c.timer.call_repeatedly(settings.sweep_interval, self.tick, (c,), priority=10)
+        self.beat_tref = c.timer.call_repeatedly(settings.heartbeat_interval, self.beat, (c,), priority=10)
 
     def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
+        for tref in (self.tref, self.beat_tref):
+            if tref is not None:
+                tref.cancel()
+        self.tref = self.beat_tref = None
+
+    def beat(self, c: Any) -> None:
+        app: WorkerApp = c.app
+        try:
+            running = [(r.kwargs.get("rollout_id") or r.id, r.worker_pid) for r in list(state.active_requests)
+                       if r.task_name == ROLLOUT_TASK]
+            if running:
+                beat_for_pool(app.context.store, c.hostname, running)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.warning("heartbeat for the pool's attempts failed: %s: %s", type(exc).__name__, exc)
 
     def tick(self, c: Any) -> None:
         app: WorkerApp = c.app
+        try:
+            app.context.store.epoch.check()
+        except RegistryLostError as exc:
+            log.error("%s", exc)  # once: the check adopts the new registry
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("registry epoch check failed: %s: %s", type(exc).__name__, exc)
         try:
             recovery.sweep_unresponsive(app.context)
         except Exception as exc:  # noqa: BLE001 - a timer callback must not die

@@ -9,6 +9,14 @@ sequence number. Every task message carries the sequence at enqueue
 (``registry_seq``); once the listener has applied every change up to it, the
 maps are at least as fresh as the enqueuer's view and a hit needs no round
 trip. Anything else is one atomic :meth:`SnapshotRegistry.fetch`.
+
+Sequence numbers only order changes within one registry: Redis that lost its data starts
+again from 0, and may then hold other content under a ``(resources_id, version)`` the cache
+holds. So every entry and map belongs to one registry epoch
+(:mod:`lightning_queue.storage.epoch`), the epoch of the reads that filled them; the cache
+answers a message from memory only when the message is of that epoch, and drops everything
+when it learns of another one: from a read, from its listener (which reads the epoch on every
+(re)subscription and every stats report), or from :meth:`SnapshotCache.drop`.
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 from lightning_queue.core.errors import ResourcesNotFoundError, SnapshotCorruptedError
 from lightning_queue.core.models import ResourcesUpdate
 from lightning_queue.core.settings import Settings
+from lightning_queue.storage.connections import text
+from lightning_queue.storage.epoch import lost_registry_message
 from lightning_queue.storage.registry import LATEST, Fetched, SnapshotRegistry
 
 log = logging.getLogger(__name__)
@@ -33,6 +43,14 @@ log = logging.getLogger(__name__)
 # What the maps know about a key: (value, seq of the change or read it came from).
 # A value of None records that the pointer is unset / the id is deleted as of that seq.
 _Stamped = tuple[Any, int]
+
+
+class Held(NamedTuple):
+    """A snapshot and the registry epoch it was read in (an attempt may start with it only while
+    the registry is of that epoch: :meth:`RolloutStore.start_attempt`)."""
+
+    snapshot: ResourcesUpdate
+    epoch: str
 
 
 class SnapshotCache:
@@ -46,7 +64,10 @@ class SnapshotCache:
       one :meth:`SnapshotRegistry.fetch` and its errors propagate unchanged.
     * The listener reconnects by itself; each (re)subscription forgets the
       version and pointer maps (changes may have been missed) and restarts from
-      the sequence number read after subscribing. Entries are kept.
+      the sequence number read after subscribing. Entries are kept, unless the
+      registry's epoch changed (Redis lost its data): then everything goes.
+    * Everything it holds is of one registry epoch; a ``get`` naming another
+      epoch (the one its task message was enqueued in) is not answered from memory.
     * Returned snapshots are shared between callers: treat them as read-only
       (the models are frozen; do not mutate their ``resources`` dict).
     """
@@ -77,6 +98,8 @@ class SnapshotCache:
         self._pointers: dict[str, _Stamped] = {}  # pointer name -> (resources_id | None if unset, seq)
         self._applied_seq = -1  # every change up to this seq is in the maps; -1: not subscribed yet
         self._base_seq = -1  # seq read at the last (re)subscription; older reads cannot update the maps
+        self._epoch: str | None = None  # the registry epoch of every entry and map; None: nothing read yet
+        self._epoch_changes = 0
         self._hits = self._misses = self._evictions = self._loads = self._resubscribes = 0
         self._load_seconds = 0.0
         self._stop = threading.Event()
@@ -110,26 +133,42 @@ class SnapshotCache:
 
     # -- reads --------------------------------------------------------------------------
 
-    def get(self, ref: str, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate:
+    def get(self, ref: str, version: int | None = None, min_seq: int = 0, epoch: str | None = None
+            ) -> ResourcesUpdate:
         """The snapshot ``ref`` (pointer name or id) names, at ``version`` (None: the
-        current one), as of registry sequence ``min_seq`` or later."""
+        current one), as of registry sequence ``min_seq`` or later, in registry ``epoch``
+        (None: whichever the cache holds)."""
+        return self.take(ref, version, min_seq, epoch).snapshot
+
+    def take(self, ref: str, version: int | None = None, min_seq: int = 0, epoch: str | None = None) -> Held:
+        """:meth:`get`, with the epoch the snapshot was read in."""
         with self._lock:
-            snapshot = self._lookup(ref, version, min_seq)
+            snapshot = self._lookup(ref, version, min_seq, epoch)
             if snapshot is not None:
                 self._hits += 1
-                return snapshot
+                return Held(snapshot, self._epoch or "")
             self._misses += 1
-        return self._load(ref, version).snapshot
+        fetched = self._load(ref, version)
+        return Held(fetched.snapshot, fetched.epoch)
 
-    def peek(self, ref: str, version: int | None = None, min_seq: int = 0) -> ResourcesUpdate | None:
-        """What :meth:`get` would answer from memory, or None where it would fetch; never
+    def peek(self, ref: str, version: int | None = None, min_seq: int = 0, epoch: str | None = None
+             ) -> Held | None:
+        """What :meth:`take` would answer from memory, or None where it would fetch; never
         touches Redis. A hit counts as one; a None counts nothing (the caller's :meth:`get`
         that follows counts the miss)."""
         with self._lock:
-            snapshot = self._lookup(ref, version, min_seq)
-            if snapshot is not None:
-                self._hits += 1
-            return snapshot
+            snapshot = self._lookup(ref, version, min_seq, epoch)
+            if snapshot is None:
+                return None
+            self._hits += 1
+            return Held(snapshot, self._epoch or "")
+
+    def drop(self, epoch: str | None = None) -> None:
+        """Forget everything: entries, versions and pointers (an attempt found the registry is no
+        longer of the epoch they were read in). Later reads fill it again, in the epoch they
+        find; ``epoch`` (the one Redis holds, when known) is logged."""
+        with self._lock:
+            self._switch_epoch(epoch, self._applied_seq)
 
     def prewarm(self) -> int:
         """Fetch ``latest`` and every pointer's snapshot; return how many were loaded.
@@ -161,12 +200,16 @@ class SnapshotCache:
                 "mean_load_ms": 1000 * self._load_seconds / self._loads if self._loads else 0.0,
                 "applied_seq": self._applied_seq,
                 "resubscribes": self._resubscribes,
+                "epoch": self._epoch,
+                "epoch_changes": self._epoch_changes,
             }
 
     # -- internals (callers hold the lock where noted) -------------------------------------
 
-    def _lookup(self, ref: str, version: int | None, min_seq: int) -> ResourcesUpdate | None:
+    def _lookup(self, ref: str, version: int | None, min_seq: int, epoch: str | None) -> ResourcesUpdate | None:
         """A hit, or None. Lock held."""
+        if epoch is not None and epoch != self._epoch:
+            return None  # a message of another registry: what is held may be another content
         pointed = self._pointers.get(ref)
         if version is not None and pointed is None:
             # An explicit (id, version) never changes: fresh whatever the sequence, unless deleted.
@@ -200,6 +243,10 @@ class SnapshotCache:
         with self._lock:
             self._loads += 1
             self._load_seconds += elapsed
+            if fetched.epoch != self._epoch:
+                # Read atomically with its epoch, so it is true of that registry: what is held
+                # is of another one (or nothing was held yet), and goes.
+                self._switch_epoch(fetched.epoch, seq)
             if seq >= self._base_seq:  # a read from before the last resubscription may miss changes
                 if fetched.pointer is not None:
                     self._stamp(self._pointers, fetched.pointer, rid, seq)
@@ -261,9 +308,15 @@ class SnapshotCache:
                     pubsub.close()
 
     def _maybe_report(self) -> None:
-        if self.stats_key is None or time.monotonic() < self._next_report:
+        if time.monotonic() < self._next_report:
             return
         self._next_report = time.monotonic() + self.stats_interval
+        try:
+            self._check_epoch()
+        except redis.RedisError as exc:  # the listener's own reads will fail and resubscribe too
+            log.debug("snapshot cache: could not check the registry epoch: %s", exc)
+        if self.stats_key is None:
+            return
         try:
             self.registry.redis.set(self.stats_key, json.dumps({**self.stats(), "time": time.time()}),
                                     ex=max(1, round(3 * self.stats_interval)))
@@ -272,9 +325,47 @@ class SnapshotCache:
 
     def _resubscribed(self) -> None:
         # Read after the subscription is confirmed: every later change arrives as an event.
-        seq = int(self.registry.redis.get(self.registry.keys.seq) or 0)
+        seq, epoch = self._read_mark()
+        with self._lock:
+            if epoch != self._epoch:
+                self._switch_epoch(epoch, seq)
         self._reset(seq, resubscribed=True)
         self._subscribed.set()
+
+    def _read_mark(self) -> tuple[int, str]:
+        """The registry's sequence number and epoch, read together."""
+        keys = self.registry.keys
+        seq, epoch = self.registry.redis.mget([keys.seq, keys.epoch])
+        return int(seq or 0), "" if epoch is None else text(epoch)
+
+    def _check_epoch(self) -> None:
+        # Between (re)subscriptions too: Redis flushed without dropping connections keeps the
+        # listener subscribed, and the messages of the new registry are not answered from memory
+        # meanwhile (they carry its epoch), so this only bounds how long the old entries linger.
+        seq, epoch = self._read_mark()
+        with self._lock:
+            if self._epoch is not None and epoch != self._epoch:
+                self._switch_epoch(epoch, seq)
+                self._versions.clear()
+                self._pointers.clear()
+                self._applied_seq = self._base_seq = seq
+
+    def _switch_epoch(self, epoch: str | None, seq: int) -> None:
+        """Drop every entry, version and pointer: they belong to another registry epoch. Lock held."""
+        if self._epoch is None and epoch is not None:
+            self._epoch = epoch  # the first read: what is held (events, at most) is of this registry
+            return
+        if self._epoch:  # not the first read, nor a registry from before epochs (none then)
+            self._epoch_changes += 1
+            log.error("snapshot cache: %s; dropping %d cached snapshot(s)",
+                      lost_registry_message(self._epoch, epoch or None), len(self._entries))
+        self._entries.clear()
+        self._bytes = 0
+        self._versions.clear()
+        self._pointers.clear()
+        self._epoch = epoch
+        # Sequence numbers of another registry say nothing about this one's.
+        self._applied_seq = self._base_seq = min(self._applied_seq, seq) if self._applied_seq >= 0 else -1
 
     def _reset(self, seq: int, resubscribed: bool = False) -> None:
         """Forget versions and pointers: the maps restart empty, complete as of ``seq``."""

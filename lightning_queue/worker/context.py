@@ -20,9 +20,10 @@ from lightning_queue.broker.publisher import Publisher
 from lightning_queue.core.models import ResourcesUpdate
 from lightning_queue.core.settings import Settings
 from lightning_queue.storage.connections import connect
+from lightning_queue.storage.epoch import RegistryEpoch
 from lightning_queue.storage.registry import LATEST, SnapshotRegistry
 from lightning_queue.storage.store import RolloutStore
-from lightning_queue.worker.cache import SnapshotCache, start_cache
+from lightning_queue.worker.cache import Held, SnapshotCache, start_cache
 from lightning_queue.worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,10 @@ class WorkerContext:
             redis_client = connect(settings.redis_url, settings.sentinel_master, check=False,
                                    retry_seconds=settings.redis_retry_seconds)
         keys = settings.keys
-        registry = SnapshotRegistry(redis_client, keys, settings)
-        store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline)
+        epoch = RegistryEpoch(redis_client, keys)
+        registry = SnapshotRegistry(redis_client, keys, settings, epoch=epoch)
+        store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline,
+                             epoch=epoch)
         cache = start_cache(registry, settings, cache_name) if with_cache else None
         return cls(settings=settings, redis=redis_client, registry=registry, store=store,
                    publisher=Publisher(celery, settings), heartbeat=Heartbeat(store, settings.heartbeat_interval),
@@ -70,14 +73,22 @@ class WorkerContext:
         """The snapshot a rollout runs with (``None`` = latest), through this process's cache
         when it has one. ``min_seq`` is the registry sequence the answer must be at least as
         fresh as."""
-        if self.cache is not None:
-            return self.cache.get(ref or LATEST, version, min_seq)
-        return self.registry.fetch(ref or LATEST, version).snapshot
+        return self.load(ref, version, min_seq).snapshot
 
-    def peek_snapshot(self, ref: str | None, version: int | None, min_seq: int) -> ResourcesUpdate | None:
-        """The snapshot :meth:`load_snapshot` would answer from memory, or None (no cache, or a
-        miss); never touches Redis."""
-        return None if self.cache is None else self.cache.peek(ref or LATEST, version, min_seq)
+    def load(self, ref: str | None, version: int | None = None, min_seq: int = 0, epoch: str | None = None
+             ) -> Held:
+        """:meth:`load_snapshot`, with the registry epoch the snapshot was read in. ``epoch`` is
+        the one the task message was enqueued in: the cache answers from memory only for it."""
+        if self.cache is not None:
+            return self.cache.take(ref or LATEST, version, min_seq, epoch)
+        fetched = self.registry.fetch(ref or LATEST, version)
+        return Held(fetched.snapshot, fetched.epoch)
+
+    def peek_snapshot(self, ref: str | None, version: int | None, min_seq: int, epoch: str | None = None
+                      ) -> Held | None:
+        """What :meth:`load` would answer from memory, or None (no cache, or a miss); never
+        touches Redis."""
+        return None if self.cache is None else self.cache.peek(ref or LATEST, version, min_seq, epoch)
 
     def close(self) -> None:
         """Stop the cache's listener (logging its stats) and close the connections."""

@@ -9,16 +9,26 @@ An attempt whose deadline passes is closed by the fleet's sweep
 Deadlines are wall-clock times written by the beating worker and compared by
 the sweeping one: keep worker clocks in sync (NTP) to well under
 ``heartbeat_timeout``.
+
+A process's own heartbeat thread cannot run while its agent holds the GIL (a long C call that
+does not release it). So a prefork worker's main process beats too, for the attempts its pool
+processes run, as long as each of those processes exists and is not stopped
+(:func:`beat_for_pool`): an attempt is declared unresponsive only when its process is gone,
+stopped (SIGSTOP, a debugger) or cut off from Redis. Thread, gevent and eventlet pools run
+agents in the main process itself: there an agent holding the GIL stops every beat, and the
+heartbeat timeout must exceed its longest such stretch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+import psutil
 import redis
 
 from lightning_queue.storage.store import RolloutStore
@@ -104,3 +114,27 @@ class Heartbeat:
                 "rollout %s attempt %d is no longer open (declared unresponsive or lost, or cancelled); "
                 "its result will be refused", current.rollout_id, current.sequence_id,
             )
+
+
+_NOT_RUNNING = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
+
+
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not stopped, traced-stopped or a zombie."""
+    try:
+        return psutil.Process(pid).status() not in _NOT_RUNNING
+    except psutil.Error:
+        return False
+
+
+def beat_for_pool(store: RolloutStore, worker_id: str, running: Iterable[tuple[str, int | None]]) -> int:
+    """The worker's main process beats for the attempts its pool processes run: ``running`` is
+    each rollout being run, with the pid of the process running it (None before a pool process
+    accepted it). Beats, in one pipeline, for those whose process is another one that exists
+    and is not stopped (a stopped process must be declared unresponsive); each only if the
+    rollout's open attempt is ``worker_id``'s. Returns how many beats were sent."""
+    own = os.getpid()
+    ids = [rid for rid, pid in running if pid is not None and pid != own and process_runs(pid)]
+    if ids:
+        store.heartbeat_for_workers(ids, worker_id)
+    return len(ids)

@@ -33,28 +33,30 @@ from lightning_queue.worker.context import WorkerContext
 log = logging.getLogger(__name__)
 
 
-def requeue(ctx: WorkerContext, rollouts: Sequence[tuple[Rollout, int]]) -> list[str]:
+def requeue(ctx: WorkerContext, rollouts: Sequence[tuple[Rollout, int]], registry_epoch: str | None = None
+            ) -> list[str]:
     """Publish again each rollout whose attempt ``seq`` just ended ``requeuing``, after the
-    policy's backoff for that attempt. Returns the ids whose publish failed (logged, not
-    raised: see above)."""
+    policy's backoff for that attempt, stamped with ``registry_epoch`` (default: the one this
+    process knows). Returns the ids whose publish failed (logged, not raised: see above)."""
     failed = []
+    epoch = registry_epoch or ctx.store.epoch.known or ""
     for rollout, seq in rollouts:
         delay = retry_delay(rollout.config, seq)
         try:
-            ctx.publisher.publish([rollout], countdown=delay or None)
+            ctx.publisher.publish([rollout], countdown=delay or None, registry_epoch=epoch)
         except PublishError as exc:
             failed.append(rollout.rollout_id)
             log.error("rollout %s: could not publish its retry (%s)", rollout.rollout_id, exc.cause)
     return failed
 
 
-def retry_after_attempt(ctx: WorkerContext, rollout: Rollout, seq: int) -> Retry:
+def retry_after_attempt(ctx: WorkerContext, rollout: Rollout, seq: int, registry_epoch: str | None = None) -> Retry:
     """The runner's attempt ended ``requeuing``: publish the retry and return the ``Retry``
     the task raises, so Celery (and Flower) show the task as retried and ack its message.
     If the retry could not be published, the running message itself goes back to the queue
     instead (``Reject(requeue=True)``, raised here): its next delivery claims the next attempt
     at once, without the backoff, rather than leaving the rollout with no message at all."""
-    if requeue(ctx, [(rollout, seq)]):
+    if requeue(ctx, [(rollout, seq)], registry_epoch):
         raise Reject(f"the retry of rollout {rollout.rollout_id} could not be published", requeue=True)
     return Retry(f"attempt {seq} of rollout {rollout.rollout_id} is retried", when=retry_delay(rollout.config, seq))
 
@@ -95,8 +97,10 @@ def release_lost(ctx: WorkerContext, rollout_id: str, worker_id: str) -> None:
 
 def sweep_unresponsive(ctx: WorkerContext, limit: int = 100) -> list[tuple[str, str, int]]:
     """Close attempts whose heartbeat expired as ``unresponsive`` and publish again the
-    rollouts the policy retries; return what moved, as :meth:`RolloutStore.close_unresponsive`."""
-    moved = ctx.store.close_unresponsive(limit)
+    rollouts the policy retries; return what moved, as :meth:`RolloutStore.close_unresponsive`
+    (which holds off for one heartbeat timeout after an outage of the whole fleet's sweeps:
+    ``settings.sweep_outage_seconds``)."""
+    moved = ctx.store.close_unresponsive(limit, outage_seconds=ctx.settings.sweep_outage_seconds)
     for rollout_id, status, seq in moved:
         log.warning(
             "rollout %s attempt %d sent no heartbeat for %g s: marked unresponsive, rollout %s",

@@ -20,32 +20,46 @@ running, and an outcome the store refuses (the attempt was superseded, or
 closed as unresponsive, lost or cancelled meanwhile) is logged and not
 recorded. Whether an attempt is retried is the policy's decision
 (:mod:`lightning_queue.core.policy`); the retry is sent by :mod:`lightning_queue.worker.recovery`.
+
+An outcome is never thrown away for a Redis outage: the runner keeps it and records it once
+Redis answers again (for up to the visibility timeout), while the attempt keeps beating. An
+attempt starts only with content read in the registry epoch Redis holds then
+(:mod:`lightning_queue.storage.epoch`): after Redis lost its data, a snapshot re-added under an
+id the cache holds is read again, never served from the old entry.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import redis
 from billiard.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import WorkerShutdown, WorkerTerminate
 from pydantic_core import PydanticSerializationError
 
 from lightning_queue.core.errors import (
+    AgentExitError,
     InvalidRolloutResultError,
     MissingResourceError,
+    NonFiniteRewardError,
+    RegistryLostError,
     ResourcesNotFoundError,
     RolloutFailed,
     SnapshotCorruptedError,
 )
-from lightning_queue.core.models import ErrorInfo, Resource, ResourcesUpdate, Rollout
-from lightning_queue.core.policy import is_retryable, next_status
+from lightning_queue.core.models import ErrorInfo, Resource, Rollout, RolloutResult, is_rollout_id
+from lightning_queue.core.policy import NextStatus, is_retryable, next_status
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.registry import LATEST
 from lightning_queue.storage.store import RolloutStore, StartWith
 from lightning_queue.worker import recovery
 from lightning_queue.worker.agent import LitAgent
+from lightning_queue.worker.cache import Held
 from lightning_queue.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -80,64 +94,99 @@ def run(
     registry_seq: int = 0,
     resources_id: str | None = None,
     resources_version: int | None = None,
+    registry_epoch: str | None = None,
 ) -> Outcome:
     """Run one rollout on this process. ``resources_id``/``resources_version`` are what the task
     message says the rollout asks for (Flower shows them; the worker uses them to resolve the
     snapshot from its cache before claiming); the rollout record is authoritative.
-    ``registry_seq`` is the registry state at enqueue: the snapshot cache must have caught up
-    with it before it may answer without asking Redis.
+    ``registry_seq`` and ``registry_epoch`` are the registry state at enqueue: the snapshot cache
+    must have caught up with it, in that registry, before it may answer without asking Redis.
 
     Raises :class:`RolloutFailed` when the rollout ends ``failed`` (so Celery and Flower show the
     task failed) and Celery's ``Retry`` when it is retried; returns the outcome otherwise.
     """
     store = ctx.store
+    if not is_rollout_id(rollout_id):
+        # Only a forged message can say so: such an id could address another rollout's keys.
+        log.error("rollout id %r is not a valid rollout id; dropping the message", rollout_id)
+        return {"rollout_id": rollout_id, "status": "invalid"}
     # The message says which snapshot the rollout asks for; when this process's cache holds it
     # (nearly always), the claim opens the attempt running with it: one round trip instead of
     # three (read the record, claim, start). The claim checks the record asks for the same
-    # reference; on a miss or a mismatch the attempt opens preparing and the snapshot is
-    # resolved from the record below.
+    # reference and the registry is still of the epoch the snapshot was read in; on a miss or a
+    # mismatch the attempt opens preparing and the snapshot is resolved from the record below.
     start = None
-    cached = ctx.peek_snapshot(resources_id or agent.default_resources or LATEST, resources_version, registry_seq)
+    cached = ctx.peek_snapshot(resources_id or agent.default_resources or LATEST, resources_version, registry_seq,
+                               registry_epoch or None)
     if cached is not None:
-        start = StartWith(resources_id, resources_version, cached.resources_id, cached.version)
+        start = StartWith(resources_id, resources_version, cached.snapshot.resources_id, cached.snapshot.version,
+                          cached.epoch)
     claim = store.claim(rollout_id, worker_id, start)
     if claim.outcome == "missing":
         log.error("rollout %s: no such record (expired or deleted); dropping the message", rollout_id)
     if claim.outcome == "duplicate":
         log.warning("rollout %s: delivered again while attempt %d runs on a live worker; dropping this duplicate",
                     rollout_id, claim.sequence_id)
+    if claim.outcome == "held":
+        log.warning("rollout %s: delivered again while attempt %d may still run: its heartbeat lapsed during a "
+                    "Redis outage; dropping this delivery (the watchdog sends the rollout again if that attempt "
+                    "does not beat again)", rollout_id, claim.sequence_id)
     if claim.outcome != "claimed":
         return {"rollout_id": rollout_id, "status": claim.status or claim.outcome}
     assert claim.rollout is not None
     seq = claim.sequence_id
     with ctx.heartbeat.attempt(rollout_id, seq):
-        return _run_attempt(ctx, agent, claim.rollout, seq, registry_seq, cached if claim.started else None)
+        return _run_attempt(ctx, agent, claim.rollout, seq, registry_seq, cached if claim.started else None,
+                            registry_epoch or None)
+
+
+def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, registry_seq: int,
+           registry_epoch: str | None) -> Held | str:
+    """Resolve the snapshot from the record and start attempt ``seq`` with it; return it, or the
+    rollout's status when the attempt must not run (cancelled, superseded, or failed for a
+    snapshot that is missing or corrupt)."""
+    store = ctx.store
+    rollout_id = rollout.rollout_id
+    version = rollout.resources_version if rollout.resolve == "pinned" else None
+    ref = rollout.resources_id or agent.default_resources  # None: latest
+    for _ in range(2):
+        try:
+            held = ctx.load(ref, version, registry_seq, registry_epoch)
+        except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
+            status = _record(ctx, rollout_id, seq, "failed", "failed", ErrorInfo.from_exception(exc, False), None)
+            if status == "failed":
+                raise RolloutFailed(rollout_id, type(exc).__name__, str(exc)) from None
+            return status
+        try:
+            if not store.start_attempt(rollout_id, seq, held.snapshot.resources_id, held.snapshot.version,
+                                       held.epoch):
+                return store.get_rollout(rollout_id).status
+            return held
+        except RegistryLostError as exc:
+            # Read in another registry epoch than Redis holds now: (id, version) may name other
+            # content there. Drop what the cache holds and read it again.
+            log.error("rollout %s: %s", rollout_id, exc)
+            if ctx.cache is not None:
+                ctx.cache.drop(exc.current_epoch)
+            registry_epoch = None
+    raise RegistryLostError(registry_epoch or "", None, rollout_id)
 
 
 def _run_attempt(
     ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, registry_seq: int,
-    started: ResourcesUpdate | None = None,
+    started: Held | None = None, registry_epoch: str | None = None,
 ) -> Outcome:
     """Run attempt ``seq`` of ``rollout`` (the record as the claim left it). ``started``: the
     claim already opened the attempt running with this snapshot."""
     store = ctx.store
     rollout_id = rollout.rollout_id
-    snapshot = started
-    if snapshot is None:
-        try:
-            version = rollout.resources_version if rollout.resolve == "pinned" else None
-            ref = rollout.resources_id or agent.default_resources  # None: latest
-            snapshot = ctx.load_snapshot(ref, version, registry_seq)
-        except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
-            status = store.finish_attempt(
-                rollout_id, seq, "failed", "failed", error=ErrorInfo.from_exception(exc, with_traceback=False)
-            )
-            if status == "failed":
-                raise RolloutFailed(rollout_id, type(exc).__name__, str(exc)) from None
-            return {"rollout_id": rollout_id, "status": status}
-
-        if not store.start_attempt(rollout_id, seq, snapshot.resources_id, snapshot.version):
-            return {"rollout_id": rollout_id, "status": store.get_rollout(rollout_id).status}
+    held = started
+    if held is None:
+        resolved = _start(ctx, agent, rollout, seq, registry_seq, registry_epoch)
+        if isinstance(resolved, str):
+            return {"rollout_id": rollout_id, "status": resolved}
+        held = resolved
+    snapshot = held.snapshot
     # The agent sees the record as it now stands: running, on this attempt.
     rollout = rollout.model_copy(update={"status": "running"})
 
@@ -149,7 +198,16 @@ def _run_attempt(
     resources: Mapping[str, Resource] = MappingProxyType(snapshot.resources)
     try:
         result = agent.execute(rollout.input, resources, rollout)
+        check_finite(result)
         result.model_dump_json()  # the output must be JSON-able to be stored
+    except (WorkerShutdown, WorkerTerminate):
+        raise  # Celery's own shutdown (solo pool), not the agent's
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # The agent tried to end the worker process: report what it did, and go on.
+        attempt_status, result = "failed", None
+        error = ErrorInfo.from_exception(AgentExitError(exc), with_traceback=False)
+        error.traceback = ErrorInfo.from_exception(exc).traceback
+        log.warning("rollout %s attempt %d failed: %s", rollout_id, seq, error.message)
     except SoftTimeLimitExceeded as exc:
         attempt_status, result = "timeout", None
         limit = rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds
@@ -171,13 +229,11 @@ def _run_attempt(
         error = ErrorInfo.from_exception(exc)
         log.warning("rollout %s attempt %d failed: %s: %s", rollout_id, seq, error.type, error.message)
 
-    status = store.finish_attempt(
-        rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
-        error=error, result=result,
-    )
+    status = _record(ctx, rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
+                     error, result)
     log_refused(store, rollout_id, seq, status, attempt_status)
     if status == "requeuing":
-        raise recovery.retry_after_attempt(ctx, rollout, seq)
+        raise recovery.retry_after_attempt(ctx, rollout, seq, registry_epoch or held.epoch)
     if status == "failed" and error is not None:
         raise RolloutFailed(rollout_id, error.type, error.message)
     return {
@@ -187,3 +243,35 @@ def _run_attempt(
         "version": snapshot.version,
         "reward": result.reward if result else None,
     }
+
+
+def check_finite(result: RolloutResult) -> None:
+    """Raise :class:`NonFiniteRewardError` when the reward or a step reward is NaN or infinite
+    (JSON would store it as null, and a succeeded rollout would read as having no reward)."""
+    if result.reward is not None and not math.isfinite(result.reward):
+        raise NonFiniteRewardError("reward", result.reward)
+    for i, value in enumerate(result.step_rewards or ()):
+        if not math.isfinite(value):
+            raise NonFiniteRewardError(f"step_rewards[{i}]", value)
+
+
+def _record(
+    ctx: WorkerContext, rollout_id: str, seq: int, attempt_status: str, decided: NextStatus,
+    error: ErrorInfo | None, result: RolloutResult | None,
+) -> str:
+    """:meth:`RolloutStore.finish_attempt`, riding out a Redis outage: the outcome is kept and
+    recorded once Redis answers again, for up to the visibility timeout (the broker redelivers
+    the message after that anyway), while the attempt keeps beating. Returns the status."""
+    deadline = time.monotonic() + ctx.settings.visibility_timeout
+    warned = False
+    while True:
+        try:
+            return ctx.store.finish_attempt(rollout_id, seq, attempt_status, decided, error=error, result=result)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if not warned:
+                log.warning("rollout %s attempt %d: Redis is unreachable (%s); keeping its outcome (%s) and "
+                            "recording it when Redis is back", rollout_id, seq, exc, attempt_status)
+                warned = True
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
