@@ -52,11 +52,13 @@ from lightning_queue.experiments.model import (
     Variant,
     bucket,
     bucket_bounds,
+    is_name,
     lookup,
     parse_experiment,
     unit_value,
 )
 from lightning_queue.storage.connections import text
+from lightning_queue.storage.registry import check_name
 from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.store import decode_rollout
 
@@ -170,8 +172,14 @@ class Experiments:
         self.redis.transaction(write, key)
         return exp
 
+    def _key(self, name: str) -> str:
+        # A name that cannot be an experiment's (it holds ':'...) must not address a key: none is stored.
+        if not is_name(name):
+            raise ExperimentNotFoundError(name)
+        return self.keys.experiment(name)
+
     def get(self, name: str) -> Experiment:
-        fields = self.redis.hgetall(self.keys.experiment(name))
+        fields = self.redis.hgetall(self._key(name))
         if not fields:
             raise ExperimentNotFoundError(name)
         return _decode(fields)
@@ -185,7 +193,7 @@ class Experiments:
         return [_decode(f) for f in pipe.execute() if f]
 
     def _update(self, name: str, change: Callable[[Experiment], Experiment]) -> Experiment:
-        key = self.keys.experiment(name)
+        key = self._key(name)
         out: list[Experiment] = []
 
         def apply(pipe: Any) -> None:
@@ -357,9 +365,13 @@ class Experiments:
         k = self.keys
         if pointer and not target:
             raise ValueError("moving a pointer needs a target")
+        if pointer:
+            check_name(pointer, "pointer name")
+            if not is_name(target):
+                raise ResourcesNotFoundError(str(target), hint=f"pointer {pointer!r} was not moved")
         now = time.time()
         reply = self._conclude(
-            keys=[k.experiment(name), k.pointers, k.seq, k.snapshot_events],
+            keys=[self._key(name), k.pointers, k.seq, k.snapshot_events],
             args=[pointer or "", target or "", repr(now), by or f"experiment {name}",
                   self.client.settings.pointer_history_length, k.pointer_history_prefix, k.snapshot_prefix,
                   expected or "", reason, winner or "", ",".join(allowed)],

@@ -48,9 +48,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _check_name(value: str, what: str) -> str:
-    if not _NAME.match(value):
+    if not is_name(value):
         raise ValueError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-'")
     return value
+
+
+def is_name(value: object) -> bool:
+    """Whether ``value`` can name an experiment, a variant or a snapshot: no ``:``, so it never
+    addresses a key derived from another name (``a:rollouts:b`` would be experiment ``a``'s)."""
+    return isinstance(value, str) and _NAME.match(value) is not None
 
 
 # ----------------------------------------------------------------------------- assignment
@@ -122,6 +128,11 @@ class Variant(BaseModel):
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return _check_name(value, "variant name")
+
+    @field_validator("resources_id")
+    @classmethod
+    def _valid_reference(cls, value: str) -> str:
+        return _check_name(value, "resources_id (a snapshot id or pointer name)")
 
 
 class Experiment(BaseModel):
