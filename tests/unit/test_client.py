@@ -132,7 +132,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], list[tuple[An
     calls: list[tuple[list[str], list[tuple[Any, Any]], int]] = []
 
     def build(self: Publisher, rollouts: Sequence[Rollout], limits: Any, registry_seq: int = 0,
-              countdown: float | None = None) -> None:
+              countdown: float | None = None, registry_epoch: str = "") -> None:
         calls.append(([r.rollout_id for r in rollouts], list(limits), registry_seq))
 
     monkeypatch.setattr(Publisher, "build", build)

@@ -60,7 +60,8 @@ class FakeTask:
                                  heartbeat=Heartbeat(client.store, settings.heartbeat_interval), cache=self.cache)
         self.retries: list[dict[str, Any]] = []
 
-        def publish(rollouts: Any, registry_seq: int = 0, countdown: float | None = None) -> None:
+        def publish(rollouts: Any, registry_seq: int = 0, countdown: float | None = None,
+                    registry_epoch: str = "") -> None:
             self.retries.extend({"countdown": countdown or 0} for _ in rollouts)
 
         self.ctx.publisher.publish = publish  # type: ignore[method-assign]
@@ -755,9 +756,9 @@ def test_a_message_naming_another_snapshot_than_the_record_resolves_from_the_rec
     started: list[tuple[str, int]] = []
     start_attempt = fake_client.store.start_attempt
 
-    def spy(rollout_id: str, seq: int, resources_id: str, version: int) -> bool:
+    def spy(rollout_id: str, seq: int, resources_id: str, version: int, epoch: str | None = None) -> bool:
         started.append((resources_id, version))
-        return start_attempt(rollout_id, seq, resources_id, version)
+        return start_attempt(rollout_id, seq, resources_id, version, epoch)
 
     monkeypatch.setattr(fake_client.store, "start_attempt", spy)
     # A message that disagrees with the record (pinned to rs-a): the record decides.

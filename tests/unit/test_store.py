@@ -19,6 +19,7 @@ from lightning_queue import (
     RolloutNotFoundError,
     RolloutResult,
 )
+from lightning_queue.core.errors import RegistryLostError
 from lightning_queue.core.keys import ROLLOUT_STATUSES
 from lightning_queue.core.models import ErrorInfo
 from lightning_queue.storage.store import RolloutStore, StartWith
@@ -659,7 +660,8 @@ def test_wait_reads_notifications_that_arrived_together_in_one_round_trip(
     monkeypatch.setattr(Waiter, "replied", then_finish)
     done = store.wait_for_rollouts(ids(rollouts), timeout=5)
     assert ids(done) == ids(rollouts) and {r.status for r in done} == {"succeeded"}
-    assert reads == [["HGET"] * 5, ["HGETALL"] * 5]  # one status read, then one read of all five records
+    # One status read, then one read of all five records; each with the registry epoch.
+    assert reads == [["GET", *["HGET"] * 5], ["GET", *["HGETALL"] * 5]]
 
 
 # --------------------------------------------------------------------------- claim and start in one script
@@ -677,7 +679,7 @@ def test_claim_with_the_snapshot_starts_the_attempt_running(
     store: RolloutStore, make_rollouts: MakeRollouts, status_index_members: IndexMembers
 ) -> None:
     rollout, = make_rollouts(1, resources_id="rs-a", resources_version=3, resolve="pinned")
-    claim = store.claim(rollout.rollout_id, "w1", StartWith("rs-a", 3, "rs-a", 3))
+    claim = store.claim(rollout.rollout_id, "w1", StartWith("rs-a", 3, "rs-a", 3, store.epoch.establish()))
     assert claim.started and claim.rollout is not None and claim.rollout.status == "running"
     attempt, = store.get_attempts(rollout.rollout_id)
     assert (attempt.status, attempt.resources_id, attempt.resources_version) == ("running", "rs-a", 3)
@@ -699,17 +701,32 @@ def test_claim_does_not_start_with_a_snapshot_the_record_does_not_ask_for(
     store: RolloutStore, make_rollouts: MakeRollouts, stored: dict, message: tuple[str, int | None]
 ) -> None:
     rollout, = make_rollouts(1, **stored)
-    claim = store.claim(rollout.rollout_id, "w1", StartWith(*message, "rs-a", 3))
+    claim = store.claim(rollout.rollout_id, "w1", StartWith(*message, "rs-a", 3, store.epoch.establish()))
     assert claim.outcome == "claimed" and not claim.started
     assert store.get_attempts(rollout.rollout_id)[0].status == "preparing"
     # Only the index entry it was created with (a pinned rollout's own id), none for the snapshot offered.
     assert ids(store.query_rollouts(resources_id="rs-a")) == ([rollout.rollout_id] if "rs-a" in stored.values() else [])
 
 
+def test_claim_does_not_start_with_a_snapshot_read_in_another_registry_epoch(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    # The worker read (rs-a, 3) before Redis lost its data: the new registry's (rs-a, 3) may be
+    # other content, so the attempt opens preparing, and start_attempt refuses that epoch too.
+    rollout, = make_rollouts(1, resources_id="rs-a", resources_version=3, resolve="pinned")
+    now = store.epoch.establish()
+    claim = store.claim(rollout.rollout_id, "w1", StartWith("rs-a", 3, "rs-a", 3, "ep-of-a-lost-registry"))
+    assert claim.outcome == "claimed" and not claim.started
+    with pytest.raises(RegistryLostError, match="ep-of-a-lost-registry"):
+        store.start_attempt(rollout.rollout_id, 1, "rs-a", 3, "ep-of-a-lost-registry")
+    assert store.get_attempts(rollout.rollout_id)[0].status == "preparing"
+    assert store.start_attempt(rollout.rollout_id, 1, "rs-a", 3, now)
+
+
 def test_claim_start_of_a_cancelled_rollout_does_nothing(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
     rollout, = make_rollouts(1)
     store.terminate(rollout.rollout_id, "cancelled")
-    claim = store.claim(rollout.rollout_id, "w1", StartWith(None, None, "rs-a", 1))
+    claim = store.claim(rollout.rollout_id, "w1", StartWith(None, None, "rs-a", 1, store.epoch.establish()))
     assert (claim.outcome, claim.status, claim.started) == ("finished", "cancelled", False)
     assert store.get_attempts(rollout.rollout_id) == []
 

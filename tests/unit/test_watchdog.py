@@ -185,7 +185,8 @@ def test_a_sweep_that_died_after_leasing_leaves_its_entries_due_again(
     run_to_running(store, rollout)
     store.redis.zadd(store.keys.heartbeats, {rid: 0})
     now = time.time()
-    store._lease(keys=[store.keys.heartbeats], args=[repr(now), 10, repr(now + 5), store.keys.rollout_prefix])
+    store._lease(keys=[store.keys.heartbeats, store.keys.watchdog],
+                 args=[repr(now), 10, repr(now + 5), store.keys.rollout_prefix, "15", "30"])
     assert store.close_unresponsive(now=now + 1) == []  # leased by the sweep that died
     assert store.get_rollout(rid).status == "running"
     assert store.close_unresponsive(now=now + 6) == [(rid, "requeuing", 1)]  # the lease ended
