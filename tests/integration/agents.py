@@ -43,9 +43,13 @@ def _ran(task: Mapping[str, Any], rollout: Rollout) -> None:
 
 @rollout
 def echo(task: dict[str, Any], prompt: PromptTemplate, rollout: Rollout) -> RolloutResult:
-    """Report which prompt (so which snapshot) it ran with, and on which process."""
+    """Report which prompt (so which snapshot) it ran with, and on which process; with a
+    ``task["gate"]``, only once that file exists (for at most two minutes)."""
     _ran(task, rollout)
     time.sleep(task.get("sleep", 0))
+    deadline = time.monotonic() + 120
+    while "gate" in task and not Path(task["gate"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return RolloutResult(
         reward=1.0, output={"prompt": prompt.template, "input": task, "pid": os.getpid()}
     )

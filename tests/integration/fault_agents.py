@@ -6,6 +6,7 @@ worker processes share the file system with the test, not memory.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from pathlib import Path
@@ -41,4 +42,14 @@ def counted_sleeper(task: dict[str, Any], rollout: Rollout) -> RolloutResult:
     """Sleeps ``task["sleep"]`` seconds, logging each run."""
     _runs(task, rollout)
     time.sleep(task["sleep"])
+    return RolloutResult(reward=1.0, output={"pid": os.getpid()})
+
+
+@rollout
+def gil_holder(task: dict[str, Any], rollout: Rollout) -> RolloutResult:
+    """Holds the GIL for ``task["seconds"]`` in one C call (libc's sleep through ``ctypes.PyDLL``,
+    which keeps the GIL, as a long computation in a C extension does): no other thread of its
+    process, its heartbeat thread included, runs meanwhile. Logs each run; reports reward 1."""
+    _runs(task, rollout)
+    ctypes.PyDLL(None).sleep(int(task["seconds"]))
     return RolloutResult(reward=1.0, output={"pid": os.getpid()})

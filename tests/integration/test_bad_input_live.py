@@ -7,9 +7,11 @@ the next good rollout (the worker is alive)."""
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from lightning_queue import (
     LightningClient,
@@ -17,6 +19,8 @@ from lightning_queue import (
     ResourcesNotFoundError,
     RolloutConfig,
 )
+from lightning_queue.core.errors import InvalidRolloutIdError, InvalidRolloutMetadataError
+from lightning_queue.core.keys import ROLLOUT_TASK
 from lightning_queue.ops.fleet import WorkerProcess
 
 AGENT = "tests.integration.bad_agents:catalogue"
@@ -159,4 +163,81 @@ def test_live_message_for_a_rollout_whose_record_is_gone(live, tmp_path: Path) -
     while f"rollout {queued.rollout_id}: no such record" not in worker.log():  # dropped with a log line
         assert time.monotonic() < deadline, worker.log()[-3000:]
         time.sleep(0.1)
+    worker_goes_on(client, worker)
+
+
+def wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + WAIT
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("do", "fragment"), [("nan", "reward = nan"), ("inf_step", "step_rewards[1] = inf")])
+def test_live_agent_reports_a_reward_that_is_not_finite(live, do: str, fragment: str) -> None:
+    client, worker = live
+    rid = run(client, {"do": do})
+    failed_with(client, rid, "NonFiniteRewardError", fragment, "finite")
+    assert client.get_rollout(rid).result is None  # not stored as null on a succeeded rollout
+    worker_goes_on(client, worker)
+
+
+@pytest.mark.parametrize(("do", "fragment"), [("exit", "sys.exit(3)"), ("interrupt", "KeyboardInterrupt")])
+def test_live_agent_tries_to_exit_the_worker(live, do: str, fragment: str) -> None:
+    client, worker = live
+    rid = run(client, {"do": do})
+    failed_with(client, rid, "AgentExitError", fragment)
+    assert [a.status for a in client.get_attempts(rid)] == ["failed"]
+    worker_goes_on(client, worker)
+
+
+def test_live_metadata_that_is_not_json_is_refused_before_anything_is_written(live) -> None:
+    client, _ = live
+    before = sorted(client.redis.scan_iter(match=f"{client.settings.key_prefix}:rollout:*"))
+    with pytest.raises(InvalidRolloutMetadataError, match="metadata is not JSON-serializable"):
+        client.enqueue_rollout({"do": "ok"}, resources_id="rs-ok", metadata={"when": object()})
+    assert sorted(client.redis.scan_iter(match=f"{client.settings.key_prefix}:rollout:*")) == before
+
+
+def test_live_rollout_ids_cannot_address_another_rollouts_keys(live) -> None:
+    client, worker = live
+    job = run(client, {"do": "ok"}, rollout_id=f"job-{uuid.uuid4().hex[:8]}")
+    forged = f"{job}:attempt:1"  # the key of that rollout's first attempt
+    with pytest.raises(ValidationError, match="invalid rollout id"):
+        client.enqueue_rollout({"do": "ok"}, resources_id="rs-ok", rollout_id=forged)
+    for call in (client.get_rollout, client.get_attempts, client.cancel_rollout):
+        with pytest.raises(InvalidRolloutIdError, match="no ':'"):
+            call(forged)
+    # A task message naming it (forged, or sent by an old client) is dropped, touching nothing.
+    client.celery.send_task(ROLLOUT_TASK, kwargs={"rollout_id": forged}, queue=client.settings.queue)
+    deadline = time.monotonic() + WAIT
+    while f"rollout id {forged!r} is not a valid rollout id" not in worker.log():
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.1)
+    assert [(a.status, a.result.reward if a.result else None) for a in client.get_attempts(job)] == [("succeeded", 1.0)]
+    worker_goes_on(client, worker)
+
+
+def test_live_cancel_frees_the_slot_of_an_agent_that_ignores_sigterm(live, tmp_path: Path) -> None:
+    client, worker = live  # one pool process, and a grace of 2 s
+    stubborn = client.enqueue_rollout({"do": "ignore_term", "marker_dir": str(tmp_path)}, resources_id="rs-ok")
+    wait_for_file(tmp_path / f"{stubborn.rollout_id}.stubborn")
+    assert client.cancel_rollout(stubborn.rollout_id) == "cancelled"
+    worker_goes_on(client, worker)  # the only slot is free again: the next rollout runs
+    assert f"rollout {stubborn.rollout_id}: its agent ignored SIGTERM" in worker.log()
+    assert client.get_rollout(stubborn.rollout_id).status == "cancelled"
+
+
+def test_live_hard_time_limit_comes_from_the_workers_grace_not_the_clients(live) -> None:
+    client, worker = live  # the worker's grace is 2 s
+    generous = LightningClient(client.settings.model_copy(update={"hard_timeout_grace_seconds": 30}))
+    try:
+        # Ignores its 1-s soft limit and would finish 10 s later, inside the client's grace.
+        queued = generous.enqueue_rollout({"do": "ignore_soft", "after": 10}, resources_id="rs-ok",
+                                          config=RolloutConfig(timeout_seconds=1))
+    finally:
+        generous.close()
+    (done,) = client.wait_for_rollouts([queued.rollout_id], timeout=WAIT)
+    failed_with(client, queued.rollout_id, "TimeLimitExceeded", "ignored its soft time limit")
+    assert [a.status for a in client.get_attempts(queued.rollout_id)] == ["timeout"]
     worker_goes_on(client, worker)

@@ -89,6 +89,23 @@ def test_stopped_pool_process_fails_the_rollout_when_no_attempt_is_left(
         assert [a.status for a in client.get_attempts(rid)] == ["unresponsive"]
 
 
+def test_an_agent_holding_the_gil_past_the_heartbeat_timeout_is_not_declared_unresponsive(
+    settings: Settings, start_workers, marker_dir
+):
+    # Its own heartbeat thread cannot run for 5 s, over twice the 2-s heartbeat timeout; the
+    # worker's main process sees the pool process alive and running, and beats for it.
+    settings = settings.model_copy(update={"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0})
+    with LightningClient(settings) as client:
+        client.add_resources({"prompt": PromptTemplate(template="p")})
+        start_workers(f"{AGENTS}:gil_holder", count=1, settings=settings)
+        rid = client.enqueue_rollout({"marker_dir": marker_dir, "seconds": 5},
+                                     config=RolloutConfig(max_attempts=2)).rollout_id
+        [done] = client.wait_for_rollouts([rid], timeout=WAIT)
+        assert (done.status, done.reward) == ("succeeded", 1.0)
+        assert [a.status for a in client.get_attempts(rid)] == ["succeeded"]
+        assert len(runs(marker_dir, rid)) == 1  # run once, its result kept
+
+
 def test_duplicate_delivery_while_running_is_dropped_and_runs_once(
     settings: Settings, start_workers, worker_pool, marker_dir
 ):
