@@ -418,7 +418,7 @@ class Exporter:
         self,
         client: LightningClient,
         port: int = DEFAULT_EXPORTER_PORT,
-        address: str = "0.0.0.0",
+        address: str = "127.0.0.1",
         queues: Sequence[str] | None = None,
         max_snapshots: int = 50,
     ) -> None:

@@ -55,7 +55,7 @@ def exporter(monitored: Settings, tmp_path: Path) -> Iterator[tuple[int, subproc
     log = tmp_path / "exporter.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [*CLI, "exporter", "--port", str(port), "--address", "127.0.0.1",
+            [*CLI, "exporter", "--port", str(port),  # and the default address
              "--queues", f"{monitored.queue},{monitored.queue}-idle"],
             cwd=REPO_ROOT, env=worker_env(monitored, None), stdout=out, stderr=subprocess.STDOUT)
 
@@ -76,6 +76,16 @@ def exporter(monitored: Settings, tmp_path: Path) -> Iterator[tuple[int, subproc
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_exporter_listens_on_loopback_by_default(exporter: tuple[int, subprocess.Popen]) -> None:
+    # It has no authentication: reachable from this machine only, unless told otherwise.
+    import psutil
+
+    port, process = exporter
+    listening = {c.laddr.ip for c in psutil.Process(process.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}
 
 
 def test_exporter_reports_rollouts_queues_and_worker_caches(

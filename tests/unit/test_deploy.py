@@ -150,6 +150,14 @@ def test_flower_and_exporter_units() -> None:
     assert "lightning-queue exporter" in _unit("lightning-queue-exporter.service")["Service"]["ExecStart"]
 
 
+def test_flower_and_exporter_units_listen_on_loopback_only() -> None:
+    # Flower's basic auth over plain HTTP, and an exporter without any: not on every interface.
+    flower = _unit("lightning-queue-flower.service")["Service"]["ExecStart"]
+    exporter = _unit("lightning-queue-exporter.service")["Service"]["ExecStart"]
+    assert "--address=127.0.0.1" in flower.split()
+    assert "--address 127.0.0.1" in exporter
+
+
 def test_fleet_script_is_valid_bash() -> None:
     bash = shutil.which("bash")
     if bash is None:
@@ -190,6 +198,25 @@ def test_compose_services() -> None:
     for name in ("worker", "flower", "exporter"):
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_publishes_flower_and_the_exporter_on_loopback_only() -> None:
+    services = _compose()["services"]
+    for name, port in (("flower", 5555), ("exporter", 9808)):
+        assert services[name]["ports"] == [f"127.0.0.1:{port}:{port}"], name
+    for name, service in services.items():  # nothing else is published on every interface either
+        for published in service.get("ports", []):
+            assert str(published).startswith("127.0.0.1:"), (name, published)
+
+
+def test_exporter_listens_on_loopback_unless_told_otherwise() -> None:
+    import inspect
+
+    from lightning_queue.ops.cli.exporter import exporter
+    from lightning_queue.ops.monitoring import Exporter
+
+    assert inspect.signature(Exporter).parameters["address"].default == "127.0.0.1"
+    assert inspect.signature(exporter).parameters["address"].default == "127.0.0.1"
 
 
 def test_dockerfile_installs_the_package_and_stops_warm() -> None:
@@ -309,6 +336,21 @@ def test_k8s_flower_is_behind_basic_auth() -> None:
     assert container["command"][:4] == ["celery", "-A", "lightning_queue.app", "flower"]
     auth = _env(container)["FLOWER_BASIC_AUTH"]["secretKeyRef"]
     assert ":" in resources[("Secret", auth["name"])]["stringData"][auth["key"]]
+
+
+def test_k8s_flower_and_exporter_are_cluster_internal_and_fenced_by_network_policies() -> None:
+    resources = _k8s()
+    for service in ("flower", "lightning-queue-exporter"):
+        assert resources[("Service", service)]["spec"].get("type", "ClusterIP") == "ClusterIP", service
+    exporter = resources[("NetworkPolicy", "lightning-queue-exporter")]["spec"]
+    assert exporter["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "lightning-queue-exporter"}
+    (rule,) = exporter["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [{"app.kubernetes.io/name": "prometheus"}]
+    flower = resources[("NetworkPolicy", "flower")]["spec"]
+    assert flower["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "flower"}
+    assert flower["policyTypes"] == ["Ingress"] and flower["ingress"] == []
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "network-policy.yaml" in kustomization["resources"]
 
 
 def test_keda_scales_workers_on_the_exact_queue_key() -> None:

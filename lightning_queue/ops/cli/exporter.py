@@ -17,7 +17,11 @@ app = typer.Typer()
 def exporter(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port of the /metrics endpoint.")] = 9808,
-    address: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    address: Annotated[
+        str,
+        typer.Option(help="Address to listen on. The endpoint has no authentication: loopback by default; listen "
+                     "wider (0.0.0.0) only inside a container or behind a firewall, proxy or NetworkPolicy."),
+    ] = "127.0.0.1",
     queues: QueuesOption = None,
     snapshots: Annotated[
         int, typer.Option(min=1, help="Newest snapshots to count rollouts of (pointer targets always).")
