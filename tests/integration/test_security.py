@@ -99,7 +99,8 @@ def acl_rule(prefix: str) -> list[str]:
 
 def test_acl_user_whole_flow_confined_to_its_prefix(private_redis, start_workers) -> None:
     prefix = f"lqsec-{uuid.uuid4().hex[:8]}"
-    server = private_redis(["--user", "default", "off", "--user", *acl_rule(prefix)])
+    server = private_redis(["--user", "default", "off", "--user", *acl_rule(prefix),
+                            "--user", "admin", "on", f">{PASSWORD}", "~*", "&*", "+@all"])
     url = server.url("lq", PASSWORD)
     whole_flow(Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q"), start_workers)
 
@@ -109,6 +110,24 @@ def test_acl_user_whole_flow_confined_to_its_prefix(private_redis, start_workers
     with LightningClient(Settings(redis_url=url, key_prefix="other-team")) as outsider, \
             pytest.raises(redis.exceptions.NoPermissionError):
         outsider.get_pointer("latest")
+
+    # Nor under a prefix that starts with its own: another team's "<prefix>-secret". The rule
+    # ~P:* &P:* is exact because no prefix may hold ':' (P:secret would be inside P's keyspace).
+    for nested in (f"{prefix}:secret", f"{prefix}:"):
+        with pytest.raises(ValueError, match="no ':'"):
+            Settings(key_prefix=nested)
+    secret = f"{prefix}-secret"
+    with LightningClient(Settings(redis_url=server.url("admin", PASSWORD), key_prefix=secret)) as owner:
+        owner.add_resources({"llm": LLM(endpoint="http://llm.local/v1", model="m", api_key=API_KEY)}, "rs-secret")
+        victim = owner.enqueue_rollout({"x": 1}, resources_id="rs-secret")
+        with LightningClient(Settings(redis_url=url, key_prefix=secret)) as intruder:
+            for attempt in (lambda: intruder.get_resources_by_id("rs-secret"),
+                            lambda: intruder.cancel_rollout(victim.rollout_id),
+                            lambda: intruder.delete_resources("rs-secret", force=True)):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    attempt()
+        assert owner.get_rollout(victim.rollout_id).status == "queuing"
+        assert owner.get_resources_by_id("rs-secret").resources["llm"].api_key.get_secret_value() == API_KEY  # type: ignore[attr-defined]
     refused_everywhere(server.url("lq", WRONG), WRONG, f"127.0.0.1:{server.port}")
     refused_everywhere(server.url("nobody", PASSWORD), PASSWORD, f"127.0.0.1:{server.port}")
 
