@@ -237,7 +237,7 @@ def test_live_hard_time_limit_comes_from_the_workers_grace_not_the_clients(live)
                                           config=RolloutConfig(timeout_seconds=1))
     finally:
         generous.close()
-    (done,) = client.wait_for_rollouts([queued.rollout_id], timeout=WAIT)
+    client.wait_for_rollouts([queued.rollout_id], timeout=WAIT)
     failed_with(client, queued.rollout_id, "TimeLimitExceeded", "ignored its soft time limit")
     assert [a.status for a in client.get_attempts(queued.rollout_id)] == ["timeout"]
     worker_goes_on(client, worker)

@@ -9,9 +9,13 @@ its keys afterwards (they live under a fresh prefix).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from rich import box
@@ -24,19 +28,53 @@ from lightning_queue.core.errors import redacted_url
 from lightning_queue.core.settings import Settings
 from lightning_queue.ops.demo.datasets import arithmetic
 from lightning_queue.ops.demo.search import CANDIDATES, prompt_search
-from lightning_queue.ops.embedded import ensure_redis
+from lightning_queue.ops.embedded import EmbeddedRedis, ensure_redis
 from lightning_queue.ops.fleet import LocalFleet
 
 DEMO_AGENT = "lightning_queue.ops.demo.agent:agent"
 
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what ``timeout``, CI cancels and ``kill`` send) ends the demo as Ctrl-C does: a
+    KeyboardInterrupt, so every ``finally`` below runs (workers stopped, keys deleted, an embedded
+    Redis stopped). A second SIGTERM is ignored while that cleanup runs. Only in the main thread
+    (signal handlers can be set nowhere else); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: bool = False,
              console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
+    """Run the demo; stopped by Ctrl-C or SIGTERM alike, it leaves nothing behind."""
+    with _terminate_as_interrupt():
+        return _run_demo(settings, workers, concurrency, keep, console or Console())
 
+
+def _run_demo(settings: Settings, workers: int, concurrency: int, keep: bool, console: Console) -> dict[str, Any]:
     started = time.monotonic()
     url, embedded = ensure_redis(settings.redis_url)
+    try:
+        return _run_on(url, embedded, settings, workers, concurrency, keep, console, started)
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def _run_on(url: str, embedded: EmbeddedRedis | None, settings: Settings, workers: int, concurrency: int, keep: bool,
+            console: Console, started: float) -> dict[str, Any]:
     if embedded:
         console.print(f"[yellow]No Redis at {redacted_url(settings.redis_url)}[/]: started an embedded "
                       f"{embedded.kind} at {url}")
@@ -100,8 +138,6 @@ def run_demo(settings: Settings, workers: int = 2, concurrency: int = 2, keep: b
         else:
             console.print(f"keys kept under prefix {prefix!r} (LQ_KEY_PREFIX={prefix} to inspect with the CLI)")
         client.close()
-        if embedded:
-            embedded.stop()
 
 
 def _delete_prefix(client: LightningClient, prefix: str) -> None:
