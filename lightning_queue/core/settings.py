@@ -35,6 +35,13 @@ class Settings(BaseSettings):
         description="How long a Redis command is retried (exponential backoff) through connection errors and "
         "time-outs before it fails: a Redis restart shorter than this is ridden out.",
     )
+    outage_tolerance_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="Worker side: how long a worker keeps the outcome of a finished rollout through a Redis "
+        "outage, retrying to record it, before it gives up and hands the message back (the rollout then runs "
+        "again).",
+    )
     key_prefix: str = Field(
         "lq",
         description="Prefix of every Redis key and channel lightning-queue uses: letters, digits, '.', '_' and '-' "

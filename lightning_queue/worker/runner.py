@@ -22,7 +22,7 @@ recorded. Whether an attempt is retried is the policy's decision
 (:mod:`lightning_queue.core.policy`); the retry is sent by :mod:`lightning_queue.worker.recovery`.
 
 An outcome is never thrown away for a Redis outage: the runner keeps it and records it once
-Redis answers again (for up to the visibility timeout), while the attempt keeps beating. An
+Redis answers again (for up to ``outage_tolerance_seconds``), while the attempt keeps beating. An
 attempt starts only with content read in the registry epoch Redis holds then
 (:mod:`lightning_queue.storage.epoch`): after Redis lost its data, a snapshot re-added under an
 id the cache holds is read again, never served from the old entry.
@@ -63,6 +63,10 @@ from lightning_queue.worker.cache import Held
 from lightning_queue.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
+
+RECORD_RETRY_PAUSE = 1.0
+"""Seconds between two tries at recording an outcome while Redis is unreachable (each try itself
+retries through the client's budget, ``LQ_REDIS_RETRY_SECONDS``)."""
 
 Outcome = dict[str, Any]
 """What the rollout task returns (Flower shows it): the rollout id, its status, and on
@@ -260,9 +264,10 @@ def _record(
     error: ErrorInfo | None, result: RolloutResult | None,
 ) -> str:
     """:meth:`RolloutStore.finish_attempt`, riding out a Redis outage: the outcome is kept and
-    recorded once Redis answers again, for up to the visibility timeout (the broker redelivers
-    the message after that anyway), while the attempt keeps beating. Returns the status."""
-    deadline = time.monotonic() + ctx.settings.visibility_timeout
+    recorded once Redis answers again, for up to ``settings.outage_tolerance_seconds``, while the
+    attempt keeps beating (a redelivery of its message meanwhile is dropped as a duplicate).
+    Returns the status."""
+    deadline = time.monotonic() + ctx.settings.outage_tolerance_seconds
     warned = False
     while True:
         try:
@@ -274,4 +279,4 @@ def _record(
                 log.warning("rollout %s attempt %d: Redis is unreachable (%s); keeping its outcome (%s) and "
                             "recording it when Redis is back", rollout_id, seq, exc, attempt_status)
                 warned = True
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(RECORD_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))

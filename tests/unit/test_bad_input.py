@@ -447,3 +447,53 @@ def test_bad_rollout_option_on_the_command_line(fake_client: LightningClient, mo
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "mode: Input should be 'train', 'val' or 'test'" in result.stderr
     assert "Traceback" not in result.stderr and fake_client.query_rollouts() == []
+
+
+# --------------------------------------------------------------------------- names that could address other keys
+
+
+@pytest.mark.parametrize("prefix", ["exp:secret", "exp:", ":exp", "exp*", "exp?", "exp[1]", "e x", ""])
+def test_a_key_prefix_that_could_nest_or_match_others_is_refused(prefix: str) -> None:
+    from pydantic import ValidationError
+
+    from lightning_queue import Settings
+    from lightning_queue.core.keys import Keys
+
+    with pytest.raises(ValidationError, match="no ':'"):
+        Settings(key_prefix=prefix)
+    with pytest.raises(ValueError, match="no ':'"):
+        Keys(prefix)
+    assert Settings(key_prefix="exp-secret.v2_b").keys.prefix == "exp-secret.v2_b"
+
+
+def test_a_snapshot_reference_cannot_address_an_earlier_version_or_another_key(
+    fake_client: LightningClient, keys_before
+) -> None:
+    fake_client.add_resources({"p": PromptTemplate(template="v1")}, "rs-a")
+    fake_client.update_resources("rs-a", {"p": PromptTemplate(template="v2")})
+    before = keys_before()
+    for ref in ("rs-a:v:1", "rs-a:*", "../rs-a"):  # rs-a:v:1 is the key of rs-a's version 1
+        raises(lambda ref=ref: fake_client.get_resources_by_id(ref), ResourcesNotFoundError, repr(ref), "letters")
+        raises(lambda ref=ref: fake_client.delete_resources(ref, force=True), ResourcesNotFoundError, repr(ref))
+        raises(lambda ref=ref: fake_client.enqueue_rollout(1, resources_id=ref), ResourcesNotFoundError, repr(ref))
+        raises(lambda ref=ref: fake_client.set_pointer("prod", ref), ResourcesNotFoundError, repr(ref))
+        raises(lambda ref=ref: fake_client.update_resources(ref, {"p": PromptTemplate(template="x")}),
+               ResourcesNotFoundError, repr(ref))
+    raises(lambda: fake_client.get_pointer("prod:x"), PointerError, "'prod:x'", "letters")
+    assert keys_before() == before
+    assert fake_client.get_resources_by_id("rs-a", 1).resources["p"].template == "v1"  # type: ignore[attr-defined]
+
+
+def test_an_experiment_name_cannot_address_another_experiments_keys(fake_client: LightningClient) -> None:
+    from lightning_queue.core.errors import ExperimentNotFoundError, InvalidExperimentError
+    from lightning_queue.experiments.manager import Experiments
+
+    experiments = Experiments(fake_client)
+    fake_client.add_resources({"p": PromptTemplate(template="x")}, "rs-a")
+    experiments.create({"name": "a", "variants": [{"name": "b", "resources_id": "rs-a"},
+                                                  {"name": "c", "resources_id": "rs-a"}]})
+    with pytest.raises(ExperimentNotFoundError):
+        experiments.get("a:rollouts:b")  # experiment a's variant b index, read as an experiment before
+    with pytest.raises((InvalidExperimentError, ValueError), match="resources_id"):
+        experiments.create({"name": "c", "variants": [{"name": "b", "resources_id": "rs-a:v:1"},
+                                                      {"name": "c", "resources_id": "rs-a"}]})

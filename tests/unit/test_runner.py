@@ -23,6 +23,7 @@ from lightning_queue import (
     Rollout,
     RolloutConfig,
     RolloutResult,
+    Settings,
     rollout,
 )
 from lightning_queue.broker.app import make_celery
@@ -766,3 +767,78 @@ def test_a_message_naming_another_snapshot_than_the_record_resolves_from_the_rec
 
     assert started == [("rs-b", 1)] and reply["resources_id"] == "rs-b"
     assert calls[0]["llm"] == newer
+
+
+# --------------------------------------------------------------------------- what an agent reports, outages
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    (float("nan"), "reward = nan"),
+    (float("-inf"), "reward = -inf"),
+    ({"reward": 1.0, "step_rewards": [0.5, float("nan")]}, "step_rewards[1] = nan"),
+])
+def test_a_reward_that_is_not_finite_fails_the_attempt(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, raw: Any, fragment: str
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+    queued = enqueue()
+
+    @rollout
+    def agent(task: Any) -> Any:
+        return raw
+
+    with pytest.raises(RolloutFailed, match="NonFiniteRewardError"):
+        run(FakeTask(fake_client, agent), queued.rollout_id)
+    failed = fake_client.get_rollout(queued.rollout_id)
+    assert failed.status == "failed" and failed.result is None and failed.error is not None
+    assert failed.error.type == "NonFiniteRewardError" and fragment in failed.error.message
+
+
+@pytest.mark.parametrize(("exc", "fragment"), [(SystemExit(3), "sys.exit(3)"), (KeyboardInterrupt(), "KeyboardInterrupt")])
+def test_an_agent_that_tries_to_exit_fails_its_attempt_and_the_process_goes_on(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, exc: BaseException, fragment: str
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+    queued = enqueue(config=RolloutConfig(max_attempts=2))
+    agent, _ = failing_agent(exc)
+    task = FakeTask(fake_client, agent)
+    with pytest.raises(RetryRequested):
+        run(task, queued.rollout_id)
+    [attempt] = fake_client.get_attempts(queued.rollout_id)
+    assert attempt.status == "failed" and attempt.error is not None
+    assert attempt.error.type == "AgentExitError" and fragment in attempt.error.message
+    assert attempt.error.traceback is not None and type(exc).__name__ in attempt.error.traceback
+
+
+def test_an_outcome_is_kept_through_an_outage_longer_than_the_retry_budget(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_client.add_resources({"main": llm}, "rs-a")
+    queued = enqueue()
+    agent, _ = recording_agent(reward=0.75)
+    task = FakeTask(fake_client, agent)
+    finish = fake_client.store.finish_attempt
+    failures = iter([redis.ConnectionError("Redis is down"), redis.TimeoutError("still down")])
+
+    def flaky_finish(*args: Any, **kwargs: Any) -> str:
+        error = next(failures, None)
+        if error is not None:
+            raise error  # what the client raises once its retry budget is spent
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(fake_client.store, "finish_attempt", flaky_finish)
+    monkeypatch.setattr(runner, "RECORD_RETRY_PAUSE", 0.0)
+    assert run(task, queued.rollout_id)["status"] == "succeeded"
+    done = fake_client.get_rollout(queued.rollout_id)
+    assert (done.status, done.reward, done.attempt_count) == ("succeeded", 0.75, 1)
+
+
+def test_the_hard_time_limit_is_the_soft_one_plus_the_workers_grace() -> None:
+    from lightning_queue.worker.tasks import RolloutTaskRequest
+
+    request = RolloutTaskRequest.__new__(RolloutTaskRequest)  # what the message's header would set
+    request._task = SimpleNamespace(app=SimpleNamespace(settings=Settings(hard_timeout_grace_seconds=2)))
+    request.time_limits = [31.0, 1.0]  # written by a client whose grace is 30 s
+    assert request.time_limits == (3.0, 1.0)
+    request.time_limits = [None, None]  # no limit at all
+    assert request.time_limits == (None, None)

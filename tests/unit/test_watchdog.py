@@ -325,3 +325,96 @@ def test_worker_warns_when_its_time_limits_outlast_the_visibility_timeout() -> N
     assert "heartbeat timeout" in check_visibility_timeout(slow_beats)
     assert Settings(heartbeat_interval=4).heartbeat_deadline == 12
     assert Settings(heartbeat_interval=4).sweep_interval == 4
+
+
+# --------------------------------------------------------------------------- outages
+
+
+def redis_clock(store: RolloutStore) -> float:
+    seconds, micros = store.redis.time()
+    return seconds + micros / 1e6
+
+
+def test_after_a_pause_of_the_sweeps_nothing_is_declared_dead_for_one_heartbeat_timeout(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    run_to_running(store, rollout, "w1")
+    store.redis.zadd(store.keys.heartbeats, {rid: 0})  # its deadline passed while Redis was away
+    # The fleet's last sweep was 60 s ago (Redis's clock): nobody could reach Redis meanwhile.
+    store.redis.hset(store.keys.watchdog, "last", repr(redis_clock(store) - 60))
+    assert store.close_unresponsive(outage_seconds=10) == []
+    hold = float(store.redis.hget(store.keys.watchdog, "hold"))
+    assert hold - redis_clock(store) == pytest.approx(store.heartbeat_timeout, abs=5)
+    assert store.close_unresponsive(outage_seconds=10) == []  # the next sweeps hold too
+    # A redelivery meanwhile does not close it as lost either: it is dropped.
+    claim = store.claim(rollout, "w2")
+    assert (claim.outcome, claim.sequence_id) == ("held", 1)
+    assert [a.status for a in store.get_attempts(rid)] == ["running"]
+    # Its worker beats again during the hold: it is left alone for good.
+    assert store.heartbeat(rid, 1)
+    store.redis.hset(store.keys.watchdog, "hold", repr(redis_clock(store) - 1))  # the hold is over
+    assert store.close_unresponsive(outage_seconds=10) == []
+    # A worker that stayed silent through the hold is declared unresponsive once it ends.
+    store.redis.zadd(store.keys.heartbeats, {rid: 0})
+    assert store.close_unresponsive(outage_seconds=10) == [(rid, "requeuing", 1)]
+
+
+def test_a_fresh_registry_or_sweeps_at_their_own_rhythm_hold_nothing(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    run_to_running(store, rollout)
+    store.redis.zadd(store.keys.heartbeats, {rollout.rollout_id: 0})
+    assert store.redis.hget(store.keys.watchdog, "last") is None  # no sweep yet: nothing to compare with
+    store.redis.hset(store.keys.watchdog, "last", repr(redis_clock(store) - 5))
+    assert store.close_unresponsive(outage_seconds=10) == [(rollout.rollout_id, "requeuing", 1)]
+
+
+def test_the_main_process_beats_only_for_its_own_pool_processes_open_attempts(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    mine, theirs, done = make_rollouts(3)
+    for rollout, worker in ((mine, "w1"), (theirs, "w2"), (done, "w1")):
+        run_to_running(store, rollout, worker)
+        store.redis.zadd(store.keys.heartbeats, {rollout.rollout_id: 5.0})
+    store.finish_attempt(done.rollout_id, 1, "succeeded", "succeeded")
+    assert store.heartbeat_for_workers([mine.rollout_id, theirs.rollout_id, done.rollout_id], "w1") == [
+        True, False, False]
+    assert deadline(store, mine.rollout_id) > time.time() and deadline(store, theirs.rollout_id) == 5.0
+    assert deadline(store, done.rollout_id) is None
+
+
+def test_beats_for_the_pool_skip_stopped_and_vanished_processes(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    import os
+    import signal
+    import subprocess
+
+    from lightning_queue.worker.heartbeat import beat_for_pool, process_runs
+
+    running, stopped, gone = make_rollouts(3)
+    for rollout in (running, stopped, gone):
+        run_to_running(store, rollout, "w1")
+        store.redis.zadd(store.keys.heartbeats, {rollout.rollout_id: 5.0})
+    alive = subprocess.Popen(["sleep", "60"])
+    frozen = subprocess.Popen(["sleep", "60"])
+    os.kill(frozen.pid, signal.SIGSTOP)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    try:
+        assert process_runs(alive.pid) and not process_runs(finished.pid)
+        deadline_ = time.monotonic() + 5
+        while process_runs(frozen.pid):  # SIGSTOP takes effect asynchronously
+            assert time.monotonic() < deadline_
+            time.sleep(0.01)
+        sent = beat_for_pool(store, "w1", [(running.rollout_id, alive.pid), (stopped.rollout_id, frozen.pid),
+                                           (gone.rollout_id, finished.pid), ("not-accepted-yet", None),
+                                           ("own", os.getpid())])
+        assert sent == 1
+        assert deadline(store, running.rollout_id) > time.time()
+        assert deadline(store, stopped.rollout_id) == deadline(store, gone.rollout_id) == 5.0
+    finally:
+        for process in (alive, frozen):
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
