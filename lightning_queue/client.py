@@ -71,7 +71,7 @@ class LightningClient:
         self.registry = SnapshotRegistry(self.redis, self.keys, self.settings, epoch=self.epoch)
         self.store = RolloutStore(
             self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline,
-            epoch=self.epoch,
+            epoch=self.epoch, outage_seconds=self.settings.sweep_outage_seconds,
         )
         self._celery = celery
         self._publisher: Publisher | None = None
@@ -241,10 +241,11 @@ class LightningClient:
         anything is written), one MULTI/EXEC for all records, one pipeline for
         all task messages and one for their task-sent events (Flower's). If
         publishing fails the records are marked ``failed`` and
-        :class:`EnqueueError` is raised. Once this client has written or waited,
-        one more round trip first checks the registry epoch: if Redis lost its
-        data since, :class:`RegistryLostError` is raised and nothing is written
-        (the next call enqueues into the new registry).
+        :class:`EnqueueError` is raised. If Redis lost its data since this client
+        last wrote or waited (the registry epoch changed), :class:`RegistryLostError`
+        is raised and nothing is sent (what the MULTI/EXEC wrote is marked
+        ``failed``; caller-chosen ids are refused by their script before any
+        write); the next call enqueues into the new registry.
 
         Idempotent enqueue: a request with a ``rollout_id`` (or an
         ``idempotency_key``, which names one) whose rollout already exists
@@ -283,8 +284,6 @@ class LightningClient:
             )
         if not rollouts:
             return []
-        if not chosen and self.epoch.known is not None:
-            self.epoch.check()  # (the idempotent path's script checks it itself)
         if check_resources:
             refs = sorted({r.resources_id for r in rollouts if r.resources_id})
             resolved = self.registry.current_versions(refs) if refs else {}
@@ -297,8 +296,11 @@ class LightningClient:
                 if rollout.resolve == "pinned" and rollout.resources_id:
                     rollout.resources_id, rollout.resources_version = resolved[rollout.resources_id]  # type: ignore[misc]
         if not chosen:
+            known = self.epoch.known
             mark = self.store.create_rollouts(rollouts)
-            self._adopt(mark.epoch)
+            if known is not None and (mark.created or mark.epoch != known):
+                self._written_into_a_new_registry(rollouts, known, mark.epoch)
+            self.epoch.saw(mark.epoch)  # adopted when this client knew none
             self.publish(rollouts, mark.seq)
             return rollouts
         seen: set[str] = set()
@@ -306,8 +308,8 @@ class LightningClient:
             if rollout.rollout_id in seen:
                 raise DuplicateRolloutIdError(rollout.rollout_id)
             seen.add(rollout.rollout_id)
-        mark, existing = self.store.create_rollouts_if_absent(rollouts)
-        self._adopt(mark.epoch)
+        mark, existing = self.store.create_rollouts_if_absent(rollouts)  # refuses another epoch itself
+        self.epoch.saw(mark.epoch)
         unsent = [r for r in rollouts if r.rollout_id not in existing]
         # Written by an earlier call that may have crashed before publishing: send it now.
         unsent += [r for r, published in existing.values()
@@ -317,16 +319,17 @@ class LightningClient:
             self.store.mark_published([r.rollout_id for r in unsent])
         return [existing[r.rollout_id][0] if r.rollout_id in existing else r for r in rollouts]
 
-    def _adopt(self, epoch: str) -> None:
-        """The records just written went into registry ``epoch``: their messages carry it (the
-        client now knows it: :meth:`publish` stamps them with what it knows). Redis
-        lost its data between the epoch check and the write (rare): say so, and go on with the
-        new registry (the rollouts exist there and run)."""
-        try:
-            self.epoch.saw(epoch)
-        except RegistryLostError as exc:
-            log.warning("%s", exc)
-            self.epoch.saw(epoch)
+    def _written_into_a_new_registry(self, rollouts: Sequence[Rollout], known: str, current: str) -> None:
+        """Redis lost its data since this client last looked, and the records were just written
+        into the registry that replaced it: they are marked ``failed`` (their messages are never
+        sent, so nothing waits on them) and :class:`RegistryLostError` is raised; the next
+        enqueue goes to the new registry."""
+        lost = RegistryLostError(known, current)
+        error = ErrorInfo.from_exception(lost, with_traceback=False)
+        for rollout in rollouts:
+            self.store.terminate(rollout.rollout_id, "failed", error)
+        self.epoch.forget()
+        raise lost
 
     def publish(self, rollouts: Sequence[Rollout], registry_seq: int = 0) -> None:
         """Send the rollouts' task messages (see :class:`~lightning_queue.broker.publisher.Publisher`),

@@ -144,7 +144,8 @@ class LocalFleet:
         return wait_for_log(self.workers, text, timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Warm shutdown (SIGTERM: running rollouts finish), then SIGKILL what is left."""
+        """Warm shutdown (SIGTERM: running rollouts finish), then SIGKILL what is left, including
+        a worker whose start was interrupted (Ctrl-C, SIGTERM) before it was recorded."""
         for worker in self.workers:
             if worker.alive:
                 worker.process.send_signal(signal.SIGTERM)
@@ -159,6 +160,24 @@ class LocalFleet:
             except ProcessLookupError:
                 pass
             worker.process.wait()
+        self._kill_unrecorded()
+
+    def _kill_unrecorded(self) -> None:
+        """SIGKILL the process group of every child of this process that is a worker of this
+        fleet (its ``--hostname w<n>-<prefix>@``) but not in :attr:`workers`: an interrupt that
+        arrived while ``Popen`` started it left it unrecorded."""
+        import psutil
+
+        recorded = {w.process.pid for w in self.workers}
+        tag = f"-{self.settings.key_prefix}@"
+        for child in psutil.Process().children():
+            try:
+                if child.pid in recorded or not any(tag in arg for arg in child.cmdline()):
+                    continue
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait(10)
+            except (psutil.Error, ProcessLookupError):
+                continue
 
     def logs(self) -> str:
         return "\n".join(f"----- {w.name} -----\n{w.log()}" for w in self.workers)

@@ -55,6 +55,8 @@ class RegistryMark:
 
     seq: int
     epoch: str
+    created: bool = False
+    """The write created the epoch: the registry had none before it."""
 
 
 class RegistryEpoch:

@@ -189,12 +189,14 @@ class RolloutStore:
 
     def __init__(
         self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None, heartbeat_timeout: float = 30.0,
-        epoch: RegistryEpoch | None = None,
+        epoch: RegistryEpoch | None = None, outage_seconds: float | None = None,
     ) -> None:
         self.redis = client
         self.keys = keys
         self.rollout_ttl_seconds = rollout_ttl_seconds
         self.heartbeat_timeout = heartbeat_timeout
+        # A pause of the fleet's sweeps longer than this is an outage (Settings.sweep_outage_seconds).
+        self.outage_seconds = heartbeat_timeout / 2 if outage_seconds is None else outage_seconds
         self.epoch = epoch if epoch is not None else RegistryEpoch(client, keys)
         self._ttl_arg = rollout_ttl_seconds or ""
         self._create = load_script(client, "create_rollouts", "_epoch_prelude")
@@ -213,7 +215,8 @@ class RolloutStore:
     def create_rollouts(self, rollouts: Sequence[Rollout]) -> RegistryMark:
         """Write the batch; return the registry sequence number and epoch at that moment (task
         messages carry them, so worker caches know how fresh, and of which registry, an answer
-        must be). Creates the registry epoch when there is none, in the same transaction."""
+        must be). Creates the registry epoch when there is none, in the same transaction (the
+        mark says so: a caller that knew an epoch then knows Redis lost its data)."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(k.seq)
@@ -228,8 +231,8 @@ class RolloutStore:
                 indexes.setdefault(key, {})[rid] = score
         for key, members in indexes.items():
             pipe.zadd(key, members)
-        seq, _, epoch, *_ = pipe.execute()
-        return RegistryMark(int(seq or 0), text(epoch))
+        seq, created, epoch, *_ = pipe.execute()
+        return RegistryMark(int(seq or 0), text(epoch), bool(created))
 
     def _index_keys(self, rollout: Rollout) -> list[str]:
         """The indexes a new rollout enters (main, status, mode, resources)."""
@@ -290,9 +293,11 @@ class RolloutStore:
         alive (the visibility timeout ran out while it worked): the outcome is
         ``duplicate`` and nothing is written; the caller drops the message. So
         is it (outcome ``held``) when the heartbeat expired while the watchdog
-        holds off after an outage (:meth:`close_unresponsive`): its worker may be
-        alive and not have beaten again yet; if it is not, the sweep closes the
-        attempt once the hold ends and sends the rollout again.
+        holds off after an outage (:meth:`close_unresponsive`), or before any
+        sweep noticed one (the fleet's last sweep is more than ``outage_seconds``
+        old): its worker may be alive and not have beaten again yet; if it is
+        not, the sweep closes the attempt once the hold ends and sends the
+        rollout again.
         Once the heartbeat expired the worker is presumed dead: that attempt is
         closed as ``worker_lost`` (:meth:`finish_attempt` from outside, fenced
         on the expired heartbeat) with the retry policy's decision
@@ -312,6 +317,9 @@ class RolloutStore:
                 args += ["1", start.requested_id or "",
                          "" if start.requested_version is None else start.requested_version,
                          start.resources_id, start.version, start.epoch]
+            else:
+                args += ["0", "", "", "", "", ""]
+            args.append(repr(self.outage_seconds))
             reply = self._claim(keys=keys, args=args)
             outcome = text(reply[0])
             if outcome == "finished":
@@ -458,7 +466,7 @@ class RolloutStore:
         Outages are waited out: attempts cannot beat while Redis is unreachable, so a long
         outage lets deadlines pass while their workers live. Each sweep notes the time (Redis's
         clock) in :attr:`Keys.watchdog`; when the last sweep of the fleet is more than
-        ``outage_seconds`` old (default half the heartbeat timeout), no sweep could run, i.e.
+        ``outage_seconds`` old (default: the store's ``outage_seconds``), no sweep could run, i.e.
         Redis was unreachable or stopped that long, and nothing is closed for one heartbeat
         timeout: the live workers beat first. The claim honours the same hold.
 
@@ -472,7 +480,7 @@ class RolloutStore:
         k = self.keys
         now = time.time() if now is None else now
         lease = now + self.heartbeat_timeout / 2
-        gap = self.heartbeat_timeout / 2 if outage_seconds is None else outage_seconds
+        gap = self.outage_seconds if outage_seconds is None else outage_seconds
         reply = self._lease(keys=[k.heartbeats, k.watchdog],
                             args=[repr(now), limit, repr(lease), k.rollout_prefix, repr(gap),
                                   repr(self.heartbeat_timeout)])

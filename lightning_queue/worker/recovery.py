@@ -99,8 +99,8 @@ def sweep_unresponsive(ctx: WorkerContext, limit: int = 100) -> list[tuple[str, 
     """Close attempts whose heartbeat expired as ``unresponsive`` and publish again the
     rollouts the policy retries; return what moved, as :meth:`RolloutStore.close_unresponsive`
     (which holds off for one heartbeat timeout after an outage of the whole fleet's sweeps:
-    ``settings.sweep_outage_seconds``)."""
-    moved = ctx.store.close_unresponsive(limit, outage_seconds=ctx.settings.sweep_outage_seconds)
+    ``settings.sweep_outage_seconds``, the context's store was made with)."""
+    moved = ctx.store.close_unresponsive(limit)
     for rollout_id, status, seq in moved:
         log.warning(
             "rollout %s attempt %d sent no heartbeat for %g s: marked unresponsive, rollout %s",

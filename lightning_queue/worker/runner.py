@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Any
 
 import redis
+from billiard.common import terminate_handler_fired
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery.exceptions import WorkerShutdown, WorkerTerminate
 from pydantic_core import PydanticSerializationError
@@ -207,6 +208,8 @@ def _run_attempt(
     except (WorkerShutdown, WorkerTerminate):
         raise  # Celery's own shutdown (solo pool), not the agent's
     except (SystemExit, KeyboardInterrupt) as exc:
+        if terminate_handler_fired():
+            raise  # the process was told to end (a cancel's SIGTERM, a shutdown), not the agent's doing
         # The agent tried to end the worker process: report what it did, and go on.
         attempt_status, result = "failed", None
         error = ErrorInfo.from_exception(AgentExitError(exc), with_traceback=False)

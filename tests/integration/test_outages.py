@@ -75,11 +75,11 @@ def test_redis_restarted_empty_is_reported_and_old_content_never_served(
 def test_an_outage_longer_than_the_retry_budget_and_the_heartbeat_timeout_fails_nothing(
     private_redis, prefix: str, start_workers, tmp_path: Path
 ) -> None:
-    # A retry budget of 1 s and a heartbeat timeout of 2 s, against a 6-s outage: every command in
+    # A retry budget of 1 s and a heartbeat timeout of 3 s, against a 6-s outage: every command in
     # flight runs out of retries, and every deadline passes, while both agents live.
     server = private_redis(AOF)
     settings = Settings(redis_url=server.url(), key_prefix=prefix, queue=f"{prefix}-q", redis_retry_seconds=1,
-                        heartbeat_interval=0.5, heartbeat_timeout=2.0)
+                        heartbeat_interval=0.5, heartbeat_timeout=3.0)
     client = LightningClient(settings.model_copy(update={"redis_retry_seconds": 10}))
     try:
         client.add_resources({"prompt": PromptTemplate(template="p {x}")}, "rs-a")

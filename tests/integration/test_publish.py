@@ -45,7 +45,8 @@ def test_batch_messages_match_send_task(client: LightningClient) -> None:
     grace = client.settings.hard_timeout_grace_seconds
     theirs = ours[0].model_copy(update={"rollout_id": "ro-reference"})
     with client.celery.producer_or_acquire() as producer:
-        client.celery.send_task(TASK_NAME, kwargs=task_kwargs(theirs, 0), task_id=theirs.rollout_id, queue=queue,
+        client.celery.send_task(TASK_NAME, kwargs=task_kwargs(theirs, 0, client.epoch.known or ""),
+                                task_id=theirs.rollout_id, queue=queue,
                              producer=producer, soft_time_limit=5, time_limit=5 + grace)
     key = client.settings.keys.celery_prefix + queue
     stored = client.redis.lrange(key, 0, -1)  # LPUSH: newest first
@@ -55,7 +56,8 @@ def test_batch_messages_match_send_task(client: LightningClient) -> None:
     assert [json.loads(m)["headers"]["id"] for m in (first, second)] == [r.rollout_id for r in ours]
     assert _normalized(first) == _normalized(reference)
     kwargs = json.loads(base64.b64decode(json.loads(first)["body"]))[1]
-    assert kwargs == task_kwargs(ours[0], kwargs["registry_seq"])
+    assert kwargs == task_kwargs(ours[0], kwargs["registry_seq"], kwargs["registry_epoch"])
+    assert kwargs["registry_epoch"] == client.epoch.known  # the registry the records were written in
     # Their task-sent events: the same fields as send_task's, one per message.
     events = _events(pubsub, 3)
     pubsub.close()

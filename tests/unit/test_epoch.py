@@ -69,23 +69,28 @@ def test_a_write_after_redis_lost_its_data_is_refused_once_then_goes_to_the_new_
     assert again.version == 1 and fake_client.epoch.known not in (None, old)
 
 
+@pytest.mark.parametrize("other_process_wrote_first", [False, True])
 @pytest.mark.parametrize("chosen_ids", [False, True], ids=["plain", "idempotent"])
-def test_an_enqueue_after_redis_lost_its_data_is_refused_and_writes_nothing(
+def test_an_enqueue_after_redis_lost_its_data_is_refused_and_sends_nothing(
     fake_client: LightningClient, fake_redis: fakeredis.FakeRedis, wipe: Callable[[], None], quiet_publish: list[str],
-    chosen_ids: bool
+    chosen_ids: bool, other_process_wrote_first: bool
 ) -> None:
     fake_client.add_resources(prompt("a"), "rs-a")
+    old = fake_client.epoch.known
     wipe()
-    fake_client.registry.epoch.forget()  # as if the snapshot were re-added by another process...
-    fake_client.registry.epoch.establish()  # ...that started the new registry
-    fake_client.epoch._known = "ep-of-the-lost-registry"  # this client still knows the old one
+    if other_process_wrote_first:  # e.g. a worker's check, which starts the new registry
+        RegistryEpoch(fake_redis, fake_client.keys).establish()
     request = RolloutRequest(input=1, rollout_id="job-1") if chosen_ids else RolloutRequest(input=1)
-    before = sorted(fake_redis.scan_iter(match=f"{fake_client.keys.prefix}:*"))
-    with pytest.raises(RegistryLostError, match="ep-of-the-lost-registry"):
+    with pytest.raises(RegistryLostError, match=str(old)):
         fake_client.enqueue_rollouts([request], check_resources=False)
-    assert sorted(fake_redis.scan_iter(match=f"{fake_client.keys.prefix}:*")) == before and quiet_publish == []
+    assert quiet_publish == []
+    if chosen_ids:  # its script refuses before writing
+        assert fake_redis.exists(fake_client.keys.rollout("job-1")) == 0
+    else:  # written by the MULTI/EXEC before the epoch could be compared: marked failed, never sent
+        [written] = fake_client.query_rollouts()
+        assert written.status == "failed" and written.error is not None and written.error.type == "RegistryLostError"
     [queued] = fake_client.enqueue_rollouts([request], check_resources=False)  # the next one goes through
-    assert quiet_publish == [queued.rollout_id]
+    assert quiet_publish == [queued.rollout_id] and fake_client.get_rollout(queued.rollout_id).status == "queuing"
 
 
 def test_a_wait_tells_records_lost_with_the_registry_from_one_that_expired(

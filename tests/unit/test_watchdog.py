@@ -361,6 +361,20 @@ def test_after_a_pause_of_the_sweeps_nothing_is_declared_dead_for_one_heartbeat_
     assert store.close_unresponsive(outage_seconds=10) == [(rid, "requeuing", 1)]
 
 
+def test_a_redelivery_right_after_an_outage_is_held_before_any_sweep_noticed_it(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    run_to_running(store, rollout, "w1")
+    store.redis.zadd(store.keys.heartbeats, {rollout.rollout_id: 0})
+    store.redis.hset(store.keys.watchdog, "last", repr(redis_clock(store) - 60))  # no sweep since the outage
+    assert store.claim(rollout, "w2").outcome == "held"
+    store.redis.hset(store.keys.watchdog, "last", repr(redis_clock(store)))  # sweeps run again, no hold
+    claim = store.claim(rollout, "w2")
+    assert (claim.outcome, claim.sequence_id) == ("claimed", 2)
+    assert [a.status for a in store.get_attempts(rollout.rollout_id)] == ["worker_lost", "preparing"]
+
+
 def test_a_fresh_registry_or_sweeps_at_their_own_rhythm_hold_nothing(
     store: RolloutStore, make_rollouts: MakeRollouts
 ) -> None:

@@ -8,6 +8,7 @@
 -- ARGV[5] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[6] heartbeat deadline of the new
 -- attempt (its first heartbeat: a short rollout never sends another),
 -- ARGV[7] '1' to start the attempt at once (running, not preparing) with the concrete snapshot
+-- ARGV[13] the longest pause of the fleet's sweeps that is not an outage (see lease_expired.lua),
 -- ARGV[10] (resources_id) version ARGV[11], which the worker resolved from what the task message
 -- says: ARGV[8] the rollout's resources_id ('' none) and ARGV[9] its pinned version ('' when it
 -- follows), and ARGV[12] the registry epoch the worker read that snapshot in. When the record says
@@ -42,12 +43,14 @@ if OPEN[status] then
     -- while the attempt ran): running it again would run the rollout twice.
     return {'duplicate', n}
   end
-  local hold = redis.call('HGET', KEYS[K + 4], 'hold')
-  if hold then
-    local t = redis.call('TIME')
-    if tonumber(hold) > tonumber(t[1]) + tonumber(t[2]) / 1000000 then
-      return {'held', n}
-    end
+  -- Its heartbeat may have lapsed only because nobody could reach Redis: while the watchdog holds
+  -- off after an outage, or before any sweep has noticed one (the last sweep is older than
+  -- ARGV[13] seconds), the worker may be alive and about to beat again.
+  local w = redis.call('HMGET', KEYS[K + 4], 'hold', 'last')
+  local t = redis.call('TIME')
+  local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if (w[1] and tonumber(w[1]) > clock) or (w[2] and clock - tonumber(w[2]) > tonumber(ARGV[13])) then
+    return {'held', n}
   end
   return {'expired', n, r[5] or ''}
 end
