@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_queue import LightningClient, PromptTemplate, RolloutConfig, Settings
-from lightning_queue.core.errors import RegistryLostError
+from lightning_queue import LightningClient, PromptTemplate, RegistryLostError, RolloutConfig, Settings
 from tests.integration.private_redis import private_redis_fixture  # noqa: F401 (the private_redis fixture)
 
 AGENTS = "tests.integration.agents"

@@ -375,6 +375,20 @@ def test_a_redelivery_right_after_an_outage_is_held_before_any_sweep_noticed_it(
     assert [a.status for a in store.get_attempts(rollout.rollout_id)] == ["worker_lost", "preparing"]
 
 
+def test_an_attempt_whose_process_died_is_claimed_at_once_even_during_a_hold(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    # Its worker saw the pool process die and dropped its heartbeat: nothing would ever sweep it,
+    # so the redelivery must not be held back.
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    run_to_running(store, rollout, "w1")
+    store.redis.hset(store.keys.watchdog, "hold", repr(redis_clock(store) + 60))
+    assert store.release_lost(rollout.rollout_id, "w1")
+    claim = store.claim(rollout, "w1")
+    assert (claim.outcome, claim.sequence_id) == ("claimed", 2)
+    assert [a.status for a in store.get_attempts(rollout.rollout_id)] == ["worker_lost", "preparing"]
+
+
 def test_a_fresh_registry_or_sweeps_at_their_own_rhythm_hold_nothing(
     store: RolloutStore, make_rollouts: MakeRollouts
 ) -> None:

@@ -45,12 +45,15 @@ if OPEN[status] then
   end
   -- Its heartbeat may have lapsed only because nobody could reach Redis: while the watchdog holds
   -- off after an outage, or before any sweep has noticed one (the last sweep is older than
-  -- ARGV[13] seconds), the worker may be alive and about to beat again.
-  local w = redis.call('HMGET', KEYS[K + 4], 'hold', 'last')
-  local t = redis.call('TIME')
-  local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  if (w[1] and tonumber(w[1]) > clock) or (w[2] and clock - tonumber(w[2]) > tonumber(ARGV[13])) then
-    return {'held', n}
+  -- ARGV[13] seconds), the worker may be alive and about to beat again. (No deadline at all: its
+  -- worker saw the process die and released it, release_lost.lua; it is lost for sure.)
+  if deadline then
+    local w = redis.call('HMGET', KEYS[K + 4], 'hold', 'last')
+    local t = redis.call('TIME')
+    local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    if (w[1] and tonumber(w[1]) > clock) or (w[2] and clock - tonumber(w[2]) > tonumber(ARGV[13])) then
+      return {'held', n}
+    end
   end
   return {'expired', n, r[5] or ''}
 end
