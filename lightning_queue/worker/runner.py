@@ -154,6 +154,7 @@ def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, regi
     rollout_id = rollout.rollout_id
     version = rollout.resources_version if rollout.resolve == "pinned" else None
     ref = rollout.resources_id or agent.default_resources  # None: latest
+    lost: RegistryLostError | None = None
     for _ in range(2):
         try:
             held = ctx.load(ref, version, registry_seq, registry_epoch)
@@ -173,8 +174,17 @@ def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, regi
             log.error("rollout %s: %s", rollout_id, exc)
             if ctx.cache is not None:
                 ctx.cache.drop(exc.current_epoch)
-            registry_epoch = None
-    raise RegistryLostError(registry_epoch or "", None, rollout_id)
+            registry_epoch, lost = None, exc
+    # The registry changed under both reads (Redis lost its data twice in a row): fail this
+    # attempt, retried per the policy, rather than run with content nobody can vouch for.
+    assert lost is not None
+    status = _record(ctx, rollout_id, seq, "failed", next_status(rollout.config, seq, "failed"),
+                     ErrorInfo.from_exception(lost, with_traceback=False), None)
+    if status == "requeuing":
+        raise recovery.retry_after_attempt(ctx, rollout, seq)
+    if status == "failed":
+        raise RolloutFailed(rollout_id, type(lost).__name__, str(lost))
+    return status
 
 
 def _run_attempt(

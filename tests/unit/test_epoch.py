@@ -185,3 +185,33 @@ def test_rollout_ids_that_could_address_another_key_are_refused_on_every_read(
                  lambda rid: fake_client.get_rollouts([rid]), lambda rid: fake_client.wait_for_rollouts([rid], 1)):
         with pytest.raises(InvalidRolloutIdError):
             call(forged)
+
+
+def test_an_attempt_whose_snapshot_reads_keep_meeting_another_registry_fails_and_is_retried(
+    fake_client: LightningClient, cache: SnapshotCache, quiet_publish: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.exceptions import Retry
+
+    from lightning_queue import RolloutConfig
+
+    @rollout
+    def agent(task: Any, prompt: PromptTemplate) -> float:
+        raise AssertionError("must not run")
+
+    settings = fake_client.settings
+    ctx = WorkerContext(settings=settings, redis=fake_client.redis, registry=fake_client.registry,
+                        store=fake_client.store, publisher=Publisher(make_celery(settings), settings),
+                        heartbeat=Heartbeat(fake_client.store, settings.heartbeat_interval), cache=cache)
+    monkeypatch.setattr(ctx.publisher, "publish", lambda *args, **kwargs: None)
+    fake_client.add_resources(prompt("p"), "rs-a")
+    queued = fake_client.enqueue_rollout({"x": 1}, resources_id="rs-a", config=RolloutConfig(max_attempts=2))
+
+    def always_lost(rollout_id: str, seq: int, resources_id: str, version: int, epoch: str | None = None) -> bool:
+        raise RegistryLostError(epoch or "", "ep-yet-another", rollout_id)  # Redis lost its data again
+
+    monkeypatch.setattr(fake_client.store, "start_attempt", always_lost)
+    with pytest.raises(Retry):
+        runner.run(ctx, agent, "w1", queued.rollout_id, 0, None, None, fake_client.epoch.known)
+    [attempt] = fake_client.get_attempts(queued.rollout_id)
+    assert attempt.status == "failed" and attempt.error is not None and attempt.error.type == "RegistryLostError"
+    assert fake_client.get_rollout(queued.rollout_id).status == "requeuing"
