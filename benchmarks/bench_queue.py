@@ -328,9 +328,9 @@ def run_steps(b: Bench, m: int) -> tuple[list[str], dict[str, list[float]], dict
 
     store = b.client.store
     rollouts = [Rollout(input={"i": i}) for i in range(m)]
-    store.create_rollouts(rollouts)
+    mark = store.create_rollouts(rollouts)
     result = RolloutResult(output={"end": time.time()})
-    start = StartWith(requested_id=None, requested_version=None, resources_id="bench", version=1)
+    start = StartWith(requested_id=None, requested_version=None, resources_id="bench", version=1, epoch=mark.epoch)
     steps: dict[str, list[float]] = {"claim + start (EVALSHA)": [], "finish_attempt (EVALSHA)": []}
     timers = list(steps.values())
     before = calls_now(b.redis)
