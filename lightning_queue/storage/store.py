@@ -487,9 +487,9 @@ class RolloutStore:
         if text(reply[0]) == "hold":
             if int(reply[2]):
                 log.warning(
-                    "no sweep of this fleet ran for over %g s: Redis was unreachable, stopped or restarted; no "
-                    "attempt is declared unresponsive for the next %s s, so live workers can beat first",
-                    gap, text(reply[1]))
+                    "no sweep of this fleet ran for over %g s (Redis was unreachable, stopped or restarted, or no "
+                    "worker ran): no attempt is declared unresponsive for the next %s s, so live workers can beat "
+                    "first", gap, text(reply[1]))
             return []
         flat = reply[1:]
         if not flat:
