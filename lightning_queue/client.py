@@ -60,7 +60,8 @@ class LightningClient:
         self.keys = self.settings.keys
         self.registry = SnapshotRegistry(self.redis, self.keys, self.settings)
         self.store = RolloutStore(
-            self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline
+            self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline,
+            self.settings.message_grace_seconds,
         )
         self._celery = celery
         self._publisher: Publisher | None = None

@@ -56,6 +56,9 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 """A rollout in one of these statuses never changes again."""
 OPEN_STATUSES: frozenset[str] = frozenset({"preparing", "running"})
 """A rollout in one of these has an open attempt on some worker (which heartbeats it)."""
+WAITING_STATUSES: frozenset[str] = frozenset({"queuing", "requeuing"})
+"""Waiting for a worker: the rollout's task message must exist (queued, held by a worker, or its retry
+scheduled); the reaper looks for it."""
 ACTIVE_STATUSES: tuple[RolloutStatus, ...] = tuple(s for s in ROLLOUT_STATUSES if s not in TERMINAL_STATUSES)
 """Not finished yet: waiting for a worker, on one, or waiting to be retried."""
 CLOSED_ATTEMPT_STATUSES: frozenset[str] = frozenset({"timeout", "worker_lost", "unresponsive"})

@@ -16,8 +16,11 @@ log = logging.getLogger(__name__)
 
 
 class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ships no type information
-    """Sweep for unresponsive attempts (:func:`lightning_queue.worker.recovery.sweep_unresponsive`)
-    and record this worker's consumption health (:mod:`lightning_queue.storage.liveness`).
+    """Every sweep interval: sweep for unresponsive attempts
+    (:func:`lightning_queue.worker.recovery.sweep_unresponsive`), look for lost task messages
+    (:func:`lightning_queue.worker.recovery.reap`) and record this worker's consumption health
+    (:mod:`lightning_queue.storage.liveness`); every ``retry_poll_interval``, send the retries
+    whose backoff is over (:func:`lightning_queue.worker.recovery.send_due_retries`).
 
     A consumer bootstep, so it runs in each worker and restarts with the consumer after a lost
     connection; with every worker sweeping, the watchdog has no single point of failure. A
@@ -29,6 +32,7 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.tref: Any = None
+        self.retries_tref: Any = None
         self.queues: list[str] | None = None
 
     def start(self, c: Any) -> None:
@@ -45,11 +49,21 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
             ctx = app.context
             app.health = HealthRecorder(ctx.redis, ctx.settings.keys, c.hostname, ttl=3 * settings.sweep_interval + 5)
         self.tref = c.timer.call_repeatedly(settings.sweep_interval, self.tick, (c,), priority=10)
+        self.retries_tref = c.timer.call_repeatedly(settings.retry_poll_interval, self.send_retries, (c,),
+                                                    priority=10)
 
     def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
+        for tref in (self.tref, self.retries_tref):
+            if tref is not None:
+                tref.cancel()
+        self.tref = self.retries_tref = None
+
+    def send_retries(self, c: Any) -> None:
+        app: WorkerApp = c.app
+        try:
+            recovery.send_due_retries(app.context)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("sending due retries failed: %s: %s", type(exc).__name__, exc)
 
     def tick(self, c: Any) -> None:
         app: WorkerApp = c.app
@@ -57,6 +71,10 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
             recovery.sweep_unresponsive(app.context)
         except Exception as exc:  # noqa: BLE001 - a timer callback must not die
             log.error("unresponsive-attempt sweep failed: %s: %s", type(exc).__name__, exc)
+        try:
+            recovery.reap(app.context)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("lost-message sweep failed: %s: %s", type(exc).__name__, exc)
         try:
             consuming = sorted(q.name for q in (c.task_consumer.queues if c.task_consumer else []))
             concurrency = int(getattr(c.controller, "concurrency", 0) or getattr(c.pool, "num_processes", 1) or 1)

@@ -60,7 +60,8 @@ class WorkerContext:
                                    retry_seconds=settings.redis_retry_seconds)
         keys = settings.keys
         registry = SnapshotRegistry(redis_client, keys, settings)
-        store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline)
+        store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline,
+                             settings.message_grace_seconds)
         cache = start_cache(registry, settings, cache_name) if with_cache else None
         return cls(settings=settings, redis=redis_client, registry=registry, store=store,
                    publisher=Publisher(celery, settings), heartbeat=Heartbeat(store, settings.heartbeat_interval),

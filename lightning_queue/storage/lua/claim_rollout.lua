@@ -1,7 +1,8 @@
 -- A worker takes a rollout: open a new attempt, atomically, and return the record.
 -- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset,
 -- KEYS[K+3] heartbeat index zset (rollout_id -> heartbeat deadline of its open attempt),
--- KEYS[K+4] (only when starting) index of the rollouts of the snapshot it starts with
+-- KEYS[K+4] pending index and KEYS[K+5] retry schedule (the claimed rollout leaves both: its message arrived),
+-- KEYS[K+6] (only when starting) index of the rollouts of the snapshot it starts with
 -- ARGV[1] rollout_id, ARGV[2] worker_id, ARGV[3] now, ARGV[4] new attempt_id,
 -- ARGV[5] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[6] heartbeat deadline of the new
 -- attempt (its first heartbeat: a short rollout never sends another),
@@ -63,9 +64,11 @@ else
 end
 move_status(rid, status, next_status, score)
 redis.call('ZADD', KEYS[K + 3], ARGV[6], rid)
+redis.call('ZREM', KEYS[K + 4], rid)
+redis.call('ZREM', KEYS[K + 5], rid)
 -- Scored by enqueue time like every other index, so queries order the same whatever the filter.
 redis.call('ZADD', KEYS[K + 2], score, rid)
 if start then
-  redis.call('ZADD', KEYS[K + 4], score, rid)
+  redis.call('ZADD', KEYS[K + 6], score, rid)
 end
 return {'claimed', n, start and 1 or 0, redis.call('HGETALL', rollout_key)}

@@ -1,6 +1,7 @@
 -- Create the rollouts of a batch whose ids the caller chose, skipping those that exist, atomically.
--- KEYS[1] registry sequence
--- ARGV[i] JSON {id, key, score, fields: {field: string}, indexes: [zset key]} of one rollout
+-- KEYS[1] registry sequence, KEYS[2] pending index (the reaper's: rollout -> when to look for its message)
+-- ARGV[i] JSON {id, key, score, check, fields: {field: string}, indexes: [zset key]} of one rollout
+-- (score: its enqueue time, the score of every index; check: its score in the pending index)
 -- Every index gets one ZADD for all the batch's new members (in chunks, under Lua's stack
 -- limit on unpack), not one per rollout.
 -- Returns {registry seq, then per rollout: {} when it was created, else its stored hash (HGETALL)}.
@@ -17,6 +18,7 @@ for i = 1, #ARGV do
       table.insert(fields, value)
     end
     redis.call('HSET', r.key, unpack(fields))
+    redis.call('ZADD', KEYS[2], r.check, r.id)
     for _, index in ipairs(r.indexes) do
       if not members[index] then
         members[index] = {}
