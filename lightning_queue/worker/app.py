@@ -16,13 +16,13 @@ from typing import Any
 from celery import Celery
 
 from lightning_queue.broker.app import celery_config
-from lightning_queue.core.errors import AgentNotConfiguredError, ConfigurationError
+from lightning_queue.core.errors import AgentNotConfiguredError, ConfigurationError, ConnectionBudgetError
 from lightning_queue.core.settings import Settings
 from lightning_queue.storage.liveness import HealthRecorder
 from lightning_queue.worker.agent import LitAgent
 from lightning_queue.worker.context import WorkerContext
 
-__all__ = ["WorkerApp", "check_visibility_timeout", "load_agent"]
+__all__ = ["WorkerApp", "apply_connection_budget", "check_visibility_timeout", "load_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +126,41 @@ def check_visibility_timeout(settings: Settings) -> str | None:
             "alive and be dropped; lower LQ_HEARTBEAT_TIMEOUT or raise the visibility timeout"
         )
     return None
+
+
+IN_PROCESS_POOLS = ("celery.concurrency.gevent", "celery.concurrency.eventlet", "celery.concurrency.thread")
+"""Pools whose tasks run in the worker's own process (greenlets or threads), each acking its
+message and sending retries through that process's broker connections."""
+CONNECTION_HEADROOM = 10
+"""Broker connections a worker needs besides one per concurrent task: its consumer (BRPOP and
+pub/sub), events, remote control, restores (kombu's default pool size)."""
+
+
+def apply_connection_budget(app: Celery, settings: Settings, pool_module: str, concurrency: int) -> int | None:
+    """Size the broker connection pools for a worker whose pool is ``pool_module`` running
+    ``concurrency`` tasks at once; return the size set (None: kombu's defaults suffice).
+
+    A prefork or solo pool acks and publishes from the main process, one at a time: kombu's
+    defaults (10) suffice. A gevent, eventlet or thread pool does so from every task at once:
+    each channel's connection pool (transport option ``max_connections``) and Celery's
+    producer pool (``broker_pool_limit``) get ``concurrency +`` :data:`CONNECTION_HEADROOM`,
+    or a busy pool hits ``MaxConnectionsError`` (its acks fail). Limits the user set in
+    ``LQ_CELERY`` are kept; one below what the pool needs raises :class:`ConnectionBudgetError`.
+    """
+    if pool_module not in IN_PROCESS_POOLS:
+        return None
+    need = concurrency + CONNECTION_HEADROOM
+    pool = pool_module.rsplit(".", 1)[-1]
+    chosen = settings.celery
+    options = app.conf.broker_transport_options  # the dict itself: connections made since read it too
+    chosen_options = chosen.get("broker_transport_options") or {}
+    for setting, configured in (
+        ("broker_transport_options.max_connections", chosen_options.get("max_connections")),
+        ("broker_pool_limit", chosen.get("broker_pool_limit")),
+    ):
+        if configured is not None and int(configured) < need:
+            raise ConnectionBudgetError(setting, int(configured), need, pool, concurrency)
+    options.setdefault("max_connections", need)
+    if chosen.get("broker_pool_limit") is None:
+        app.conf.broker_pool_limit = need
+    return need

@@ -1,4 +1,4 @@
-"""Heartbeats, the unresponsive-attempt sweep and worker health, on fakeredis."""
+"""Heartbeats, the unresponsive-attempt sweep, worker health and connection budgets, on fakeredis."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from collections.abc import Callable
 
 import pytest
 
-from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResult
+from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResult, Settings
+from lightning_queue.app import create_app
+from lightning_queue.core.errors import ConnectionBudgetError
 from lightning_queue.storage.liveness import HealthRecorder, judge
 from lightning_queue.storage.store import RolloutStore
+from lightning_queue.worker.app import apply_connection_budget
 from lightning_queue.worker.heartbeat import Heartbeat
 from lightning_queue.worker.recovery import sweep_unresponsive
 from tests.unit.test_runner import FakeTask, recording_agent
@@ -325,3 +328,30 @@ def test_worker_warns_when_its_time_limits_outlast_the_visibility_timeout() -> N
     assert Settings(heartbeat_interval=4).heartbeat_deadline == 12
     assert Settings(heartbeat_interval=4).sweep_interval == 4
 
+
+# --------------------------------------------------------------------------- broker connection budget
+
+
+@pytest.mark.parametrize("pool", ["celery.concurrency.gevent", "celery.concurrency.eventlet", "celery.concurrency.thread"])
+def test_in_process_pools_get_a_connection_each_and_some(pool: str) -> None:
+    app = create_app(Settings())
+    assert apply_connection_budget(app, app.settings, pool, 200) == 210
+    assert app.conf.broker_transport_options["max_connections"] == 210 and app.conf.broker_pool_limit == 210
+
+
+def test_prefork_and_solo_keep_kombus_defaults() -> None:
+    for pool in ("celery.concurrency.prefork", "celery.concurrency.solo"):
+        app = create_app(Settings())
+        assert apply_connection_budget(app, app.settings, pool, 64) is None
+        assert "max_connections" not in app.conf.broker_transport_options
+
+
+def test_a_budget_set_too_low_stops_the_worker_with_a_clear_error() -> None:
+    settings = Settings(celery={"broker_transport_options": {"max_connections": 20}})
+    app = create_app(settings)
+    with pytest.raises(ConnectionBudgetError, match="max_connections is 20, but a gevent pool of 200 needs at least 210"):
+        apply_connection_budget(app, settings, "celery.concurrency.gevent", 200)
+    enough = Settings(celery={"broker_pool_limit": 500})
+    app = create_app(enough)
+    assert apply_connection_budget(app, enough, "celery.concurrency.gevent", 200) == 210
+    assert app.conf.broker_pool_limit == 500  # the user's own, larger, limit is kept
