@@ -10,7 +10,7 @@ from celery.worker import state
 
 from lightning_queue.storage.liveness import HealthRecorder
 from lightning_queue.worker import recovery
-from lightning_queue.worker.app import WorkerApp, apply_connection_budget
+from lightning_queue.worker.app import WorkerApp, apply_connection_budget, max_concurrency, pool_module
 
 log = logging.getLogger(__name__)
 
@@ -18,20 +18,19 @@ log = logging.getLogger(__name__)
 class ConnectionBudget(bootsteps.Step):  # type: ignore[misc]  # Celery ships no type information
     """Size the broker connection pools for this worker's pool and concurrency
     (:func:`lightning_queue.worker.app.apply_connection_budget`) before its consumer connects; a
-    budget the user set too low stops the worker at start with a :class:`ConnectionBudgetError`."""
+    budget the user set too low stops the worker at start with a :class:`ConnectionBudgetError`
+    (a worker step: an error raised by a ``worker_init`` receiver would only be logged)."""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         app = parent.app
         if not isinstance(app, WorkerApp):
             return
-        counts = [parent.concurrency, getattr(parent, "max_concurrency", None)]
-        concurrency = max([c for c in counts if isinstance(c, int)] or [1])
-        pool_module = getattr(parent.pool_cls, "__module__", "")
-        need = apply_connection_budget(app, app.settings, pool_module, concurrency)
+        pool, concurrency = pool_module(parent.pool_cls), max_concurrency(parent)
+        need = apply_connection_budget(app, app.settings, pool, concurrency)
         if need:
-            log.info("broker connection pools sized for a %s pool of %d: %d connections", pool_module.rsplit(".")[-1],
-                     concurrency, need)
+            log.info("Redis and broker connection pools sized for a %s pool of %d: %d connections each",
+                     pool.rsplit(".", 1)[-1], concurrency, need)
 
 
 class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ships no type information

@@ -50,14 +50,16 @@ class WorkerContext:
         redis_client: Redis | None = None,
         cache_name: str | None = None,
         with_cache: bool = False,
+        max_connections: int | None = None,
     ) -> WorkerContext:
         """A context for this process. No start-up check of the connection: a pool process
         made while Redis restarts must not die of it; its commands ride out the outage
         through the retry budget instead. ``with_cache`` starts a snapshot cache (none when
-        ``settings.cache_max_bytes`` is 0) that reports its stats as ``cache_name``."""
+        ``settings.cache_max_bytes`` is 0) that reports its stats as ``cache_name``.
+        ``max_connections`` bounds the Redis client's pool (None: redis-py's default)."""
         if redis_client is None:
             redis_client = connect(settings.redis_url, settings.sentinel_master, check=False,
-                                   retry_seconds=settings.redis_retry_seconds)
+                                   retry_seconds=settings.redis_retry_seconds, max_connections=max_connections)
         keys = settings.keys
         registry = SnapshotRegistry(redis_client, keys, settings)
         store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline,

@@ -337,13 +337,15 @@ def test_in_process_pools_get_a_connection_each_and_some(pool: str) -> None:
     app = create_app(Settings())
     assert apply_connection_budget(app, app.settings, pool, 200) == 210
     assert app.conf.broker_transport_options["max_connections"] == 210 and app.conf.broker_pool_limit == 210
+    assert app.redis_connections == 210
+    assert app.context.redis.connection_pool.max_connections == 210  # this process's own Redis client
 
 
 def test_prefork_and_solo_keep_kombus_defaults() -> None:
     for pool in ("celery.concurrency.prefork", "celery.concurrency.solo"):
         app = create_app(Settings())
         assert apply_connection_budget(app, app.settings, pool, 64) is None
-        assert "max_connections" not in app.conf.broker_transport_options
+        assert "max_connections" not in app.conf.broker_transport_options and app.redis_connections is None
 
 
 def test_a_budget_set_too_low_stops_the_worker_with_a_clear_error() -> None:
