@@ -11,10 +11,12 @@ no entry is due, whatever the number of rollouts stored:
    rollout no longer waits (claimed, finished, expired), and leases the others (like the
    heartbeat sweep, so concurrent reapers take distinct entries);
 2. :meth:`PendingIndex.find_messages`: the messages are looked for where they can be: the
-   rollout's queue (every priority list), the unacked messages workers hold (kombu's unacked
-   hash), and the retry schedule. Read by a script in slices of :data:`SCAN_CHUNK` elements
-   (Redis never blocks long), once per sweep for all the due entries of a queue: the cost is
-   O(due entries + messages in their queues + unacked messages), zero when nothing is due;
+   rollout's queue (every priority list, from the tail, where the oldest wait), the unacked
+   messages workers hold (kombu's unacked hash), and the retry schedule. Read by a script in
+   slices of :data:`SCAN_CHUNK` elements (Redis never blocks long), once per sweep for all the
+   due entries of a queue, until all are found: the cost is O(due entries + the messages older
+   than the newest of them + unacked messages), zero when nothing is due; a message truly
+   missing costs a read of its whole queue, twice;
 3. :meth:`PendingIndex.settle`: one script records the outcome and re-arms each entry: a message
    found is looked for again later, less and less often (a long backlog is not rescanned every
    sweep); one missing is looked for again half a grace later, and re-sent when still missing
@@ -112,9 +114,11 @@ class PendingIndex:
 
     def find_messages(self, wanted: Mapping[str, str]) -> set[str]:
         """The rollout ids, of ``wanted`` (rollout id -> its queue), whose task message is in their
-        queue or held, unacked, by a worker. Each queue's lists and the unacked hash are read once,
-        :data:`SCAN_CHUNK` elements per script call, until every id is found or all was read. A
-        message in flight between two of them during the read can be missed (look twice)."""
+        queue or held, unacked, by a worker. Each queue's lists (from the tail: the oldest messages,
+        those of the entries due, first) and the unacked hash are read once, :data:`SCAN_CHUNK`
+        elements per script call, until every id is found or all was read. A message that moves
+        meanwhile (taken by a worker, or shifted by the taking of others past the part being read)
+        can be missed: the caller looks twice before it calls a message missing."""
         found: set[str] = set()
         by_queue: dict[str, set[str]] = {}
         for rollout_id, queue in wanted.items():
