@@ -1,24 +1,41 @@
-"""Fault injection: run N rollouts over W workers while killing workers and restarting Redis.
+"""Fault injection: run rollouts on a local fleet while faults of every kind hit it, and count what went wrong.
 
-    python benchmarks/fault_injection.py --rollouts 200 --workers 3 --duration 60
+    python benchmarks/fault_injection.py --rollouts 400 --runs 5
 
 Starts its own ``redis-server`` with an append-only file in a temporary directory (or uses
-``--redis-url``, where it cannot restart Redis and only kills workers), starts W workers with
-:class:`lightning_queue.ops.fleet.LocalFleet`, enqueues N rollouts of an agent that takes a while
-(``--agent-seconds``), and for ``--duration`` seconds, at random, kills a worker with SIGKILL (its
-main process and pool, as a vanished machine) and starts a replacement, and restarts Redis. Then it
-waits for every rollout and prints: rollouts submitted, finished (by status), lost (never
-finished), duplicated results (rollouts with more than one succeeded attempt, or succeeded with
-none), attempts per rollout. Exits 1 when anything was lost or duplicated.
+``--redis-url``, where it cannot restart Redis), starts W prefork workers and (``--gevent-workers``)
+workers with a gevent pool of 200 on a queue of their own (``--gevent-share`` of the rollouts go
+there), through :class:`lightning_queue.ops.fleet.LocalFleet`, and runs N
+rollouts of an agent that takes a while (``--agent-seconds``), pinned half to one snapshot and half to
+another; ``--retry-share`` of them fail their first two attempts and are retried with a backoff
+(``--backoff``). The rollouts are enqueued in ``--waves`` batches while, for ``--duration`` seconds,
+it injects at random (``--faults``, all by default):
 
-Uses only the public API and ``lightning_queue.ops.fleet``. Workers import this file as the module
-``fault_injection`` for its agent.
+- ``kill``: a worker killed with SIGKILL (main process and pool, as a vanished machine), and replaced;
+- ``restart``: Redis stopped (or crashed, ``--redis-signal KILL``) and started again, while retries wait
+  their backoff;
+- ``delete``: a task message deleted from a queue list (where a backlog waits: the prefork queue);
+- ``unpublished``: rollouts whose records are written but whose messages are never published (a
+  client killed between the two; emulated by writing the records with ``client.store``);
+- ``poison``: malformed messages pushed onto the queue (not JSON, a JSON array, an envelope without
+  properties, a body that is not base64, a pickle, 2 MB of junk).
+
+Then it waits (``--timeout``) and prints, per run: rollouts submitted; finished, by status; **lost**
+(the record is gone); **stuck** (not finished after the wait, and not failed with a clear error);
+**duplicated** (more than one succeeded attempt, or succeeded with none); **wrong snapshot** (a result
+computed with another snapshot than the one the rollout was pinned to); the faults injected; the
+rollouts the reaper sent again; the messages moved to the dead-letter list. With ``--runs`` above 1, a
+table of every run at the end. Exits 1 when anything was lost, stuck, duplicated or on a wrong snapshot.
+
+Workers import this file as the module ``fault_injection`` for its agent.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import json
 import os
 import random
 import shutil
@@ -28,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -35,22 +53,29 @@ import redis
 from lightning_queue import (
     LightningClient,
     PromptTemplate,
+    Rollout,
     RolloutConfig,
+    RolloutRequest,
     RolloutResult,
     Settings,
     rollout,
 )
 from lightning_queue.ops.embedded import free_port
-from lightning_queue.ops.fleet import LocalFleet
+from lightning_queue.ops.fleet import LocalFleet, WorkerProcess
 from lightning_queue.storage.connections import ping
 
 HERE = Path(__file__).resolve().parent
+FAULTS = ("kill", "restart", "delete", "unpublished", "poison")
+SNAPSHOTS = {"rs-faults-a": "fault injection A {x}", "rs-faults-b": "fault injection B {x}"}
 
 
 @rollout
-def agent(task: dict, prompt: PromptTemplate) -> RolloutResult:
-    """Takes ``task["seconds"]``, as a rollout of LLM calls would, then reports a reward."""
+def agent(task: dict, prompt: PromptTemplate, rollout: Rollout) -> RolloutResult:
+    """Takes ``task["seconds"]``, as a rollout of LLM calls would, failing its first ``task["fail"]``
+    attempts; then reports a reward and the prompt it ran with (so which snapshot)."""
     time.sleep(task["seconds"])
+    if rollout.attempt_count <= task.get("fail", 0):
+        raise ConnectionError(f"attempt {rollout.attempt_count} fails on purpose")
     return RolloutResult(reward=1.0, output={"pid": os.getpid(), "prompt": prompt.template})
 
 
@@ -60,8 +85,7 @@ class OwnRedis:
     def __init__(self, appendfsync: str) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            sys.exit("no redis-server binary: install one, or pass --redis-url (workers are then killed, "
-                     "Redis is not restarted)")
+            sys.exit("no redis-server binary: install one, or pass --redis-url (Redis is then not restarted)")
         self.dir = tempfile.TemporaryDirectory(prefix="lq-faults-")
         port = free_port()
         self.url = f"redis://127.0.0.1:{port}/0"
@@ -92,51 +116,155 @@ class OwnRedis:
         self.dir.cleanup()
 
 
-def progress(client: LightningClient, ids: list[str]) -> collections.Counter:
-    try:
-        return collections.Counter(r.status for r in client.get_rollouts(ids))
-    except (redis.ConnectionError, redis.TimeoutError):
-        return collections.Counter({"(Redis down)": 1})
+def poison_messages(client: LightningClient, queue: str) -> list[bytes]:
+    """Malformed messages of every shape a worker must refuse, made from a good one."""
+    good = json.loads(client.publisher.build([Rollout(input=0, queue=queue)], [(None, None)]).by_queue[queue][0])
+
+    def changed(**fields: object) -> bytes:
+        return json.dumps({**good, **fields}).encode()
+
+    return [b"not json at all", b"[1, 2, 3]", changed(properties="x"), changed(body="!!!not base64!!!"),
+            changed(body=base64.b64encode(b"garbage{").decode()),
+            changed(**{"content-type": "application/x-python-serialize"}), b"x" * 2_000_000]
 
 
-def inject(args: argparse.Namespace, fleet: LocalFleet, own: OwnRedis | None, client: LightningClient,
-           ids: list[str], rng: random.Random) -> collections.Counter:
-    """Kill workers and restart Redis at random for ``args.duration`` seconds (or until all finish)."""
-    faults: collections.Counter = collections.Counter()
-    start = time.monotonic()
-    next_kill = start + rng.expovariate(1 / args.kill_interval)
-    next_restart = start + rng.expovariate(1 / args.restart_interval) if own else float("inf")
-    while time.monotonic() - start < args.duration:
-        now = time.monotonic()
-        if now >= next_kill:
-            victim = rng.choice([w for w in fleet.workers if w.alive])
-            os.killpg(victim.process.pid, signal.SIGKILL)  # no chance to requeue anything
-            victim.process.wait()
-            faults["workers killed"] += 1
-            fleet.add(1, timeout=120)
-            next_kill = time.monotonic() + rng.expovariate(1 / args.kill_interval)
-            print(f"  {now - start:6.1f} s  killed {victim.name}, started a replacement", flush=True)
-        if own is not None and now >= next_restart:
-            own.stop(kill=args.redis_signal == "KILL")
-            time.sleep(rng.uniform(0.5, args.max_down))
-            own.start()
-            faults["Redis restarts"] += 1
-            next_restart = time.monotonic() + rng.expovariate(1 / args.restart_interval)
-            print(f"  {now - start:6.1f} s  restarted Redis", flush=True)
-        counts = progress(client, ids)
-        if sum(counts[s] for s in ("succeeded", "failed", "cancelled")) == len(ids):
-            break
-        time.sleep(0.2)
-    return faults
+@dataclass
+class Run:
+    """One run: the rollouts submitted and what was done to them."""
+
+    ids: list[str] = field(default_factory=list)
+    pinned: dict[str, str] = field(default_factory=dict)  # rollout id -> the snapshot it was pinned to
+    faults: collections.Counter = field(default_factory=collections.Counter)
 
 
-def report(client: LightningClient, ids: list[str]) -> tuple[int, int]:
-    rollouts = client.get_rollouts(ids)
+class Faults:
+    """Injects the faults of one run."""
+
+    def __init__(self, args: argparse.Namespace, fleets: list[LocalFleet], own: OwnRedis | None,
+                 client: LightningClient, run: Run, rng: random.Random) -> None:
+        self.args, self.fleets, self.own, self.client, self.run, self.rng = args, fleets, own, client, run, rng
+        # The prefork workers' queue (a backlog builds there), and the gevent workers' own.
+        self.queues = sorted({fleet.settings.queue for fleet in fleets})
+        self.poison = poison_messages(client, client.settings.queue)
+
+    def kill(self) -> str:
+        fleet = self.rng.choice([f for f in self.fleets if any(w.alive for w in f.workers)])
+        victim: WorkerProcess = self.rng.choice([w for w in fleet.workers if w.alive])
+        os.killpg(victim.process.pid, signal.SIGKILL)  # no chance to requeue anything
+        victim.process.wait()
+        fleet.add(1, timeout=120)
+        return f"killed {victim.name}, started a replacement"
+
+    def restart(self) -> str:
+        assert self.own is not None
+        self.own.stop(kill=self.args.redis_signal == "KILL")
+        time.sleep(self.rng.uniform(0.5, self.args.max_down))  # Redis is down this long: nothing to wait for
+        self.own.start()
+        return "restarted Redis"
+
+    def delete(self) -> str:
+        r, queue = self.client.redis, self.rng.choice(self.queues)
+        key = self.client.keys.celery_queue(queue)
+        length = r.llen(key)
+        if not length:
+            return ""
+        message = r.lindex(key, self.rng.randrange(length))
+        return f"deleted a message from {queue}" if message is not None and r.lrem(key, 1, message) else ""
+
+    def unpublished(self) -> str:
+        requests, queue = self.run_requests(self.rng.randint(1, 5)), self.rng.choice(self.queues)
+        rollouts = [Rollout(input=req.input, resources_id=req.resources_id, resolve="pinned",
+                            resources_version=1, config=req.config or RolloutConfig(), queue=queue)
+                    for req in requests]
+        self.client.store.create_rollouts(rollouts)  # and never published: the client "died" here
+        self.record(rollouts)
+        return f"wrote {len(rollouts)} rollouts of {queue} without publishing them"
+
+    def poisoned(self) -> str:
+        queue = self.rng.choice(self.queues)
+        self.client.redis.lpush(self.client.keys.celery_queue(queue), self.rng.choice(self.poison))
+        return f"pushed a malformed message onto {queue}"
+
+    def enqueue(self, n: int) -> None:
+        """``n`` rollouts, ``--gevent-share`` of them to the gevent workers' queue."""
+        to_gevent = round(n * self.args.gevent_share) if len(self.queues) > 1 else 0
+        for queue, count in ((self.queues[-1], to_gevent), (self.client.settings.queue, n - to_gevent)):
+            if count:
+                self.record(self.client.enqueue_rollouts(self.run_requests(count), queue=queue))
+
+    def run_requests(self, n: int) -> list[RolloutRequest]:
+        lo, hi = self.args.agent_seconds
+        requests = []
+        for _ in range(n):
+            snapshot = self.rng.choice(sorted(SNAPSHOTS))
+            fail = 2 if self.rng.random() < self.args.retry_share else 0
+            requests.append(RolloutRequest(
+                input={"x": len(self.run.ids) + len(requests), "seconds": self.rng.uniform(lo, hi), "fail": fail},
+                resources_id=snapshot,
+                config=RolloutConfig(max_attempts=self.args.max_attempts, retry_backoff_seconds=self.args.backoff),
+            ))
+        return requests
+
+    def record(self, rollouts: list[Rollout]) -> None:
+        for r in rollouts:
+            self.run.ids.append(r.rollout_id)
+            self.run.pinned[r.rollout_id] = str(r.resources_id)
+
+    def inject(self) -> None:
+        """Enqueue the rollouts in ``--waves`` batches over the first two thirds of ``--duration``
+        and inject each fault kind at random (exponential gaps: ``--kill-interval``,
+        ``--restart-interval``, else ``--fault-interval`` on average), for ``--duration`` seconds,
+        or until every rollout has finished."""
+        kinds = [k for k in self.args.faults if k != "restart" or self.own is not None]
+        actions = {"kill": self.kill, "restart": self.restart, "delete": self.delete,
+                   "unpublished": self.unpublished, "poison": self.poisoned}
+        rare = {"kill": self.args.kill_interval, "restart": self.args.restart_interval}
+        mean = {k: rare.get(k, self.args.fault_interval) for k in kinds}
+        start = time.monotonic()
+        due = {k: start + self.rng.expovariate(1 / mean[k]) for k in kinds}
+        waves = [self.args.rollouts // self.args.waves + (i < self.args.rollouts % self.args.waves)
+                 for i in range(self.args.waves)]
+        wave_gap = self.args.duration * 2 / 3 / self.args.waves
+        next_wave = start
+        while time.monotonic() - start < self.args.duration:
+            if waves and time.monotonic() >= next_wave:
+                try:
+                    self.enqueue(waves[0])
+                    waves.pop(0)
+                    next_wave += wave_gap
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # Redis is down: enqueue this wave on the next pass
+            for kind in kinds:
+                if time.monotonic() >= due[kind]:
+                    try:
+                        done = actions[kind]()
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        done = f"(Redis down: {kind} skipped: {exc})"
+                    if done and not done.startswith("("):
+                        self.run.faults[kind] += 1
+                    if done:
+                        print(f"  {time.monotonic() - start:6.1f} s  {done}", flush=True)
+                    due[kind] = time.monotonic() + self.rng.expovariate(1 / mean[kind])
+            if not waves and self.finished():
+                break
+            time.sleep(0.2)
+
+    def finished(self) -> bool:
+        try:
+            return all(r.is_finished for r in self.client.get_rollouts(self.run.ids))
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+
+
+def report(client: LightningClient, run: Run, elapsed: float) -> dict[str, object]:
+    records = client.store.read_rollouts(run.ids)
+    lost = [rid for rid, r in zip(run.ids, records, strict=True) if r is None]
+    rollouts = [r for r in records if r is not None]
     by_status = collections.Counter(r.status for r in rollouts)
-    lost = [r.rollout_id for r in rollouts if not r.is_finished]
+    stuck = [r.rollout_id for r in rollouts if not r.is_finished]
     histogram: collections.Counter = collections.Counter()
     attempt_statuses: collections.Counter = collections.Counter()
-    duplicated = []
+    duplicated, wrong = [], []
     for r in rollouts:
         attempts = client.get_attempts(r.rollout_id)
         histogram[len(attempts)] += 1
@@ -144,85 +272,142 @@ def report(client: LightningClient, ids: list[str]) -> tuple[int, int]:
         successes = sum(a.status == "succeeded" for a in attempts)
         if successes > 1 or (r.status == "succeeded" and successes == 0):
             duplicated.append((r.rollout_id, [a.status for a in attempts]))
-    print(f"rollouts submitted:   {len(ids)}")
+        if r.status == "succeeded":
+            ran_with = [a.resources_id for a in attempts if a.status == "succeeded"]
+            prompt = (r.result.output or {}).get("prompt") if r.result else None
+            if ran_with != [run.pinned[r.rollout_id]] or prompt != SNAPSHOTS[run.pinned[r.rollout_id]]:
+                wrong.append((r.rollout_id, ran_with, prompt))
+    errors = collections.Counter(r.error.type for r in rollouts if r.status == "failed" and r.error)
+    resent = sum(int(client.redis.hget(client.keys.rollout(rid), "resends") or 0) for rid in run.ids)
+    dead = client.redis.llen(client.keys.dead_letters)
+    print(f"rollouts submitted:   {len(run.ids)}")
     print(f"finished:             {sum(by_status[s] for s in ('succeeded', 'failed', 'cancelled'))} "
           f"({', '.join(f'{s} {n}' for s, n in sorted(by_status.items()))})")
+    if errors:
+        print(f"failed with:          {dict(errors)}")
     print(f"lost:                 {len(lost)}" + (f"  e.g. {lost[:5]}" if lost else ""))
+    print(f"stuck:                {len(stuck)}" + (f"  e.g. {stuck[:5]}" if stuck else ""))
     print(f"duplicated results:   {len(duplicated)}" + (f"  e.g. {duplicated[:3]}" if duplicated else ""))
+    print(f"wrong snapshot:       {len(wrong)}" + (f"  e.g. {wrong[:3]}" if wrong else ""))
+    print(f"faults:               {dict(run.faults) or 'none'}")
+    print(f"re-sent by the reaper: {resent}; dead letters: {dead}")
     print("attempts per rollout: " + ", ".join(f"{n}: {c}" for n, c in sorted(histogram.items())))
     print("attempt outcomes:     " + ", ".join(f"{s} {n}" for s, n in sorted(attempt_statuses.items())))
-    failed = [r for r in rollouts if r.status == "failed"][:3]
-    for r in failed:
-        print(f"  failed {r.rollout_id}: {r.error.type if r.error else '?'}: {r.error.message if r.error else ''}")
-    return len(lost), len(duplicated)
+    return {"rollouts": len(run.ids), "succeeded": by_status["succeeded"], "failed": by_status["failed"],
+            "lost": len(lost), "stuck": len(stuck), "duplicated": len(duplicated), "wrong snapshot": len(wrong),
+            "kills": run.faults["kill"], "restarts": run.faults["restart"], "deleted": run.faults["delete"],
+            "unpublished": run.faults["unpublished"], "poison": run.faults["poison"], "re-sent": resent,
+            "seconds": round(elapsed)}
+
+
+def one_run(args: argparse.Namespace, number: int, seed: int, own: OwnRedis | None) -> dict[str, object]:
+    rng = random.Random(seed)
+    url = args.redis_url or own.url  # type: ignore[union-attr]
+    prefix = f"lqfaults-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q",
+                        visibility_timeout=args.visibility_timeout, heartbeat_interval=2.0, watchdog_interval=1.0,
+                        message_grace_seconds=args.grace, retry_poll_interval=0.5)
+    mode = (f"own, appendonly yes, appendfsync {args.appendfsync}, restarts by SIG{args.redis_signal}" if own
+            else "given: no restarts")
+    print(f"\n=== run {number}: Redis {url} ({mode}), prefix {prefix}, {args.workers} prefork + {args.gevent_workers} "
+          f"gevent-200 workers, {args.rollouts} rollouts of {args.agent_seconds[0]}-{args.agent_seconds[1]} s, "
+          f"{args.duration:.0f} s of faults ({', '.join(args.faults)}), seed {seed}", flush=True)
+    fleets = [LocalFleet(settings, "fault_injection:agent", count=args.workers, pythonpath=[str(HERE)])]
+    if args.gevent_workers:
+        gevent_settings = settings.model_copy(update={"queue": f"{prefix}-gevent"})
+        fleets.append(LocalFleet(gevent_settings, "fault_injection:agent", count=args.gevent_workers,
+                                 pythonpath=[str(HERE)], pool="gevent", concurrency=200))
+    client = LightningClient(settings)
+    run = Run()
+    started = time.monotonic()
+    try:
+        for fleet in fleets:
+            fleet.start(timeout=120)
+        client.add_resources_batch([(rid, {"prompt": PromptTemplate(template=t)}) for rid, t in SNAPSHOTS.items()])
+        Faults(args, fleets, own, client, run, rng).inject()
+        print(f"faults injected: {dict(run.faults) or 'none'}; waiting for the rest...", flush=True)
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            try:
+                client.wait_for_rollouts(run.ids, timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(1)
+        elapsed = time.monotonic() - started
+        print(f"done in {elapsed:.0f} s\n")
+        return report(client, run, elapsed)
+    finally:
+        for fleet in fleets:
+            fleet.close()
+        client.close()
+        if own is None:
+            cleanup = redis.Redis.from_url(url)
+            for key in cleanup.scan_iter(match=f"{prefix}:*", count=1000):
+                cleanup.delete(key)
+
+
+def table(rows: list[dict[str, object]]) -> None:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("\n| run | " + " | ".join(c.ljust(widths[c]) for c in columns) + " |")
+    print("|---|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|")
+    for i, row in enumerate(rows, 1):
+        print(f"| {i} | " + " | ".join(str(row[c]).rjust(widths[c]) for c in columns) + " |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rollouts", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--rollouts", type=int, default=400)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--waves", type=int, default=10, help="batches the rollouts are enqueued in, during the faults")
+    parser.add_argument("--workers", type=int, default=3, help="prefork workers (one process each)")
+    parser.add_argument("--gevent-workers", type=int, default=1,
+                        help="workers with a gevent pool of 200, on a queue of their own")
+    parser.add_argument("--gevent-share", type=float, default=0.5, help="rollouts sent to the gevent workers' queue")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection")
-    parser.add_argument("--agent-seconds", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN", "MAX"),
-                        help="how long each rollout takes, drawn uniformly")
-    parser.add_argument("--kill-interval", type=float, default=8.0, help="mean seconds between worker kills")
-    parser.add_argument("--restart-interval", type=float, default=20.0, help="mean seconds between Redis restarts")
+    parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument("--kill-interval", type=float, default=10.0, help="mean seconds between worker kills")
+    parser.add_argument("--restart-interval", type=float, default=10.0, help="mean seconds between Redis restarts")
+    parser.add_argument("--fault-interval", type=float, default=4.0,
+                        help="mean seconds between two deletes, two unpublished batches, two poison messages")
+    parser.add_argument("--agent-seconds", type=float, nargs=2, default=(0.1, 0.6), metavar=("MIN", "MAX"),
+                        help="how long each attempt takes, drawn uniformly")
+    parser.add_argument("--retry-share", type=float, default=0.3, help="rollouts that fail their first 2 attempts")
+    parser.add_argument("--backoff", type=float, default=0.5, help="retry backoff of every rollout, seconds")
     parser.add_argument("--max-down", type=float, default=3.0, help="longest Redis outage, seconds")
     parser.add_argument("--visibility-timeout", type=int, default=10,
                         help="seconds before a killed worker's message is redelivered (above the longest rollout)")
+    parser.add_argument("--grace", type=float, default=2.0, help="LQ_MESSAGE_GRACE_SECONDS of the run")
     parser.add_argument("--max-attempts", type=int, default=20)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the rollouts afterwards")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds to wait for the rollouts once faults stop (then unfinished ones are stuck)")
     parser.add_argument("--appendfsync", choices=["always", "everysec"], default="always")
     parser.add_argument("--redis-signal", choices=["TERM", "KILL"], default="TERM",
                         help="stop Redis gracefully (TERM) or crash it (KILL)")
     parser.add_argument("--redis-url", help="use this Redis (no restarts) instead of starting one")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first run (the next ones add 1)")
     args = parser.parse_args()
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
-    rng = random.Random(seed)
+    if args.gevent_workers:
+        try:
+            import gevent  # noqa: F401
+        except ImportError:
+            sys.exit("--gevent-workers needs gevent: pip install -e '.[bench]' (or pass --gevent-workers 0)")
+    first = args.seed if args.seed is not None else random.randrange(2**32)
 
     own = None if args.redis_url else OwnRedis(args.appendfsync)
     if own is not None:
         own.start()
-    url = args.redis_url or own.url  # type: ignore[union-attr]
-    prefix = f"lqfaults-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q",
-                        visibility_timeout=args.visibility_timeout)
-    mode = (f"own, appendonly yes, appendfsync {args.appendfsync}, restarts by SIG{args.redis_signal}" if own
-            else "given: no restarts")
-    print(f"Redis {url} ({mode}), "
-          f"prefix {prefix}, {args.workers} workers, {args.rollouts} rollouts of {args.agent_seconds[0]}-"
-          f"{args.agent_seconds[1]} s, {args.duration:.0f} s of faults, seed {seed}", flush=True)
-    fleet = LocalFleet(settings, "fault_injection:agent", count=args.workers, pythonpath=[str(HERE)])
-    client = LightningClient(settings)
-    started = time.monotonic()
+    rows = []
     try:
-        fleet.start(timeout=120)
-        client.add_resources({"prompt": PromptTemplate(template="fault injection {x}")}, "rs-faults")
-        lo, hi = args.agent_seconds
-        queued = client.enqueue_rollouts([{"x": i, "seconds": rng.uniform(lo, hi)} for i in range(args.rollouts)],
-                                         resources_id="rs-faults", config=RolloutConfig(max_attempts=args.max_attempts))
-        ids = [r.rollout_id for r in queued]
-        faults = inject(args, fleet, own, client, ids, rng)
-        print(f"faults injected: {dict(faults) or 'none'}; waiting for the rest...", flush=True)
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            try:
-                client.wait_for_rollouts(ids, timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except (redis.ConnectionError, redis.TimeoutError):
-                time.sleep(1)
-        print(f"done in {time.monotonic() - started:.0f} s\n")
-        lost, duplicated = report(client, ids)
+        for number in range(1, args.runs + 1):
+            rows.append(one_run(args, number, first + number - 1, own))
     finally:
-        fleet.close()
-        client.close()
         if own is not None:
             own.close()
-        else:
-            cleanup = redis.Redis.from_url(url)
-            for key in cleanup.scan_iter(match=f"{prefix}:*", count=1000):
-                cleanup.delete(key)
-    return 1 if lost or duplicated else 0
+    if len(rows) > 1:
+        table(rows)
+    bad = sum(int(str(r[k])) for r in rows for k in ("lost", "stuck", "duplicated", "wrong snapshot"))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
