@@ -231,7 +231,12 @@ class LightningClient:
         anything is written), one MULTI/EXEC for all records, one pipeline for
         all task messages and one for their task-sent events (Flower's). If
         publishing fails the records are marked ``failed`` and
-        :class:`EnqueueError` is raised.
+        :class:`EnqueueError` is raised. A ``queue`` that cannot be a broker queue raises
+        :class:`InvalidQueueNameError` before anything is written.
+
+        Every rollout enters the pending index with its record: should its task message be lost
+        (a crash between the two steps, a message deleted from the queue), a worker's reaper sends
+        it again (:mod:`lightning_queue.storage.pending`).
 
         Idempotent enqueue: a request with a ``rollout_id`` (or an
         ``idempotency_key``, which names one) whose rollout already exists

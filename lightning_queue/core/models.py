@@ -286,10 +286,8 @@ class RolloutConfig(BaseModel):
     ``retry_backoff_max_seconds``, and with ``retry_jitter`` a uniformly
     random delay between 0 and that ("full jitter", as Celery's own
     ``retry_jitter``), so a fleet-wide failure does not come back as one wave.
-    Keep delays below the broker's visibility timeout: a delayed message waits
-    unacked in a worker, and the Redis transport hands it to another worker
-    once that timeout passes (the claim fencing keeps it from running twice,
-    but it may then run before its delay is over).
+    The delay is waited in Redis (the retry schedule), not in a message held by
+    a worker, so it may be longer than the broker's visibility timeout.
     """
 
     model_config = ConfigDict(extra="forbid")

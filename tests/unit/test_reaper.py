@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
+from celery.exceptions import Reject
 
 from lightning_queue import LightningClient, Rollout, RolloutConfig
 from lightning_queue.core.keys import Keys
@@ -292,3 +294,21 @@ def test_concurrent_takers_send_distinct_retries(fake_client: LightningClient, m
 def test_keys_of_the_pending_index_and_schedule_are_under_the_prefix() -> None:
     k = Keys("p1")
     assert (k.pending, k.delayed, k.dead_letters) == ("p1:pending", "p1:delayed", "p1:dead-letters")
+
+
+def test_a_retry_that_cannot_be_scheduled_hands_the_running_message_back(
+    fake_client: LightningClient, make_rollouts: MakeRollouts, task: FakeTask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = fake_client.store
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2, retry_backoff_seconds=5))
+    seq = run_to_running(store, rollout)
+    store.finish_attempt(rollout.rollout_id, seq, "failed", "requeuing")
+
+    def unreachable(due: object) -> list[str]:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(store.pending, "schedule_retries", unreachable)
+    with pytest.raises(Reject):
+        recovery.retry_after_attempt(task.ctx, rollout, seq)
+    # Its pending entry, written with the requeue, lets the reaper send it should the message be lost too.
+    assert score(store, store.keys.pending, rollout.rollout_id) is not None
