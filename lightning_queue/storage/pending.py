@@ -61,8 +61,8 @@ class PendingEntry:
     """When the reaper last found its message missing (None: found at the last look, or never looked)."""
     resends: int
     """How many times the reaper sent its message again."""
-    scheduled: bool
-    """Its retry waits in the retry schedule (its message will be sent when due)."""
+    retry_due: float | None
+    """When its retry is due, if it waits in the retry schedule (its message is sent then)."""
 
 
 class PendingIndex:
@@ -107,9 +107,9 @@ class PendingIndex:
         flat = self._lease(keys=[k.pending, k.delayed], args=[repr(now), limit, repr(lease_end), k.rollout_prefix])
         entries = []
         for i in range(0, len(flat), 7):
-            rid, status, queue, enqueued, missing, resends, scheduled = (text(v) for v in flat[i:i + 7])
+            rid, status, queue, enqueued, missing, resends, due = (text(v) for v in flat[i:i + 7])
             entries.append(PendingEntry(rid, status, queue, float(enqueued or 0), float(missing) if missing else None,
-                                        int(resends or 0), scheduled == "1"))
+                                        int(resends or 0), float(due) if due else None))
         return entries
 
     def find_messages(self, wanted: Mapping[str, str]) -> set[str]:

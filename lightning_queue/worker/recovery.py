@@ -185,12 +185,15 @@ def reap(ctx: WorkerContext, limit: int = REAP_LIMIT) -> Reaped:
     done = Reaped(looked=len(entries))
     if not entries:
         return done
-    found = pending.find_messages({e.rollout_id: e.queue or ctx.settings.queue for e in entries if not e.scheduled})
+    found = pending.find_messages({e.rollout_id: e.queue or ctx.settings.queue for e in entries
+                                   if e.retry_due is None})
     outcomes: list[tuple[str, float, Found]] = []
     again: list[PendingEntry] = []
     for entry in entries:
         rid = entry.rollout_id
-        if entry.scheduled or rid in found:
+        if entry.retry_due is not None:  # its message is sent when the retry is due: look a grace after
+            outcomes.append((rid, max(now, entry.retry_due) + grace, "present"))
+        elif rid in found:
             outcomes.append((rid, now + next_look(now - entry.enqueue_time, grace), "present"))
         elif entry.missing_since is None:
             outcomes.append((rid, now + grace / 2, "missing"))

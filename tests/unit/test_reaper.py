@@ -96,8 +96,8 @@ def test_lease_drops_rollouts_that_no_longer_wait_and_leases_the_rest(
     lease_end = time.time() + 60
     entries = store.pending.lease(time.time(), lease_end)
 
-    assert [(e.rollout_id, e.status, e.queue, e.missing_since, e.resends, e.scheduled) for e in entries] == [
-        (waiting.rollout_id, "queuing", waiting.queue, None, 0, False)]
+    assert [(e.rollout_id, e.status, e.queue, e.missing_since, e.resends, e.retry_due) for e in entries] == [
+        (waiting.rollout_id, "queuing", waiting.queue, None, 0, None)]
     assert store.redis.zrange(store.keys.pending, 0, -1, withscores=True) == [(waiting.rollout_id.encode(), lease_end)]
     assert store.pending.lease(time.time(), time.time() + 120) == []  # leased: not due again before the lease ends
 
@@ -257,6 +257,7 @@ def test_a_retry_with_a_backoff_waits_in_the_schedule_then_is_sent(
 
     make_due(store, rollout)
     assert recovery.reap(task.ctx).missing == []  # scheduled: its message is not missing
+    assert score(store, store.keys.pending, rollout.rollout_id) == pytest.approx(due + store.message_grace)
 
     store.redis.zadd(store.keys.delayed, {rollout.rollout_id: 0})  # the backoff is over
     assert recovery.send_due_retries(task.ctx) == [rollout.rollout_id]
