@@ -1,39 +1,41 @@
-"""Fault injection: run N rollouts over W workers while killing workers and taking Redis away.
+"""Fault injection: run rollouts on a local fleet while faults of every kind hit it, and count what went wrong.
 
-    python benchmarks/fault_injection.py --rollouts 200 --workers 3 --duration 60
-    python benchmarks/fault_injection.py --faults wipe --runs 3       # Redis restarted empty
-    python benchmarks/fault_injection.py --faults outage --runs 3     # Redis down 40 s
+    python benchmarks/fault_injection.py --rollouts 400 --runs 5
 
 Starts its own ``redis-server`` with an append-only file in a temporary directory (or uses
-``--redis-url``, where it cannot touch Redis and only kills workers), starts W workers with
-:class:`lightning_queue.ops.fleet.LocalFleet`, enqueues N rollouts of an agent that takes a while
-(``--agent-seconds``) and reports the prompt it actually ran with, and for ``--duration`` seconds
-injects the faults named by ``--faults``, at random (exponential gaps with the given means):
+``--redis-url``, where it cannot restart Redis), starts W prefork workers and (``--gevent-workers``)
+workers with a gevent pool of 200 on a queue of their own (``--gevent-share`` of the rollouts go
+there), through :class:`lightning_queue.ops.fleet.LocalFleet`, and runs N
+rollouts of an agent that takes a while (``--agent-seconds``), pinned half to one snapshot and half to
+another; ``--retry-share`` of them fail their first two attempts and are retried with a backoff
+(``--backoff``). The rollouts are enqueued in ``--waves`` batches while, for ``--duration`` seconds,
+it injects at random (``--faults``, all by default):
 
-* ``kill``: SIGKILL a worker (its main process and pool, as a vanished machine), start a replacement;
-* ``restart``: stop Redis (SIGTERM, or SIGKILL with ``--redis-signal KILL``), leave it down
-  0.5-``--max-down`` s, start it again from its append-only file;
-* ``wipe``: stop Redis and start it again *empty* (its files deleted: a Redis without persistence).
-  The script then acts as an algorithm must: its wait raises ``RegistryLostError``, which counts
-  the rollouts it had not seen finish as **reported lost**; it stores the snapshot again under the
-  same id (version 1 again, with a new prompt) and enqueues replacements;
-* ``outage``: stop Redis for ``--outage-seconds`` (40 by default), then start it again from its file.
+- ``kill``: a worker killed with SIGKILL (main process and pool, as a vanished machine), and replaced;
+- ``restart``: Redis stopped (or crashed, ``--redis-signal KILL``) and started again, while retries wait
+  their backoff;
+- ``delete``: a task message deleted from a queue list (where a backlog waits: the prefork queue);
+- ``unpublished``: rollouts whose records are written but whose messages are never published (a
+  client killed between the two; emulated by writing the records with ``client.store``);
+- ``poison``: malformed messages pushed onto the queue (not JSON, a JSON array, an envelope without
+  properties, a body that is not base64, a pickle, 2 MB of junk).
 
-Then it waits for every rollout and prints, per run: rollouts submitted, finished (by status),
-**reported lost** (gone with Redis's data, and reported so by ``RegistryLostError``), **lost** (gone
-without a word), **stuck** (not finished when the wait ended), **duplicated** (a rollout with more
-than one ``succeeded`` attempt, or ``succeeded`` with none), **wrong snapshot** (a rollout whose agent
-ran with another prompt than the one stored under the id and version its attempt records) and
-attempts per rollout. Exits 1 unless lost, stuck, duplicated and wrong snapshot are all 0.
+Then it waits (``--timeout``) and prints, per run: rollouts submitted; finished, by status; **lost**
+(the record is gone); **stuck** (not finished after the wait, and not failed with a clear error);
+**duplicated** (more than one succeeded attempt, or succeeded with none); **wrong snapshot** (a result
+computed with another snapshot than the one the rollout was pinned to); the faults injected; the
+rollouts the reaper sent again; the messages moved to the dead-letter list. With ``--runs`` above 1, a
+table of every run at the end. Exits 1 when anything was lost, stuck, duplicated or on a wrong snapshot.
 
-Uses only the public API and ``lightning_queue.ops.fleet``. Workers import this file as the module
-``fault_injection`` for its agent.
+Workers import this file as the module ``fault_injection`` for its agent.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import json
 import os
 import random
 import shutil
@@ -53,26 +55,27 @@ from lightning_queue import (
     PromptTemplate,
     Rollout,
     RolloutConfig,
+    RolloutRequest,
     RolloutResult,
     Settings,
     rollout,
 )
-from lightning_queue.core.errors import RedisUnavailableError, RegistryLostError, RolloutNotFoundError
 from lightning_queue.ops.embedded import free_port
-from lightning_queue.ops.fleet import LocalFleet
+from lightning_queue.ops.fleet import LocalFleet, WorkerProcess
 from lightning_queue.storage.connections import ping
 
 HERE = Path(__file__).resolve().parent
-FAULTS = ("kill", "restart", "wipe", "outage")
-SNAPSHOT = "rs-faults"
-UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, RedisUnavailableError)
+FAULTS = ("kill", "restart", "delete", "unpublished", "poison")
+SNAPSHOTS = {"rs-faults-a": "fault injection A {x}", "rs-faults-b": "fault injection B {x}"}
 
 
 @rollout
-def agent(task: dict, prompt: PromptTemplate) -> RolloutResult:
-    """Takes ``task["seconds"]``, as a rollout of LLM calls would, then reports a reward and the
-    prompt it actually got (which the script compares with what the attempt records)."""
+def agent(task: dict, prompt: PromptTemplate, rollout: Rollout) -> RolloutResult:
+    """Takes ``task["seconds"]``, as a rollout of LLM calls would, failing its first ``task["fail"]``
+    attempts; then reports a reward and the prompt it ran with (so which snapshot)."""
     time.sleep(task["seconds"])
+    if rollout.attempt_count <= task.get("fail", 0):
+        raise ConnectionError(f"attempt {rollout.attempt_count} fails on purpose")
     return RolloutResult(reward=1.0, output={"pid": os.getpid(), "prompt": prompt.template})
 
 
@@ -82,8 +85,7 @@ class OwnRedis:
     def __init__(self, appendfsync: str) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            sys.exit("no redis-server binary: install one, or pass --redis-url (workers are then killed, "
-                     "Redis is not touched)")
+            sys.exit("no redis-server binary: install one, or pass --redis-url (Redis is then not restarted)")
         self.dir = tempfile.TemporaryDirectory(prefix="lq-faults-")
         port = free_port()
         self.url = f"redis://127.0.0.1:{port}/0"
@@ -109,315 +111,303 @@ class OwnRedis:
                 self.process.terminate()
             self.process.wait(30)
 
-    def forget(self) -> None:
-        """Delete its files (while it is stopped): the next start is a Redis that lost its data."""
-        for path in Path(self.dir.name).iterdir():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
     def close(self) -> None:
         self.stop()
         self.dir.cleanup()
 
 
-@dataclass
-class Generation:
-    """The rollouts of one registry: those enqueued between two wipes, and the prompt stored under
-    ``rs-faults`` version 1 meanwhile (what each of them must have run with)."""
+def poison_messages(client: LightningClient, queue: str) -> list[bytes]:
+    """Malformed messages of every shape a worker must refuse, made from a good one."""
+    good = json.loads(client.publisher.build([Rollout(input=0, queue=queue)], [(None, None)]).by_queue[queue][0])
 
-    number: int
-    prompt: str
+    def changed(**fields: object) -> bytes:
+        return json.dumps({**good, **fields}).encode()
+
+    return [b"not json at all", b"[1, 2, 3]", changed(properties="x"), changed(body="!!!not base64!!!"),
+            changed(body=base64.b64encode(b"garbage{").decode()),
+            changed(**{"content-type": "application/x-python-serialize"}), b"x" * 2_000_000]
+
+
+@dataclass
+class Run:
+    """One run: the rollouts submitted and what was done to them."""
+
     ids: list[str] = field(default_factory=list)
-    finished: dict[str, tuple[str, object]] = field(default_factory=dict)  # id -> (status, prompt it ran with)
-    reported_lost: set[str] = field(default_factory=set)
+    pinned: dict[str, str] = field(default_factory=dict)  # rollout id -> the snapshot it was pinned to
+    faults: collections.Counter = field(default_factory=collections.Counter)
 
 
-class Algorithm:
-    """What an algorithm does through the faults: wait, and after a wipe store the snapshot again
-    and enqueue again what was lost."""
+class Faults:
+    """Injects the faults of one run."""
 
-    def __init__(self, client: LightningClient, args: argparse.Namespace, rng: random.Random) -> None:
-        self.client = client
-        self.args = args
-        self.rng = rng
-        self.generations: list[Generation] = []
+    def __init__(self, args: argparse.Namespace, fleets: list[LocalFleet], own: OwnRedis | None,
+                 client: LightningClient, run: Run, rng: random.Random) -> None:
+        self.args, self.fleets, self.own, self.client, self.run, self.rng = args, fleets, own, client, run, rng
+        # The prefork workers' queue (a backlog builds there), and the gevent workers' own.
+        self.queues = sorted({fleet.settings.queue for fleet in fleets})
+        self.poison = poison_messages(client, client.settings.queue)
 
-    @property
-    def current(self) -> Generation:
-        return self.generations[-1]
+    def kill(self) -> str:
+        fleet = self.rng.choice([f for f in self.fleets if any(w.alive for w in f.workers)])
+        victim: WorkerProcess = self.rng.choice([w for w in fleet.workers if w.alive])
+        os.killpg(victim.process.pid, signal.SIGKILL)  # no chance to requeue anything
+        victim.process.wait()
+        fleet.add(1, timeout=120)
+        return f"killed {victim.name}, started a replacement"
 
-    def start(self, count: int) -> None:
-        number = len(self.generations) + 1
-        generation = Generation(number, f"fault injection, registry {number}: {{x}}")
-        while True:
-            try:
-                self.client.add_resources({"prompt": PromptTemplate(template=generation.prompt)}, SNAPSHOT)
-                break
-            except RegistryLostError:
-                continue  # the client learns of the wipe here too; it writes into the new registry next
-            except UNREACHABLE:
-                time.sleep(0.5)
-        self.generations.append(generation)
-        self.enqueue(count)
+    def restart(self) -> str:
+        assert self.own is not None
+        self.own.stop(kill=self.args.redis_signal == "KILL")
+        time.sleep(self.rng.uniform(0.5, self.args.max_down))  # Redis is down this long: nothing to wait for
+        self.own.start()
+        return "restarted Redis"
 
-    def enqueue(self, count: int) -> None:
+    def delete(self) -> str:
+        r, queue = self.client.redis, self.rng.choice(self.queues)
+        key = self.client.keys.celery_queue(queue)
+        length = r.llen(key)
+        if not length:
+            return ""
+        message = r.lindex(key, self.rng.randrange(length))
+        return f"deleted a message from {queue}" if message is not None and r.lrem(key, 1, message) else ""
+
+    def unpublished(self) -> str:
+        requests, queue = self.run_requests(self.rng.randint(1, 5)), self.rng.choice(self.queues)
+        rollouts = [Rollout(input=req.input, resources_id=req.resources_id, resolve="pinned",
+                            resources_version=1, config=req.config or RolloutConfig(), queue=queue)
+                    for req in requests]
+        self.client.store.create_rollouts(rollouts)  # and never published: the client "died" here
+        self.record(rollouts)
+        return f"wrote {len(rollouts)} rollouts of {queue} without publishing them"
+
+    def poisoned(self) -> str:
+        queue = self.rng.choice(self.queues)
+        self.client.redis.lpush(self.client.keys.celery_queue(queue), self.rng.choice(self.poison))
+        return f"pushed a malformed message onto {queue}"
+
+    def enqueue(self, n: int) -> None:
+        """``n`` rollouts, ``--gevent-share`` of them to the gevent workers' queue."""
+        to_gevent = round(n * self.args.gevent_share) if len(self.queues) > 1 else 0
+        for queue, count in ((self.queues[-1], to_gevent), (self.client.settings.queue, n - to_gevent)):
+            if count:
+                self.record(self.client.enqueue_rollouts(self.run_requests(count), queue=queue))
+
+    def run_requests(self, n: int) -> list[RolloutRequest]:
         lo, hi = self.args.agent_seconds
-        while True:
-            try:
-                queued = self.client.enqueue_rollouts(
-                    [{"x": i, "seconds": self.rng.uniform(lo, hi)} for i in range(count)], resources_id=SNAPSHOT,
-                    config=RolloutConfig(max_attempts=self.args.max_attempts))
+        requests = []
+        for _ in range(n):
+            snapshot = self.rng.choice(sorted(SNAPSHOTS))
+            fail = 2 if self.rng.random() < self.args.retry_share else 0
+            requests.append(RolloutRequest(
+                input={"x": len(self.run.ids) + len(requests), "seconds": self.rng.uniform(lo, hi), "fail": fail},
+                resources_id=snapshot,
+                config=RolloutConfig(max_attempts=self.args.max_attempts, retry_backoff_seconds=self.args.backoff),
+            ))
+        return requests
+
+    def record(self, rollouts: list[Rollout]) -> None:
+        for r in rollouts:
+            self.run.ids.append(r.rollout_id)
+            self.run.pinned[r.rollout_id] = str(r.resources_id)
+
+    def inject(self) -> None:
+        """Enqueue the rollouts in ``--waves`` batches over the first two thirds of ``--duration``
+        and inject each fault kind at random (exponential gaps: ``--kill-interval``,
+        ``--restart-interval``, else ``--fault-interval`` on average), for ``--duration`` seconds,
+        or until every rollout has finished."""
+        kinds = [k for k in self.args.faults if k != "restart" or self.own is not None]
+        actions = {"kill": self.kill, "restart": self.restart, "delete": self.delete,
+                   "unpublished": self.unpublished, "poison": self.poisoned}
+        rare = {"kill": self.args.kill_interval, "restart": self.args.restart_interval}
+        mean = {k: rare.get(k, self.args.fault_interval) for k in kinds}
+        start = time.monotonic()
+        due = {k: start + self.rng.expovariate(1 / mean[k]) for k in kinds}
+        waves = [self.args.rollouts // self.args.waves + (i < self.args.rollouts % self.args.waves)
+                 for i in range(self.args.waves)]
+        wave_gap = self.args.duration * 2 / 3 / self.args.waves
+        next_wave = start
+        while time.monotonic() - start < self.args.duration:
+            if waves and time.monotonic() >= next_wave:
+                try:
+                    self.enqueue(waves[0])
+                    waves.pop(0)
+                    next_wave += wave_gap
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # Redis is down: enqueue this wave on the next pass
+            for kind in kinds:
+                if time.monotonic() >= due[kind]:
+                    try:
+                        done = actions[kind]()
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        done = f"(Redis down: {kind} skipped: {exc})"
+                    if done and not done.startswith("("):
+                        self.run.faults[kind] += 1
+                    if done:
+                        print(f"  {time.monotonic() - start:6.1f} s  {done}", flush=True)
+                    due[kind] = time.monotonic() + self.rng.expovariate(1 / mean[kind])
+            if not waves and self.finished():
                 break
-            except UNREACHABLE:
-                time.sleep(0.5)
-        self.current.ids.extend(r.rollout_id for r in queued)
+            time.sleep(0.2)
 
-    def unfinished(self) -> list[str]:
-        g = self.current
-        return [rid for rid in g.ids if rid not in g.finished]
-
-    def wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` s for the current registry's rollouts; after a wipe, start over."""
-        g = self.current
-        pending = self.unfinished()
-        if not pending:
-            return
-        def seen(r: Rollout) -> None:
-            g.finished[r.rollout_id] = (r.status, (r.result.output or {}).get("prompt") if r.result else None)
-
+    def finished(self) -> bool:
         try:
-            self.client.wait_for_rollouts(pending, timeout=timeout, on_finished=seen)
-        except RolloutNotFoundError as exc:
-            # RegistryLostError: Redis lost its data and says so. A plain RolloutNotFoundError (an
-            # older version) leaves the algorithm to guess: those rollouts count as lost, not reported.
-            lost = [rid for rid in g.ids if rid not in g.finished]
-            if isinstance(exc, RegistryLostError):
-                g.reported_lost.update(lost)
-            print(f"    registry {g.number} lost ({type(exc).__name__}): {len(lost)} rollouts gone; "
-                  "storing the snapshot again and enqueuing them again", flush=True)
-            self.start(len(lost))
-        except UNREACHABLE:
-            time.sleep(0.5)  # Redis is away: wait again
-
-    def done(self) -> bool:
-        return not self.unfinished()
+            return all(r.is_finished for r in self.client.get_rollouts(self.run.ids))
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
 
 
-def inject(args: argparse.Namespace, fleet: LocalFleet, own: OwnRedis | None, algorithm: Algorithm,
-           rng: random.Random) -> collections.Counter:
-    """Inject the faults of ``args.faults`` at random for ``args.duration`` seconds (or until all finish)."""
-    faults: collections.Counter = collections.Counter()
-    start = time.monotonic()
-    kinds = set(args.faults)
-    means = {"kill": args.kill_interval, "restart": args.restart_interval, "wipe": args.wipe_interval,
-             "outage": args.outage_interval}
-    due = {kind: start + rng.expovariate(1 / means[kind]) for kind in kinds
-           if kind == "kill" or own is not None}
-    while time.monotonic() - start < args.duration:
-        now = time.monotonic()
-        for kind, when in sorted(due.items(), key=lambda item: item[1]):
-            if now < when:
-                continue
-            at = now - start
-            if kind == "kill":
-                victim = rng.choice([w for w in fleet.workers if w.alive])
-                os.killpg(victim.process.pid, signal.SIGKILL)  # no chance to requeue anything
-                victim.process.wait()
-                fleet.add(1, timeout=120)
-                print(f"  {at:6.1f} s  killed {victim.name}, started a replacement", flush=True)
-                faults["workers killed"] += 1
-            elif own is not None:
-                own.stop(kill=args.redis_signal == "KILL")
-                if kind == "restart":
-                    what = "Redis restarts"
-                    time.sleep(rng.uniform(0.5, args.max_down))
-                elif kind == "wipe":
-                    what = "Redis restarted empty"
-                    own.forget()
-                    time.sleep(rng.uniform(0.5, args.max_down))
-                else:
-                    what = f"Redis down {args.outage_seconds:g} s"
-                    time.sleep(args.outage_seconds)  # how long Redis stays away
-                own.start()
-                faults[what] += 1
-                print(f"  {at:6.1f} s  {what}", flush=True)
-            due[kind] = time.monotonic() + rng.expovariate(1 / means[kind])
-            break  # one fault at a time
-        algorithm.wait(timeout=0.5)
-        if algorithm.done() and not args.keep_injecting:
-            break
-    return faults
+def report(client: LightningClient, run: Run, elapsed: float) -> dict[str, object]:
+    records = client.store.read_rollouts(run.ids)
+    lost = [rid for rid, r in zip(run.ids, records, strict=True) if r is None]
+    rollouts = [r for r in records if r is not None]
+    by_status = collections.Counter(r.status for r in rollouts)
+    stuck = [r.rollout_id for r in rollouts if not r.is_finished]
+    histogram: collections.Counter = collections.Counter()
+    attempt_statuses: collections.Counter = collections.Counter()
+    duplicated, wrong = [], []
+    for r in rollouts:
+        attempts = client.get_attempts(r.rollout_id)
+        histogram[len(attempts)] += 1
+        attempt_statuses.update(a.status for a in attempts)
+        successes = sum(a.status == "succeeded" for a in attempts)
+        if successes > 1 or (r.status == "succeeded" and successes == 0):
+            duplicated.append((r.rollout_id, [a.status for a in attempts]))
+        if r.status == "succeeded":
+            ran_with = [a.resources_id for a in attempts if a.status == "succeeded"]
+            prompt = (r.result.output or {}).get("prompt") if r.result else None
+            if ran_with != [run.pinned[r.rollout_id]] or prompt != SNAPSHOTS[run.pinned[r.rollout_id]]:
+                wrong.append((r.rollout_id, ran_with, prompt))
+    errors = collections.Counter(r.error.type for r in rollouts if r.status == "failed" and r.error)
+    resent = sum(int(client.redis.hget(client.keys.rollout(rid), "resends") or 0) for rid in run.ids)
+    dead = client.redis.llen(client.keys.dead_letters)
+    print(f"rollouts submitted:   {len(run.ids)}")
+    print(f"finished:             {sum(by_status[s] for s in ('succeeded', 'failed', 'cancelled'))} "
+          f"({', '.join(f'{s} {n}' for s, n in sorted(by_status.items()))})")
+    if errors:
+        print(f"failed with:          {dict(errors)}")
+    print(f"lost:                 {len(lost)}" + (f"  e.g. {lost[:5]}" if lost else ""))
+    print(f"stuck:                {len(stuck)}" + (f"  e.g. {stuck[:5]}" if stuck else ""))
+    print(f"duplicated results:   {len(duplicated)}" + (f"  e.g. {duplicated[:3]}" if duplicated else ""))
+    print(f"wrong snapshot:       {len(wrong)}" + (f"  e.g. {wrong[:3]}" if wrong else ""))
+    print(f"faults:               {dict(run.faults) or 'none'}")
+    print(f"re-sent by the reaper: {resent}; dead letters: {dead}")
+    print("attempts per rollout: " + ", ".join(f"{n}: {c}" for n, c in sorted(histogram.items())))
+    print("attempt outcomes:     " + ", ".join(f"{s} {n}" for s, n in sorted(attempt_statuses.items())))
+    return {"rollouts": len(run.ids), "succeeded": by_status["succeeded"], "failed": by_status["failed"],
+            "lost": len(lost), "stuck": len(stuck), "duplicated": len(duplicated), "wrong snapshot": len(wrong),
+            "kills": run.faults["kill"], "restarts": run.faults["restart"], "deleted": run.faults["delete"],
+            "unpublished": run.faults["unpublished"], "poison": run.faults["poison"], "re-sent": resent,
+            "seconds": round(elapsed)}
 
 
-@dataclass
-class Outcome:
-    submitted: int = 0
-    by_status: collections.Counter = field(default_factory=collections.Counter)
-    reported_lost: int = 0
-    lost: list[str] = field(default_factory=list)
-    stuck: list[str] = field(default_factory=list)
-    duplicated: list[tuple[str, list[str]]] = field(default_factory=list)
-    wrong: list[tuple[str, str, str]] = field(default_factory=list)
-    histogram: collections.Counter = field(default_factory=collections.Counter)
-    attempt_statuses: collections.Counter = field(default_factory=collections.Counter)
-    failed: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.lost or self.stuck or self.duplicated or self.wrong)
-
-
-def report(client: LightningClient, algorithm: Algorithm) -> Outcome:
-    out = Outcome()
-    current = algorithm.current
-    for g in algorithm.generations:
-        out.submitted += len(g.ids)
-        out.reported_lost += len(g.reported_lost)
-        if g is not current:
-            # Gone with a wiped registry: each was seen finished or reported lost, or it was lost silently.
-            for rid in g.ids:
-                if rid in g.finished:
-                    status, ran_with = g.finished[rid]
-                    out.by_status[status] += 1
-                    if status == "succeeded" and ran_with != g.prompt:
-                        out.wrong.append((rid, f"registry {g.number}", f"{ran_with!r}"))
-                elif rid not in g.reported_lost:
-                    out.lost.append(rid)
-            continue
-        for rid in g.ids:
-            try:
-                r = client.get_rollout(rid)
-                attempts = client.get_attempts(rid)
-            except RolloutNotFoundError:
-                out.lost.append(rid)
-                continue
-            out.by_status[r.status] += 1
-            if not r.is_finished:
-                out.stuck.append(rid)
-            out.histogram[len(attempts)] += 1
-            out.attempt_statuses.update(a.status for a in attempts)
-            successes = [a for a in attempts if a.status == "succeeded"]
-            if len(successes) > 1 or (r.status == "succeeded" and not successes):
-                out.duplicated.append((rid, [a.status for a in attempts]))
-            if r.status == "succeeded" and r.result is not None:
-                ran_with = (r.result.output or {}).get("prompt")
-                recorded = (successes[0].resources_id, successes[0].resources_version) if successes else None
-                # In this registry, rs-faults version 1 holds the generation's prompt (it is never updated).
-                if recorded != (SNAPSHOT, 1) or ran_with != g.prompt:
-                    out.wrong.append((rid, f"{recorded}", f"{ran_with!r}"))
-            if r.status == "failed" and r.error is not None:
-                out.failed.append(f"{rid}: {r.error.type}: {r.error.message}")
-    return out
-
-
-def print_outcome(out: Outcome) -> None:
-    finished = sum(out.by_status[s] for s in ("succeeded", "failed", "cancelled"))
-    print(f"rollouts submitted:   {out.submitted} (replacements of reported-lost ones included)")
-    print(f"finished:             {finished} ({', '.join(f'{s} {n}' for s, n in sorted(out.by_status.items()))})")
-    print(f"reported lost:        {out.reported_lost} (with their registry; RegistryLostError said so)")
-    print(f"lost:                 {len(out.lost)}" + (f"  e.g. {out.lost[:5]}" if out.lost else ""))
-    print(f"stuck:                {len(out.stuck)}" + (f"  e.g. {out.stuck[:5]}" if out.stuck else ""))
-    print(f"duplicated results:   {len(out.duplicated)}" + (f"  e.g. {out.duplicated[:3]}" if out.duplicated else ""))
-    print(f"wrong snapshot:       {len(out.wrong)}" + (f"  e.g. {out.wrong[:3]}" if out.wrong else ""))
-    print("attempts per rollout: " + ", ".join(f"{n}: {c}" for n, c in sorted(out.histogram.items())))
-    print("attempt outcomes:     " + ", ".join(f"{s} {n}" for s, n in sorted(out.attempt_statuses.items())))
-    for line in out.failed[:3]:
-        print(f"  failed {line}")
-
-
-def one_run(args: argparse.Namespace, seed: int) -> tuple[collections.Counter, Outcome, float]:
+def one_run(args: argparse.Namespace, number: int, seed: int, own: OwnRedis | None) -> dict[str, object]:
     rng = random.Random(seed)
-    own = None if args.redis_url else OwnRedis(args.appendfsync)
-    if own is not None:
-        own.start()
     url = args.redis_url or own.url  # type: ignore[union-attr]
     prefix = f"lqfaults-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q",
-                        visibility_timeout=args.visibility_timeout)
-    mode = (f"own, appendonly yes, appendfsync {args.appendfsync}, stopped by SIG{args.redis_signal}" if own
-            else "given: not touched")
-    print(f"Redis {url} ({mode}), prefix {prefix}, {args.workers} workers, {args.rollouts} rollouts of "
-          f"{args.agent_seconds[0]}-{args.agent_seconds[1]} s, faults {','.join(args.faults)} for "
-          f"{args.duration:.0f} s, seed {seed}", flush=True)
-    fleet = LocalFleet(settings, "fault_injection:agent", count=args.workers, pythonpath=[str(HERE)])
+                        visibility_timeout=args.visibility_timeout, heartbeat_interval=2.0, watchdog_interval=1.0,
+                        message_grace_seconds=args.grace, retry_poll_interval=0.5)
+    mode = (f"own, appendonly yes, appendfsync {args.appendfsync}, restarts by SIG{args.redis_signal}" if own
+            else "given: no restarts")
+    print(f"\n=== run {number}: Redis {url} ({mode}), prefix {prefix}, {args.workers} prefork + {args.gevent_workers} "
+          f"gevent-200 workers, {args.rollouts} rollouts of {args.agent_seconds[0]}-{args.agent_seconds[1]} s, "
+          f"{args.duration:.0f} s of faults ({', '.join(args.faults)}), seed {seed}", flush=True)
+    fleets = [LocalFleet(settings, "fault_injection:agent", count=args.workers, pythonpath=[str(HERE)])]
+    if args.gevent_workers:
+        gevent_settings = settings.model_copy(update={"queue": f"{prefix}-gevent"})
+        fleets.append(LocalFleet(gevent_settings, "fault_injection:agent", count=args.gevent_workers,
+                                 pythonpath=[str(HERE)], pool="gevent", concurrency=200))
     client = LightningClient(settings)
+    run = Run()
     started = time.monotonic()
     try:
-        fleet.start(timeout=120)
-        algorithm = Algorithm(client, args, rng)
-        algorithm.start(args.rollouts)
-        faults = inject(args, fleet, own, algorithm, rng)
-        print(f"faults injected: {dict(faults) or 'none'}; waiting for the rest...", flush=True)
+        for fleet in fleets:
+            fleet.start(timeout=120)
+        client.add_resources_batch([(rid, {"prompt": PromptTemplate(template=t)}) for rid, t in SNAPSHOTS.items()])
+        Faults(args, fleets, own, client, run, rng).inject()
+        print(f"faults injected: {dict(run.faults) or 'none'}; waiting for the rest...", flush=True)
         deadline = time.monotonic() + args.timeout
-        while not algorithm.done() and time.monotonic() < deadline:
-            algorithm.wait(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+        while time.monotonic() < deadline:
+            try:
+                client.wait_for_rollouts(run.ids, timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(1)
         elapsed = time.monotonic() - started
         print(f"done in {elapsed:.0f} s\n")
-        outcome = report(client, algorithm)
-        print_outcome(outcome)
-        return faults, outcome, elapsed
+        return report(client, run, elapsed)
     finally:
-        fleet.close()
+        for fleet in fleets:
+            fleet.close()
         client.close()
-        if own is not None:
-            own.close()
-        else:
+        if own is None:
             cleanup = redis.Redis.from_url(url)
             for key in cleanup.scan_iter(match=f"{prefix}:*", count=1000):
                 cleanup.delete(key)
 
 
+def table(rows: list[dict[str, object]]) -> None:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("\n| run | " + " | ".join(c.ljust(widths[c]) for c in columns) + " |")
+    print("|---|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|")
+    for i, row in enumerate(rows, 1):
+        print(f"| {i} | " + " | ".join(str(row[c]).rjust(widths[c]) for c in columns) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rollouts", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--rollouts", type=int, default=400)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--waves", type=int, default=10, help="batches the rollouts are enqueued in, during the faults")
+    parser.add_argument("--workers", type=int, default=3, help="prefork workers (one process each)")
+    parser.add_argument("--gevent-workers", type=int, default=1,
+                        help="workers with a gevent pool of 200, on a queue of their own")
+    parser.add_argument("--gevent-share", type=float, default=0.5, help="rollouts sent to the gevent workers' queue")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection")
-    parser.add_argument("--faults", default="kill,restart",
-                        help=f"comma-separated fault kinds among {', '.join(FAULTS)} (default: kill,restart)")
-    parser.add_argument("--runs", type=int, default=1, help="runs in a row (seeds seed, seed+1...); a table at the end")
-    parser.add_argument("--agent-seconds", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN", "MAX"),
-                        help="how long each rollout takes, drawn uniformly")
-    parser.add_argument("--kill-interval", type=float, default=8.0, help="mean seconds between worker kills")
-    parser.add_argument("--restart-interval", type=float, default=20.0, help="mean seconds between Redis restarts")
-    parser.add_argument("--wipe-interval", type=float, default=20.0,
-                        help="mean seconds between restarts of Redis empty")
-    parser.add_argument("--outage-interval", type=float, default=10.0, help="mean seconds before each outage")
-    parser.add_argument("--outage-seconds", type=float, default=40.0, help="how long an outage keeps Redis down")
-    parser.add_argument("--max-down", type=float, default=3.0, help="longest Redis restart, seconds")
-    parser.add_argument("--keep-injecting", action="store_true",
-                        help="inject faults for the whole --duration even when every rollout has finished")
+    parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument("--kill-interval", type=float, default=10.0, help="mean seconds between worker kills")
+    parser.add_argument("--restart-interval", type=float, default=10.0, help="mean seconds between Redis restarts")
+    parser.add_argument("--fault-interval", type=float, default=4.0,
+                        help="mean seconds between two deletes, two unpublished batches, two poison messages")
+    parser.add_argument("--agent-seconds", type=float, nargs=2, default=(0.1, 0.6), metavar=("MIN", "MAX"),
+                        help="how long each attempt takes, drawn uniformly")
+    parser.add_argument("--retry-share", type=float, default=0.3, help="rollouts that fail their first 2 attempts")
+    parser.add_argument("--backoff", type=float, default=0.5, help="retry backoff of every rollout, seconds")
+    parser.add_argument("--max-down", type=float, default=3.0, help="longest Redis outage, seconds")
     parser.add_argument("--visibility-timeout", type=int, default=10,
                         help="seconds before a killed worker's message is redelivered (above the longest rollout)")
+    parser.add_argument("--grace", type=float, default=2.0, help="LQ_MESSAGE_GRACE_SECONDS of the run")
     parser.add_argument("--max-attempts", type=int, default=20)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the rollouts afterwards")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds to wait for the rollouts once faults stop (then unfinished ones are stuck)")
     parser.add_argument("--appendfsync", choices=["always", "everysec"], default="always")
     parser.add_argument("--redis-signal", choices=["TERM", "KILL"], default="TERM",
                         help="stop Redis gracefully (TERM) or crash it (KILL)")
-    parser.add_argument("--redis-url", help="use this Redis (workers are killed, Redis is not touched)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--redis-url", help="use this Redis (no restarts) instead of starting one")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first run (the next ones add 1)")
     args = parser.parse_args()
-    args.faults = [kind.strip() for kind in args.faults.split(",") if kind.strip()]
-    unknown = set(args.faults) - set(FAULTS)
-    if unknown:
-        parser.error(f"unknown fault kinds {sorted(unknown)}; choose among {', '.join(FAULTS)}")
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    if args.gevent_workers:
+        try:
+            import gevent  # noqa: F401
+        except ImportError:
+            sys.exit("--gevent-workers needs gevent: pip install -e '.[bench]' (or pass --gevent-workers 0)")
+    first = args.seed if args.seed is not None else random.randrange(2**32)
 
+    own = None if args.redis_url else OwnRedis(args.appendfsync)
+    if own is not None:
+        own.start()
     rows = []
-    for run in range(args.runs):
-        if run:
-            print()
-        faults, outcome, elapsed = one_run(args, seed + run)
-        rows.append((seed + run, faults, outcome, elapsed))
-    if args.runs > 1:
-        print("\n| seed | faults injected | finished | reported lost | lost | stuck | duplicated | wrong snapshot "
-              "| attempts per rollout | seconds |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for run_seed, faults, out, elapsed in rows:
-            finished = ", ".join(f"{n} {s}" for s, n in sorted(out.by_status.items()))
-            attempts = ", ".join(f"{n}: {c}" for n, c in sorted(out.histogram.items()))
-            injected = ", ".join(f"{n} {what}" for what, n in faults.items()) or "none"
-            print(f"| {run_seed} | {injected} | {finished} | {out.reported_lost} | {len(out.lost)} | "
-                  f"{len(out.stuck)} | {len(out.duplicated)} | {len(out.wrong)} | {attempts} | {elapsed:.0f} |")
-    return 0 if all(out.ok for _, _, out, _ in rows) else 1
+    try:
+        for number in range(1, args.runs + 1):
+            rows.append(one_run(args, number, first + number - 1, own))
+    finally:
+        if own is not None:
+            own.close()
+    if len(rows) > 1:
+        table(rows)
+    bad = sum(int(str(r[k])) for r in rows for k in ("lost", "stuck", "duplicated", "wrong snapshot"))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

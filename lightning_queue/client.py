@@ -72,6 +72,7 @@ class LightningClient:
         self.store = RolloutStore(
             self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline,
             epoch=self.epoch, outage_seconds=self.settings.sweep_outage_seconds,
+            message_grace=self.settings.message_grace_seconds,
         )
         self._celery = celery
         self._publisher: Publisher | None = None
@@ -246,6 +247,13 @@ class LightningClient:
         is raised and nothing is sent (what the MULTI/EXEC wrote is marked
         ``failed``; caller-chosen ids are refused by their script before any
         write); the next call enqueues into the new registry.
+
+        A ``queue`` that cannot be a broker queue raises
+        :class:`InvalidQueueNameError` before anything is written.
+
+        Every rollout enters the pending index with its record: should its task message be lost
+        (a crash between the two steps, a message deleted from the queue), a worker's reaper sends
+        it again (:mod:`lightning_queue.storage.pending`).
 
         Idempotent enqueue: a request with a ``rollout_id`` (or an
         ``idempotency_key``, which names one) whose rollout already exists

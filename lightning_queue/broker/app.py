@@ -9,9 +9,12 @@ tasks, bootsteps and receivers (:mod:`lightning_queue.worker.app`).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 from celery import Celery
+from kombu.serialization import prepare_accept_content
 
+from lightning_queue.broker.transport import SENTINEL_TRANSPORT, TRANSPORT
 from lightning_queue.core.settings import Settings
 from lightning_queue.storage.connections import broker_ssl_options
 
@@ -27,6 +30,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # default sweeps every ~100 s), so they are redelivered soon after it expires.
         "unacked_restore_interval": max(1, min(30, settings.visibility_timeout // 4)),
         "unacked_restore_throttle": 1,
+        # lightning_queue.broker.transport: where refused messages go, and how big a message may be.
+        "lq_dead_letter_key": settings.keys.dead_letters,
+        "lq_max_message_bytes": settings.max_message_bytes,
     }
     if settings.sentinel_master:
         # kombu's sentinel:// transport asks the Sentinels for this primary (as connect() does).
@@ -62,6 +68,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if ssl:
         config["broker_use_ssl"] = ssl
     config.update(settings.celery)
+    scheme = urlparse(str(config["broker_url"])).scheme
+    if scheme in ("redis", "rediss", "sentinel"):
+        # kombu's Redis transport, hardened: malformed messages and lost connections never take a
+        # worker down (lightning_queue.broker.transport).
+        config.setdefault("broker_transport", SENTINEL_TRANSPORT if scheme == "sentinel" else TRANSPORT)
+        options = config["broker_transport_options"]
+        options.setdefault("lq_content_types", sorted(prepare_accept_content(config["accept_content"])))
     return config
 
 

@@ -36,7 +36,7 @@ from celery.utils.time import utcoffset
 from pydantic_core import to_json
 
 from lightning_queue.core.errors import PublishError
-from lightning_queue.core.keys import ROLLOUT_TASK
+from lightning_queue.core.keys import ROLLOUT_TASK, check_queue_name
 from lightning_queue.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -96,13 +96,14 @@ class Publisher:
     def queue_for(self, queue: str | None) -> str:
         """The queue a rollout goes to: ``queue`` when given, else what ``task_routes`` route the
         rollout task to (routes keyed by task name; a routing function sees no arguments), else
-        ``settings.queue``."""
+        ``settings.queue``. Raises :class:`InvalidQueueNameError` for a name that cannot be a
+        broker queue (:func:`~lightning_queue.core.keys.check_queue_name`)."""
         if queue:
-            return queue
+            return check_queue_name(queue)
         routed = self.app.amqp.router.route({}, ROLLOUT_TASK, (), {})
         destination = routed.get("queue")
         name = getattr(destination, "name", destination)
-        return str(name) if name else self.settings.queue
+        return check_queue_name(str(name)) if name else self.settings.queue
 
     def limits(self, rollout: Rollout) -> Limits:
         """The rollout's (hard, soft) time limits: its own ``timeout_seconds`` or

@@ -303,6 +303,38 @@ class InvalidRolloutIdError(LightningQueueError, ValueError):
         self.rollout_id = rollout_id
 
 
+class InvalidQueueNameError(LightningQueueError, ValueError):
+    """A queue name (``enqueue_rollouts(queue=...)``, ``LQ_QUEUE``, a route) that cannot name a
+    broker queue: outside the safe characters, or one of kombu's own keys."""
+
+    def __init__(self, name: object, reason: str) -> None:
+        super().__init__(f"queue name {name!r} cannot be used: {reason}")
+        self.name = name
+
+
+class ConnectionBudgetError(ConfigurationError):
+    """A worker's broker connection limits are below what its pool needs at its concurrency."""
+
+    def __init__(self, setting: str, configured: int, needed: int, pool: str, concurrency: int) -> None:
+        super().__init__(
+            f"{setting} is {configured}, but a {pool} pool of {concurrency} needs at least {needed} broker "
+            f"connections; raise {setting} in LQ_CELERY or lower the concurrency"
+        )
+        self.setting, self.configured, self.needed = setting, configured, needed
+
+
+class MessageLostError(LightningQueueError):
+    """A queued rollout's task message was found missing (from the queue, the workers' unacked
+    messages and the retry schedule) and re-sent too many times (the ``error.type`` of such a rollout)."""
+
+    def __init__(self, resends: int) -> None:
+        super().__init__(
+            f"its task message went missing {resends} times and was re-sent each time; something removes "
+            "messages from the broker (see the dead-letter list and the workers' logs), enqueue it again once fixed"
+        )
+        self.resends = resends
+
+
 class DuplicateRolloutIdError(LightningQueueError, ValueError):
     """One enqueue batch names the same rollout id (or idempotency key) twice."""
 

@@ -31,6 +31,11 @@ Rollout store::
     {p}:watchdog                         hash  the fleet's sweeps: ``last`` (Redis time of the last one) and
                                                ``hold`` (no attempt is presumed dead before this Redis time:
                                                set after a gap in the sweeps, i.e. an outage)
+    {p}:pending                          zset  rollout_id -> when the reaper next looks for its task message;
+                                               every queuing or requeuing rollout is in it (written with the
+                                               record, removed by the claim; the reaper reads only the due head)
+    {p}:delayed                          zset  rollout_id -> when its retry is due: the backoff of a requeued
+                                               rollout, waited here (not in an ETA message held by a worker)
 
 Workers::
 
@@ -56,6 +61,11 @@ through kombu's ``global_keyprefix`` transport option::
     {p}:celery:{queue}\x06\x16{n}       list  its priority sub-queue n (3, 6, 9), when priorities are used
     {p}:celery:unacked                 hash  messages workers took and have not acked yet (acks late:
                                              the rollouts running or about to)
+    {p}:dead-letters                   list  messages workers refused as malformed (JSON, newest first:
+                                             time, queue, worker, reason, size, the message's first 64 KiB)
+
+Queue names become broker keys, so :func:`check_queue_name` refuses those that collide with
+kombu's own keys under ``{p}:celery:``.
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lightning_queue.core.errors import InvalidQueueNameError
 from lightning_queue.core.models import ROLLOUT_STATUSES
 
 # kombu's Redis transport: a queue's priority sub-queues are "{queue}{sep}{step}" for each
@@ -79,6 +90,28 @@ KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ``{prefix}:...``) never start with another prefix followed by ``:`` and the ACL rule ``~P:* &P:*``
 matches exactly prefix ``P``'s keys and channels; no glob characters (``*?[]\\``), so ``{prefix}:*``
 in SCAN and ACL patterns means what it says."""
+
+
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+"""Queue names: 1-100 letters, digits and ``._-``, starting with a letter or digit (so never
+kombu's ``_kombu.*`` keys, and never the priority separator)."""
+
+# kombu's Redis transport keeps these under the same prefix as the queue lists (its unacked
+# hash, index and mutex; Celery's remote-control and event exchanges): a queue of that name
+# would be a list where a worker expects a hash, and every worker would fail on its next message.
+RESERVED_QUEUE_NAMES = frozenset({"unacked", "unacked_index", "unacked_mutex"})
+RESERVED_QUEUE_SUFFIXES = (".pidbox",)
+RESERVED_QUEUE_PREFIXES = ("celeryev",)
+
+
+def check_queue_name(name: str) -> str:
+    """Return ``name`` if it can name a rollout queue, else raise :class:`InvalidQueueNameError`."""
+    if not isinstance(name, str) or not re.match(QUEUE_NAME_PATTERN, name):
+        raise InvalidQueueNameError(name, "use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if name in RESERVED_QUEUE_NAMES or name.endswith(RESERVED_QUEUE_SUFFIXES) \
+            or name.startswith(RESERVED_QUEUE_PREFIXES):
+        raise InvalidQueueNameError(name, "the broker keeps its own keys under that name, pick another")
+    return name
 
 
 @dataclass(frozen=True)
@@ -190,6 +223,14 @@ class Keys:
     def watchdog(self) -> str:
         return f"{self.prefix}:watchdog"
 
+    @property
+    def pending(self) -> str:
+        return f"{self.prefix}:pending"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.prefix}:delayed"
+
     # -- worker health ---------------------------------------------------------------
     def worker_health(self, hostname: str) -> str:
         return f"{self.prefix}:worker:{hostname}"
@@ -238,6 +279,10 @@ class Keys:
     @property
     def celery_unacked(self) -> str:
         return f"{self.celery_prefix}unacked"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead-letters"
 
     @property
     def pattern(self) -> str:

@@ -59,6 +59,9 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 """A rollout in one of these statuses never changes again."""
 OPEN_STATUSES: frozenset[str] = frozenset({"preparing", "running"})
 """A rollout in one of these has an open attempt on some worker (which heartbeats it)."""
+WAITING_STATUSES: frozenset[str] = frozenset({"queuing", "requeuing"})
+"""Waiting for a worker: the rollout's task message must exist (queued, held by a worker, or its retry
+scheduled); the reaper looks for it."""
 ACTIVE_STATUSES: tuple[RolloutStatus, ...] = tuple(s for s in ROLLOUT_STATUSES if s not in TERMINAL_STATUSES)
 """Not finished yet: waiting for a worker, on one, or waiting to be retried."""
 CLOSED_ATTEMPT_STATUSES: frozenset[str] = frozenset({"timeout", "worker_lost", "unresponsive"})
@@ -286,10 +289,8 @@ class RolloutConfig(BaseModel):
     ``retry_backoff_max_seconds``, and with ``retry_jitter`` a uniformly
     random delay between 0 and that ("full jitter", as Celery's own
     ``retry_jitter``), so a fleet-wide failure does not come back as one wave.
-    Keep delays below the broker's visibility timeout: a delayed message waits
-    unacked in a worker, and the Redis transport hands it to another worker
-    once that timeout passes (the claim fencing keeps it from running twice,
-    but it may then run before its delay is over).
+    The delay is waited in Redis (the retry schedule), not in a message held by
+    a worker, so it may be longer than the broker's visibility timeout.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lightning_queue.core.keys import KEY_PREFIX_PATTERN, Keys
+from lightning_queue.core.keys import KEY_PREFIX_PATTERN, Keys, check_queue_name
 
 
 class Settings(BaseSettings):
@@ -83,6 +83,25 @@ class Settings(BaseSettings):
         gt=0,
         description="How often each worker sweeps for unresponsive attempts (default: one heartbeat interval).",
     )
+    message_grace_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="The reaper looks for the task message of a queued (or requeued) rollout this long after it was "
+        "sent; one found nowhere (queue, unacked messages, retry schedule) at two looks half this apart is sent "
+        "again. Messages found are looked for again later, less and less often (at most every 20 graces).",
+    )
+    message_resends: int = Field(
+        10, ge=1, description="A rollout whose task message went missing this many times fails (MessageLostError)."
+    )
+    retry_poll_interval: float = Field(
+        1.0, gt=0, description="How often each worker sends the retries whose backoff is over (seconds)."
+    )
+    max_message_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="A task message bigger than this is refused by workers and moved to the dead-letter list "
+        "(rollout messages carry ids only: about 1.5 KB).",
+    )
     stall_threshold_seconds: float = Field(
         60.0,
         gt=0,
@@ -130,6 +149,11 @@ class Settings(BaseSettings):
                 "a letter or digit (no ':': prefixes must not nest, see docs/operations.md#security)"
             )
         return value
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_is_usable(cls, value: str) -> str:
+        return check_queue_name(value)
 
     @property
     def heartbeat_deadline(self) -> float:

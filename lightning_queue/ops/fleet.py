@@ -83,7 +83,8 @@ class LocalFleet:
     """Start ``count`` workers for ``agent`` (``module:attr``) against ``settings``.
 
     ``app`` is the Celery app the workers load (``lightning_queue.app``, or a
-    module of yours that calls ``create_app``). Use as a context manager, or
+    module of yours that calls ``create_app``); ``pool`` and ``concurrency`` are Celery's
+    ``--pool`` and ``--concurrency``. Use as a context manager, or
     call :meth:`start`/:meth:`add` and :meth:`close`.
     """
 
@@ -91,6 +92,7 @@ class LocalFleet:
     agent: str | None
     count: int = 2
     concurrency: int = 1
+    pool: str | None = None  # Celery's --pool (prefork when None)
     pythonpath: Sequence[str] = ()
     app: str = "lightning_queue.app"
     cwd: str | None = None
@@ -118,6 +120,8 @@ class LocalFleet:
                     "--without-mingle", "--without-gossip",
                     # INFO at least: readiness is read from the "ready." line of the log.
                     "--loglevel", "INFO"]
+            if self.pool:
+                argv += ["--pool", self.pool]
             with open(log_path, "wb") as log:
                 process = subprocess.Popen(argv, env=env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True)

@@ -9,7 +9,8 @@ both the Prometheus exporter (:class:`LightningCollector`, served by
 status``).
 
 Cost per scrape, whatever the number of rollouts: one pipeline of ``ZCARD`` /
-``LLEN`` / ``HLEN`` / ``HGETALL pointers`` / ``ZREVRANGE snapshots`` and one
+``LLEN`` / ``HLEN`` / ``HGETALL pointers`` / ``ZREVRANGE snapshots`` (and the retry
+schedule's ``ZCARD`` and the dead-letter list's ``LLEN``) and one
 pipeline of ``ZCARD`` per snapshot shown (at most ``max_snapshots`` plus the
 pointer targets). Rollout records are never read. The worker cache stats are
 found with a ``SCAN`` (:meth:`LightningClient.cache_stats`), so they are read
@@ -95,6 +96,8 @@ class Overview:
     snapshots: int
     rollouts_by_resources: dict[str, int]  # the newest snapshots and every pointer target
     registry_seq: int
+    retries_waiting: int = 0  # requeued rollouts waiting their backoff in the retry schedule
+    dead_letters: int = 0  # malformed messages workers refused and set aside
     time: float = field(default_factory=time.time)
 
     def pointers_naming(self, resources_id: str) -> list[str]:
@@ -125,6 +128,8 @@ def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots:
     pipe.zcard(k.snapshots)
     pipe.zrevrange(k.snapshots, 0, max_snapshots - 1)
     pipe.get(k.seq)
+    pipe.zcard(k.delayed)
+    pipe.llen(k.dead_letters)
     replies = iter(pipe.execute())
 
     by_status: dict[str, int] = {status: int(next(replies)) for status in ROLLOUT_STATUSES}
@@ -134,13 +139,14 @@ def read_overview(client: LightningClient, queues: Sequence[str], max_snapshots:
     snapshots = int(next(replies))
     newest_ids = [text(rid) for rid in next(replies)]
     seq = int(next(replies) or 0)
+    retries_waiting, dead_letters = int(next(replies)), int(next(replies))
 
     shown = list(dict.fromkeys([*newest_ids, *sorted(set(pointers.values()))]))
     pipe = client.redis.pipeline(transaction=False)
     for rid in shown:
         pipe.zcard(k.rollouts_by_resources(rid))
     by_resources = dict(zip(shown, (int(n) for n in pipe.execute()), strict=True))
-    return Overview(by_status, depth, unacked, pointers, snapshots, by_resources, seq)
+    return Overview(by_status, depth, unacked, pointers, snapshots, by_resources, seq, retries_waiting, dead_letters)
 
 
 class CacheStatsReader:
@@ -270,6 +276,8 @@ class LightningCollector(Collector):
     * ``lq_snapshots``, ``lq_registry_seq``
     * ``lq_queue_messages{queue, priority}`` messages waiting, per kombu priority sub-queue
     * ``lq_queue_unacked`` messages taken by workers and not acked yet (rollouts running or about to)
+    * ``lq_retries_waiting`` requeued rollouts waiting their backoff in the retry schedule
+    * ``lq_dead_letters`` malformed messages workers refused, in ``{p}:dead-letters``
     * ``lq_rollouts_finished_total`` rollouts finished while the exporter ran (with a :class:`FinishedRollouts`)
     * ``lq_worker_processes`` worker processes that reported cache stats recently
     * ``lq_cache_hit_ratio`` the fleet's snapshot-cache hit ratio; ``lq_snapshot_load_seconds_mean`` its mean
@@ -362,6 +370,10 @@ class LightningCollector(Collector):
         yield depth
         yield _gauge("lq_queue_unacked", "Messages workers took and have not acked (rollouts running or about to).",
                      prefix, o.unacked)
+        yield _gauge("lq_retries_waiting", "Requeued rollouts waiting their backoff in the retry schedule.", prefix,
+                     o.retries_waiting)
+        yield _gauge("lq_dead_letters", "Malformed messages workers refused and set aside in {prefix}:dead-letters.",
+                     prefix, o.dead_letters)
 
     @staticmethod
     def _cache_metrics(prefix: str, stats: dict[str, dict[str, Any]]) -> Iterable[Metric]:

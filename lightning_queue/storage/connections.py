@@ -59,6 +59,7 @@ def connect(
     check: bool = True,
     retry_seconds: float = 10.0,
     io_timeout: float | None = None,
+    max_connections: int | None = None,
 ) -> redis.Redis:
     """A client for ``url`` that rides out short connection drops.
 
@@ -67,7 +68,8 @@ def connect(
     Redis restart or a network blip does not fail a rollout half way; a longer
     outage raises :class:`RedisUnreachableError` (a :class:`RedisUnavailableError`
     naming the URL, password masked, that is also a ``redis.ConnectionError``).
-    ``io_timeout`` bounds every connect and socket read (default: redis-py's).
+    ``io_timeout`` bounds every connect and socket read (default: redis-py's);
+    ``max_connections`` the connections its pool opens at once (default: redis-py's, 100).
 
     ``url`` is a ``redis://`` / ``rediss://`` URL, or Redis Sentinel in kombu's
     form, ``sentinel://[:password@]host:26379[/db];sentinel://host2:26379...``,
@@ -92,6 +94,8 @@ def connect(
     }
     if io_timeout is not None:
         options.update(socket_timeout=io_timeout, socket_connect_timeout=io_timeout)
+    if max_connections is not None:
+        options["max_connections"] = max_connections
     if is_sentinel_url(url):
         hosts, master, primary = _sentinel_options(url, sentinel_master)
         sentinel_timeout = 5.0 if io_timeout is None else io_timeout

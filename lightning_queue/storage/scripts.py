@@ -1,8 +1,8 @@
 """The Lua scripts of the registry and the store: every multi-key change is one script in ``lua/``.
 
 Scripts name statuses through placeholders filled in from :mod:`lightning_queue.core.models`
-(``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__`` and ``__CLOSED__`` the sets), so a
-status is spelled once, in Python.
+(``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__``, ``__CLOSED__`` and ``__WAITING__``
+the sets), so a status is spelled once, in Python.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from importlib import resources as importlib_resources
 import redis
 from redis.commands.core import Script
 
-from lightning_queue.core.models import CLOSED_ATTEMPT_STATUSES, OPEN_STATUSES, ROLLOUT_STATUSES, TERMINAL_STATUSES
+from lightning_queue.core.models import (
+    CLOSED_ATTEMPT_STATUSES,
+    OPEN_STATUSES,
+    ROLLOUT_STATUSES,
+    TERMINAL_STATUSES,
+    WAITING_STATUSES,
+)
 
 
 def _lua_set(names: Iterable[str]) -> str:
@@ -26,6 +32,7 @@ _PLACEHOLDERS = {
     "__TERMINAL__": _lua_set(TERMINAL_STATUSES),
     "__OPEN__": _lua_set(OPEN_STATUSES),
     "__CLOSED__": _lua_set(CLOSED_ATTEMPT_STATUSES),
+    "__WAITING__": _lua_set(WAITING_STATUSES),
 }
 
 

@@ -60,6 +60,7 @@ from lightning_queue.core.models import (
 from lightning_queue.core.policy import NextStatus, next_status
 from lightning_queue.storage.connections import text, waiting_client
 from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
+from lightning_queue.storage.pending import PendingIndex
 from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.waiting import Waiter, wait
 
@@ -68,8 +69,11 @@ log = logging.getLogger(__name__)
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
     {"rollout_id", "status", "queue", "resources_id", "resources_version", "resolve", "attempt_count",
-     "enqueue_time", "start_time", "end_time", "published"}
+     "enqueue_time", "start_time", "end_time", "published", "missing", "resends"}
 )
+# Fields of the record that are bookkeeping, not model fields: ``published`` (idempotent enqueue sent the
+# message), ``missing`` and ``resends`` (the reaper found the task message missing; see storage/pending.py).
+_BOOKKEEPING_FIELDS = ("published", "missing", "resends")
 _PLAIN_ATTEMPT_FIELDS = frozenset(
     {"rollout_id", "sequence_id", "attempt_id", "worker_id", "status", "start_time", "end_time",
      "resources_id", "resources_version"}
@@ -131,7 +135,8 @@ def encode_rollout(rollout: Rollout) -> dict[str, str]:
 
 def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
     data = _decode(fields, _PLAIN_ROLLOUT_FIELDS)
-    data.pop("published", None)  # bookkeeping of idempotent enqueue, not part of the model
+    for bookkeeping in _BOOKKEEPING_FIELDS:  # idempotent enqueue's and the reaper's, not part of the model
+        data.pop(bookkeeping, None)
     return Rollout.model_validate(data)
 
 
@@ -174,7 +179,10 @@ class RolloutStore:
     Contract:
 
     * ``create_rollouts`` writes every record and index entry of a batch in one
-      MULTI/EXEC round trip: all or none are visible.
+      MULTI/EXEC round trip: all or none are visible. Every rollout enters the pending
+      index (``{p}:pending``, due ``message_grace`` seconds later) with its record, and
+      again whenever an attempt ends ``requeuing``; the claim takes it out. The reaper
+      (:mod:`lightning_queue.storage.pending`) looks for the task messages of its due entries.
     * ``claim``, ``start_attempt``, ``finish_attempt`` and ``terminate`` are
       each one atomic Lua script. A final status (succeeded, failed,
       cancelled) is never left again; a cancelled rollout stays cancelled
@@ -189,7 +197,7 @@ class RolloutStore:
 
     def __init__(
         self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None, heartbeat_timeout: float = 30.0,
-        epoch: RegistryEpoch | None = None, outage_seconds: float | None = None,
+        epoch: RegistryEpoch | None = None, outage_seconds: float | None = None, message_grace: float = 30.0,
     ) -> None:
         self.redis = client
         self.keys = keys
@@ -198,6 +206,8 @@ class RolloutStore:
         # A pause of the fleet's sweeps longer than this is an outage (Settings.sweep_outage_seconds).
         self.outage_seconds = heartbeat_timeout / 2 if outage_seconds is None else outage_seconds
         self.epoch = epoch if epoch is not None else RegistryEpoch(client, keys)
+        self.message_grace = message_grace
+        self.pending = PendingIndex(client, keys, message_grace)
         self._ttl_arg = rollout_ttl_seconds or ""
         self._create = load_script(client, "create_rollouts", "_epoch_prelude")
         self._mark_published = load_script(client, "mark_published")
@@ -231,6 +241,7 @@ class RolloutStore:
                 indexes.setdefault(key, {})[rid] = score
         for key, members in indexes.items():
             pipe.zadd(key, members)
+        pipe.zadd(k.pending, {r.rollout_id: r.enqueue_time + self.message_grace for r in rollouts})
         seq, created, epoch, *_ = pipe.execute()
         return RegistryMark(int(seq or 0), text(epoch), bool(created))
 
@@ -258,8 +269,9 @@ class RolloutStore:
         for rollout in rollouts:
             rid = rollout.rollout_id
             items.append(json.dumps({"id": rid, "key": k.rollout(rid), "score": repr(rollout.enqueue_time),
+                                     "check": repr(rollout.enqueue_time + self.message_grace),
                                      "fields": encode_rollout(rollout), "indexes": self._index_keys(rollout)}))
-        reply = self._create(keys=[k.seq, k.epoch], args=[self.epoch.expected(), propose(), *items])
+        reply = self._create(keys=[k.seq, k.epoch, k.pending], args=[self.epoch.expected(), propose(), *items])
         if text(reply[0]) == "epoch":  # nothing written: Redis lost its data since this process last looked
             self.epoch.saw(text(reply[1]) or None)
         existing = {}
@@ -309,7 +321,7 @@ class RolloutStore:
         while True:
             now = time.time()
             keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.heartbeats,
-                    k.watchdog]
+                    k.watchdog, k.pending, k.delayed]
             args: list[Any] = [rollout_id, worker_id, repr(now), new_id("at"), k.attempt_prefix(rollout_id),
                                repr(now + self.heartbeat_timeout)]
             if start is not None:
@@ -378,7 +390,8 @@ class RolloutStore:
     ) -> str:
         """Record the attempt's outcome and move the rollout to ``next_status`` (the retry
         policy's decision, :func:`lightning_queue.core.policy.next_status`), atomically; return
-        the rollout's status afterwards.
+        the rollout's status afterwards. A rollout left ``requeuing`` enters the pending index
+        (its retry's message is looked for ``message_grace`` seconds later), in the same step.
 
         ``'stale'``: the outcome was refused, nothing written (the attempt was
         superseded, or already closed as lost, unresponsive or timed out). A
@@ -398,13 +411,14 @@ class RolloutStore:
     ) -> dict[str, list[Any]]:
         """The keys and arguments of one ``finish_attempt`` script call."""
         k = self.keys
+        now = time.time()
         return {
             "keys": [*k.all_status_indexes(), k.rollout(rollout_id), k.attempt(rollout_id, sequence_id), k.events,
-                     k.heartbeats],
-            "args": [rollout_id, sequence_id, attempt_status, repr(time.time()),
+                     k.heartbeats, k.pending],
+            "args": [rollout_id, sequence_id, attempt_status, repr(now),
                      error.model_dump_json() if error else "", encode_result(result) if result else "",
                      next_status, self._ttl_arg, k.attempt_prefix(rollout_id),
-                     "" if outside is None else repr(outside)],
+                     "" if outside is None else repr(outside), repr(now + self.message_grace)],
         }
 
     def terminate(self, rollout_id: str, status: Literal["cancelled", "failed"], error: ErrorInfo | None = None) -> str:
@@ -527,6 +541,11 @@ class RolloutStore:
                 raise RolloutNotFoundError(rid)
             out.append(rollout)
         return out
+
+    def read_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout | None]:
+        """The rollouts, in the order given, read in one round trip; None where the record is
+        gone (never existed, or expired)."""
+        return self._read(rollout_ids)
 
     def _read(self, rollout_ids: Sequence[str]) -> list[Rollout | None]:
         # One round trip; None where the record is gone (never existed, or expired).

@@ -13,16 +13,19 @@ import logging
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, concurrency
 
 from lightning_queue.broker.app import celery_config
-from lightning_queue.core.errors import AgentNotConfiguredError, ConfigurationError
+from lightning_queue.core.errors import AgentNotConfiguredError, ConfigurationError, ConnectionBudgetError
 from lightning_queue.core.settings import Settings
 from lightning_queue.storage.liveness import HealthRecorder
 from lightning_queue.worker.agent import LitAgent
 from lightning_queue.worker.context import WorkerContext
 
-__all__ = ["WorkerApp", "check_visibility_timeout", "load_agent"]
+__all__ = [
+    "WorkerApp", "apply_connection_budget", "check_visibility_timeout", "connections_needed", "load_agent",
+    "max_concurrency", "pool_module",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,9 @@ class WorkerApp(Celery):  # type: ignore[misc]  # Celery ships no type informati
         self._context: WorkerContext | None = None
         self.hostname = ""  # the worker's node name, once worker_init ran
         self.health: HealthRecorder | None = None  # the main process's health records
+        # Connections this process's Redis client may open (None: redis-py's default, 100): set
+        # for pools that run many tasks in one process (connections_needed).
+        self.redis_connections: int | None = None
         self.conf.update(celery_config(settings))
 
     @property
@@ -84,7 +90,7 @@ class WorkerApp(Celery):  # type: ignore[misc]  # Celery ships no type informati
         """This process's context. Made on first use without a cache (the worker's main
         process); pool processes start theirs with one (:meth:`start_context`)."""
         if self._context is None or self._context.pid != os.getpid():
-            self._context = WorkerContext.create(self.settings, self)
+            self._context = WorkerContext.create(self.settings, self, max_connections=self.redis_connections)
         return self._context
 
     @property
@@ -97,7 +103,8 @@ class WorkerApp(Celery):  # type: ignore[misc]  # Celery ships no type informati
         if self._context is not None and self._context.pid == os.getpid():
             self._context.close()
         name = f"{self.hostname}:{os.getpid()}" if self.hostname else None
-        self._context = WorkerContext.create(self.settings, self, cache_name=name, with_cache=with_cache)
+        self._context = WorkerContext.create(self.settings, self, cache_name=name, with_cache=with_cache,
+                                             max_connections=self.redis_connections)
         return self._context
 
     def close_context(self) -> None:
@@ -126,3 +133,61 @@ def check_visibility_timeout(settings: Settings) -> str | None:
             "alive and be dropped; lower LQ_HEARTBEAT_TIMEOUT or raise the visibility timeout"
         )
     return None
+
+
+IN_PROCESS_POOLS = ("celery.concurrency.gevent", "celery.concurrency.eventlet", "celery.concurrency.thread")
+"""Pools whose tasks run in the worker's own process (greenlets or threads), each using that
+process's Redis client and broker connections at once."""
+CONNECTION_HEADROOM = 10
+"""Connections a worker process needs besides one per concurrent task: its consumer (BRPOP and
+pub/sub), events, remote control, restores, heartbeats, the snapshot cache's listener."""
+
+
+def pool_module(pool_cls: Any) -> str:
+    """The module of a worker's pool class (given as a class or a name like ``"threads"``)."""
+    return str(getattr(concurrency.get_implementation(pool_cls), "__module__", ""))
+
+
+def max_concurrency(worker: Any) -> int:
+    """The most tasks a worker (Celery's ``WorkController``) runs at once: its concurrency, or its
+    autoscale maximum (``auto`` counts as the CPUs)."""
+    counts = [worker.concurrency, getattr(worker, "max_concurrency", None)]
+    known = [int(c) for c in counts if isinstance(c, int) or (isinstance(c, str) and c.isdigit())]
+    return max(known or [os.cpu_count() or 1])
+
+
+def connections_needed(pool: str, concurrency: int) -> int | None:
+    """Connections one worker process needs to each Redis pool it uses, for a ``pool`` (module
+    name) running ``concurrency`` tasks at once; None when the defaults suffice.
+
+    A prefork or solo pool runs one task per process and acks and publishes from the main
+    process, one at a time: redis-py's (100) and kombu's (10) defaults suffice. A gevent,
+    eventlet or thread pool runs every task in one process: each task may hold a connection of
+    the process's Redis client, of each kombu channel pool (its ack) and of Celery's producer
+    pool (its retry) at once, so each needs ``concurrency +`` :data:`CONNECTION_HEADROOM`, or a
+    busy pool hits ``MaxConnectionsError`` (failed acks, results not recorded)."""
+    return concurrency + CONNECTION_HEADROOM if pool in IN_PROCESS_POOLS else None
+
+
+def apply_connection_budget(app: WorkerApp, settings: Settings, pool: str, concurrency: int) -> int | None:
+    """Size the broker connection pools (kombu's ``max_connections`` transport option, Celery's
+    ``broker_pool_limit``) and this process's Redis client for :func:`connections_needed`; return
+    the size (None: defaults kept). Limits the user set in ``LQ_CELERY`` are kept; one below what
+    the pool needs raises :class:`ConnectionBudgetError`."""
+    need = connections_needed(pool, concurrency)
+    if need is None:
+        return None
+    chosen = settings.celery
+    chosen_options = chosen.get("broker_transport_options") or {}
+    for setting, configured in (
+        ("broker_transport_options.max_connections", chosen_options.get("max_connections")),
+        ("broker_pool_limit", chosen.get("broker_pool_limit")),
+    ):
+        if configured is not None and int(configured) < need:
+            raise ConnectionBudgetError(setting, int(configured), need, pool.rsplit(".", 1)[-1], concurrency)
+    # The dict itself: connections made since read it too.
+    app.conf.broker_transport_options.setdefault("max_connections", need)
+    if chosen.get("broker_pool_limit") is None:
+        app.conf.broker_pool_limit = need
+    app.redis_connections = need
+    return need

@@ -12,19 +12,41 @@ from lightning_queue.core.errors import RegistryLostError
 from lightning_queue.core.keys import ROLLOUT_TASK
 from lightning_queue.storage.liveness import HealthRecorder
 from lightning_queue.worker import recovery
-from lightning_queue.worker.app import WorkerApp
+from lightning_queue.worker.app import WorkerApp, apply_connection_budget, max_concurrency, pool_module
 from lightning_queue.worker.heartbeat import beat_for_pool
 
 log = logging.getLogger(__name__)
 
 
+class ConnectionBudget(bootsteps.Step):  # type: ignore[misc]  # Celery ships no type information
+    """Size the broker connection pools for this worker's pool and concurrency
+    (:func:`lightning_queue.worker.app.apply_connection_budget`) before its consumer connects; a
+    budget the user set too low stops the worker at start with a :class:`ConnectionBudgetError`
+    (a worker step: an error raised by a ``worker_init`` receiver would only be logged)."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        app = parent.app
+        if not isinstance(app, WorkerApp):
+            return
+        pool, concurrency = pool_module(parent.pool_cls), max_concurrency(parent)
+        need = apply_connection_budget(app, app.settings, pool, concurrency)
+        if need:
+            log.info("Redis and broker connection pools sized for a %s pool of %d: %d connections each",
+                     pool.rsplit(".", 1)[-1], concurrency, need)
+
+
 class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ships no type information
-    """Sweep for unresponsive attempts (:func:`lightning_queue.worker.recovery.sweep_unresponsive`),
-    record this worker's consumption health (:mod:`lightning_queue.storage.liveness`), check the
-    registry epoch (:mod:`lightning_queue.storage.epoch`: Redis losing its data is logged), and
-    beat for the attempts this worker's pool processes run while they are alive and not stopped
-    (:func:`lightning_queue.worker.heartbeat.beat_for_pool`: an agent holding the GIL cannot
-    beat itself).
+    """Every sweep interval: sweep for unresponsive attempts
+    (:func:`lightning_queue.worker.recovery.sweep_unresponsive`), look for lost task messages
+    (:func:`lightning_queue.worker.recovery.reap`), record this worker's consumption health
+    (:mod:`lightning_queue.storage.liveness`) and check the registry epoch
+    (:mod:`lightning_queue.storage.epoch`: Redis losing its data is logged); every
+    ``retry_poll_interval``, send the retries whose backoff is over
+    (:func:`lightning_queue.worker.recovery.send_due_retries`); every heartbeat interval, beat for
+    the attempts this worker's pool processes run while they are alive and not stopped
+    (:func:`lightning_queue.worker.heartbeat.beat_for_pool`: an agent holding the GIL cannot beat
+    itself).
 
     A consumer bootstep, so it runs in each worker and restarts with the consumer after a lost
     connection; with every worker sweeping, the watchdog has no single point of failure. A
@@ -37,6 +59,7 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
         super().__init__(parent, **kwargs)
         self.tref: Any = None
         self.beat_tref: Any = None
+        self.retries_tref: Any = None
         self.queues: list[str] | None = None
 
     def start(self, c: Any) -> None:
@@ -54,12 +77,14 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
             app.health = HealthRecorder(ctx.redis, ctx.settings.keys, c.hostname, ttl=3 * settings.sweep_interval + 5)
         self.tref = c.timer.call_repeatedly(settings.sweep_interval, self.tick, (c,), priority=10)
         self.beat_tref = c.timer.call_repeatedly(settings.heartbeat_interval, self.beat, (c,), priority=10)
+        self.retries_tref = c.timer.call_repeatedly(settings.retry_poll_interval, self.send_retries, (c,),
+                                                    priority=10)
 
     def stop(self, c: Any) -> None:
-        for tref in (self.tref, self.beat_tref):
+        for tref in (self.tref, self.beat_tref, self.retries_tref):
             if tref is not None:
                 tref.cancel()
-        self.tref = self.beat_tref = None
+        self.tref = self.beat_tref = self.retries_tref = None
 
     def beat(self, c: Any) -> None:
         app: WorkerApp = c.app
@@ -70,6 +95,13 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
                 beat_for_pool(app.context.store, c.hostname, running)
         except Exception as exc:  # noqa: BLE001 - a timer callback must not die
             log.warning("heartbeat for the pool's attempts failed: %s: %s", type(exc).__name__, exc)
+
+    def send_retries(self, c: Any) -> None:
+        app: WorkerApp = c.app
+        try:
+            recovery.send_due_retries(app.context)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("sending due retries failed: %s: %s", type(exc).__name__, exc)
 
     def tick(self, c: Any) -> None:
         app: WorkerApp = c.app
@@ -83,6 +115,10 @@ class FleetDuties(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery ship
             recovery.sweep_unresponsive(app.context)
         except Exception as exc:  # noqa: BLE001 - a timer callback must not die
             log.error("unresponsive-attempt sweep failed: %s: %s", type(exc).__name__, exc)
+        try:
+            recovery.reap(app.context)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not die
+            log.error("lost-message sweep failed: %s: %s", type(exc).__name__, exc)
         try:
             consuming = sorted(q.name for q in (c.task_consumer.queues if c.task_consumer else []))
             concurrency = int(getattr(c.controller, "concurrency", 0) or getattr(c.pool, "num_processes", 1) or 1)

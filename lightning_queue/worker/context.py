@@ -51,19 +51,22 @@ class WorkerContext:
         redis_client: Redis | None = None,
         cache_name: str | None = None,
         with_cache: bool = False,
+        max_connections: int | None = None,
     ) -> WorkerContext:
         """A context for this process. No start-up check of the connection: a pool process
         made while Redis restarts must not die of it; its commands ride out the outage
         through the retry budget instead. ``with_cache`` starts a snapshot cache (none when
-        ``settings.cache_max_bytes`` is 0) that reports its stats as ``cache_name``."""
+        ``settings.cache_max_bytes`` is 0) that reports its stats as ``cache_name``.
+        ``max_connections`` bounds the Redis client's pool (None: redis-py's default)."""
         if redis_client is None:
             redis_client = connect(settings.redis_url, settings.sentinel_master, check=False,
-                                   retry_seconds=settings.redis_retry_seconds)
+                                   retry_seconds=settings.redis_retry_seconds, max_connections=max_connections)
         keys = settings.keys
         epoch = RegistryEpoch(redis_client, keys)
         registry = SnapshotRegistry(redis_client, keys, settings, epoch=epoch)
         store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline,
-                             epoch=epoch, outage_seconds=settings.sweep_outage_seconds)
+                             epoch=epoch, outage_seconds=settings.sweep_outage_seconds,
+                             message_grace=settings.message_grace_seconds)
         cache = start_cache(registry, settings, cache_name) if with_cache else None
         return cls(settings=settings, redis=redis_client, registry=registry, store=store,
                    publisher=Publisher(celery, settings), heartbeat=Heartbeat(store, settings.heartbeat_interval),

@@ -12,10 +12,16 @@ import logging
 import os
 from typing import Any
 
-from celery import concurrency, signals
+from celery import signals
 
 from lightning_queue.storage.liveness import HealthRecorder
-from lightning_queue.worker.app import WorkerApp, check_visibility_timeout
+from lightning_queue.worker.app import (
+    WorkerApp,
+    check_visibility_timeout,
+    connections_needed,
+    max_concurrency,
+    pool_module,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +37,7 @@ def worker_app() -> WorkerApp | None:
 def _sends_process_init(pool_cls: Any) -> bool:
     """Whether a worker with this pool (a class or a name like ``"threads"``) sends
     ``worker_process_init``: prefork does in each child, solo in the worker itself."""
-    module = getattr(concurrency.get_implementation(pool_cls), "__module__", "")
-    return module in ("celery.concurrency.prefork", "celery.concurrency.solo")
+    return pool_module(pool_cls) in ("celery.concurrency.prefork", "celery.concurrency.solo")
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
@@ -49,7 +54,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         log.warning("%s", warning)
     if not _sends_process_init(sender.pool_cls):
         # Thread, gevent and eventlet pools run rollouts in this very process and never send
-        # worker_process_init: its context runs them, so it gets the cache.
+        # worker_process_init: its context runs them, so it gets the cache, and a Redis client
+        # with a connection for each (the ConnectionBudget step sizes the broker's pools).
+        app.redis_connections = connections_needed(pool_module(sender.pool_cls), max_concurrency(sender))
         app.start_context(with_cache=True)
 
 

@@ -73,11 +73,13 @@ class WorkerPool:
         count: int = 2,
         app: str = "lightning_queue.app",
         timeout: float = READY_TIMEOUT,
+        pool: str | None = None,
+        concurrency: int = 1,
     ) -> list[WorkerProcess]:
         logdir = self.tmp_path / f"fleet-{len(self.fleets) + 1}"
         logdir.mkdir()
         fleet = LocalFleet(settings, agent, count=count, pythonpath=[str(REPO_ROOT)], app=app, cwd=str(REPO_ROOT),
-                           logdir=str(logdir))
+                           logdir=str(logdir), pool=pool, concurrency=concurrency)
         self.fleets.append(fleet)
         return fleet.add(count, timeout)
 
@@ -106,7 +108,8 @@ def worker_pool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Work
 @pytest.fixture
 def start_workers(worker_pool: WorkerPool, settings: Settings) -> Callable[..., list[WorkerProcess]]:
     """``start_workers("tests.integration.agents:echo", count=2)`` starts real workers
-    for the test's settings (pass ``settings=`` to override) and waits until they are ready."""
+    for the test's settings (pass ``settings=`` to override; ``pool=`` and ``concurrency=`` are
+    Celery's) and waits until they are ready."""
 
     def start(agent: str | None, count: int = 2, **kwargs: Any) -> list[WorkerProcess]:
         return worker_pool.start(kwargs.pop("settings", settings), agent, count, **kwargs)

@@ -1,6 +1,7 @@
-"""The queue benchmark runs end to end (``--quick``) and prints every row. No timing is asserted.
+"""The benchmarks run end to end (``--quick``, or a short fault-injection run) and print every row. No timing
+is asserted.
 
-Marked ``bench``: left out of the default selection (it takes half a minute), run by ``.ci/run``
+Marked ``bench``: left out of the default selection (about two minutes in all), run by ``.ci/run``
 with ``python -m pytest -m bench``."""
 
 from __future__ import annotations
@@ -54,3 +55,32 @@ def test_bench_queue_quick_prints_every_row() -> None:
     # The thread pool's worker process attached its snapshot cache (it never sends worker_process_init).
     threads = next(line for line in table.splitlines() if "threads pool: rollouts all succeeded" in line)
     assert "hits 0," not in threads and "(0 cache)" not in threads, threads
+
+
+REAPER = SCRIPT.parent / "bench_reaper.py"
+FAULTS = SCRIPT.parent / "fault_injection.py"
+
+
+@pytest.mark.bench
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the benchmark starts its own redis-server")
+def test_bench_reaper_quick_prints_every_case() -> None:
+    run = subprocess.run([sys.executable, str(REAPER), "--quick"], check=False, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = run.stdout.split("\ncase", 1)[1]
+    cases = [line.split(".", 1)[0] for line in table.splitlines()[1:] if line.strip()]
+    assert cases == ["1", "2", "3a", "3b", "4", "5", "6"], run.stdout
+    assert "1. nothing due" in table and "0 entries looked at" in table
+
+
+@pytest.mark.bench
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the script starts its own redis-server")
+def test_fault_injection_short_run_loses_nothing() -> None:
+    # No gevent worker: the test extra does not install gevent (the bench extra does).
+    run = subprocess.run([sys.executable, str(FAULTS), "--rollouts", "40", "--duration", "12", "--workers", "2",
+                          "--gevent-workers", "0", "--seed", "5", "--timeout", "120"],
+                         check=False, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    for row in ("lost:                 0", "stuck:                0", "duplicated results:   0",
+                "wrong snapshot:       0"):
+        assert row in run.stdout, run.stdout

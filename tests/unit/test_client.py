@@ -27,6 +27,7 @@ from lightning_queue import (
 )
 from lightning_queue.broker.app import make_celery
 from lightning_queue.broker.publisher import Publisher
+from lightning_queue.core.errors import InvalidQueueNameError
 from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
 from lightning_queue.core.settings import Settings
 from lightning_queue.storage.store import RolloutStore
@@ -102,6 +103,15 @@ def test_enqueue_unknown_snapshot_writes_nothing(
     assert "nothing was enqueued" in str(info.value)
     assert sorted(fake_redis.keys("*")) == before
     assert published == []
+
+
+def test_enqueue_to_a_queue_name_the_broker_uses_writes_nothing(
+    fake_client: LightningClient, published: list[list[str]]
+) -> None:
+    for queue in ("unacked", "x.reply.celery.pidbox", "bad name"):
+        with pytest.raises(InvalidQueueNameError, match=f"queue name {queue!r} cannot be used"):
+            fake_client.enqueue_rollouts([1, 2], queue=queue)
+    assert fake_client.query_rollouts() == [] and published == []
 
 
 def test_enqueue_unknown_snapshot_unchecked(fake_client: LightningClient, published: list[list[str]]) -> None:

@@ -45,7 +45,7 @@ def _check_timeouts(env: dict[str, Any], stop_grace_seconds: float, where: str) 
     longest = float(env["LQ_DEFAULT_TIMEOUT_SECONDS"]) + float(env["LQ_HARD_TIMEOUT_GRACE_SECONDS"])
     assert longest < stop_grace_seconds, f"{where}: stop grace {stop_grace_seconds} s <= longest rollout {longest} s"
     assert longest < float(env["LQ_VISIBILITY_TIMEOUT"]), f"{where}: visibility timeout <= longest rollout"
-    # Valid values, with compose's ${NAME:-default} replaced by its default.
+    # Valid values, as Compose substitutes them (``${LQ_QUEUE:-lightning_queue}`` -> its default).
     Settings(**{name[3:].lower(): re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
                 for name, value in env.items() if name.startswith("LQ_")})
 

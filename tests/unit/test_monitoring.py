@@ -82,6 +82,11 @@ def test_collector_reports_the_queue_state_with_labels(populated: LightningClien
     assert _value(registry, "lq_queue_messages", prefix=p, queue=q, priority="6") == 1
     assert _value(registry, "lq_queue_messages", prefix=p, queue=q, priority="3") == 0
     assert _value(registry, "lq_queue_unacked", prefix=p) == 2
+    assert _value(registry, "lq_retries_waiting", prefix=p) == 0 and _value(registry, "lq_dead_letters", prefix=p) == 0
+    populated.redis.zadd(populated.keys.delayed, {"ro-x": 1.0})
+    populated.redis.lpush(populated.keys.dead_letters, "{}", "{}")
+    again = exporter_registry(LightningCollector(populated))
+    assert _value(again, "lq_retries_waiting", prefix=p) == 1 and _value(again, "lq_dead_letters", prefix=p) == 2
 
     assert _value(registry, "lq_worker_processes", prefix=p) == 2
     assert _value(registry, "lq_cache_hit_ratio", prefix=p) == pytest.approx(40 / 60)

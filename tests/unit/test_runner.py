@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -47,7 +47,8 @@ RetryRequested = Retry  # what the runner raises when the policy retries an atte
 class FakeTask:
     """A worker process as the runner sees it: a context sharing the test client's registry
     and store (so tests can patch them), the agent, and the worker's hostname. Messages the
-    recovery publishes (retries) are recorded in ``retries`` instead of sent."""
+    recovery publishes (retries) are recorded in ``retries`` instead of sent, as are the retries
+    it schedules (``countdown``: their backoff, to the millisecond)."""
 
     cache: SnapshotCache | None = None  # set per test by the ``worker_cache`` fixture
 
@@ -66,6 +67,15 @@ class FakeTask:
             self.retries.extend({"countdown": countdown or 0} for _ in rollouts)
 
         self.ctx.publisher.publish = publish  # type: ignore[method-assign]
+        pending = client.store.pending
+        schedule = pending.schedule_retries
+
+        def schedule_retries(due: Mapping[str, float]) -> list[str]:
+            now = time.time()
+            self.retries.extend({"countdown": round(when - now, 3)} for when in due.values())
+            return schedule(due)
+
+        pending.schedule_retries = schedule_retries  # type: ignore[method-assign]
 
     def as_celery_task(self) -> Any:
         """What the ``lightning_queue.rollout`` task body reads of its bound Celery task."""
@@ -661,7 +671,8 @@ def test_retry_waits_the_configured_backoff(
     for _ in range(3):
         with pytest.raises(RetryRequested):
             run(task, queued.rollout_id)
-    assert [r["countdown"] for r in task.retries] == [2, 4, 5]  # doubled, then capped
+    assert [r["countdown"] for r in task.retries] == pytest.approx([2, 4, 5], abs=0.01)  # doubled, then capped
+    assert fake_client.redis.zscore(fake_client.keys.delayed, queued.rollout_id) is not None  # the last one waits
     with pytest.raises(RolloutFailed, match="ValueError: flaky"):
         run(task, queued.rollout_id)
     failed = fake_client.get_rollout(queued.rollout_id)
@@ -675,7 +686,7 @@ def test_hard_timeout_republishes_with_backoff(
     fake_client.store.claim(queued, "w1")
     task = FakeTask(fake_client, recording_agent()[0])
     recovery.record_hard_timeout(task.ctx, queued.rollout_id, TimeLimitExceeded(4))
-    assert task.retries == [{"countdown": 3.0}]
+    assert task.retries == [{"countdown": pytest.approx(3.0, abs=0.01)}]
 
 
 def test_retry_delay_with_jitter_stays_within_the_backoff() -> None:

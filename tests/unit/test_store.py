@@ -806,5 +806,5 @@ def test_create_rollouts_sends_one_zadd_per_index(store: RolloutStore, make_roll
         del store.redis.pipeline
     k = store.keys
     assert sorted(sent) == sorted([k.rollouts, k.rollouts_by_status("queuing"), k.rollouts_by_mode("train"),
-                                   k.rollouts_by_resources("rs-a")])
+                                   k.rollouts_by_resources("rs-a"), k.pending])
     assert len(store.query_rollouts(limit=100)) == 10 and len(store.query_rollouts(resources_id="rs-a")) == 5

@@ -1,4 +1,4 @@
-"""Heartbeats, the unresponsive-attempt sweep and worker health, on fakeredis."""
+"""Heartbeats, the unresponsive-attempt sweep, worker health and connection budgets, on fakeredis."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from collections.abc import Callable
 
 import pytest
 
-from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResult
+from lightning_queue import LightningClient, Rollout, RolloutConfig, RolloutResult, Settings
+from lightning_queue.app import create_app
+from lightning_queue.core.errors import ConnectionBudgetError
 from lightning_queue.storage.liveness import HealthRecorder, judge
 from lightning_queue.storage.store import RolloutStore
+from lightning_queue.worker.app import apply_connection_budget
 from lightning_queue.worker.heartbeat import Heartbeat
 from lightning_queue.worker.recovery import sweep_unresponsive
 from tests.unit.test_runner import FakeTask, recording_agent
@@ -174,7 +177,7 @@ def test_sweep_republishes_requeued_rollouts_with_their_backoff(
     moved = sweep_unresponsive(task.ctx)
 
     assert sorted(moved) == sorted([(retried.rollout_id, "requeuing", 1), (final.rollout_id, "failed", 1)])
-    assert task.retries == [{"countdown": 4.0}]
+    assert task.retries == [{"countdown": pytest.approx(4.0, abs=0.01)}]
 
 
 def test_a_sweep_that_died_after_leasing_leaves_its_entries_due_again(
@@ -446,3 +449,33 @@ def test_beats_for_the_pool_skip_stopped_and_vanished_processes(store: RolloutSt
         for process in (alive, frozen):
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+# --------------------------------------------------------------------------- broker connection budget
+
+
+@pytest.mark.parametrize("pool", ["celery.concurrency.gevent", "celery.concurrency.eventlet", "celery.concurrency.thread"])
+def test_in_process_pools_get_a_connection_each_and_some(pool: str) -> None:
+    app = create_app(Settings())
+    assert apply_connection_budget(app, app.settings, pool, 200) == 210
+    assert app.conf.broker_transport_options["max_connections"] == 210 and app.conf.broker_pool_limit == 210
+    assert app.redis_connections == 210
+    assert app.context.redis.connection_pool.max_connections == 210  # this process's own Redis client
+
+
+def test_prefork_and_solo_keep_kombus_defaults() -> None:
+    for pool in ("celery.concurrency.prefork", "celery.concurrency.solo"):
+        app = create_app(Settings())
+        assert apply_connection_budget(app, app.settings, pool, 64) is None
+        assert "max_connections" not in app.conf.broker_transport_options and app.redis_connections is None
+
+
+def test_a_budget_set_too_low_stops_the_worker_with_a_clear_error() -> None:
+    settings = Settings(celery={"broker_transport_options": {"max_connections": 20}})
+    app = create_app(settings)
+    with pytest.raises(ConnectionBudgetError, match="max_connections is 20, but a gevent pool of 200 needs at least 210"):
+        apply_connection_budget(app, settings, "celery.concurrency.gevent", 200)
+    enough = Settings(celery={"broker_pool_limit": 500})
+    app = create_app(enough)
+    assert apply_connection_budget(app, enough, "celery.concurrency.gevent", 200) == 210
+    assert app.conf.broker_pool_limit == 500  # the user's own, larger, limit is kept

@@ -2,8 +2,9 @@
 -- KEYS[K+1] rollout hash, KEYS[K+2] worker index zset,
 -- KEYS[K+3] heartbeat index zset (rollout_id -> heartbeat deadline of its open attempt),
 -- KEYS[K+4] the watchdog hash (its 'hold': no attempt is presumed dead before that Redis time),
--- KEYS[K+5] (only when starting) index of the rollouts of the snapshot it starts with,
--- KEYS[K+6] (only when starting) the registry epoch
+-- KEYS[K+5] pending index and KEYS[K+6] retry schedule (the claimed rollout leaves both: its message arrived),
+-- KEYS[K+7] (only when starting) index of the rollouts of the snapshot it starts with,
+-- KEYS[K+8] (only when starting) the registry epoch
 -- ARGV[1] rollout_id, ARGV[2] worker_id, ARGV[3] now, ARGV[4] new attempt_id,
 -- ARGV[5] attempt key prefix ("{p}:rollout:{id}:attempt:"), ARGV[6] heartbeat deadline of the new
 -- attempt (its first heartbeat: a short rollout never sends another),
@@ -62,7 +63,7 @@ n = n + 1
 local pinned = r[8] == 'pinned'
 local want_version = pinned and (r[7] or '') or ''
 local start = ARGV[7] == '1' and (r[6] or '') == ARGV[8] and want_version == ARGV[9]
-  and (redis.call('GET', KEYS[K + 6]) or '') == ARGV[12]
+  and (redis.call('GET', KEYS[K + 8]) or '') == ARGV[12]
 local attempt = {'rollout_id', rid, 'sequence_id', n, 'attempt_id', ARGV[4], 'worker_id', ARGV[2],
   'start_time', now}
 local next_status = 'preparing'
@@ -83,9 +84,11 @@ else
 end
 move_status(rid, status, next_status, score)
 redis.call('ZADD', KEYS[K + 3], ARGV[6], rid)
+redis.call('ZREM', KEYS[K + 5], rid)
+redis.call('ZREM', KEYS[K + 6], rid)
 -- Scored by enqueue time like every other index, so queries order the same whatever the filter.
 redis.call('ZADD', KEYS[K + 2], score, rid)
 if start then
-  redis.call('ZADD', KEYS[K + 5], score, rid)
+  redis.call('ZADD', KEYS[K + 7], score, rid)
 end
 return {'claimed', n, start and 1 or 0, redis.call('HGETALL', rollout_key)}

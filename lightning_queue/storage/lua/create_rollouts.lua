@@ -1,7 +1,9 @@
 -- Create the rollouts of a batch whose ids the caller chose, skipping those that exist, atomically.
--- KEYS[1] registry sequence, KEYS[2] registry epoch (needs _epoch_prelude)
+-- KEYS[1] registry sequence, KEYS[2] registry epoch (needs _epoch_prelude), KEYS[3] pending index (the
+-- reaper's: rollout -> when to look for its message)
 -- ARGV[1] the epoch the writer knows ('' none yet), ARGV[2] the epoch it proposes if there is none,
--- ARGV[i > 2] JSON {id, key, score, fields: {field: string}, indexes: [zset key]} of one rollout
+-- ARGV[i > 2] JSON {id, key, score, check, fields: {field: string}, indexes: [zset key]} of one rollout
+-- (score: its enqueue time, the score of every index; check: its score in the pending index)
 -- Every index gets one ZADD for all the batch's new members (in chunks, under Lua's stack
 -- limit on unpack), not one per rollout.
 -- Returns {registry seq, registry epoch, then per rollout: {} when it was created, else its stored hash
@@ -21,6 +23,7 @@ for i = 3, #ARGV do
       table.insert(fields, value)
     end
     redis.call('HSET', r.key, unpack(fields))
+    redis.call('ZADD', KEYS[3], r.check, r.id)
     for _, index in ipairs(r.indexes) do
       if not members[index] then
         members[index] = {}

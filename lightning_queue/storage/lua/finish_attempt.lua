@@ -1,5 +1,6 @@
 -- Record an attempt's outcome and move the rollout on, atomically.
--- KEYS[K+1] rollout hash, KEYS[K+2] attempt hash, KEYS[K+3] events channel, KEYS[K+4] heartbeat index
+-- KEYS[K+1] rollout hash, KEYS[K+2] attempt hash, KEYS[K+3] events channel, KEYS[K+4] heartbeat index,
+-- KEYS[K+5] pending index (a requeued rollout enters it: the reaper looks for its retry's message at ARGV[11])
 -- ARGV[1] rollout_id, ARGV[2] sequence_id, ARGV[3] attempt status, ARGV[4] now,
 -- ARGV[5] error JSON or '', ARGV[6] result JSON or '', ARGV[7] next rollout status
 -- (succeeded | failed | requeuing: the retry policy's decision, core/policy.py),
@@ -7,6 +8,7 @@
 -- ("{p}:rollout:{id}:attempt:"), ARGV[10] '' when the attempt reports its own outcome, or a time
 -- when it is closed from outside (the unresponsive sweep, a claim that found its worker dead):
 -- then only if its heartbeat expired by that time, so an attempt that beat since is left alone.
+-- ARGV[11] the time the reaper looks for the retry's message, should the rollout be requeued.
 -- The result is stored once: on the rollout when the outcome is accepted (the attempt that
 -- finished the rollout reads it from there), on the attempt only when the rollout was cancelled
 -- while it ran (kept for inspection, the rollout keeps its status).
@@ -58,6 +60,9 @@ redis.call('HSET', rollout_key, unpack(fields))
 -- An earlier attempt's error may be on the record; only a retried rollout can have one.
 if next_status == 'succeeded' and tonumber(ARGV[2]) > 1 then redis.call('HDEL', rollout_key, 'error') end
 move_status(rid, status, next_status, r[3])
+if next_status == 'requeuing' then
+  redis.call('ZADD', KEYS[K + 5], ARGV[11], rid)
+end
 if TERMINAL[next_status] then
   expire_rollout(rollout_key, ARGV[9], ARGV[8], ARGV[2])
   redis.call('PUBLISH', KEYS[K + 3], rid)

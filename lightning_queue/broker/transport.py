@@ -1,0 +1,234 @@
+"""kombu's Redis transport, hardened so that nothing a broker holds or throws takes a worker down.
+
+:func:`~lightning_queue.broker.app.celery_config` selects these classes through Celery's
+``broker_transport`` for ``redis://``, ``rediss://`` and ``sentinel://`` URLs. They change
+kombu's Redis transport (5.7) in three places, and nowhere else:
+
+* **Malformed messages are refused, not fatal.** kombu decodes a message taken off a queue
+  in the worker's event loop: a message that is not JSON, a JSON array, an envelope without
+  ``properties``, a body that is not base64 raised out of the loop and the worker exited
+  ("Unrecoverable error"). Every message a worker takes is screened first (:func:`screen`):
+  one that kombu or Celery could not take (or bigger than ``settings.max_message_bytes``, or
+  of a content type Celery does not accept) is logged, moved to the dead-letter list
+  ``{p}:dead-letters`` for an operator to read, and skipped; the next message is taken as usual.
+* **A lost connection while a worker holds messages is survived.** When the connection
+  drops, Celery closes the broken connection (``Consumer.on_connection_error_after_connected``:
+  ``collect()`` then ``close()``). The channel's close first reads the reply of its pending
+  BRPOP, which raises on the dead socket, so ``collect()`` gave up before the channel was
+  closed; ``collect()`` then dropped the transport's connection info, and ``close()``, closing
+  the channel again, rebuilt its connection pool from it to hand the unacked messages back:
+  ``AttributeError: 'NoneType' object has no attribute 'hostname'``, and the worker exited.
+  That happens whenever the consumer still waits on a BRPOP while it holds messages, as it
+  does with ETA messages (its prefetch limit is raised for them). Same family as
+  celery/kombu#970 and celery/kombu#582 (closing a channel whose connection info is gone);
+  no upstream fix in kombu 5.7. Here the pending read's connection error no longer aborts the
+  close, and a hand-back that cannot reach Redis is logged, not raised: the messages stay in
+  the unacked hash, from where kombu restores them after the visibility timeout (and the
+  reaper, :func:`lightning_queue.worker.recovery.reap`, finds any rollout whose message is lost).
+* Fanout (remote control) messages of the wrong shape are dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Collection
+from queue import Empty
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_LIMIT = 10_000
+"""Entries kept in the dead-letter list (the newest); older ones are dropped."""
+DEAD_LETTER_KEEP_BYTES = 64 * 1024
+"""Bytes of a refused message kept in its dead-letter entry."""
+BODY_ENCODINGS = (None, "utf-8", "base64")
+"""The body encodings kombu's virtual transport decodes."""
+
+
+def screen(raw: bytes, max_bytes: int, content_types: Collection[str]) -> str | None:
+    """Why a message taken off a queue cannot be delivered, or None when it can: it must be at
+    most ``max_bytes``, a JSON object with kombu's envelope (``properties`` with a
+    ``delivery_tag`` and ``delivery_info``, a string ``body`` in an encoding kombu decodes,
+    ``headers`` an object), of one of ``content_types`` (empty: any), its body JSON when it
+    says so."""
+    if len(raw) > max_bytes:
+        return f"{len(raw)} bytes, above the limit of {max_bytes} (LQ_MAX_MESSAGE_BYTES)"
+    try:
+        message = json.loads(raw)
+    except ValueError as exc:  # also a UnicodeDecodeError
+        return f"not JSON ({exc})"
+    return envelope_problem(message, content_types)
+
+
+def envelope_problem(message: Any, content_types: Collection[str]) -> str | None:
+    """What :func:`screen` checks of a decoded message."""
+    if not isinstance(message, dict):
+        return f"a JSON {type(message).__name__}, not an object"
+    properties = message.get("properties")
+    if not isinstance(properties, dict):
+        return "no 'properties' object"
+    if not isinstance(properties.get("delivery_tag"), str):
+        return "no 'properties.delivery_tag' string"
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("exchange", "routing_key")):
+        return "no 'properties.delivery_info' object with 'exchange' and 'routing_key'"
+    if not isinstance(message.get("headers", {}), dict):
+        return "'headers' is not an object"
+    content_type = message.get("content-type")
+    if content_types and content_type not in content_types:
+        return f"content type {content_type!r} is not accepted (accepted: {', '.join(sorted(content_types))})"
+    body, encoding = message.get("body"), properties.get("body_encoding")
+    if not isinstance(body, str):
+        return "no 'body' string"
+    if encoding not in BODY_ENCODINGS:
+        return f"unknown body encoding {encoding!r}"
+    payload: str | bytes = body
+    if encoding == "base64":
+        try:
+            payload = base64.b64decode(body)
+        except (binascii.Error, ValueError) as exc:
+            return f"body is not base64 ({exc})"
+    if content_type == "application/json":
+        try:
+            json.loads(payload)
+        except ValueError as exc:
+            return f"body is not JSON ({exc})"
+    return None
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS whose hand-back of unacked messages at close never raises."""
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        try:
+            return super().restore_unacked(client)  # type: ignore[no-untyped-call]
+        except Exception as exc:  # noqa: BLE001 - a close must go on; the messages are safe in the unacked hash
+            held = len(self._delivered)
+            self._delivered.clear()
+            log.warning("could not hand %d unacked message(s) back to the queue now (%s: %s); they stay in the "
+                        "unacked hash and are redelivered after the visibility timeout", held,
+                        type(exc).__name__, exc)
+            return []
+
+
+class _ScreeningClient(kombu_redis.PrefixedStrictRedis):
+    """The consumer's Redis client: each message its BRPOP returns is screened before kombu
+    decodes it; a refused one reads as "nothing taken" (kombu then just waits for the next)."""
+
+    def __init__(self, *args: Any, screen: Any, **kwargs: Any) -> None:
+        self._lq_screen = screen
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def parse_response(self, connection: Any, command_name: Any, **options: Any) -> Any:
+        reply = super().parse_response(connection, command_name, **options)  # type: ignore[no-untyped-call]
+        if command_name == "BRPOP" and reply and not self._lq_screen(*reply):
+            return None
+        return reply
+
+
+class _Hardened:
+    """What the hardened channels add to kombu's (see the module docstring)."""
+
+    QoS = QoS
+    lq_dead_letter_key: str | None = None
+    lq_max_message_bytes: int = 1024 * 1024
+    lq_content_types: Collection[str] = ()
+    # kombu sets every attribute named here from the transport options.
+    _lq_options = ("lq_dead_letter_key", "lq_max_message_bytes", "lq_content_types")
+
+    # kombu's channel attributes this mixin uses.
+    global_keyprefix: str
+    sep: str
+    pool: Any
+    connection_errors: tuple[type[BaseException], ...]
+    _in_poll: Any
+
+    def _get_client(self) -> Any:
+        super()._get_client()  # type: ignore[misc]  # kombu's check of the redis-py version
+        return functools.partial(_ScreeningClient, global_keyprefix=self.global_keyprefix, screen=self._screen)
+
+    def _screen(self, key: bytes | str, raw: bytes | str) -> bool:
+        data = raw.encode() if isinstance(raw, str) else raw
+        reason = screen(data, self.lq_max_message_bytes, self.lq_content_types)
+        if reason is None:
+            return True
+        queue = (key.decode(errors="replace") if isinstance(key, bytes) else key).rsplit(self.sep, 1)[0]
+        self._dead_letter(queue, reason, data)
+        return False
+
+    def _dead_letter(self, queue: str, reason: str, data: bytes) -> None:
+        entry = {
+            "time": time.time(), "queue": queue, "reason": reason, "size": len(data),
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "message": data[:DEAD_LETTER_KEEP_BYTES].decode(errors="replace"),
+            "truncated": len(data) > DEAD_LETTER_KEEP_BYTES,
+        }
+        key = self.lq_dead_letter_key
+        where = f"moved to {key}" if key else "dropped"
+        if key:
+            try:
+                # A plain client: the dead-letter list is not under kombu's key prefix.
+                with redis.Redis(connection_pool=self.pool).pipeline(transaction=True) as pipe:
+                    pipe.lpush(key, json.dumps(entry))
+                    pipe.ltrim(key, 0, DEAD_LETTER_LIMIT - 1)
+                    pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - refusing the message must not fail on its record
+                where = f"dropped (could not write {key}: {exc})"
+        log.error("refused a malformed message from queue %r: %s (%d bytes); %s", queue, reason, len(data), where)
+
+    def close(self) -> None:
+        # kombu's close first reads the reply of a pending BRPOP; on a dead connection that raised
+        # and aborted the close half way (see the module docstring). The connection is gone: go on.
+        if self._in_poll:
+            try:
+                self._brpop_read()  # type: ignore[attr-defined]
+            except Empty:
+                pass
+            except self.connection_errors as exc:
+                log.debug("closing a channel whose pending BRPOP lost its connection: %r", exc)
+                self._in_poll = None
+        super().close()  # type: ignore[misc]
+
+    def _deliver_fanout_message(self, message: Any, exchange: Any) -> Any:
+        reason = envelope_problem(message, self.lq_content_types)
+        if reason is not None:
+            log.warning("dropped a malformed broadcast message on exchange %r: %s: %.200r", exchange, reason, message)
+            return False
+        return super()._deliver_fanout_message(message, exchange)  # type: ignore[misc]
+
+
+class Channel(_Hardened, kombu_redis.Channel):
+    # kombu's option names and ours (its annotation is the tuple of its own names).
+    from_transport_options = kombu_redis.Channel.from_transport_options + _Hardened._lq_options  # type: ignore[assignment]
+
+
+class SentinelChannel(_Hardened, kombu_redis.SentinelChannel):
+    from_transport_options = (
+        kombu_redis.SentinelChannel.from_transport_options + _Hardened._lq_options  # type: ignore[assignment]
+    )
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`Channel` (for ``redis://`` and ``rediss://``)."""
+
+    Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with :class:`SentinelChannel` (for ``sentinel://``)."""
+
+    Channel = SentinelChannel
+
+
+TRANSPORT = f"{__name__}:Transport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"

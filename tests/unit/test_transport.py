@@ -1,0 +1,103 @@
+"""broker/transport.py: what a worker refuses off a queue, where it goes, and closes that never raise."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+import fakeredis
+import pytest
+
+from lightning_queue import LightningClient, Rollout, Settings
+from lightning_queue.broker.app import celery_config
+from lightning_queue.broker.transport import DEAD_LETTER_KEEP_BYTES, SENTINEL_TRANSPORT, TRANSPORT, Channel, QoS, screen
+
+JSON = ("application/json",)
+LIMIT = 1024 * 1024
+
+
+@pytest.fixture
+def good(fake_client: LightningClient) -> dict[str, Any]:
+    """A rollout task message as the publisher sends it."""
+    rollout = Rollout(input=1, queue="q")
+    return json.loads(fake_client.publisher.build([rollout], [(None, None)]).by_queue["q"][0])
+
+
+def changed(message: dict[str, Any], **fields: Any) -> bytes:
+    return json.dumps({**message, **fields}).encode()
+
+
+def test_task_messages_pass_as_sent_and_as_kombu_restores_them(good: dict[str, Any]) -> None:
+    assert screen(json.dumps(good, separators=(",", ":")).encode(), LIMIT, JSON) is None
+    assert screen(json.dumps(good).encode(), LIMIT, JSON) is None  # kombu's own separators
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda m: b"this is not json", "not JSON"),
+    (lambda m: b"\xff\xfe\x00garbage", "not JSON"),
+    (lambda m: b"[1, 2, 3]", "a JSON list, not an object"),
+    (lambda m: b'"a string"', "a JSON str, not an object"),
+    (lambda m: b'{"hello": 1}', "no 'properties' object"),
+    (lambda m: changed(m, properties="x"), "no 'properties' object"),
+    (lambda m: changed(m, properties={**m["properties"], "delivery_tag": 5}), "delivery_tag"),
+    (lambda m: changed(m, properties={**m["properties"], "delivery_info": None}), "delivery_info"),
+    (lambda m: changed(m, headers=[1]), "'headers' is not an object"),
+    (lambda m: changed(m, body="!!!not base64!!!"), "body is not base64"),
+    (lambda m: changed(m, body=base64.b64encode(b"garbage{").decode()), "body is not JSON"),
+    (lambda m: changed(m, body=7), "no 'body' string"),
+    (lambda m: changed(m, properties={**m["properties"], "body_encoding": "rot13"}), "unknown body encoding"),
+    (lambda m: changed(m, **{"content-type": "application/x-python-serialize"}), "content type"),
+    (lambda m: changed(m, headers={**m["headers"], "junk": "x" * LIMIT}), "above the limit"),
+])
+def test_malformed_messages_are_refused_with_a_reason(good: dict[str, Any], make: Any, reason: str) -> None:
+    refused = screen(make(good), LIMIT, JSON)
+    assert refused is not None and reason in refused
+
+
+def test_a_refused_message_goes_to_the_dead_letter_list(good: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    server = fakeredis.FakeRedis()
+    channel = object.__new__(Channel)  # only what screening uses: no broker connection
+    channel._pool, channel.sep = server.connection_pool, "\x06\x16"  # kombu's pool property reads _pool
+    channel.lq_dead_letter_key, channel.lq_max_message_bytes, channel.lq_content_types = "p:dead-letters", LIMIT, JSON
+
+    assert channel._screen(b"p-q", json.dumps(good).encode())
+    with caplog.at_level(logging.ERROR):
+        assert not channel._screen(b"p-q\x06\x166", b"[1, 2]")
+        assert not channel._screen(b"p-q", b"y" * (LIMIT + 10))
+
+    huge, array = (json.loads(e) for e in server.lrange("p:dead-letters", 0, -1))  # newest first
+    assert (array["queue"], array["reason"], array["message"], array["truncated"]) == (
+        "p-q", "a JSON list, not an object", "[1, 2]", False)
+    assert huge["size"] == LIMIT + 10 and huge["truncated"] and len(huge["message"]) == DEAD_LETTER_KEEP_BYTES
+    assert "refused a malformed message from queue 'p-q': a JSON list" in caplog.text
+    assert "moved to p:dead-letters" in caplog.text
+
+
+def test_a_hand_back_that_cannot_reach_redis_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    class Closed:
+        do_restore = True
+
+        def conn_or_acquire(self, client: Any = None) -> Any:
+            # What kombu's channel does once collect() dropped the connection info (the worker exited on it).
+            raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    qos = QoS(Closed())
+    qos._delivered.update({"tag-1": object(), "tag-2": object()})
+    with caplog.at_level(logging.WARNING):
+        qos.restore_unacked_once()
+    assert not qos._delivered
+    assert "could not hand 2 unacked message(s) back" in caplog.text and "visibility timeout" in caplog.text
+
+
+def test_redis_urls_use_the_hardened_transport() -> None:
+    assert celery_config(Settings(redis_url="redis://h:1/0"))["broker_transport"] == TRANSPORT
+    assert celery_config(Settings(redis_url="rediss://h:1/0"))["broker_transport"] == TRANSPORT
+    sentinel = Settings(redis_url="sentinel://h:26379", sentinel_master="m")
+    assert celery_config(sentinel)["broker_transport"] == SENTINEL_TRANSPORT
+    options = celery_config(Settings(key_prefix="t1", max_message_bytes=5000))["broker_transport_options"]
+    assert (options["lq_dead_letter_key"], options["lq_max_message_bytes"], options["lq_content_types"]) == (
+        "t1:dead-letters", 5000, ["application/json"])
+    other = celery_config(Settings(celery={"broker_url": "memory://"}))
+    assert "broker_transport" not in other
