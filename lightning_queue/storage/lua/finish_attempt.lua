@@ -59,6 +59,7 @@ redis.call('HSET', rollout_key, unpack(fields))
 if next_status == 'succeeded' and tonumber(ARGV[2]) > 1 then redis.call('HDEL', rollout_key, 'error') end
 move_status(rid, status, next_status, r[3])
 if TERMINAL[next_status] then
+  tally_experiment(rollout_key, rid, next_status)
   expire_rollout(rollout_key, ARGV[9], ARGV[8], ARGV[2])
   redis.call('PUBLISH', KEYS[K + 3], rid)
 end
