@@ -107,7 +107,7 @@ class ExperimentReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=2, default=_json_default)
+        return json.dumps(finite_json(self.to_dict()), indent=2, default=_json_default)
 
     def tables(self) -> list[Any]:
         """Rich tables: the variants, then the comparisons."""
@@ -364,14 +364,15 @@ def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, ou
     return Comparison(treatment.name, control.name, welch, paired, sequential, prob, prob_success, verdict)
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN and infinity (at any depth) made None, so it can be written as JSON."""
     # NaN and infinity are not JSON: an undefined statistic (a lift over a zero mean) is null.
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
