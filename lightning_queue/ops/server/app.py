@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 
 from lightning_queue.client import LightningClient
 from lightning_queue.core.errors import (
@@ -51,10 +52,10 @@ _STATUS: list[tuple[type[LightningQueueError], int]] = [
     (ResourcesNotFoundError, 404),
     (RolloutNotFoundError, 404),
     (ExperimentNotFoundError, 404),
-    (InvalidCursorError, 422),
-    (InvalidResourcesError, 422),
-    (InvalidExperimentError, 422),
-    (ExperimentUnitError, 422),
+    (InvalidCursorError, 400),
+    (InvalidResourcesError, 400),
+    (InvalidExperimentError, 400),
+    (ExperimentUnitError, 400),
     (VersionConflictError, 409),
     (ResourcesExistError, 409),
     (SnapshotInUseError, 409),
@@ -81,6 +82,24 @@ def _error(exc: LightningQueueError) -> JSONResponse:
     headers = {"WWW-Authenticate": REALM} if status == 401 else None
     return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers)
 
+
+class ErrorOut(BaseModel):
+    """Every error answer: the error's class (see docs/troubleshooting.md) and what to do."""
+
+    error: str
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "A value the schema allows but that means nothing here (a cursor "
+                                             "not handed out, an invalid definition)."},
+    401: {"model": ErrorOut, "description": "No or wrong credentials (AuthenticationRequiredError)."},
+    403: {"model": ErrorOut, "description": "A change from a page of another origin (CrossSiteRequestError)."},
+    404: {"model": ErrorOut, "description": "No such snapshot, rollout or experiment."},
+    409: {"model": ErrorOut, "description": "The change conflicts with the state (pointer moved, experiment "
+                                             "stopped...)."},
+    503: {"model": ErrorOut, "description": "Redis is unreachable (RedisUnavailableError)."},
+}
 
 # Declared for the OpenAPI schema (and so for API clients); the check itself is the middleware's.
 _basic = HTTPBasic(auto_error=False, description="LQ_SERVER_USER and LQ_SERVER_PASSWORD")
@@ -163,7 +182,7 @@ def create_app(
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return _error(RedisUnavailableError(client.settings.redis_url, exc))
 
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_basic), Depends(_bearer)])
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_basic), Depends(_bearer)], responses=_ERRORS)
     for module in (snapshots, rollouts, experiments, workers, events):
         api.include_router(module.router)
     app.include_router(api)

@@ -156,7 +156,7 @@ def test_rollouts_page_by_cursor_and_filter(loopback: TestClient, seeded: Lightn
     assert treatment and {(r["experiment"], r["variant"]) for r in treatment} == {("ab", "treatment")}
     assert loopback.get("/api/v1/rollouts", params={"experiment": "nope"}).status_code == 404
     bad = loopback.get("/api/v1/rollouts", params={"cursor": "not-a-cursor"})
-    assert bad.status_code == 422 and bad.json()["error"] == "InvalidCursorError"
+    assert bad.status_code == 400 and bad.json()["error"] == "InvalidCursorError"
 
 
 def test_a_rollout_shows_its_attempts_and_trace(loopback: TestClient) -> None:
