@@ -24,5 +24,7 @@ export async function workerFleet() {
   }
   await load();
   const later = throttle(() => load().catch(() => {}), 2000);
+  // Health records are rewritten by each worker's timer, not announced: re-read them now and then too.
+  const timer = setInterval(() => { if (element.isConnected) later(); else clearInterval(timer); }, 5000);
   return { element, onEvent: () => later() };
 }
