@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,9 @@ class VariantStats:
     rewards: list[float] = field(repr=False, default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("rewards")
-        return data
+        # Not asdict(): it would deep-copy every reward only to drop them.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rewards"} | {
+            "errors": dict(self.errors)}
 
 
 @dataclass(frozen=True)

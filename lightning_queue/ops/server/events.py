@@ -4,10 +4,11 @@ It listens to the two channels lightning-queue already publishes on: the rollout
 channel (a finished rollout's id, from the script that finished it) and the snapshot events
 channel (every registry change, with its sequence number). Rollouts that finish together are
 sent as one ``rollouts`` event (gathered for ``BATCH_SECONDS``), so a busy fleet costs the page a
-few events a second, not one per rollout. After a lost Redis connection the stream subscribes
-again and sends ``resync``: what happened meanwhile was not seen, so the page reads again.
-A stream ends after ``ServerConfig.stream_seconds`` (the browser's EventSource reconnects at
-once), so no connection is held forever.
+few events a second, not one per rollout. The first event, ``hello``, is sent once the
+subscription is confirmed. After a lost Redis connection the stream subscribes again and sends
+``resync``: what happened meanwhile was not seen, so the page reads again. A stream ends after
+``ServerConfig.stream_seconds`` (the browser's EventSource reconnects at once), so no
+connection is held forever.
 """
 
 from __future__ import annotations
@@ -54,15 +55,17 @@ async def change_stream(
     """The events of one stream, for ``seconds``; see the module's docstring."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    failures = 0
-    yield ServerSentEvent(json.dumps({"prefix": keys.prefix}), event="hello", retry=2000)
+    failures, subscribed = 0, False
     while loop.time() < deadline:
         pubsub = connection().pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(keys.events, keys.snapshot_events)
-            if failures:
+            # Sent once listening: whatever happens after the page saw it reaches the page.
+            if not subscribed:
+                yield ServerSentEvent(json.dumps({"prefix": keys.prefix}), event="hello", retry=2000)
+            elif failures:
                 yield ServerSentEvent("{}", event="resync")
-            failures = 0
+            failures, subscribed = 0, True
             while loop.time() < deadline:
                 message = await pubsub.get_message(timeout=min(1.0, max(0.0, deadline - loop.time())))
                 if message is None:
