@@ -195,9 +195,3 @@ def create_app(
         return FileResponse(str(static.joinpath("index.html")), media_type="text/html")
 
     return app
-
-
-def api_paths(app: FastAPI) -> list[str]:
-    """The API's paths, as the OpenAPI schema lists them."""
-    schema: dict[str, Any] = app.openapi()
-    return sorted(schema["paths"])

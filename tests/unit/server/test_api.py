@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from typing import Any
 
 import fakeredis
 import pytest
@@ -257,3 +258,44 @@ def test_the_event_stream_tells_of_finished_rollouts_and_registry_changes(
                 if "rollouts" in seen and "registry" in seen:
                     break
         assert {"rollouts", "registry", "id"} <= set(seen)
+
+
+async def test_the_stream_subscribes_again_after_a_lost_connection_and_says_resync(prefix: str) -> None:
+    """A dropped Redis connection: the stream says offline, subscribes again, and tells the page to re-read
+    (changes meanwhile were not seen); it ends by itself at its deadline."""
+    import redis as redis_module
+
+    from lightning_queue.core.keys import Keys
+    from lightning_queue.ops.server.events import change_stream
+
+    server = fakeredis.FakeServer()
+    subscribes = []
+
+    class Flaky(fakeredis.FakeAsyncRedis):
+        def pubsub(self, **kwargs: Any) -> Any:
+            pubsub = super().pubsub(**kwargs)
+            subscribe = pubsub.subscribe
+
+            async def once_broken(*channels: Any) -> Any:
+                subscribes.append(channels)
+                if len(subscribes) == 2:
+                    raise redis_module.ConnectionError("connection reset")
+                return await subscribe(*channels)
+
+            pubsub.subscribe = once_broken
+            return pubsub
+
+    client = Flaky(server=server)
+    keys = Keys(prefix)
+    seen = []
+    stream = change_stream(lambda: client, keys, seconds=3.0)
+    async for event in stream:
+        seen.append(event.event)
+        if event.event == "hello":
+            await client.publish(keys.events, "ro-1")
+        if event.event == "rollouts":
+            # Drop the subscription as a lost connection would: the next read fails.
+            await stream.athrow(redis_module.ConnectionError("lost"))  # type: ignore[attr-defined]
+        if event.event == "resync":
+            break
+    assert seen[:2] == ["hello", "rollouts"] and "offline" in seen and seen[-1] == "resync"
