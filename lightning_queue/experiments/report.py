@@ -294,19 +294,24 @@ def reward_interval(rewards: np.ndarray, alpha: float) -> tuple[float, float] | 
 
 def reward_trajectory(outcomes: Outcomes, alpha: float, points: int = 60) -> list[dict[str, Any]]:
     """The mean reward and its interval as they stood after each of up to ``points`` evenly
-    spaced counts of rewards (in finishing order): what a chart of the variant over time shows."""
+    spaced counts of rewards (in finishing order): what a chart of the variant over time shows.
+    Each interval is :func:`reward_interval`'s, computed for all the counts at once."""
+    from scipy import stats as st
+
     rewards = outcomes.rewards
     n = len(rewards)
     if n == 0:
         return []
     counts = np.unique(np.linspace(1, n, min(points, n)).round().astype(int))
-    out = []
-    for count in counts:
-        head = rewards[:count]
-        ci = reward_interval(head, alpha)
-        out.append({"n": int(count), "time": float(outcomes.reward_times[count - 1]), "mean": float(head.mean()),
-                    "ci": list(ci) if ci else None})
-    return out
+    sums, squares = np.cumsum(rewards)[counts - 1], np.cumsum(rewards * rewards)[counts - 1]
+    means = sums / counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.maximum(squares - counts * means**2, 0.0) / (counts - 1))
+        half = st.t.ppf(1 - alpha / 2, counts - 1) * std / np.sqrt(counts)
+    half = np.where(std > 1e-12 * np.maximum(1.0, np.abs(means)), half, 0.0)  # constant so far: no width
+    return [{"n": int(c), "time": float(outcomes.reward_times[c - 1]), "mean": float(m),
+             "ci": [float(m - h), float(m + h)] if c > 1 else None}
+            for c, m, h in zip(counts, means, half, strict=True)]
 
 
 def _variant_stats(exp: Experiment, name: str, outcomes: Outcomes, units: int, alpha: float) -> VariantStats:

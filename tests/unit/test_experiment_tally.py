@@ -142,3 +142,19 @@ def test_the_live_report_reads_no_rollout_record(experiments: Experiments, monke
     monkeypatch.setattr(experiments.redis, "pipeline", counted_pipeline)
     experiments.live_report("ab")
     assert commands and "HGETALL" in commands and len(commands) == 10  # 5 per variant, whatever the rollouts
+
+
+def test_the_trajectory_ends_at_the_reports_mean_and_interval(experiments: Experiments) -> None:
+    from lightning_queue.experiments.report import report_from_outcomes, reward_trajectory
+
+    experiments.create(ab())
+    experiments.start("ab")
+    experiments.enqueue("ab", [{"user": f"u{i}"} for i in range(200)])
+    exp, outcomes, units = experiments.outcomes("ab")
+    report = report_from_outcomes(exp, outcomes, units)
+    for variant in report.variants:
+        points = reward_trajectory(outcomes[variant.name], 0.05)
+        assert len(points) == 60 and points[0]["n"] == 1 and points[0]["ci"] is None
+        assert points[-1]["n"] == len(variant.rewards)
+        assert points[-1]["mean"] == pytest.approx(variant.mean_reward)
+        assert points[-1]["ci"] == pytest.approx(list(variant.reward_ci))
