@@ -31,13 +31,13 @@ def server(
 
     context = cli_context(ctx)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    config = ServerConfig(**overrides)  # type: ignore[arg-type]  # validated by pydantic
+    # Checked before Redis is reached: beyond loopback without credentials is refused at once.
+    config, generated = ServerConfig(**overrides).with_credentials()  # type: ignore[arg-type]  # pydantic validates
     app = create_app(config, client=context.client())
-    config = app.state.services.config
     where = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}/"
     err.print(f"dashboard on {where} (prefix {context.settings.key_prefix}, Redis "
               f"{redacted_url(context.settings.redis_url)})")
-    if app.state.generated_password:
-        err.print(f"changes need user [bold]{config.user}[/] and password [bold]{app.state.generated_password}[/] "
+    if generated:
+        err.print(f"changes need user [bold]{config.user}[/] and password [bold]{generated}[/] "
                   "(made up for this run: set LQ_SERVER_PASSWORD to choose one)")
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", proxy_headers=False)
