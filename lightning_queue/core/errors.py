@@ -487,3 +487,52 @@ class InvalidRolloutMetadataError(InvalidRolloutInputError):
     """A rollout's metadata cannot be stored: it is not JSON-serializable."""
 
     what = "metadata"
+
+
+# ----------------------------------------------------------------------------- the HTTP server
+
+
+class ServerCredentialsError(ConfigurationError):
+    """``lightning-queue server`` was asked to listen beyond loopback without credentials."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"the server would listen on {host!r}, beyond loopback, without credentials; set LQ_SERVER_PASSWORD "
+            "(HTTP basic auth, user LQ_SERVER_USER) or LQ_SERVER_TOKEN (bearer), or listen on 127.0.0.1"
+        )
+        self.host = host
+
+
+class AuthenticationRequiredError(LightningQueueError):
+    """An HTTP request to the server carried no credentials, or wrong ones, where they are required
+    (every request when it listens beyond loopback; every change always). Answered with 401."""
+
+    def __init__(self, changing: bool) -> None:
+        what = "this call changes state and needs" if changing else "this server needs"
+        super().__init__(
+            f"{what} credentials: send HTTP basic auth (LQ_SERVER_USER / LQ_SERVER_PASSWORD) or "
+            "'Authorization: Bearer <LQ_SERVER_TOKEN>'"
+        )
+
+
+class CrossSiteRequestError(LightningQueueError):
+    """A state-changing HTTP request came from a page of another origin (a possible cross-site request
+    forgery). Answered with 403."""
+
+    def __init__(self, origin: str) -> None:
+        super().__init__(
+            f"refused a change requested by a page of another origin ({origin!r}); make it from the dashboard "
+            "itself, from a non-browser client, or list that origin in LQ_SERVER_CORS_ORIGINS"
+        )
+        self.origin = origin
+
+
+class InvalidCursorError(LightningQueueError, ValueError):
+    """A rollouts page cursor was not one the server handed out."""
+
+    def __init__(self, cursor: str) -> None:
+        shown = cursor if len(cursor) <= 40 else cursor[:37] + "..."
+        super().__init__(
+            f"invalid page cursor {shown!r}; pass the next_cursor of the previous page as it was returned, or "
+            "leave it out to start from the newest rollout"
+        )

@@ -53,6 +53,16 @@ Experiments (:mod:`lightning_queue.experiments`)::
                                                         start_time, stop_time, stop_reason, winner
     {p}:experiment:{name}:rollouts:{variant}      zset  rollout ids enqueued under that variant -> enqueue time
     {p}:experiment:{name}:units:{variant}         set   the units assigned to that variant
+    {p}:experiment:{name}:tally:{variant}         hash  running counts of that variant's finished rollouts:
+                                                        finished, succeeded, failed, cancelled, rewarded,
+                                                        reward_sum, reward_sumsq, error:{type}
+    {p}:experiment:{name}:rewards:{variant}       string one line "end_time reward latency" per finished
+                                                        rollout (reward "nan" unless it succeeded with one)
+    {p}:experiment:{name}:unit-rewards:{variant}  hash  unit -> "count sum last_end_time" of its rewards
+
+The last three are written by the Lua script that moves a rollout of the experiment to a final
+status, in the same atomic step (``lua/_experiment_tally.lua``), so a report reads aggregates
+instead of every rollout record.
 
 Celery's broker keys (queues, unacked messages, pidbox) live under ``{p}:celery:``
 through kombu's ``global_keyprefix`` transport option::
@@ -171,9 +181,11 @@ class Keys:
         return f"{self.prefix}:epoch"
 
     # -- rollout store --------------------------------------------------------
+    ROLLOUT_INFIX = ":rollout:"
+
     @property
     def rollout_prefix(self) -> str:
-        return f"{self.prefix}:rollout:"
+        return f"{self.prefix}{self.ROLLOUT_INFIX}"
 
     def rollout(self, rollout_id: str) -> str:
         return f"{self.rollout_prefix}{rollout_id}"
@@ -252,14 +264,29 @@ class Keys:
     def experiments(self) -> str:
         return f"{self.prefix}:experiments"
 
+    EXPERIMENT_INFIX = ":experiment:"
+    # The tally script (lua/_experiment_tally.lua) gets these spelled in by scripts.py.
+    TALLY_INFIX = ":tally:"
+    REWARDS_INFIX = ":rewards:"
+    UNIT_REWARDS_INFIX = ":unit-rewards:"
+
     def experiment(self, name: str) -> str:
-        return f"{self.prefix}:experiment:{name}"
+        return f"{self.prefix}{self.EXPERIMENT_INFIX}{name}"
 
     def experiment_rollouts(self, name: str, variant: str) -> str:
         return f"{self.experiment(name)}:rollouts:{variant}"
 
     def experiment_units(self, name: str, variant: str) -> str:
         return f"{self.experiment(name)}:units:{variant}"
+
+    def experiment_tally(self, name: str, variant: str) -> str:
+        return f"{self.experiment(name)}{self.TALLY_INFIX}{variant}"
+
+    def experiment_rewards(self, name: str, variant: str) -> str:
+        return f"{self.experiment(name)}{self.REWARDS_INFIX}{variant}"
+
+    def experiment_unit_rewards(self, name: str, variant: str) -> str:
+        return f"{self.experiment(name)}{self.UNIT_REWARDS_INFIX}{variant}"
 
     # -- celery -----------------------------------------------------------------
     @property

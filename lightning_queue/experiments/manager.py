@@ -63,7 +63,7 @@ from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.store import decode_rollout
 
 if TYPE_CHECKING:
-    from lightning_queue.experiments.report import ExperimentReport
+    from lightning_queue.experiments.report import ExperimentReport, Outcomes
 
 __all__ = [
     "BUCKETS",
@@ -343,6 +343,46 @@ class Experiments:
 
         exp, rollouts, units = self.snapshot(name)
         return build_report(exp, rollouts, units, alpha=alpha, min_sample=min_sample)
+
+    def outcomes(self, name: str) -> tuple[Experiment, dict[str, Outcomes], dict[str, int]]:
+        """The experiment, each variant's :class:`~lightning_queue.experiments.report.Outcomes` from
+        the aggregates kept as its rollouts finish, and each variant's unit count: two round trips
+        whatever the number of rollouts, and no rollout record read. Counts every rollout that
+        finished, also once its record expired."""
+        from lightning_queue.experiments.report import outcomes_from_tally
+
+        exp = self.get(name)
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        for v in exp.variants:
+            pipe.zcard(k.experiment_rollouts(name, v.name))
+            pipe.scard(k.experiment_units(name, v.name))
+            pipe.hgetall(k.experiment_tally(name, v.name))
+            pipe.get(k.experiment_rewards(name, v.name))
+            if exp.paired:
+                pipe.hgetall(k.experiment_unit_rewards(name, v.name))
+            else:
+                pipe.echo("")
+        replies = pipe.execute()
+        outcomes, units = {}, {}
+        for i, v in enumerate(exp.variants):
+            count, unit_count, tally, rewards, unit_rewards = replies[5 * i : 5 * i + 5]
+            units[v.name] = int(unit_count)
+            outcomes[v.name] = outcomes_from_tally(
+                int(count), {text(f): text(n) for f, n in tally.items()}, text(rewards) if rewards else "",
+                {text(u): text(h) for u, h in unit_rewards.items()} if isinstance(unit_rewards, dict) else {},
+            )
+        return exp, outcomes, units
+
+    def live_report(self, name: str, *, alpha: float = 0.05, min_sample: int = 30) -> ExperimentReport:
+        """:meth:`report` built from the aggregates kept as rollouts finish (:meth:`outcomes`), not
+        from the rollout records: as fast for 100,000 rollouts as for ten. It counts only rollouts
+        that finished since the tallies exist (lightning-queue 0.1's server), and keeps counting
+        rollouts whose records expired, which :meth:`report` no longer sees."""
+        from lightning_queue.experiments.report import report_from_outcomes
+
+        exp, outcomes, units = self.outcomes(name)
+        return report_from_outcomes(exp, outcomes, units, alpha=alpha, min_sample=min_sample)
 
     # -- concluding ---------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,9 @@ class VariantStats:
     rewards: list[float] = field(repr=False, default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("rewards")
-        return data
+        # Not asdict(): it would deep-copy every reward only to drop them.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rewards"} | {
+            "errors": dict(self.errors)}
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class ExperimentReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=2, default=_json_default)
+        return json.dumps(finite_json(self.to_dict()), indent=2, default=_json_default)
 
     def tables(self) -> list[Any]:
         """Rich tables: the variants, then the comparisons."""
@@ -184,13 +184,88 @@ class ExperimentReport:
         return path
 
 
+@dataclass(frozen=True)
+class Outcomes:
+    """What one variant's rollouts came to, in columns: the input of every statistic.
+
+    Made from the rollout records (:func:`outcomes_of`) or from the aggregates the store keeps
+    per variant (:meth:`lightning_queue.experiments.Experiments.live_report`); the report is
+    built the same way from either. ``rewards`` and ``reward_times`` (end times) are in the
+    order the rollouts finished, as the sequential test sees them; ``unit_rewards`` maps each
+    unit to its mean reward and its last rollout's end time (paired comparisons).
+    """
+
+    rollouts: int
+    finished: int
+    succeeded: int
+    errors: dict[str, int]
+    rewards: np.ndarray
+    reward_times: np.ndarray
+    latencies: np.ndarray
+    unit_rewards: dict[str, tuple[float, float]]
+
+
+def outcomes_of(rollouts: list[Rollout]) -> Outcomes:
+    """The :class:`Outcomes` of these rollout records."""
+    finished = [r for r in rollouts if r.status in ("succeeded", "failed")]
+    rewarded = sorted(rewards_of(rollouts), key=lambda r: r.end_time or 0.0)
+    groups: dict[str, list[Rollout]] = defaultdict(list)
+    for r in rewarded:
+        groups[str(r.metadata.get("unit"))].append(r)
+    return Outcomes(
+        rollouts=len(rollouts),
+        finished=len(finished),
+        succeeded=sum(r.status == "succeeded" for r in finished),
+        errors=dict(Counter(r.error.type for r in finished if r.status == "failed" and r.error)),
+        rewards=np.asarray([r.reward for r in rewarded], dtype=float),
+        reward_times=np.asarray([r.end_time or 0.0 for r in rewarded], dtype=float),
+        latencies=np.asarray([r.end_time - r.start_time for r in finished if r.start_time and r.end_time], dtype=float),
+        unit_rewards={u: (float(np.mean([r.reward for r in rs])), max(r.end_time or 0.0 for r in rs))
+                      for u, rs in groups.items()},
+    )
+
+
+def outcomes_from_tally(
+    rollouts: int, tally: dict[str, str], rewards: str, unit_rewards: dict[str, str]
+) -> Outcomes:
+    """The :class:`Outcomes` of a variant from the aggregates the store keeps for it (see
+    ``lua/_experiment_tally.lua``): its tally hash, its rewards lines and its per-unit rewards."""
+    values = np.array(rewards.split(), dtype=float).reshape(-1, 3) if rewards else np.empty((0, 3))
+    rewarded = ~np.isnan(values[:, 1])
+    latencies = values[:, 2]
+    units = {}
+    for unit, held in unit_rewards.items():
+        count, total, last = held.split()
+        units[unit] = (float(total) / int(count), float(last))
+    return Outcomes(
+        rollouts=rollouts,
+        finished=int(tally.get("finished", 0)),
+        succeeded=int(tally.get("succeeded", 0)),
+        errors={k.removeprefix("error:"): int(v) for k, v in tally.items() if k.startswith("error:")},
+        rewards=values[rewarded, 1],
+        reward_times=values[rewarded, 0],
+        latencies=latencies[~np.isnan(latencies)],
+        unit_rewards=units,
+    )
+
+
 def build_report(
     exp: Experiment, rollouts: dict[str, list[Rollout]], units: dict[str, int], *, alpha: float = 0.05,
     min_sample: int = 30,
 ) -> ExperimentReport:
-    variants = [_variant_stats(exp, v.name, rollouts[v.name], units[v.name], alpha) for v in exp.variants]
+    """The report of these rollout records (each variant's, by name)."""
+    outcomes = {name: outcomes_of(rs) for name, rs in rollouts.items()}
+    return report_from_outcomes(exp, outcomes, units, alpha=alpha, min_sample=min_sample)
+
+
+def report_from_outcomes(
+    exp: Experiment, outcomes: dict[str, Outcomes], units: dict[str, int], *, alpha: float = 0.05,
+    min_sample: int = 30,
+) -> ExperimentReport:
+    """The report of each variant's :class:`Outcomes` (by name) and unit count."""
+    variants = [_variant_stats(exp, v.name, outcomes[v.name], units[v.name], alpha) for v in exp.variants]
     control = variants[0]
-    comparisons = [_compare(exp, control, v, rollouts, alpha, min_sample) for v in variants[1:]]
+    comparisons = [_compare(exp, control, v, outcomes, alpha, min_sample) for v in variants[1:]]
     check = None
     # A paired split is equal by construction; after a weight change or a re-bucketing the
     # counts mix several splits, so no single set of weights is the one to test against.
@@ -204,63 +279,79 @@ def rewards_of(rollouts: list[Rollout]) -> list[Rollout]:
     return [r for r in rollouts if r.status == "succeeded" and r.reward is not None]
 
 
-def _variant_stats(exp: Experiment, name: str, rollouts: list[Rollout], units: int, alpha: float) -> VariantStats:
+def reward_interval(rewards: np.ndarray, alpha: float) -> tuple[float, float] | None:
+    """The ``1 - alpha`` t-interval of the mean of ``rewards`` (None below two values)."""
+    if len(rewards) < 2:
+        return None
+    mean, std = float(rewards.mean()), float(rewards.std(ddof=1))
+    if not std:
+        return (mean, mean)
+    from scipy import stats as st
+
+    low, high = st.t.interval(1 - alpha, len(rewards) - 1, loc=mean, scale=std / np.sqrt(len(rewards)))
+    return (float(low), float(high))
+
+
+def reward_trajectory(outcomes: Outcomes, alpha: float, points: int = 60) -> list[dict[str, Any]]:
+    """The mean reward and its interval as they stood after each of up to ``points`` evenly
+    spaced counts of rewards (in finishing order): what a chart of the variant over time shows.
+    Each interval is :func:`reward_interval`'s, computed for all the counts at once."""
+    from scipy import stats as st
+
+    rewards = outcomes.rewards
+    n = len(rewards)
+    if n == 0:
+        return []
+    counts = np.unique(np.linspace(1, n, min(points, n)).round().astype(int))
+    sums, squares = np.cumsum(rewards)[counts - 1], np.cumsum(rewards * rewards)[counts - 1]
+    means = sums / counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.maximum(squares - counts * means**2, 0.0) / (counts - 1))
+        half = st.t.ppf(1 - alpha / 2, counts - 1) * std / np.sqrt(counts)
+    half = np.where(std > 1e-12 * np.maximum(1.0, np.abs(means)), half, 0.0)  # constant so far: no width
+    return [{"n": int(c), "time": float(outcomes.reward_times[c - 1]), "mean": float(m),
+             "ci": [float(m - h), float(m + h)] if c > 1 else None}
+            for c, m, h in zip(counts, means, half, strict=True)]
+
+
+def _variant_stats(exp: Experiment, name: str, outcomes: Outcomes, units: int, alpha: float) -> VariantStats:
     variant = exp.variant(name)
-    finished = [r for r in rollouts if r.status in ("succeeded", "failed")]
-    succeeded = sum(r.status == "succeeded" for r in finished)
-    rewards = [r.reward for r in rewards_of(rollouts) if r.reward is not None]
-    arr = np.asarray(rewards)
+    arr = outcomes.rewards
     mean = float(arr.mean()) if len(arr) else None
     std = float(arr.std(ddof=1)) if len(arr) > 1 else None
-    ci = None
-    if len(arr) > 1:
-        from scipy import stats as st
-
-        if std:
-            ci_low, ci_high = st.t.interval(1 - alpha, len(arr) - 1, loc=mean, scale=st.sem(arr))
-            ci = (float(ci_low), float(ci_high))
-        elif mean is not None:
-            ci = (mean, mean)
-    latencies = np.asarray([r.end_time - r.start_time for r in finished if r.start_time and r.end_time])
-    errors = Counter(r.error.type for r in finished if r.status == "failed" and r.error)
+    latencies = outcomes.latencies
+    finished, succeeded = outcomes.finished, outcomes.succeeded
     return VariantStats(
-        name, variant.resources_id, variant.weight, units, len(rollouts), len(finished), succeeded,
-        len(finished) - succeeded, succeeded / len(finished) if finished else None, mean, std, ci,
+        name, variant.resources_id, variant.weight, units, outcomes.rollouts, finished, succeeded,
+        finished - succeeded, succeeded / finished if finished else None, mean, std, reward_interval(arr, alpha),
         float(np.percentile(latencies, 50)) if len(latencies) else None,
-        float(np.percentile(latencies, 95)) if len(latencies) else None, dict(errors), rewards,
+        float(np.percentile(latencies, 95)) if len(latencies) else None, dict(outcomes.errors), arr.tolist(),
     )
 
 
-def _pairs(control: list[Rollout], treatment: list[Rollout]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pairs(control: Outcomes, treatment: Outcomes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per unit, the mean reward under each variant; units with both, ordered by when
     their last rollout finished (the order a sequential test sees them in)."""
-    def by_unit(rollouts: list[Rollout]) -> dict[str, tuple[float, float]]:
-        groups: dict[str, list[Rollout]] = defaultdict(list)
-        for r in rewards_of(rollouts):
-            groups[str(r.metadata.get("unit"))].append(r)
-        return {u: (float(np.mean([r.reward for r in rs])), max(r.end_time or 0.0 for r in rs))
-                for u, rs in groups.items()}
-
-    c, t = by_unit(control), by_unit(treatment)
+    c, t = control.unit_rewards, treatment.unit_rewards
     common = sorted(set(c) & set(t), key=lambda u: (max(c[u][1], t[u][1]), u))
     return (np.asarray([c[u][0] for u in common]), np.asarray([t[u][0] for u in common]),
             np.asarray([max(c[u][1], t[u][1]) for u in common]))
 
 
-def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, rollouts: dict[str, list[Rollout]],
+def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, outcomes: dict[str, Outcomes],
              alpha: float, min_sample: int) -> Comparison:
-    c_rollouts, t_rollouts = rollouts[control.name], rollouts[treatment.name]
+    c_out, t_out = outcomes[control.name], outcomes[treatment.name]
     prob_success = None
     if control.finished and treatment.finished:
         prob_success = stats.prob_beats_beta(control.succeeded, control.finished, treatment.succeeded,
                                              treatment.finished)
     welch = prob = paired = sequential = None
-    c, t = np.asarray(control.rewards), np.asarray(treatment.rewards)
+    c, t = c_out.rewards, t_out.rewards
     if len(c) >= 2 and len(t) >= 2:
         welch = stats.welch(c, t, alpha)
         prob = stats.prob_beats_normal(c, t)
     if exp.paired:
-        pc, pt, _ = _pairs(c_rollouts, t_rollouts)
+        pc, pt, _ = _pairs(c_out, t_out)
         n = len(pc)
         if n >= 2:
             paired = stats.paired(pc, pt, alpha)
@@ -268,10 +359,7 @@ def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, ro
     else:
         n = min(len(c), len(t))
         if n >= 2:
-            sequential = stats.sequential(
-                c, t, control_order=[r.end_time or 0.0 for r in rewards_of(c_rollouts)],
-                treatment_order=[r.end_time or 0.0 for r in rewards_of(t_rollouts)],
-            )
+            sequential = stats.sequential(c, t, control_order=c_out.reward_times, treatment_order=t_out.reward_times)
     if n < min_sample or sequential is None:
         verdict = f"too few: {n}/{min_sample}"
     elif sequential.p_value < alpha:
@@ -281,14 +369,15 @@ def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, ro
     return Comparison(treatment.name, control.name, welch, paired, sequential, prob, prob_success, verdict)
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN and infinity (at any depth) made None, so it can be written as JSON."""
     # NaN and infinity are not JSON: an undefined statistic (a lift over a zero mean) is null.
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 

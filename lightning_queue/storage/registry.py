@@ -169,7 +169,8 @@ class SnapshotRegistry:
         self._get = load_script(client, "get_snapshot")
         self._set_pointer = load_script(client, "set_pointer", "_registry_prelude")
         self._rollback = load_script(client, "rollback_pointer", "_registry_prelude")
-        self._delete = load_script(client, "delete_snapshot", "_rollout_prelude", "_registry_prelude")
+        self._delete = load_script(client, "delete_snapshot", "_rollout_prelude", "_experiment_tally",
+                                   "_registry_prelude")
 
     # -- writes -------------------------------------------------------------------------
 

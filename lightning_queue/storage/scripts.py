@@ -2,7 +2,8 @@
 
 Scripts name statuses through placeholders filled in from :mod:`lightning_queue.core.models`
 (``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__``, ``__CLOSED__`` and ``__WAITING__``
-the sets), so a status is spelled once, in Python.
+the sets), so a status is spelled once, in Python; key infixes likewise come from
+:class:`~lightning_queue.core.keys.Keys`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from importlib import resources as importlib_resources
 import redis
 from redis.commands.core import Script
 
+from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import (
     CLOSED_ATTEMPT_STATUSES,
     OPEN_STATUSES,
@@ -33,6 +35,12 @@ _PLACEHOLDERS = {
     "__OPEN__": _lua_set(OPEN_STATUSES),
     "__CLOSED__": _lua_set(CLOSED_ATTEMPT_STATUSES),
     "__WAITING__": _lua_set(WAITING_STATUSES),
+    # Key infixes (core/keys.py) the experiment tally builds its keys from.
+    "__ROLLOUT_INFIX__": Keys.ROLLOUT_INFIX,
+    "__EXPERIMENT_INFIX__": Keys.EXPERIMENT_INFIX,
+    "__TALLY_INFIX__": Keys.TALLY_INFIX,
+    "__REWARDS_INFIX__": Keys.REWARDS_INFIX,
+    "__UNIT_REWARDS_INFIX__": Keys.UNIT_REWARDS_INFIX,
 }
 
 

@@ -216,9 +216,9 @@ class RolloutStore:
         self._release_lost = load_script(client, "release_lost")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
-        self._finish = load_script(client, "finish_attempt", "_rollout_prelude")
+        self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally")
         self._lease = load_script(client, "lease_expired")
-        self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude")
+        self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude", "_experiment_tally")
 
     # -- writes -----------------------------------------------------------------------
 

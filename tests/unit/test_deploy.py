@@ -23,11 +23,12 @@ from redis.retry import Retry
 from lightning_queue import Settings
 from lightning_queue.core.keys import Keys
 from lightning_queue.ops.embedded import free_port
+from lightning_queue.ops.server.config import ServerConfig
 from lightning_queue.storage.connections import text
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
-SETTINGS = set(Settings.model_fields)
+SETTINGS = set(Settings.model_fields) | {f"server_{name}" for name in ServerConfig.model_fields}
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -65,7 +66,7 @@ def test_compose_env_example_sets_what_compose_requires() -> None:
     env = _env_file(DEPLOY / ".env.example")
     _check_settings_names(env, ".env.example")
     required = set(re.findall(r"\$\{(\w+):\?", (DEPLOY / "docker-compose.yml").read_text()))
-    assert required == {"REDIS_PASSWORD", "FLOWER_BASIC_AUTH"}
+    assert required == {"REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "LQ_SERVER_PASSWORD"}
     assert required <= set(env)
     assert ":" in env["FLOWER_BASIC_AUTH"]
 
@@ -148,6 +149,12 @@ def test_flower_and_exporter_units() -> None:
     assert "EnvironmentFile=/etc/lightning-queue/flower.env" in flower_text
     assert "FLOWER_BASIC_AUTH" in _env_file(DEPLOY / "flower.env.example")
     assert "lightning-queue exporter" in _unit("lightning-queue-exporter.service")["Service"]["ExecStart"]
+    server_text = (DEPLOY / "lightning-queue-server.service").read_text()
+    assert "lightning-queue server" in _unit("lightning-queue-server.service")["Service"]["ExecStart"]
+    assert "EnvironmentFile=/etc/lightning-queue/server.env" in server_text
+    server_env = _env_file(DEPLOY / "server.env.example")
+    _check_settings_names(server_env, "server.env.example")
+    assert server_env["LQ_SERVER_PASSWORD"] and server_env["LQ_SERVER_HOST"] == "0.0.0.0"
 
 
 def test_flower_and_exporter_units_listen_on_loopback_only() -> None:
@@ -175,7 +182,7 @@ def _compose() -> dict[str, Any]:
 def test_compose_services() -> None:
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "flower", "exporter"}
+    assert set(services) == {"redis", "worker", "flower", "exporter", "server"}
 
     redis_service = services["redis"]
     assert "./redis.conf:/usr/local/etc/redis/redis.conf:ro" in redis_service["volumes"]
@@ -195,7 +202,9 @@ def test_compose_services() -> None:
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
     assert services["flower"]["command"][:4] == ["celery", "-A", "lightning_queue.app", "flower"]
     assert services["exporter"]["command"][:2] == ["lightning-queue", "exporter"]
-    for name in ("worker", "flower", "exporter"):
+    assert services["server"]["command"][:2] == ["lightning-queue", "server"]
+    assert "LQ_SERVER_PASSWORD" in services["server"]["environment"]  # it listens beyond loopback
+    for name in ("worker", "flower", "exporter", "server"):
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
@@ -222,7 +231,7 @@ def test_exporter_listens_on_loopback_unless_told_otherwise() -> None:
 def test_dockerfile_installs_the_package_and_stops_warm() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.1[1-9]", dockerfile, re.MULTILINE)
-    assert re.search(r"^RUN pip install \.", dockerfile, re.MULTILINE)
+    assert re.search(r"^RUN pip install \"?\.", dockerfile, re.MULTILINE)
     assert re.search(r"^STOPSIGNAL SIGTERM$", dockerfile, re.MULTILINE)
     assert re.search(r'^CMD \["lightning-queue", "worker"', dockerfile, re.MULTILINE)
     assert re.search(r"^USER ", dockerfile, re.MULTILINE), "workers should not run as root"
@@ -302,7 +311,7 @@ def test_k8s_settings_and_timeouts() -> None:
     worker = resources[("Deployment", "lightning-queue-worker")]["spec"]["template"]["spec"]
     _check_timeouts(settings, worker["terminationGracePeriodSeconds"], "k8s worker")
     for kind, name in [("Deployment", "lightning-queue-worker"), ("Deployment", "flower"),
-                       ("Deployment", "lightning-queue-exporter")]:
+                       ("Deployment", "lightning-queue-exporter"), ("Deployment", "lightning-queue-server")]:
         container = _container(resources, kind, name)
         assert container["image"] == "lightning-queue"  # set by kustomization.yaml's images
         assert container["envFrom"] == [{"configMapRef": {"name": "lightning-queue"}}]
@@ -328,6 +337,14 @@ def test_k8s_redis_has_a_password_and_persistence() -> None:
     assert resources[("Service", "redis")]["spec"]["ports"][0]["port"] == 6379
     conf = resources[("ConfigMap", "lightning-queue-redis-conf")]["data"]["redis.conf"]
     assert conf == (DEPLOY / "redis.conf").read_text(), "k8s/redis-conf.yaml must be a copy of deploy/redis.conf"
+
+
+def test_k8s_server_is_behind_basic_auth() -> None:
+    resources = _k8s()
+    container = _container(resources, "Deployment", "lightning-queue-server")
+    assert container["command"][:2] == ["lightning-queue", "server"] and "0.0.0.0" in container["command"]
+    password = _env(container)["LQ_SERVER_PASSWORD"]["secretKeyRef"]
+    assert resources[("Secret", password["name"])]["stringData"][password["key"]]
 
 
 def test_k8s_flower_is_behind_basic_auth() -> None:
@@ -377,4 +394,4 @@ def test_kubectl_kustomize_builds_the_manifests() -> None:
                             timeout=120)
     assert result.returncode == 0, result.stderr
     kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(result.stdout))
-    assert kinds.count("Deployment") == 3 and "StatefulSet" in kinds and "ScaledObject" in kinds
+    assert kinds.count("Deployment") == 4 and "StatefulSet" in kinds and "ScaledObject" in kinds
