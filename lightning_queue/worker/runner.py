@@ -25,27 +25,20 @@ recorded. Whether an attempt is retried is the policy's decision
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
-from billiard.exceptions import SoftTimeLimitExceeded
-from pydantic_core import PydanticSerializationError
-
 from lightning_queue.core.errors import (
-    InvalidRolloutResultError,
-    MissingResourceError,
     ResourcesNotFoundError,
     RolloutFailed,
     SnapshotCorruptedError,
 )
-from lightning_queue.core.models import ErrorInfo, Resource, ResourcesUpdate, Rollout
-from lightning_queue.core.policy import is_retryable, next_status
+from lightning_queue.core.models import ErrorInfo, ResourcesUpdate, Rollout
+from lightning_queue.core.policy import next_status
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.registry import LATEST
 from lightning_queue.storage.store import RolloutStore, StartWith
 from lightning_queue.worker import recovery
-from lightning_queue.worker.agent import LitAgent
+from lightning_queue.worker.agent import LitAgent, run_agent, snapshot_ref
 from lightning_queue.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -125,8 +118,7 @@ def _run_attempt(
     snapshot = started
     if snapshot is None:
         try:
-            version = rollout.resources_version if rollout.resolve == "pinned" else None
-            ref = rollout.resources_id or agent.default_resources  # None: latest
+            ref, version = snapshot_ref(rollout, agent)
             snapshot = ctx.load_snapshot(ref, version, registry_seq)
         except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
             status = store.finish_attempt(
@@ -141,38 +133,14 @@ def _run_attempt(
     # The agent sees the record as it now stands: running, on this attempt.
     rollout = rollout.model_copy(update={"status": "running"})
 
-    error: ErrorInfo | None = None
-    result = None
-    attempt_status = "succeeded"
-    retryable = True
-    # Read-only: the snapshot may be the worker cache's own copy, shared by later rollouts.
-    resources: Mapping[str, Resource] = MappingProxyType(snapshot.resources)
-    try:
-        result = agent.execute(rollout.input, resources, rollout)
-        result.model_dump_json()  # the output must be JSON-able to be stored
-    except SoftTimeLimitExceeded as exc:
-        attempt_status, result = "timeout", None
-        limit = rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds
-        error = ErrorInfo(
-            type="SoftTimeLimitExceeded",
-            message=f"the rollout ran past its time limit of {limit} s",
-            traceback=ErrorInfo.from_exception(exc).traceback,
-        )
-    except PydanticSerializationError as exc:
-        attempt_status, result = "failed", None
-        error = ErrorInfo.from_exception(
-            InvalidRolloutResultError(f"the agent's output is not JSON-serializable: {exc}")
-        )
-    except Exception as exc:  # noqa: BLE001 - the agent's own failure, whatever it is
-        attempt_status, result = "failed", None
-        retryable = is_retryable(exc)
-        if isinstance(exc, MissingResourceError):
-            exc = MissingResourceError(f"snapshot {snapshot.resources_id!r} (version {snapshot.version}): {exc}")
-        error = ErrorInfo.from_exception(exc)
+    outcome = run_agent(agent, rollout, snapshot,
+                        rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds)
+    attempt_status, result, error = outcome.status, outcome.result, outcome.error
+    if attempt_status == "failed" and error is not None:
         log.warning("rollout %s attempt %d failed: %s: %s", rollout_id, seq, error.type, error.message)
 
     status = store.finish_attempt(
-        rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
+        rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, outcome.retryable),
         error=error, result=result,
     )
     log_refused(store, rollout_id, seq, status, attempt_status)
