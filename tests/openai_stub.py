@@ -4,6 +4,7 @@
 calculator: when the last message is the user's and holds an arithmetic
 expression, it calls the ``calculator`` tool with that expression; when the
 last message is a tool result, it answers ``"The answer is <result>"``.
+A test scripts other answers per model (:meth:`OpenAIStub.script`).
 Every request is recorded (model, body, Authorization header) for assertions.
 """
 
@@ -14,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -59,8 +60,15 @@ class OpenAIStub:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.fail_status: int | None = None
+        self.scripts: dict[str, Answer] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+
+    def script(self, model: str, answer: Answer) -> None:
+        """Answer the requests naming ``model`` with ``answer(body)``: a string is the assistant's
+        text, a dict the whole assistant message (e.g. with ``tool_calls``), ``None`` the default
+        calculator behaviour. Called in the stub's threads, one per request."""
+        self.scripts[model] = answer
 
     @property
     def endpoint(self) -> str:
@@ -84,7 +92,12 @@ class OpenAIStub:
                     return self._reply(404, {"error": {"message": f"no route {self.path}"}})
                 if stub.fail_status is not None:
                     return self._reply(stub.fail_status, {"error": {"message": "the stub was told to fail"}})
-                return self._reply(200, completion(body))
+                scripted = stub.scripts.get(str(body.get("model")))
+                try:
+                    answer = scripted(body) if scripted is not None else None
+                except Exception as exc:  # a broken script is the test's bug: say so in the reply
+                    return self._reply(500, {"error": {"message": f"the script raised {exc!r}"}})
+                return self._reply(200, completion(body, answer))
 
             def _reply(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -121,12 +134,28 @@ class OpenAIStub:
             return [r for r in self.requests if r.path == "/v1/chat/completions"]
 
 
-def completion(body: dict[str, Any]) -> dict[str, Any]:
-    """The stub model's answer to one chat request."""
+Answer = Callable[[dict[str, Any]], "str | dict[str, Any] | None"]
+"""A scripted model: the request body -> the assistant's text, its whole message, or None (default)."""
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    """The content of the last user message of a chat request (what a script usually looks at)."""
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user":
+            return str(message.get("content") or "")
+    return ""
+
+
+def completion(body: dict[str, Any], answer: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stub model's answer to one chat request (``answer``: what a script said instead)."""
     messages = body.get("messages") or []
     last = messages[-1] if messages else {}
     message: dict[str, Any]
-    if last.get("role") == "tool":
+    if isinstance(answer, dict):
+        message = {"role": "assistant", **answer}
+    elif isinstance(answer, str):
+        message = {"role": "assistant", "content": answer}
+    elif last.get("role") == "tool":
         message = {"role": "assistant", "content": f"The answer is {last.get('content')}"}
     elif last.get("role") == "user" and (expression := extract_expression(str(last.get("content") or ""))):
         call = {

@@ -43,6 +43,12 @@ Experiments (:mod:`lightning_queue.experiments`)::
     {p}:experiment:{name}:rollouts:{variant}      zset  rollout ids enqueued under that variant -> enqueue time
     {p}:experiment:{name}:units:{variant}         set   the units assigned to that variant
 
+Training runs (:mod:`lightning_queue.training`)::
+
+    {p}:training:{run}                            hash  what a run has decided so far, so a new process with
+                                                        the run's name resumes it: its start, each round's
+                                                        critiques and candidates, its beam, rollouts spent
+
 Celery's broker keys (queues, unacked messages, pidbox) live under ``{p}:celery:``
 through kombu's ``global_keyprefix`` transport option::
 
@@ -190,6 +196,10 @@ class Keys:
 
     def experiment_units(self, name: str, variant: str) -> str:
         return f"{self.experiment(name)}:units:{variant}"
+
+    # -- training runs -----------------------------------------------------------
+    def training_run(self, name: str) -> str:
+        return f"{self.prefix}:training:{name}"
 
     # -- celery -----------------------------------------------------------------
     @property
