@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any, Generic
 
 from lightning_queue.client import LightningClient
 from lightning_queue.core.errors import (
+    ConfigurationError,
     NoRunnersError,
     ResourcesNotFoundError,
     RunConflictError,
@@ -47,6 +49,9 @@ DEV_RESOURCES_ID = "dev"
 """The id a snapshot given to :meth:`Trainer.dev` as a plain mapping runs under."""
 
 RUNNERS_POLL_SECONDS = 0.5
+
+# Snapshot ids allow 128 characters; a run's are "{run_name}-<12 hex digits>".
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,114}")
 
 
 class Trainer(Generic[ResultT]):
@@ -77,13 +82,18 @@ class Trainer(Generic[ResultT]):
         on_finished: Callable[[Rollout], None] | None = None,
     ) -> None:
         if n_runners < 0:
-            raise ValueError(f"n_runners must be 0 or more, got {n_runners}")
+            raise ConfigurationError(f"n_runners must be 0 or more, got {n_runners}")
         self.algorithm = algorithm
         self.n_runners = n_runners
         self._client = client
         self._owns_client = client is None
         self.settings = client.settings if client is not None else (settings or Settings())
         self.run_name = run_name or f"{(algorithm.name if algorithm else 'run').lower()}-{uuid.uuid4().hex[:8]}"
+        if not _RUN_NAME.fullmatch(self.run_name):
+            raise ConfigurationError(
+                f"invalid run_name {self.run_name!r}: use 1-115 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit (the run's snapshot ids are its name and 13 more characters)"
+            )
         self.rollout_config = rollout_config or RolloutConfig()
         self.rollout_timeout = rollout_timeout
         self.runners_timeout = runners_timeout
@@ -123,16 +133,16 @@ class Trainer(Generic[ResultT]):
         algorithm, and whatever the algorithm raises (a time-out leaves the run resumable).
         """
         if self.algorithm is None:
-            raise ValueError("this Trainer has no algorithm: Trainer(algorithm=...)")
+            raise ConfigurationError("this Trainer has no algorithm to fit: make it with Trainer(algorithm=...)")
         train_set = Dataset.of(train, name="train")
         val_set = Dataset.of(val, name="val") if val is not None else train_set
+        if self.n_runners:
+            self.wait_for_runners()
         run = TrainingRun(self.client, self.run_name, agent=agent, config=self.rollout_config,
                           rollout_timeout=self.rollout_timeout, queue=self.queue, on_finished=self.on_finished)
         recorded = run.state.set_once("algorithm", self.algorithm.name)
         if recorded != self.algorithm.name:
             raise RunConflictError(self.run_name, f"algorithm {recorded}", f"algorithm {self.algorithm.name}")
-        if self.n_runners:
-            self.wait_for_runners()
         self.last_run = run
         try:
             return self.algorithm.run(run, train_set, val_set)
@@ -160,7 +170,7 @@ class Trainer(Generic[ResultT]):
                 raise NoRunnersError(self.client.publisher.queue_for(self.queue), self.n_runners, slots,
                                      self.runners_timeout)
             # No event announces a new worker: its health record is the only sign, so look again.
-            time.sleep(RUNNERS_POLL_SECONDS)
+            time.sleep(min(RUNNERS_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
     # -- dev ------------------------------------------------------------------------------
 

@@ -2,18 +2,18 @@
 repository's OpenAI-compatible test server; a crashed run resumed; dev mode against a worker.
 
 The workers (``workers/calc_agent.py``'s app) are one fleet shared by the module; each test names
-its own snapshots, pointers and run, so the tests do not see each other's.
+its own snapshots, pointers and run, so the tests do not see each other's. The models are
+:class:`~tests.openai_stub.CalcScenario`'s: the agent's uses its calculator only when its prompt
+says so, the critic proposes the edits a test lists.
 """
 
 from __future__ import annotations
 
-import itertools
 import signal
 import subprocess
 import sys
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,9 +22,8 @@ import pytest
 from lightning_queue import LLM, LightningClient, PromptTemplate, Rollout
 from lightning_queue.ops.fleet import worker_env
 from lightning_queue.training import APO, Critic, Trainer, lineage
-from lightning_queue.training.critic import CRITIQUE_INSTRUCTIONS
 from tests.integration.conftest import REPO_ROOT
-from tests.openai_stub import OpenAIStub, last_user_text
+from tests.openai_stub import CalcScenario, OpenAIStub, last_user_text
 from workers import calc_agent
 
 APP = "workers.calc_agent"
@@ -32,7 +31,6 @@ FLEET = {"count": 2, "app": APP, "watchdog_interval": 1.0}  # health recorded ev
 SEED = "Question: {question}"
 BETTER = "Use the calculator tool for every step. Question: {question}"
 WORSE = "Answer from memory. Question: {question}"
-CRITIQUE = "- The model guesses the numbers. Tell it to use the calculator tool."
 
 
 def questions(start: int, n: int) -> list[dict[str, Any]]:
@@ -41,38 +39,6 @@ def questions(start: int, n: int) -> list[dict[str, Any]]:
 
 TRAIN = questions(1, 8)
 VAL = questions(20, 8)
-
-
-class Scripted:
-    """The stub's two models: ``calc-model`` uses its calculator only when the prompt says so
-    (else it guesses 7, always wrong here); ``critic-model`` critiques, then proposes ``proposals``
-    in turn."""
-
-    def __init__(self, stub: OpenAIStub, proposals: list[str]) -> None:
-        self.stub = stub
-        self.critiques = 0
-        self._proposals = itertools.cycle(proposals)
-        self._lock = threading.Lock()
-        stub.script("calc-model", self.calc)
-        stub.script("critic-model", self.critic)
-
-    @staticmethod
-    def calc(body: dict[str, Any]) -> str | None:
-        if body["messages"][-1]["role"] == "tool" or "calculator" in last_user_text(body):
-            return None  # the stub's own behaviour: call the calculator, then report its result
-        return "I think it is 7."
-
-    def critic(self, body: dict[str, Any]) -> str:
-        with self._lock:
-            if body["messages"][0]["content"] == CRITIQUE_INSTRUCTIONS:
-                self.critiques += 1
-                return CRITIQUE
-            return next(self._proposals)
-
-    def first_turns(self) -> Counter[str]:
-        """How often each rollout's first model call was made (one per rollout that ran)."""
-        return Counter(r.body["messages"][0]["content"] for r in self.stub.chat_requests()
-                       if r.model == "calc-model" and len(r.body["messages"]) == 1)
 
 
 @pytest.fixture
@@ -103,7 +69,7 @@ def critic(stub: OpenAIStub) -> Critic:
 def test_apo_finds_the_better_prompt_within_its_budget_and_promotes_it(share: Any, openai_stub: OpenAIStub,
                                                                        names: tuple[str, str]) -> None:
     client, (run, pointer) = share.client, names
-    scripted = Scripted(openai_stub, [WORSE, BETTER])
+    scripted = CalcScenario(openai_stub, [WORSE, BETTER])
     start = start_at(client, openai_stub, pointer, SEED)
     latest = client.get_pointer("latest")
     apo = APO(critic(openai_stub), rounds=2, branch_factor=2, train_batch_size=4, val_batch_size=4,
@@ -119,7 +85,7 @@ def test_apo_finds_the_better_prompt_within_its_budget_and_promotes_it(share: An
     assert client.get_pointer(pointer) == client.get_pointer(f"{run}.best") == result.best.resources_id
     assert client.get_pointer("latest") == latest  # candidates never took over unpinned rollouts
     steps = lineage(client, result.best.resources_id)
-    assert [(s.template, s.critique, s.round) for s in steps] == [(BETTER, CRITIQUE, 1), (SEED, None, 0)]
+    assert [(s.template, s.critique, s.round) for s in steps] == [(BETTER, scripted.critique, 1), (SEED, None, 0)]
     assert (steps[-1].parent_id, steps[-1].parent_version) == (start, 1)
     assert scripted.critiques == 2  # round 1 on the start; round 2 on the start again (the winner failed nothing)
     assert set(scripted.first_turns().values()) == {1}
@@ -135,7 +101,7 @@ def test_apo_finds_the_better_prompt_within_its_budget_and_promotes_it(share: An
 def test_apo_with_a_critic_that_only_makes_things_worse_promotes_nothing(share: Any, openai_stub: OpenAIStub,
                                                                         names: tuple[str, str]) -> None:
     client, (run, pointer) = share.client, names
-    Scripted(openai_stub, [WORSE, "Reply with a number only. Question: {question}"])
+    CalcScenario(openai_stub, [WORSE, "Reply with a number only. Question: {question}"])
     start = start_at(client, openai_stub, pointer, BETTER)
     latest = client.get_pointer("latest")
     # Every rollout counts as bad (reward < 2): the critic is asked even about this perfect prompt.
@@ -154,7 +120,7 @@ def test_apo_with_a_critic_that_only_makes_things_worse_promotes_nothing(share: 
 def test_a_crashed_apo_run_resumes_from_its_snapshots_and_pointers(share: Any, openai_stub: OpenAIStub,
                                                                   names: tuple[str, str]) -> None:
     client, (run, pointer) = share.client, names
-    scripted = Scripted(openai_stub, [WORSE, BETTER])
+    scripted = CalcScenario(openai_stub, [WORSE, BETTER])
     start_at(client, openai_stub, pointer, SEED)
     # The model holds its answers for one validation input: the optimizer is then waiting on the
     # fleet, midway through its first look, with rollouts finished, running and queued.
@@ -164,7 +130,7 @@ def test_a_crashed_apo_run_resumes_from_its_snapshots_and_pointers(share: Any, o
         if VAL[1]["question"] in last_user_text(body) and len(body["messages"]) == 1:
             held.set()
             hold.wait(30)
-        return Scripted.calc(body)
+        return scripted.calc(body)
 
     openai_stub.script("calc-model", calc)
     optimizer = subprocess.Popen(
@@ -204,7 +170,7 @@ def test_a_crashed_apo_run_resumes_from_its_snapshots_and_pointers(share: Any, o
 def test_dev_runs_the_agent_inline_with_the_results_a_worker_gives(share: Any, openai_stub: OpenAIStub,
                                                                   names: tuple[str, str]) -> None:
     client, (_, pointer) = share.client, names
-    Scripted(openai_stub, [])
+    CalcScenario(openai_stub, [])
     snapshot = start_at(client, openai_stub, pointer, "Use the calculator. {question}")
     inputs = [*questions(40, 2), {"id": "plain", "question": "Say hello", "answer": 1}]
 

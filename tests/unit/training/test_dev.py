@@ -1,4 +1,5 @@
-"""``Trainer.dev``: the agent runs inline with the worker's rules, and gives what the runner records."""
+"""``Trainer.dev``: the agent runs inline with the worker's rules, and gives what the runner records; what the
+Trainer refuses before it starts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 
 from lightning_queue import (
     LLM,
+    ConfigurationError,
     LightningClient,
+    NoRunnersError,
     PromptTemplate,
     ResourcesNotFoundError,
     Rollout,
@@ -16,8 +19,8 @@ from lightning_queue import (
     Settings,
     rollout,
 )
-from lightning_queue.training import Trainer
-from tests.unit.training.conftest import SEED, InlineFleet, arithmetic, calc
+from lightning_queue.training import APO, Trainer
+from tests.unit.training.conftest import SEED, InlineFleet, ScriptedCritic, arithmetic, calc
 
 UNREACHABLE = Settings(redis_url="redis://127.0.0.1:1/0", redis_retry_seconds=0)
 
@@ -104,3 +107,22 @@ def test_dev_reports_a_missing_resource_once_and_does_not_retry() -> None:
     assert done[0].status == "failed" and done[0].attempt_count == 1
     assert done[0].error is not None and done[0].error.type == "MissingResourceError"
     assert "snapshot 'dev' (version 1)" in done[0].error.message
+
+
+def test_the_trainer_refuses_what_it_cannot_run(fake_client: LightningClient) -> None:
+    with pytest.raises(ConfigurationError, match=r"invalid run_name 'a/b'"):
+        Trainer(client=fake_client, run_name="a/b")
+    with pytest.raises(ConfigurationError, match="no algorithm"):
+        Trainer(client=fake_client).fit(calc, arithmetic(2))
+    with pytest.raises(ConfigurationError, match="n_runners"):
+        Trainer(client=fake_client, n_runners=-1)
+
+
+def test_fit_waits_for_runners_and_says_when_none_came(fake_client: LightningClient) -> None:
+    trainer: Trainer[Any] = Trainer(APO(ScriptedCritic().critic()), client=fake_client, n_runners=2,
+                                    runners_timeout=0.2)
+
+    with pytest.raises(NoRunnersError, match=r"waited 0.2 s for 2 rollout slot\(s\) consuming queue 'lightning_queue' "
+                                             r"and found 0; start workers"):
+        trainer.fit(calc, arithmetic(2))
+    assert fake_client.redis.exists(fake_client.keys.training_run(trainer.run_name)) == 0  # nothing started
