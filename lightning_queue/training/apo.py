@@ -102,12 +102,13 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Promotion:
-    """A move of the promotion pointer the run made."""
+    """A move of the promotion pointer the run made, and the rollouts the run had spent by then."""
 
     round: int
     pointer: str
     from_id: str | None
     to_id: str
+    rollouts: int = 0
 
 
 @dataclass
@@ -425,7 +426,8 @@ class _Search:
         registry.set_pointer(self.best_pointer, best.resources_id, by=f"APO {self.run.name}")
         if promotions and promotions[-1]["to_id"] == best.resources_id:
             return promotions
-        return [*promotions, asdict(Promotion(number, self.pointer, expected, best.resources_id))]
+        return [*promotions, asdict(Promotion(number, self.pointer, expected, best.resources_id,
+                                               self.run.rollouts_spent))]
 
 
 @dataclass(frozen=True)

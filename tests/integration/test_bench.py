@@ -1,4 +1,4 @@
-"""The queue benchmark runs end to end (``--quick``) and prints every row. No timing is asserted.
+"""The benchmarks run end to end (``--quick``) and print every row. No timing is asserted.
 
 Marked ``bench``: left out of the default selection (it takes half a minute), run by ``.ci/run``
 with ``python -m pytest -m bench``."""
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_queue.py"
+APO_SCRIPT = SCRIPT.with_name("bench_apo.py")
 
 ROWS = [
     "end to end, no-op, 2 prefork procs: lightning-queue",
@@ -54,3 +55,26 @@ def test_bench_queue_quick_prints_every_row() -> None:
     # The thread pool's worker process attached its snapshot cache (it never sends worker_process_init).
     threads = next(line for line in table.splitlines() if "threads pool: rollouts all succeeded" in line)
     assert "hits 0," not in threads and "(0 cache)" not in threads, threads
+
+
+APO_ROWS = [
+    "sequential: runs that promoted the good edit",
+    "sequential: rollouts spent when the improvement was accepted",
+    "sequential: rollouts per accepted improvement, whole run",
+    "paired: runs that promoted the good edit",
+    "paired: rollouts spent when the improvement was accepted",
+    "time per run, instant critic: waiting on the fleet",
+    "time per run, instant critic: the optimizer's own work",
+    "time per run, critic answering in 0.5 s: waiting on the fleet",
+]
+
+
+@pytest.mark.bench
+def test_bench_apo_quick_prints_every_row_and_never_promotes_a_bad_edit() -> None:
+    run = subprocess.run([sys.executable, str(APO_SCRIPT), "--quick"], check=False, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = run.stdout.split("\nmeasure", 1)[1]
+    missing = [row for row in APO_ROWS if row not in table]
+    assert not missing, f"rows missing: {missing}\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert table.count("(0 promoted a bad one)") == 2, table

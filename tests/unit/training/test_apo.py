@@ -45,6 +45,7 @@ def test_apo_finds_the_better_prompt_and_promotes_it_with_its_lineage(
     assert result.promoted is not None
     assert (result.promoted.pointer, result.promoted.from_id, result.promoted.to_id) == (
         "latest", start, result.best.resources_id)
+    assert result.promoted.rollouts == result.rollouts_spent == 36  # 4 training, then 3 looks of 12, 12 and 8
     assert fake_client.get_pointer("latest") == fake_client.get_pointer("apo.best") == result.best.resources_id
     # Candidates were stored without moving latest: its only moves are the start's add and the promotion.
     assert [m.to_id for m in fake_client.pointer_history("latest")] == [result.best.resources_id, start]
