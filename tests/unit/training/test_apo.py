@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from lightning_queue import (
+    InvalidDatasetError,
     LightningClient,
+    PointerError,
     PromptNotFoundError,
     PromptTemplate,
     RunConflictError,
+    TrainingTimeoutError,
 )
-from lightning_queue.training import APO, Algorithm, APOResult, Dataset, Trainer, TrainingRun, lineage
+from lightning_queue.training import APO, Algorithm, APOResult, Dataset, Evaluation, Trainer, TrainingRun, lineage
 from tests.unit.training.conftest import BETTER, SEED, WORSE, InlineFleet, ScriptedCritic, arithmetic, calc
 
 TRAIN = arithmetic(8, "t")
@@ -170,3 +174,52 @@ def test_the_template_to_optimize_must_be_named_when_there_are_several(
     with pytest.raises(PromptNotFoundError, match=r"holds several prompt templates \(.*: prompt, system\)"):
         fit(fake_client, scripted)
     assert fit(fake_client, scripted, run="named", prompt_name="prompt").best.template == BETTER
+
+
+def test_a_pointer_moved_by_someone_else_during_the_run_is_not_overwritten(
+    fake_client: LightningClient, fleet: InlineFleet, scripted: ScriptedCritic, start: str
+) -> None:
+    other = fake_client.add_resources({"prompt": PromptTemplate(template="Hotfix: {question}")}, "hotfix",
+                                      make_latest=False).resources_id
+
+    def hotfix(rollout_id: str) -> None:
+        if len(fleet.ran) == 10:
+            fake_client.set_pointer("latest", other)
+
+    fleet.before_run = hotfix
+    with pytest.raises(PointerError, match="names 'hotfix', not the expected 'calc'"):
+        fit(fake_client, scripted)
+    assert fake_client.get_pointer("latest") == other
+
+
+def test_what_apo_refuses_before_it_starts(
+    fake_client: LightningClient, fleet: InlineFleet, scripted: ScriptedCritic, start: str
+) -> None:
+    with pytest.raises(ValidationError, match="beam_width"):
+        APO(scripted.critic(), beam_width=0)
+    with pytest.raises(ValidationError, match="beam_widht"):
+        APO(scripted.critic(), beam_widht=2)
+    with pytest.raises(InvalidDatasetError, match="APO needs training and validation inputs, got 8 and 0"):
+        Trainer(APO(scripted.critic()), client=fake_client).fit(calc, TRAIN, [])
+    with pytest.raises(PromptNotFoundError, match="holds no prompt template named 'system'"):
+        fit(fake_client, scripted, prompt_name="system")
+
+
+def test_an_evaluation_that_does_not_finish_in_time_raises_and_the_run_can_go_on(
+    fake_client: LightningClient, fleet: InlineFleet, scripted: ScriptedCritic, start: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)  # no worker takes them
+    apo = APO(scripted.critic(), rounds=1, val_batch_size=4)
+    with pytest.raises(TrainingTimeoutError, match="training run 'slow': 4 rollout\\(s\\) did not finish within 0.2 s"):
+        Trainer(apo, client=fake_client, run_name="slow", rollout_timeout=0.2).fit(calc, TRAIN, VAL)
+
+
+def test_a_snapshot_updated_under_an_evaluation_is_a_conflict(fake_client: LightningClient, fleet: InlineFleet,
+                                                              start: str) -> None:
+    v1 = fake_client.get_resources_by_id(start)
+    fake_client.update_resources(start, {"prompt": PromptTemplate(template="v2 {question}")})
+    run = TrainingRun(fake_client, "pinned")
+
+    with pytest.raises(RunConflictError, match="started from calc version 1, not version 2"):
+        run.evaluate([Evaluation(v1, Dataset.of(VAL[:1]))])
