@@ -211,7 +211,7 @@ def test_an_evaluation_that_does_not_finish_in_time_raises_and_the_run_can_go_on
 ) -> None:
     monkeypatch.setattr(fake_client, "publish", lambda rollouts, registry_seq=0: None)  # no worker takes them
     apo = APO(scripted.critic(), rounds=1, val_batch_size=4)
-    with pytest.raises(TrainingTimeoutError, match="training run 'slow': 4 rollout\\(s\\) did not finish within 0.2 s"):
+    with pytest.raises(TrainingTimeoutError, match=r"training run 'slow': 4 rollout\(s\) did not finish within 0\.2 s"):
         Trainer(apo, client=fake_client, run_name="slow", rollout_timeout=0.2).fit(calc, TRAIN, VAL)
 
 
