@@ -189,9 +189,10 @@ class _Search:
         best = self.candidates[state.get("best", start.resources_id)]
         beam = [self.candidates[rid] for rid in state.get("beam", [start.resources_id])]
         done = int(state.get("round", 0))
-        self.stopped = state.get("stopped") or "rounds"
         for round_number in range(done + 1, self.cfg.rounds + 1):
-            if state.get("stopped"):
+            if self.cfg.max_rollouts is not None and self.run.rollouts_spent >= self.cfg.max_rollouts:
+                self.stopped = "budget"
+            if self.stopped == "budget":
                 break
             best, beam = self._round(round_number, best, beam)
         return APOResult(
@@ -222,8 +223,7 @@ class _Search:
         beam = [best, *contenders[: self.cfg.beam_width - 1]]
         # The round's outcome in one HSET: a crash before it replays the round from what Redis holds.
         self.run.state.set(round=number, best=best.resources_id, beam=[c.resources_id for c in beam],
-                           candidates={rid: c.record() for rid, c in self.candidates.items()},
-                           promotions=promotions, stopped="" if self.stopped == "rounds" else self.stopped)
+                           candidates={rid: c.record() for rid, c in self.candidates.items()}, promotions=promotions)
         log.info("APO %s round %d: %d candidates, best %s (%s), %d rollouts so far", self.run.name, number,
                  len(fresh), best.resources_id, best.verdict, self.run.rollouts_spent)
         return best, beam
