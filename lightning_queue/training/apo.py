@@ -15,7 +15,8 @@ Each round, for every template in the beam (starting from the one the run starts
    decides ``better`` or ``worse`` as soon as p < ``alpha`` with at least ``min_pairs``
    pairs, so clear losers and clear winners stop early. With ``test="paired"`` the whole
    validation set runs and the Wilcoxon signed-rank test decides. Candidates not decided
-   by the end are ``undecided``: no evidence either way, never promoted.
+   by the end are ``undecided``: no evidence either way, never promoted. (A comparison the
+   budget cut short goes on in the next round the budget allows.)
 3. **Promote.** The ``better`` candidate with the largest gain becomes the incumbent: the
    pointer (``promote_to``; default the agent's pointer, else ``latest``) is moved to its
    snapshot, and ``{run}.best`` with it. The next beam is the incumbent and the best-scoring
@@ -26,7 +27,7 @@ run's decisions are kept in Redis as they are made (the critiques and proposals 
 parent, the state after each round), so a new process with the same run name continues a
 crashed run: it asks the critic nothing it already answered and runs no rollout twice.
 ``max_rollouts`` bounds the rollouts a run may create; the search stops before the batch
-that would pass it.
+that would pass it (resumed with a larger bound, it goes on).
 """
 
 from __future__ import annotations
@@ -190,9 +191,8 @@ class _Search:
         beam = [self.candidates[rid] for rid in state.get("beam", [start.resources_id])]
         done = int(state.get("round", 0))
         for round_number in range(done + 1, self.cfg.rounds + 1):
-            if self.cfg.max_rollouts is not None and self.run.rollouts_spent >= self.cfg.max_rollouts:
-                self.stopped = "budget"
-            if self.stopped == "budget":
+            # A round starts only if the budget allows its first batch: a run out of budget starts no empty round.
+            if self.stopped == "budget" or not self._affordable(self._critique_batch(round_number, beam)):
                 break
             best, beam = self._round(round_number, best, beam)
         return APOResult(
@@ -207,25 +207,29 @@ class _Search:
     def _round(self, number: int, best: Candidate, beam: list[Candidate]) -> tuple[Candidate, list[Candidate]]:
         proposals = self._propose(number, beam)
         fresh = [c for c in proposals if c.resources_id not in self.candidates]
-        for candidate in fresh:
+        # Comparisons the budget cut short in an earlier round go on (their rollouts so far are reused).
+        unfinished = [c for c in self.candidates.values() if c.verdict == "undecided" and c.pairs < len(self.val)]
+        compared = [*fresh, *unfinished]
+        for candidate in compared:
             candidate.compared_with = best.resources_id
-        if fresh:
-            self._compare(best, fresh)
+        if compared:
+            self._compare(best, compared)
         for candidate in fresh:
             self.candidates[candidate.resources_id] = candidate
         promotions = self.run.state.get("promotions", [])
-        winners = [c for c in fresh if c.verdict == "better"]
+        winners = [c for c in compared if c.verdict == "better"]
         if winners:
             best = max(winners, key=lambda c: (c.mean_diff or 0.0, c.val_mean or 0.0))
             promotions = self._promote(number, best, promotions)
-        contenders = [c for c in [*beam, *fresh] if c.resources_id != best.resources_id and c.verdict != "worse"]
+        contenders = [c for c in {id(c): c for c in [*beam, *compared]}.values()
+                      if c.resources_id != best.resources_id and c.verdict != "worse"]
         contenders.sort(key=lambda c: -(c.val_mean if c.val_mean is not None else -math.inf))
         beam = [best, *contenders[: self.cfg.beam_width - 1]]
         # The round's outcome in one HSET: a crash before it replays the round from what Redis holds.
         self.run.state.set(round=number, best=best.resources_id, beam=[c.resources_id for c in beam],
                            candidates={rid: c.record() for rid, c in self.candidates.items()}, promotions=promotions)
-        log.info("APO %s round %d: %d candidates, best %s (%s), %d rollouts so far", self.run.name, number,
-                 len(fresh), best.resources_id, best.verdict, self.run.rollouts_spent)
+        log.info("APO %s round %d: %d candidates compared, best %s (%s), %d rollouts so far", self.run.name, number,
+                 len(compared), best.resources_id, best.verdict, self.run.rollouts_spent)
         return best, beam
 
     # -- the start --------------------------------------------------------------------------
@@ -296,14 +300,11 @@ class _Search:
         """Each beam template's proposals this round; what the critic said is saved per parent as
         soon as it is said, so a resumed run does not ask again."""
         state = self.run.state
-        batch = self.train.batch(number - 1, self.cfg.train_batch_size)
-        todo = [p for p in beam if state.get(f"round:{number}:{p.resources_id}") is None]
-        if todo and not self._affordable([Evaluation(self._snapshot(p), batch, "train", f"r{number}") for p in todo]):
-            todo = []
-        if todo:
-            results = self.run.evaluate([Evaluation(self._snapshot(p), batch, "train", f"r{number}",
-                                                    {"apo_round": number}) for p in todo])
-            for parent, rollouts in zip(todo, results, strict=True):
+        evaluations = self._critique_batch(number, beam)
+        if evaluations and self._affordable(evaluations):
+            results = self.run.evaluate(evaluations)
+            for evaluation, rollouts in zip(evaluations, results, strict=True):
+                parent = self.candidates[evaluation.snapshot.resources_id]
                 state.set(**{f"round:{number}:{parent.resources_id}": self._critique(number, parent, rollouts)})
         proposals = []
         for parent in beam:
@@ -320,6 +321,13 @@ class _Search:
                     parent_version=origin.version, critique=candidate.critique, round=number,
                     critic_model=self.critic.model))
         return list(unique.values())
+
+    def _critique_batch(self, number: int, beam: list[Candidate]) -> list[Evaluation]:
+        """Round ``number``'s training minibatch for each beam template the critic has not yet
+        answered about this round."""
+        batch = self.train.batch(number - 1, self.cfg.train_batch_size)
+        return [Evaluation(self._snapshot(p), batch, "train", f"r{number}", {"apo_round": number}) for p in beam
+                if self.run.state.get(f"round:{number}:{p.resources_id}") is None]
 
     def _critique(self, number: int, parent: Candidate, rollouts: list[Rollout]) -> dict[str, Any]:
         bad = [r for r in rollouts if r.status != "succeeded" or r.reward is None

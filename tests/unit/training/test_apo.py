@@ -122,6 +122,10 @@ def test_the_search_stops_before_passing_its_rollout_budget(
     assert fake_client.get_pointer("latest") == start
     again = fit(fake_client, scripted, rounds=3, max_rollouts=20)  # a finished run stays finished
     assert again.rollouts_spent == result.rollouts_spent and again.stats.rollouts_created == 0
+    assert again.rounds == result.rounds == 1
+    more = fit(fake_client, scripted, rounds=3, max_rollouts=200)  # with more budget, the run goes on
+    assert more.rounds == 3 and more.stopped == "rounds" and more.rollouts_spent > 20
+    assert more.best.template == BETTER and fake_client.get_pointer("latest") == more.best.resources_id
 
 
 def test_a_crashed_run_resumes_from_redis_without_asking_or_running_anything_twice(
