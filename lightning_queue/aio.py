@@ -81,17 +81,19 @@ class AsyncLightningClient:
 
     # -- resources ------------------------------------------------------------------------
 
-    async def add_resources(self, resources: ResourcesLike, resources_id: str | None = None) -> ResourcesUpdate:
-        """Store a new snapshot (version 1) and make it the latest, atomically.
-        See :meth:`LightningClient.add_resources`."""
-        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id)
+    async def add_resources(
+        self, resources: ResourcesLike, resources_id: str | None = None, *, make_latest: bool = True
+    ) -> ResourcesUpdate:
+        """Store a new snapshot (version 1) and make it the latest (unless ``make_latest=False``),
+        atomically. See :meth:`LightningClient.add_resources`."""
+        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id, make_latest=make_latest)
 
     async def add_resources_batch(
-        self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]]
+        self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]], *, make_latest: bool = True
     ) -> list[ResourcesUpdate]:
-        """Add many snapshots in one pipelined round trip (the last becomes latest). ``items`` may
-        be any iterable (consumed here, not in the thread)."""
-        return await asyncio.to_thread(self.sync.add_resources_batch, list(items))
+        """Add many snapshots in one pipelined round trip (the last becomes latest, unless
+        ``make_latest=False``). ``items`` may be any iterable (consumed here, not in the thread)."""
+        return await asyncio.to_thread(self.sync.add_resources_batch, list(items), make_latest=make_latest)
 
     async def update_resources(
         self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None

@@ -108,15 +108,19 @@ class LightningClient:
 
     # -- resources ------------------------------------------------------------------------
 
-    def add_resources(self, resources: ResourcesLike, resources_id: str | None = None) -> ResourcesUpdate:
-        """Store a new snapshot (version 1) and make it the latest, atomically."""
-        return self.registry.add_resources(resources, resources_id)
+    def add_resources(
+        self, resources: ResourcesLike, resources_id: str | None = None, *, make_latest: bool = True
+    ) -> ResourcesUpdate:
+        """Store a new snapshot (version 1) and make it the latest, atomically. ``make_latest=False``
+        leaves ``latest`` where it is (a candidate that only pinned rollouts should run)."""
+        return self.registry.add_resources(resources, resources_id, make_latest=make_latest)
 
     def add_resources_batch(
-        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]]
+        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, make_latest: bool = True
     ) -> list[ResourcesUpdate]:
-        """Add many snapshots in one pipelined round trip (the last becomes latest)."""
-        return self.registry.add_resources_batch(items)
+        """Add many snapshots in one pipelined round trip (the last becomes latest, unless
+        ``make_latest=False``)."""
+        return self.registry.add_resources_batch(items, make_latest=make_latest)
 
     def update_resources(
         self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None

@@ -21,6 +21,7 @@ import redis
 from lightning_queue import LightningClient, Settings
 from lightning_queue.ops.embedded import EmbeddedRedis
 from lightning_queue.storage.connections import ping
+from tests.openai_stub import OpenAIStub
 
 
 @pytest.fixture
@@ -83,3 +84,10 @@ def settings(redis_url: str, prefix: str) -> Iterator[Settings]:
 def client(settings: Settings) -> Iterator[LightningClient]:
     with LightningClient(settings) as c:
         yield c
+
+
+@pytest.fixture
+def openai_stub() -> Iterator[OpenAIStub]:
+    """A local OpenAI-compatible server (``tests/openai_stub.py``); point an LLM at ``openai_stub.endpoint``."""
+    with OpenAIStub() as stub:
+        yield stub

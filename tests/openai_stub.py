@@ -4,22 +4,29 @@
 calculator: when the last message is the user's and holds an arithmetic
 expression, it calls the ``calculator`` tool with that expression; when the
 last message is a tool result, it answers ``"The answer is <result>"``.
+A test scripts other answers per model (:meth:`OpenAIStub.script`);
+:class:`CalcScenario` scripts the calculator agent's model and a critic for prompt optimization.
 Every request is recorded (model, body, Authorization header) for assertions.
+
+No pytest here (the ``openai_stub`` fixture is in ``tests/conftest.py``): ``algorithms/`` and
+``benchmarks/`` start this server too.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import pytest
+from lightning_queue.training.critic import CRITIQUE_INSTRUCTIONS
 
 # The longest run of numbers, operators and parentheses holding at least one operator.
 _EXPRESSION = re.compile(r"[-(]*\s*\d[\d.\s()+\-*/%]*[+\-*/%][\d.\s()+\-*/%]*\d\s*\)*")
@@ -59,8 +66,15 @@ class OpenAIStub:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.fail_status: int | None = None
+        self.scripts: dict[str, Answer] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+
+    def script(self, model: str, answer: Answer) -> None:
+        """Answer the requests naming ``model`` with ``answer(body)``: a string is the assistant's
+        text, a dict the whole assistant message (e.g. with ``tool_calls``), ``None`` the default
+        calculator behaviour. Called in the stub's threads, one per request."""
+        self.scripts[model] = answer
 
     @property
     def endpoint(self) -> str:
@@ -84,7 +98,12 @@ class OpenAIStub:
                     return self._reply(404, {"error": {"message": f"no route {self.path}"}})
                 if stub.fail_status is not None:
                     return self._reply(stub.fail_status, {"error": {"message": "the stub was told to fail"}})
-                return self._reply(200, completion(body))
+                scripted = stub.scripts.get(str(body.get("model")))
+                try:
+                    answer = scripted(body) if scripted is not None else None
+                except Exception as exc:  # a broken script is the test's bug: say so in the reply
+                    return self._reply(500, {"error": {"message": f"the script raised {exc!r}"}})
+                return self._reply(200, completion(body, answer))
 
             def _reply(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -121,12 +140,28 @@ class OpenAIStub:
             return [r for r in self.requests if r.path == "/v1/chat/completions"]
 
 
-def completion(body: dict[str, Any]) -> dict[str, Any]:
-    """The stub model's answer to one chat request."""
+Answer = Callable[[dict[str, Any]], "str | dict[str, Any] | None"]
+"""A scripted model: the request body -> the assistant's text, its whole message, or None (default)."""
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    """The content of the last user message of a chat request (what a script usually looks at)."""
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user":
+            return str(message.get("content") or "")
+    return ""
+
+
+def completion(body: dict[str, Any], answer: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stub model's answer to one chat request (``answer``: what a script said instead)."""
     messages = body.get("messages") or []
     last = messages[-1] if messages else {}
     message: dict[str, Any]
-    if last.get("role") == "tool":
+    if isinstance(answer, dict):
+        message = {"role": "assistant", **answer}
+    elif isinstance(answer, str):
+        message = {"role": "assistant", "content": answer}
+    elif last.get("role") == "tool":
         message = {"role": "assistant", "content": f"The answer is {last.get('content')}"}
     elif last.get("role") == "user" and (expression := extract_expression(str(last.get("content") or ""))):
         call = {
@@ -149,8 +184,44 @@ def completion(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def openai_stub() -> Iterator[OpenAIStub]:
-    """A local OpenAI-compatible server; point an LLM at ``openai_stub.endpoint``."""
-    with OpenAIStub() as stub:
-        yield stub
+class CalcScenario:
+    """Two scripted models on a stub, for prompt optimization of ``workers/calc_agent.py``.
+
+    ``calc-model`` uses its calculator (the stub's own behaviour) only when the prompt it is
+    given mentions the calculator; otherwise it guesses ``guess``. ``critic-model`` answers a
+    critique request (:class:`~lightning_queue.training.Critic`'s first call) with ``critique``,
+    and each edit request with the next of ``proposals``, in turn.
+    """
+
+    CALC_MODEL = "calc-model"
+    CRITIC_MODEL = "critic-model"
+
+    def __init__(self, stub: OpenAIStub, proposals: Sequence[str], critique: str = "- The model guesses the "
+                 "numbers. Tell it to use the calculator tool.", guess: str = "I think it is 7.") -> None:
+        self.stub = stub
+        self.critique = critique
+        self.guess = guess
+        self.critiques = 0
+        self._proposals = itertools.cycle(proposals) if proposals else None
+        self._lock = threading.Lock()
+        stub.script(self.CALC_MODEL, self.calc)
+        stub.script(self.CRITIC_MODEL, self.critic)
+
+    def calc(self, body: dict[str, Any]) -> str | None:
+        if body["messages"][-1]["role"] == "tool" or "calculator" in last_user_text(body):
+            return None  # call the calculator, then report its result
+        return self.guess
+
+    def critic(self, body: dict[str, Any]) -> str:
+        with self._lock:
+            if body["messages"][0]["content"] == CRITIQUE_INSTRUCTIONS:
+                self.critiques += 1
+                return self.critique
+            if self._proposals is None:
+                raise AssertionError("this scenario has no proposals")
+            return next(self._proposals)
+
+    def first_turns(self) -> Counter[str]:
+        """How often each first model call of a calculator rollout was made (one per rollout run)."""
+        return Counter(r.body["messages"][0]["content"] for r in self.stub.chat_requests()
+                       if r.model == self.CALC_MODEL and len(r.body["messages"]) == 1)

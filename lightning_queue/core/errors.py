@@ -401,6 +401,81 @@ class ExperimentUnitError(ExperimentError, KeyError):
         return str(self.args[0])
 
 
+# ----------------------------------------------------------------------------- training
+
+
+class TrainingError(LightningQueueError):
+    """A training run cannot go on (base of the training errors)."""
+
+
+class InvalidDatasetError(TrainingError, ValueError):
+    """A dataset cannot be used: a line that is not a JSON object, an input id given twice, nothing to split..."""
+
+
+class NoRunnersError(TrainingError):
+    """``Trainer(n_runners=...)`` waited for that many rollout slots on the queue and did not find them."""
+
+    def __init__(self, queue: str, wanted: int, found: int, waited: float) -> None:
+        super().__init__(
+            f"the Trainer waited {waited:g} s for {wanted} rollout slot(s) consuming queue {queue!r} and found "
+            f"{found}; start workers on it (`lightning-queue worker --agent module:attr --queue {queue}`), or pass "
+            "n_runners=0 to enqueue without waiting for them"
+        )
+        self.queue = queue
+        self.wanted = wanted
+        self.found = found
+
+
+class TrainingTimeoutError(TrainingError, TimeoutError):
+    """A training run's rollouts did not finish within the Trainer's ``rollout_timeout``."""
+
+    def __init__(self, run: str, pending: int, timeout: float) -> None:
+        super().__init__(
+            f"training run {run!r}: {pending} rollout(s) did not finish within {timeout:g} s; check that workers "
+            "consume the queue (`lightning-queue workers`) or raise rollout_timeout, then run again with the same "
+            "run name: it resumes, and finished rollouts are not run again"
+        )
+        self.run = run
+        self.pending = pending
+
+
+class CriticError(TrainingError):
+    """The critic model's endpoint could not be reached, or answered something that is not a chat completion."""
+
+    def __init__(self, endpoint: str, detail: str) -> None:
+        super().__init__(
+            f"the critic at {endpoint} failed: {detail}; check the critic's LLM (endpoint, model, api_key), or "
+            "LQ_CRITIC_ENDPOINT / LQ_CRITIC_MODEL / LQ_CRITIC_API_KEY"
+        )
+        self.endpoint = endpoint
+
+
+class PromptNotFoundError(TrainingError, LookupError):
+    """The snapshot an optimizer starts from holds no prompt template of the name asked for (or
+    several templates and no name)."""
+
+    def __init__(self, resources_id: str, held: Iterable[str], name: str | None) -> None:
+        templates = ", ".join(sorted(held)) or "none"
+        asked = f"no prompt template named {name!r}" if name else "several prompt templates"
+        super().__init__(
+            f"snapshot {resources_id!r} holds {asked} (its prompt templates: {templates}); pass "
+            "prompt_name=<one of them>, or start from a snapshot that holds the template to optimize"
+        )
+        self.resources_id = resources_id
+        self.name = name
+
+
+class RunConflictError(TrainingError):
+    """A training run's name is reused with another starting snapshot or another algorithm."""
+
+    def __init__(self, run: str, recorded: str, given: str) -> None:
+        super().__init__(
+            f"training run {run!r} was started from {recorded}, not {given}; resume it with what it started from, "
+            "or give this run a new run_name"
+        )
+        self.run = run
+
+
 # ----------------------------------------------------------------------------- connections and input
 
 

@@ -64,6 +64,12 @@ The last three are written by the Lua script that moves a rollout of the experim
 status, in the same atomic step (``lua/_experiment_tally.lua``), so a report reads aggregates
 instead of every rollout record.
 
+Training runs (:mod:`lightning_queue.training`)::
+
+    {p}:training:{run}                            hash  what a run has decided so far, so a new process with
+                                                        the run's name resumes it: its start, each round's
+                                                        critiques and candidates, its beam, rollouts spent
+
 Celery's broker keys (queues, unacked messages, pidbox) live under ``{p}:celery:``
 through kombu's ``global_keyprefix`` transport option::
 
@@ -287,6 +293,10 @@ class Keys:
 
     def experiment_unit_rewards(self, name: str, variant: str) -> str:
         return f"{self.experiment(name)}{self.UNIT_REWARDS_INFIX}{variant}"
+
+    # -- training runs -----------------------------------------------------------
+    def training_run(self, name: str) -> str:
+        return f"{self.prefix}:training:{name}"
 
     # -- celery -----------------------------------------------------------------
     @property

@@ -199,6 +199,22 @@ class PromptTemplate(Resource):
         return set(meta.find_undeclared_variables(jinja2.Environment().parse(self.template)))
 
 
+class PromptLineage(Resource):
+    """Where a candidate prompt came from, stored in the candidate's own snapshot by an optimizer
+    (:mod:`lightning_queue.training`): the run, the template it describes (by resource name), the
+    parent snapshot it was edited from and the critique that led to the edit. Agents never need it;
+    it is defined here so that every process (workers too) can read a snapshot that holds one."""
+
+    resource_type: Literal["prompt_lineage"] = "prompt_lineage"
+    run: str
+    prompt: str
+    parent_id: str | None = None
+    parent_version: int | None = None
+    critique: str | None = None
+    round: int = 0
+    critic_model: str | None = None
+
+
 def _parse_resource(value: Any) -> Any:
     if isinstance(value, Resource):
         return value

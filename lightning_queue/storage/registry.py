@@ -176,7 +176,7 @@ class SnapshotRegistry:
 
     def _write_call(
         self, mode: str, resources_id: str, resources: ResourcesLike, expected_version: int | None, by: str,
-        client: Any = None,
+        client: Any = None, make_latest: bool = True,
     ) -> tuple[Any, dict[str, Resource], float]:
         validated = validate_resources(resources)
         encoded = codec.encode(dump_resources(validated).encode(), self.compress_threshold, self.max_bytes,
@@ -188,7 +188,7 @@ class SnapshotRegistry:
             args=[resources_id, encoded.data, encoded.encoding, encoded.checksum, encoded.size, repr(now), mode,
                   "" if expected_version is None else expected_version, by, self.history_length,
                   k.pointer_history_prefix, k.snapshot_version_prefix(resources_id), self.epoch.expected(),
-                  propose()],
+                  propose(), "1" if make_latest else "0"],
             client=client,
         )
         return reply, validated, now
@@ -209,22 +209,27 @@ class SnapshotRegistry:
                                update_time=now, resources=validated)
 
     def add_resources(
-        self, resources: ResourcesLike, resources_id: str | None = None, *, by: str = "add_resources"
+        self, resources: ResourcesLike, resources_id: str | None = None, *, by: str = "add_resources",
+        make_latest: bool = True,
     ) -> ResourcesUpdate:
+        """Store version 1 of a new snapshot and, unless ``make_latest=False``, point ``latest`` at
+        it, in one atomic step."""
         resources_id = _check_new_id(resources_id or new_id("rs"))
-        reply, validated, now = self._write_call("add", resources_id, resources, None, by)
+        reply, validated, now = self._write_call("add", resources_id, resources, None, by, make_latest=make_latest)
         return self._written(reply, resources_id, validated, now, None)
 
     def add_resources_batch(
-        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, by: str = "add_resources"
+        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, by: str = "add_resources",
+        make_latest: bool = True,
     ) -> list[ResourcesUpdate]:
-        """Add many snapshots in one pipeline; each is its own atomic add.
+        """Add many snapshots in one pipeline; each is its own atomic add (``make_latest``: as
+        :meth:`add_resources`).
 
         Two round trips whatever the batch size: redis-py's SCRIPT EXISTS
         check, then the pipeline.
 
         Items are resources mappings or ``(resources_id, resources)`` pairs.
-        The last one added ends up ``latest``. If an id is taken, the others
+        The last one added ends up ``latest`` (unless ``make_latest=False``). If an id is taken, the others
         are still added and :class:`ResourcesExistError` names the first taken id.
         """
         pipe = self.redis.pipeline(transaction=False)
@@ -232,7 +237,7 @@ class SnapshotRegistry:
         for item in items:
             rid, resources = item if isinstance(item, tuple) else (new_id("rs"), item)
             _check_new_id(rid)
-            _, validated, now = self._write_call("add", rid, resources, None, by, client=pipe)
+            _, validated, now = self._write_call("add", rid, resources, None, by, client=pipe, make_latest=make_latest)
             staged.append((rid, validated, now))
         out, error = [], None
         for (rid, validated, now), reply in zip(staged, pipe.execute(), strict=True):

@@ -3,27 +3,40 @@
 The runner hands an agent the task input, the snapshot's resources and the
 rollout record; the agent returns a reward (a number), a
 :class:`~lightning_queue.models.RolloutResult`, or ``None`` (no reward).
+
+:func:`snapshot_ref` and :func:`run_agent` are the rules of one attempt (which
+snapshot a rollout runs with; how the agent's return or exception becomes the
+attempt's outcome), shared by the runner and by the Trainer's inline dev mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import numbers
 import types
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
+from billiard.common import terminate_handler_fired
+from billiard.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import WorkerShutdown, WorkerTerminate
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from lightning_queue.core.errors import (
+    AgentExitError,
     AgentSignatureError,
     InvalidRolloutResultError,
     MissingResourceError,
+    NonFiniteRewardError,
 )
-from lightning_queue.core.models import Resource, Rollout, RolloutResult
+from lightning_queue.core.models import ErrorInfo, Resource, ResourcesUpdate, Rollout, RolloutResult
+from lightning_queue.core.policy import is_retryable
 
 RawResult = float | int | RolloutResult | Mapping[str, Any] | None
 
@@ -228,3 +241,86 @@ def rollout(
         return FunctionalLitAgent(f, name=name, default_resources=default_resources)
 
     return wrap(func) if func is not None else wrap
+
+
+# --------------------------------------------------------------------------- one attempt
+
+
+def check_finite(result: RolloutResult) -> None:
+    """Raise :class:`NonFiniteRewardError` when the reward or a step reward is NaN or infinite
+    (JSON would store it as null, and a succeeded rollout would read as having no reward)."""
+    if result.reward is not None and not math.isfinite(result.reward):
+        raise NonFiniteRewardError("reward", result.reward)
+    for i, value in enumerate(result.step_rewards or ()):
+        if not math.isfinite(value):
+            raise NonFiniteRewardError(f"step_rewards[{i}]", value)
+
+
+def snapshot_ref(rollout: Rollout, agent: LitAgent) -> tuple[str | None, int | None]:
+    """Which snapshot ``rollout`` runs with on ``agent``: ``(reference, version)``.
+
+    The reference is the rollout's ``resources_id`` (a concrete id when pinned, an id or
+    pointer name when following), else the agent's ``default_resources``; ``None`` means
+    ``latest``. The version is fixed only for a pinned rollout (``None``: the current one).
+    """
+    version = rollout.resources_version if rollout.resolve == "pinned" else None
+    return rollout.resources_id or agent.default_resources, version
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """How one attempt of the agent ended: what the runner records, and what dev mode reports.
+
+    ``retryable`` is False for an error another attempt cannot fix (see
+    :func:`lightning_queue.core.policy.is_retryable`).
+    """
+
+    status: Literal["succeeded", "failed", "timeout"]
+    result: RolloutResult | None = None
+    error: ErrorInfo | None = None
+    retryable: bool = True
+
+
+def run_agent(
+    agent: LitAgent, rollout: Rollout, snapshot: ResourcesUpdate, time_limit: float | None = None
+) -> AttemptOutcome:
+    """Run ``agent`` on ``rollout`` with ``snapshot``'s resources and say how it ended.
+
+    The agent gets a read-only view of the resources (the snapshot may be a cache's shared
+    copy). Its result must be JSON-serializable to be stored. Every exception the agent
+    raises becomes a ``failed`` outcome carrying it; a soft time limit (``time_limit``, for
+    the message) a ``timeout``; a NaN or infinite reward a ``failed`` one
+    (:class:`NonFiniteRewardError`), and so does an agent calling ``sys.exit`` or raising
+    ``KeyboardInterrupt`` (:class:`AgentExitError`), unless the process really was told to end
+    (a cancel's SIGTERM, a shutdown), which is re-raised. Never raises for the agent's own failures.
+    """
+    resources: Mapping[str, Resource] = MappingProxyType(snapshot.resources)
+    try:
+        result = agent.execute(rollout.input, resources, rollout)
+        check_finite(result)
+        result.model_dump_json()  # the output must be JSON-able to be stored
+    except (WorkerShutdown, WorkerTerminate):
+        raise  # Celery's own shutdown (solo pool), not the agent's
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if terminate_handler_fired():
+            raise  # the process was told to end (a cancel's SIGTERM, a shutdown), not the agent's doing
+        # The agent tried to end the worker process: report what it did, and go on.
+        error = ErrorInfo.from_exception(AgentExitError(exc), with_traceback=False)
+        error.traceback = ErrorInfo.from_exception(exc).traceback
+        return AttemptOutcome("failed", error=error)
+    except SoftTimeLimitExceeded as exc:
+        return AttemptOutcome("timeout", error=ErrorInfo(
+            type="SoftTimeLimitExceeded",
+            message=f"the rollout ran past its time limit of {time_limit} s",
+            traceback=ErrorInfo.from_exception(exc).traceback,
+        ))
+    except PydanticSerializationError as exc:
+        return AttemptOutcome("failed", error=ErrorInfo.from_exception(
+            InvalidRolloutResultError(f"the agent's output is not JSON-serializable: {exc}")
+        ))
+    except Exception as exc:  # noqa: BLE001 - the agent's own failure, whatever it is
+        retryable = is_retryable(exc)
+        if isinstance(exc, MissingResourceError):
+            exc = MissingResourceError(f"snapshot {snapshot.resources_id!r} (version {snapshot.version}): {exc}")
+        return AttemptOutcome("failed", error=ErrorInfo.from_exception(exc), retryable=retryable)
+    return AttemptOutcome("succeeded", result=result)

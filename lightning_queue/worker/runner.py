@@ -31,35 +31,24 @@ id the cache holds is read again, never served from the old entry.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 import redis
-from billiard.common import terminate_handler_fired
-from billiard.exceptions import SoftTimeLimitExceeded
-from celery.exceptions import WorkerShutdown, WorkerTerminate
-from pydantic_core import PydanticSerializationError
 
 from lightning_queue.core.errors import (
-    AgentExitError,
-    InvalidRolloutResultError,
-    MissingResourceError,
-    NonFiniteRewardError,
     RegistryLostError,
     ResourcesNotFoundError,
     RolloutFailed,
     SnapshotCorruptedError,
 )
-from lightning_queue.core.models import ErrorInfo, Resource, Rollout, RolloutResult, is_rollout_id
-from lightning_queue.core.policy import NextStatus, is_retryable, next_status
+from lightning_queue.core.models import ErrorInfo, Rollout, RolloutResult, is_rollout_id
+from lightning_queue.core.policy import NextStatus, next_status
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.registry import LATEST
 from lightning_queue.storage.store import RolloutStore, StartWith
 from lightning_queue.worker import recovery
-from lightning_queue.worker.agent import LitAgent
+from lightning_queue.worker.agent import LitAgent, run_agent, snapshot_ref
 from lightning_queue.worker.cache import Held
 from lightning_queue.worker.context import WorkerContext
 
@@ -152,8 +141,7 @@ def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, regi
     snapshot that is missing or corrupt)."""
     store = ctx.store
     rollout_id = rollout.rollout_id
-    version = rollout.resources_version if rollout.resolve == "pinned" else None
-    ref = rollout.resources_id or agent.default_resources  # None: latest
+    ref, version = snapshot_ref(rollout, agent)  # ref None: latest
     lost: RegistryLostError | None = None
     for _ in range(2):
         try:
@@ -205,49 +193,14 @@ def _run_attempt(
     # The agent sees the record as it now stands: running, on this attempt.
     rollout = rollout.model_copy(update={"status": "running"})
 
-    error: ErrorInfo | None = None
-    result = None
-    attempt_status = "succeeded"
-    retryable = True
-    # Read-only: the snapshot may be the worker cache's own copy, shared by later rollouts.
-    resources: Mapping[str, Resource] = MappingProxyType(snapshot.resources)
-    try:
-        result = agent.execute(rollout.input, resources, rollout)
-        check_finite(result)
-        result.model_dump_json()  # the output must be JSON-able to be stored
-    except (WorkerShutdown, WorkerTerminate):
-        raise  # Celery's own shutdown (solo pool), not the agent's
-    except (SystemExit, KeyboardInterrupt) as exc:
-        if terminate_handler_fired():
-            raise  # the process was told to end (a cancel's SIGTERM, a shutdown), not the agent's doing
-        # The agent tried to end the worker process: report what it did, and go on.
-        attempt_status, result = "failed", None
-        error = ErrorInfo.from_exception(AgentExitError(exc), with_traceback=False)
-        error.traceback = ErrorInfo.from_exception(exc).traceback
-        log.warning("rollout %s attempt %d failed: %s", rollout_id, seq, error.message)
-    except SoftTimeLimitExceeded as exc:
-        attempt_status, result = "timeout", None
-        limit = rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds
-        error = ErrorInfo(
-            type="SoftTimeLimitExceeded",
-            message=f"the rollout ran past its time limit of {limit} s",
-            traceback=ErrorInfo.from_exception(exc).traceback,
-        )
-    except PydanticSerializationError as exc:
-        attempt_status, result = "failed", None
-        error = ErrorInfo.from_exception(
-            InvalidRolloutResultError(f"the agent's output is not JSON-serializable: {exc}")
-        )
-    except Exception as exc:  # noqa: BLE001 - the agent's own failure, whatever it is
-        attempt_status, result = "failed", None
-        retryable = is_retryable(exc)
-        if isinstance(exc, MissingResourceError):
-            exc = MissingResourceError(f"snapshot {snapshot.resources_id!r} (version {snapshot.version}): {exc}")
-        error = ErrorInfo.from_exception(exc)
+    outcome = run_agent(agent, rollout, snapshot,
+                        rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds)
+    attempt_status, result, error = outcome.status, outcome.result, outcome.error
+    if attempt_status == "failed" and error is not None:
         log.warning("rollout %s attempt %d failed: %s: %s", rollout_id, seq, error.type, error.message)
 
-    status = _record(ctx, rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
-                     error, result)
+    status = _record(ctx, rollout_id, seq, attempt_status,
+                     next_status(rollout.config, seq, attempt_status, outcome.retryable), error, result)
     log_refused(store, rollout_id, seq, status, attempt_status)
     if status == "requeuing":
         raise recovery.retry_after_attempt(ctx, rollout, seq, registry_epoch or held.epoch)
@@ -260,16 +213,6 @@ def _run_attempt(
         "version": snapshot.version,
         "reward": result.reward if result else None,
     }
-
-
-def check_finite(result: RolloutResult) -> None:
-    """Raise :class:`NonFiniteRewardError` when the reward or a step reward is NaN or infinite
-    (JSON would store it as null, and a succeeded rollout would read as having no reward)."""
-    if result.reward is not None and not math.isfinite(result.reward):
-        raise NonFiniteRewardError("reward", result.reward)
-    for i, value in enumerate(result.step_rewards or ()):
-        if not math.isfinite(value):
-            raise NonFiniteRewardError(f"step_rewards[{i}]", value)
 
 
 def _record(

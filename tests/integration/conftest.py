@@ -35,7 +35,6 @@ import pytest
 from lightning_queue import LightningClient, Settings
 from lightning_queue.ops.fleet import LocalFleet, WorkerProcess, wait_for_log
 from tests.conftest import delete_prefix
-from tests.openai_stub import openai_stub  # noqa: F401 (a fixture for these tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 60.0

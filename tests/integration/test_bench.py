@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_queue.py"
+APO_SCRIPT = SCRIPT.with_name("bench_apo.py")
 
 ROWS = [
     "end to end, no-op, 2 prefork procs: lightning-queue",
@@ -84,3 +85,26 @@ def test_fault_injection_short_run_loses_nothing() -> None:
     for row in ("lost:                 0", "stuck:                0", "duplicated results:   0",
                 "wrong snapshot:       0"):
         assert row in run.stdout, run.stdout
+
+
+APO_ROWS = [
+    "sequential: runs that promoted the good edit",
+    "sequential: rollouts spent when the improvement was accepted",
+    "sequential: rollouts per accepted improvement, whole run",
+    "paired: runs that promoted the good edit",
+    "paired: rollouts spent when the improvement was accepted",
+    "time per run, instant critic: waiting on the fleet",
+    "time per run, instant critic: the optimizer's own work",
+    "time per run, critic answering in 0.5 s: waiting on the fleet",
+]
+
+
+@pytest.mark.bench
+def test_bench_apo_quick_prints_every_row_and_never_promotes_a_bad_edit() -> None:
+    run = subprocess.run([sys.executable, str(APO_SCRIPT), "--quick"], check=False, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = run.stdout.split("\nmeasure", 1)[1]
+    missing = [row for row in APO_ROWS if row not in table]
+    assert not missing, f"rows missing: {missing}\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert table.count("(0 promoted a bad one)") == 2, table

@@ -103,7 +103,7 @@ def failed_with(client: LightningClient, rollout_id: str, error_type: str, *frag
 def test_unknown_resource_type(fake_client: LightningClient, keys_before) -> None:
     before = keys_before()
     raises(lambda: fake_client.add_resources({"r": {"resource_type": "retriever", "index": "x"}}),
-           UnknownResourceTypeError, "'retriever'", "known types: llm, prompt_template", "subclass")
+           UnknownResourceTypeError, "'retriever'", "known types: llm, prompt_lineage, prompt_template", "subclass")
     assert keys_before() == before
 
 

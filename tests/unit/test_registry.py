@@ -41,6 +41,27 @@ def test_add_resources_returns_version_1_and_becomes_latest(registry: SnapshotRe
     assert registry.count() == 2
 
 
+def test_add_resources_can_leave_latest_where_it_is(registry: SnapshotRegistry, llm: LLM) -> None:
+    """An optimizer writes candidates that unpinned rollouts must not follow until one is promoted."""
+    registry.add_resources({"main": llm}, "rs-prod")
+    seq = int(registry.redis.get(registry.keys.seq))
+    events = registry.redis.pubsub()
+    events.subscribe(registry.keys.snapshot_events)
+    events.get_message(timeout=1)  # the subscription's confirmation
+
+    candidate = registry.add_resources({"p": PromptTemplate(template="{x}")}, "rs-candidate", make_latest=False)
+    batch = registry.add_resources_batch([("rs-c2", {"p": PromptTemplate(template="a {x}")})], make_latest=False)
+
+    assert (candidate.version, [s.resources_id for s in batch]) == (1, ["rs-c2"])
+    assert latest_id(registry) == "rs-prod"
+    assert [m.to_id for m in registry.pointer_history("latest")] == ["rs-prod"]
+    assert registry.get_resources_by_id("rs-candidate").resources == candidate.resources
+    assert [s.resources_id for s in registry.query_resources()] == ["rs-c2", "rs-candidate", "rs-prod"]
+    announced = json.loads(events.get_message(timeout=1)["data"])
+    assert announced["seq"] == seq + 1 and announced["id"] == "rs-candidate" and not announced["pointers"]
+    events.close()
+
+
 def test_add_resources_generates_an_id(registry: SnapshotRegistry, llm: LLM) -> None:
     added = registry.add_resources({"main": llm})
     assert added.resources_id.startswith("rs-")

@@ -1,5 +1,5 @@
--- Store a snapshot version and point "latest" at it, atomically: version 1 of a new id
--- (mode 'add') or version n+1 of an existing one (mode 'update', optionally compare-and-set).
+-- Store a snapshot version and point "latest" at it (unless told not to), atomically: version 1 of
+-- a new id (mode 'add') or version n+1 of an existing one (mode 'update', optionally compare-and-set).
 -- The version being replaced is kept, unchanged, under its own key.
 -- KEYS[1] snapshot hash, KEYS[2] snapshots index, KEYS[3] pointers hash, KEYS[4] sequence,
 -- KEYS[5] snapshot events channel, KEYS[6] registry epoch (needs _epoch_prelude)
@@ -7,7 +7,8 @@
 -- ARGV[6] now, ARGV[7] 'add' | 'update', ARGV[8] expected version or '', ARGV[9] who writes,
 -- ARGV[10] pointer history length, ARGV[11] pointer history key prefix,
 -- ARGV[12] this id's old-version key prefix ("{p}:snapshot:{id}:v:"),
--- ARGV[13] the epoch the writer knows ('' none yet), ARGV[14] the epoch it proposes if there is none
+-- ARGV[13] the epoch the writer knows ('' none yet), ARGV[14] the epoch it proposes if there is none,
+-- ARGV[15] '1' to move "latest", '0' not to
 -- Returns {'ok', version, create_time, epoch} | {'exists'} | {'name_taken'} | {'missing'} |
 -- {'conflict', current} | {'epoch', current-or-''} (Redis lost its data since the writer last looked).
 local epoch, current_epoch = establish_epoch(KEYS[6], ARGV[13], ARGV[14])
@@ -32,7 +33,11 @@ else
 end
 redis.call('HSET', KEYS[1], 'resources', ARGV[2], 'encoding', ARGV[3], 'checksum', ARGV[4], 'size', ARGV[5],
   'version', version, 'create_time', create_time, 'update_time', ARGV[6])
-move_pointer(KEYS[3], ARGV[11], 'latest', id, ARGV[6], ARGV[9], ARGV[10])
-local seq = announce(KEYS[4], KEYS[5], {op = 'write', id = id, version = version, pointers = {latest = id}})
+local moved = {}
+if ARGV[15] ~= '0' then
+  move_pointer(KEYS[3], ARGV[11], 'latest', id, ARGV[6], ARGV[9], ARGV[10])
+  moved.latest = id
+end
+local seq = announce(KEYS[4], KEYS[5], {op = 'write', id = id, version = version, pointers = moved})
 redis.call('ZADD', KEYS[2], seq, id)
 return {'ok', version, create_time, epoch}
