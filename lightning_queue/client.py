@@ -21,6 +21,7 @@ from lightning_queue.core.models import (
     RolloutRequest,
 )
 from lightning_queue.core.settings import Settings
+from lightning_queue.core.traces import current_traceparent
 from lightning_queue.storage.connections import connect
 from lightning_queue.storage.liveness import WorkerHealth, read_cache_stats, read_worker_health
 from lightning_queue.storage.registry import DeleteReport, PointerMove, SnapshotRegistry
@@ -246,6 +247,7 @@ class LightningClient:
         the first runs, or as finished after).
         """
         queue = self.publisher.queue_for(queue)
+        traceparent = current_traceparent()  # the caller's span becomes the parent of each attempt's
         rollouts = []
         chosen = False
         for item in inputs:
@@ -265,6 +267,7 @@ class LightningClient:
                     config=request.config or config or RolloutConfig(),
                     metadata=request.metadata,
                     queue=queue,
+                    traceparent=traceparent,
                 )
             )
         if not rollouts:

@@ -2,7 +2,8 @@
 
 Scripts name statuses through placeholders filled in from :mod:`lightning_queue.core.models`
 (``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__`` and ``__CLOSED__`` the sets), so a
-status is spelled once, in Python.
+status is spelled once, in Python; ``__SPANS_SUFFIX__`` derives an attempt's spans key as
+:mod:`~lightning_queue.core.keys` does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from importlib import resources as importlib_resources
 import redis
 from redis.commands.core import Script
 
+from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import CLOSED_ATTEMPT_STATUSES, OPEN_STATUSES, ROLLOUT_STATUSES, TERMINAL_STATUSES
 
 
@@ -26,6 +28,7 @@ _PLACEHOLDERS = {
     "__TERMINAL__": _lua_set(TERMINAL_STATUSES),
     "__OPEN__": _lua_set(OPEN_STATUSES),
     "__CLOSED__": _lua_set(CLOSED_ATTEMPT_STATUSES),
+    "__SPANS_SUFFIX__": Keys.SPANS_SUFFIX,
 }
 
 

@@ -80,12 +80,14 @@ def run(
     registry_seq: int = 0,
     resources_id: str | None = None,
     resources_version: int | None = None,
+    traceparent: str | None = None,
 ) -> Outcome:
     """Run one rollout on this process. ``resources_id``/``resources_version`` are what the task
     message says the rollout asks for (Flower shows them; the worker uses them to resolve the
     snapshot from its cache before claiming); the rollout record is authoritative.
     ``registry_seq`` is the registry state at enqueue: the snapshot cache must have caught up
-    with it before it may answer without asking Redis.
+    with it before it may answer without asking Redis. ``traceparent`` (the message's W3C trace
+    context) is the parent of the attempt's root span.
 
     Raises :class:`RolloutFailed` when the rollout ends ``failed`` (so Celery and Flower show the
     task failed) and Celery's ``Retry`` when it is retried; returns the outcome otherwise.
@@ -111,15 +113,17 @@ def run(
     assert claim.rollout is not None
     seq = claim.sequence_id
     with ctx.heartbeat.attempt(rollout_id, seq):
-        return _run_attempt(ctx, agent, claim.rollout, seq, registry_seq, cached if claim.started else None)
+        return _run_attempt(ctx, agent, claim.rollout, seq, registry_seq, cached if claim.started else None,
+                            attempt_id=claim.attempt_id, worker_id=worker_id, traceparent=traceparent)
 
 
 def _run_attempt(
     ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, registry_seq: int,
-    started: ResourcesUpdate | None = None,
+    started: ResourcesUpdate | None = None, *, attempt_id: str = "", worker_id: str = "",
+    traceparent: str | None = None,
 ) -> Outcome:
-    """Run attempt ``seq`` of ``rollout`` (the record as the claim left it). ``started``: the
-    claim already opened the attempt running with this snapshot."""
+    """Run attempt ``seq`` (``attempt_id``) of ``rollout`` (the record as the claim left it).
+    ``started``: the claim already opened the attempt running with this snapshot."""
     store = ctx.store
     rollout_id = rollout.rollout_id
     snapshot = started
@@ -145,10 +149,13 @@ def _run_attempt(
     result = None
     attempt_status = "succeeded"
     retryable = True
+    # Tracing: the attempt's root span, under which the agent runs; ProxyLLMs scoped to the attempt.
+    trace = ctx.tracing.start(rollout, seq, attempt_id, snapshot, worker_id, traceparent)
     # Read-only: the snapshot may be the worker cache's own copy, shared by later rollouts.
-    resources: Mapping[str, Resource] = MappingProxyType(snapshot.resources)
+    resources: Mapping[str, Resource] = MappingProxyType(trace.scope(snapshot.resources))
     try:
-        result = agent.execute(rollout.input, resources, rollout)
+        with trace.active():
+            result = agent.execute(rollout.input, resources, rollout)
         result.model_dump_json()  # the output must be JSON-able to be stored
     except SoftTimeLimitExceeded as exc:
         attempt_status, result = "timeout", None
@@ -171,9 +178,11 @@ def _run_attempt(
         error = ErrorInfo.from_exception(exc)
         log.warning("rollout %s attempt %d failed: %s: %s", rollout_id, seq, error.type, error.message)
 
+    # The trace (spans, LLM usage) is written with the outcome; the result gets the emitted rewards.
+    written, result = trace.finish(attempt_status, result)
     status = store.finish_attempt(
         rollout_id, seq, attempt_status, next_status(rollout.config, seq, attempt_status, retryable),
-        error=error, result=result,
+        error=error, result=result, trace=written,
     )
     log_refused(store, rollout_id, seq, status, attempt_status)
     if status == "requeuing":
