@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from lightning_queue.core.errors import (
         AgentNotConfiguredError,
         AgentSignatureError,
+        AttemptClosedError,
+        AttemptNotFoundError,
         ConfigurationError,
         EnqueueError,
         ExperimentError,
@@ -29,12 +31,15 @@ if TYPE_CHECKING:
         ExperimentStateError,
         ExperimentUnitError,
         InvalidExperimentError,
+        InvalidPriceTableError,
         InvalidResourcesError,
+        InvalidRewardError,
         InvalidRolloutResultError,
         LightningQueueError,
         MissingResourceError,
         NoLatestResourcesError,
         PointerError,
+        ProxyResourceError,
         RedisUnavailableError,
         ResourcesExistError,
         ResourcesNotFoundError,
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
         ErrorInfo,
         NamedResources,
         PromptTemplate,
+        ProxyLLM,
         Resource,
         ResourcesUpdate,
         Rollout,
@@ -61,12 +67,14 @@ if TYPE_CHECKING:
         RolloutResult,
     )
     from lightning_queue.core.settings import Settings
+    from lightning_queue.core.traces import LLMPrice, Span, Triplet, Usage
     from lightning_queue.experiments.canary import Canary, CanaryResult, Guardrail
     from lightning_queue.experiments.manager import Conclusion, Experiment, Experiments, Variant
     from lightning_queue.experiments.report import ExperimentReport
     from lightning_queue.storage.registry import DeleteReport, PointerMove, retry_on_conflict
     from lightning_queue.storage.retention import RetentionReport
     from lightning_queue.worker.agent import FunctionalLitAgent, LitAgent, rollout
+    from lightning_queue.worker.tracing import emit_exception, emit_message, emit_object, emit_reward, llm_call
 
 __version__ = "0.1.0"
 
@@ -74,26 +82,30 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "lightning_queue.client": ("LightningClient",),
     "lightning_queue.aio": ("AsyncLightningClient",),
     "lightning_queue.core.errors": (
-        "AgentNotConfiguredError", "AgentSignatureError", "ConfigurationError", "EnqueueError", "ExperimentError",
+        "AgentNotConfiguredError", "AgentSignatureError", "AttemptClosedError", "AttemptNotFoundError",
+        "ConfigurationError", "EnqueueError", "ExperimentError",
         "ExperimentExistsError", "ExperimentNotFoundError", "ExperimentStateError", "ExperimentUnitError",
-        "InvalidExperimentError", "InvalidResourcesError", "InvalidRolloutResultError", "LightningQueueError",
-        "MissingResourceError", "NoLatestResourcesError", "PointerError", "RedisUnavailableError",
+        "InvalidExperimentError", "InvalidPriceTableError", "InvalidResourcesError", "InvalidRewardError",
+        "InvalidRolloutResultError", "LightningQueueError", "MissingResourceError", "NoLatestResourcesError",
+        "PointerError", "ProxyResourceError", "RedisUnavailableError",
         "ResourcesExistError", "ResourcesNotFoundError", "RolloutFailed", "RolloutNotFoundError",
         "SnapshotCorruptedError", "SnapshotInUseError", "SnapshotTooLargeError", "UnknownResourceTypeError",
         "VersionConflictError",
     ),
     "lightning_queue.core.metrics": ("RewardSummary",),
     "lightning_queue.core.models": (
-        "LLM", "Attempt", "ErrorInfo", "NamedResources", "PromptTemplate", "Resource", "ResourcesUpdate", "Rollout",
-        "RolloutConfig", "RolloutRequest", "RolloutResult",
+        "LLM", "Attempt", "ErrorInfo", "NamedResources", "PromptTemplate", "ProxyLLM", "Resource", "ResourcesUpdate",
+        "Rollout", "RolloutConfig", "RolloutRequest", "RolloutResult",
     ),
     "lightning_queue.core.settings": ("Settings",),
+    "lightning_queue.core.traces": ("LLMPrice", "Span", "Triplet", "Usage"),
     "lightning_queue.experiments.canary": ("Canary", "CanaryResult", "Guardrail"),
     "lightning_queue.experiments.manager": ("Conclusion", "Experiment", "Experiments", "Variant"),
     "lightning_queue.experiments.report": ("ExperimentReport",),
     "lightning_queue.storage.registry": ("DeleteReport", "PointerMove", "retry_on_conflict"),
     "lightning_queue.storage.retention": ("RetentionReport",),
     "lightning_queue.worker.agent": ("FunctionalLitAgent", "LitAgent", "rollout"),
+    "lightning_queue.worker.tracing": ("emit_exception", "emit_message", "emit_object", "emit_reward", "llm_call"),
     "lightning_queue.app": ("create_app",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -104,6 +116,8 @@ __all__ = [
     "AgentSignatureError",
     "AsyncLightningClient",
     "Attempt",
+    "AttemptClosedError",
+    "AttemptNotFoundError",
     "Canary",
     "CanaryResult",
     "Conclusion",
@@ -122,8 +136,11 @@ __all__ = [
     "FunctionalLitAgent",
     "Guardrail",
     "InvalidExperimentError",
+    "InvalidPriceTableError",
     "InvalidResourcesError",
+    "InvalidRewardError",
     "InvalidRolloutResultError",
+    "LLMPrice",
     "LightningClient",
     "LightningQueueError",
     "LitAgent",
@@ -133,6 +150,8 @@ __all__ = [
     "PointerError",
     "PointerMove",
     "PromptTemplate",
+    "ProxyLLM",
+    "ProxyResourceError",
     "RedisUnavailableError",
     "Resource",
     "ResourcesExistError",
@@ -150,10 +169,18 @@ __all__ = [
     "SnapshotCorruptedError",
     "SnapshotInUseError",
     "SnapshotTooLargeError",
+    "Span",
+    "Triplet",
     "UnknownResourceTypeError",
+    "Usage",
     "Variant",
     "VersionConflictError",
     "create_app",
+    "emit_exception",
+    "emit_message",
+    "emit_object",
+    "emit_reward",
+    "llm_call",
     "retry_on_conflict",
     "rollout",
 ]

@@ -89,17 +89,17 @@ def encode_batch(trace_id: str, pieces: Sequence[bytes]) -> bytes:
 def decode_batch(data: bytes, rollout_id: str = "", attempt_id: str = "", sequence_id: int = 0) -> list[Span]:
     """The spans of one stored batch. A batch that does not decode (damaged, or a format this
     version does not know) gives no spans rather than failing the whole read."""
+    import zstandard
+
     try:
         if data[:1] == _ZSTD:
-            import zstandard
-
             raw = zstandard.ZstdDecompressor().decompress(data[1:])
         elif data[:1] == _PLAIN:
             raw = data[1:]
         else:
             return []
         version, trace_id, entries = json.loads(raw)
-    except (ValueError, TypeError, MemoryError):
+    except (zstandard.ZstdError, ValueError, TypeError, MemoryError):
         return []
     if version != FORMAT:
         return []

@@ -274,7 +274,7 @@ class AttemptTrace:
 
     def ended(self, span: ReadableSpan) -> None:
         """A span of this attempt ended (the collector calls this): encode it, count its usage."""
-        is_root = span is self.root
+        is_root = span.context is not None and span.context.span_id == self.root.get_span_context().span_id
         piece = encode_entry(span_entry(span, self.trace_id))
         attributes = span.attributes or {}
         usage = _call_usage(attributes, self.prices)
