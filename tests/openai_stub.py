@@ -5,6 +5,10 @@ calculator: when the last message is the user's and holds an arithmetic
 expression, it calls the ``calculator`` tool with that expression; when the
 last message is a tool result, it answers ``"The answer is <result>"``.
 Every request is recorded (model, body, Authorization header) for assertions.
+Token usage counts words (prompt: the messages' words, one more per message;
+completion: the answer's or the tool call's words). ``"stream": true`` answers
+with server-sent chunks, ending with a usage chunk when
+``stream_options.include_usage`` asks for it.
 """
 
 from __future__ import annotations
@@ -84,7 +88,19 @@ class OpenAIStub:
                     return self._reply(404, {"error": {"message": f"no route {self.path}"}})
                 if stub.fail_status is not None:
                     return self._reply(stub.fail_status, {"error": {"message": "the stub was told to fail"}})
+                if body.get("stream"):
+                    return self._stream(completion(body), bool((body.get("stream_options") or {}).get("include_usage")))
                 return self._reply(200, completion(body))
+
+            def _stream(self, answer: dict[str, Any], include_usage: bool) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for chunk in stream_chunks(answer, include_usage):
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
 
             def _reply(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -145,8 +161,41 @@ def completion(body: dict[str, Any]) -> dict[str, Any]:
         "choices": [
             {"index": 0, "message": message, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}
         ],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "usage": usage(messages, message),
     }
+
+
+def _words(value: Any) -> int:
+    return len(str(value).split()) if value else 0
+
+
+def usage(messages: list[dict[str, Any]], message: dict[str, Any]) -> dict[str, int]:
+    """Token counts by words (see the module docstring)."""
+    prompt = sum(_words(m.get("content")) + 1 for m in messages)
+    completion = _words(message.get("content")) + sum(
+        _words(c["function"]["arguments"]) for c in message.get("tool_calls") or [])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def stream_chunks(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A completion as the chunks of a stream: the role, the content word by word (or the tool
+    calls), the finish reason, and the usage when asked for."""
+    choice = answer["choices"][0]
+    message = choice["message"]
+    base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
+            "model": answer["model"]}
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    words = (message.get("content") or "").split(" ")
+    deltas += [{"content": w if i == 0 else f" {w}"} for i, w in enumerate(words) if message.get("content")]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": call["function"]["name"], "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]})
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": answer["usage"]})
+    return chunks
 
 
 @pytest.fixture

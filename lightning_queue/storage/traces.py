@@ -283,22 +283,26 @@ class Traces:
 
     # -- the proxy's calls ------------------------------------------------------------------
 
-    def scope_call(self, rollout_id: str) -> tuple[list[str], list[str]]:
-        """The keys and arguments of the ``attempt_scope`` script for this rollout."""
-        return [self.keys.rollout(rollout_id)], [self.keys.attempt_prefix(rollout_id)]
-
     def scope(self, rollout_id: str, attempt_id: str) -> AttemptScope:
-        keys, args = self.scope_call(rollout_id)
+        """Whether the attempt may call through the proxy, and with which snapshot."""
+        keys, args = scope_call(self.keys, rollout_id)
         return AttemptScope.parse(rollout_id, attempt_id, self._scope(keys=keys, args=args))
-
-    def record_call_args(self, scope: AttemptScope, write: TraceWrite, max_bytes: int) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of the ``record_llm_call`` script."""
-        batch, meta = write.args
-        return ([self.keys.rollout(scope.rollout_id), self.keys.attempt(scope.rollout_id, scope.sequence_id)],
-                [batch, meta or "{}", max_bytes])
 
     def record_call(self, scope: AttemptScope, write: TraceWrite, max_bytes: int) -> bool:
         """Record one proxied call's span batch and usage (False: the rollout is gone)."""
-        keys, args = self.record_call_args(scope, write, max_bytes)
+        keys, args = record_call_args(self.keys, scope, write, max_bytes)
         return bool(self._record(keys=keys, args=args))
 
+
+def scope_call(keys: Keys, rollout_id: str) -> tuple[list[str], list[str]]:
+    """The keys and arguments of the ``attempt_scope`` script (read by :meth:`AttemptScope.parse`)."""
+    return [keys.rollout(rollout_id)], [keys.attempt_prefix(rollout_id)]
+
+
+def record_call_args(keys: Keys, scope: AttemptScope, write: TraceWrite, max_bytes: int
+                     ) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of the ``record_llm_call`` script: one proxied call of the attempt,
+    within ``max_bytes`` of proxy batches per attempt."""
+    batch, meta = write.args
+    return ([keys.rollout(scope.rollout_id), keys.attempt(scope.rollout_id, scope.sequence_id)],
+            [batch, meta or "{}", max_bytes])

@@ -134,27 +134,36 @@ def process_tracing() -> _ProcessTracing:
 
 
 def _set_up() -> _ProcessTracing:
-    from opentelemetry.sdk.resources import Resource as OtelResource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     current = trace_api.get_tracer_provider()
     if isinstance(current, TracerProvider):
         provider = current  # the agent's module set one up: keep it, and its exporters
     else:
-        resource = OtelResource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME})
-        # Every attempt is traced, whatever the enqueuer sampled: its trace is its record.
-        provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
-        exporter = _otlp_exporter()
-        if exporter is not None:
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider = new_provider(SERVICE_NAME)
         trace_api.set_tracer_provider(provider)
     collector = _Collector()
     provider.add_span_processor(collector)  # type: ignore[arg-type]  # SpanProcessor by its methods
     _instrument()
     return _ProcessTracing(provider, provider.get_tracer(TRACER_NAME), collector)
+
+
+def new_provider(service_name: str) -> TracerProvider:
+    """A tracer provider that records every span (whatever the caller sampled: a trace is the
+    record of an attempt), exporting them over OTLP when the standard variables name a
+    collector. ``OTEL_SERVICE_NAME`` overrides ``service_name``."""
+    from opentelemetry.sdk.resources import Resource as OtelResource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    resource = OtelResource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name})
+    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+    exporter = _otlp_exporter()
+    if exporter is not None:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
 
 
 def _otlp_exporter() -> Any:

@@ -1,7 +1,7 @@
 """The ``lightning-queue`` command.
 
 One module per command group (:mod:`.resources`, :mod:`.rollouts`, :mod:`.experiments`) or
-command (:mod:`.worker`, :mod:`.workers`, :mod:`.status`, :mod:`.exporter`, :mod:`.demo`).
+command (:mod:`.worker`, :mod:`.workers`, :mod:`.status`, :mod:`.exporter`, :mod:`.proxy`, :mod:`.demo`).
 A module imports at its top only typer and rich; the client, Celery, pydantic, scipy or
 Prometheus are imported inside the command that uses them, so ``--help`` and the quick reads
 start fast. The global options become a :class:`~.context.CliContext` that every command gets
@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from lightning_queue.ops.cli import demo, experiments, exporter, resources, rollouts, status, worker, workers
+from lightning_queue.ops.cli import demo, experiments, exporter, proxy, resources, rollouts, status, worker, workers
 from lightning_queue.ops.cli.context import CliContext
 from lightning_queue.ops.cli.output import fail
 
@@ -89,6 +89,7 @@ app.add_typer(worker.app)
 app.add_typer(workers.app)
 app.add_typer(status.app)
 app.add_typer(exporter.app)
+app.add_typer(proxy.app)
 app.add_typer(resources.app, name="resources")
 app.add_typer(rollouts.app, name="rollouts")
 app.add_typer(experiments.app, name="experiments")
