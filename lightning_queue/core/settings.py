@@ -103,6 +103,11 @@ class Settings(BaseSettings):
         description="Celery settings of your own, applied over lightning-queue's (JSON in LQ_CELERY, e.g. "
         "'{\"worker_max_tasks_per_child\": 100, \"task_routes\": {...}}').",
     )
+    tracing: bool = Field(
+        True,
+        description="Record each attempt's trace (root span, the agent's spans, emitted rewards, LLM usage). Off: "
+        "nothing is recorded, emit_* do nothing; ProxyLLMs are still scoped and the proxy still records its calls.",
+    )
     trace_max_bytes: int = Field(
         512 * 1024,
         ge=1024,

@@ -262,16 +262,8 @@ class AttemptTrace:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def scope(self, resources: Mapping[str, Resource]) -> dict[str, Resource]:
-        """The resources the agent gets: each :class:`ProxyLLM` replaced by the :class:`LLM` scoped
-        to this rollout and attempt (its calls go through the proxy, which knows them by it)."""
-        scoped: dict[str, Resource] = {}
-        for name, resource in resources.items():
-            if isinstance(resource, ProxyLLM):
-                llm = resource.scoped(name, self.info.rollout.rollout_id, self.info.attempt_id)
-                self.proxied.add(llm.endpoint)
-                scoped[name] = llm
-            else:
-                scoped[name] = resource
+        """The resources the agent gets (see :func:`scope_resources`)."""
+        scoped, self.proxied = scope_resources(resources, self.info.rollout.rollout_id, self.info.attempt_id)
         return scoped
 
     @contextmanager
@@ -301,10 +293,20 @@ class AttemptTrace:
         with self._lock:
             self.rewards.append(_Reward(name, value, primary, time.time()))
 
-    def finish(self, status: str, result: RolloutResult | None) -> tuple[TraceWrite, RolloutResult | None]:
+    def finish(self, status: str, result: RolloutResult | None) -> tuple[TraceWrite | None, RolloutResult | None]:
         """End the root span and give what the store writes with the attempt's outcome, and the
         result completed with the emitted rewards: ``reward`` the primary one unless the agent
-        returned one, ``rewards`` each name's last value."""
+        returned one, ``rewards`` each name's last value. Never raises: a trace that cannot be
+        encoded is logged and left out, the outcome is recorded all the same."""
+        try:
+            return self._finish(status, result)
+        except Exception:
+            log.exception("rollout %s attempt %d: the trace could not be recorded", self.info.rollout.rollout_id,
+                          self.info.sequence_id)
+            self.collector.release(self)
+            return None, result
+
+    def _finish(self, status: str, result: RolloutResult | None) -> tuple[TraceWrite | None, RolloutResult | None]:
         if result is not None and self.rewards:
             named = {r.name: r.value for r in self.rewards}
             marked = [r.value for r in self.rewards if r.primary]
@@ -339,6 +341,41 @@ class AttemptTrace:
                 attributes, None, None]
 
 
+def scope_resources(resources: Mapping[str, Resource], rollout_id: str, attempt_id: str
+                    ) -> tuple[dict[str, Resource], set[str]]:
+    """The resources an attempt's agent gets: each :class:`ProxyLLM` replaced by the :class:`LLM`
+    scoped to the rollout and attempt (its calls go through the proxy, which knows them by it);
+    and the scoped endpoints."""
+    scoped: dict[str, Resource] = {}
+    endpoints: set[str] = set()
+    for name, resource in resources.items():
+        if isinstance(resource, ProxyLLM):
+            llm = resource.scoped(name, rollout_id, attempt_id)
+            endpoints.add(llm.endpoint)
+            scoped[name] = llm
+        else:
+            scoped[name] = resource
+    return scoped, endpoints
+
+
+class UntracedAttempt:
+    """An attempt on a worker with ``LQ_TRACING=false``: the same steps as :class:`AttemptTrace`,
+    recording nothing (ProxyLLMs are still scoped: the proxy needs them)."""
+
+    def __init__(self, rollout_id: str, attempt_id: str) -> None:
+        self.rollout_id, self.attempt_id = rollout_id, attempt_id
+
+    def scope(self, resources: Mapping[str, Resource]) -> dict[str, Resource]:
+        return scope_resources(resources, self.rollout_id, self.attempt_id)[0]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        yield
+
+    def finish(self, status: str, result: RolloutResult | None) -> tuple[TraceWrite | None, RolloutResult | None]:
+        return None, result
+
+
 def _call_usage(attributes: Mapping[str, Any], prices: Mapping[str, LLMPrice]) -> Usage | None:
     """The usage one finished span records, when it is an LLM call that counts (see
     :attr:`~lightning_queue.core.traces.Span.counts_usage`)."""
@@ -367,8 +404,11 @@ class Tracing:
         self.settings = settings
 
     def start(self, rollout: Rollout, sequence_id: int, attempt_id: str, snapshot: ResourcesUpdate, worker_id: str,
-              traceparent: str | None = None) -> AttemptTrace:
-        """Open the root span of the attempt (a child of ``traceparent``'s span when given)."""
+              traceparent: str | None = None) -> AttemptTrace | UntracedAttempt:
+        """Open the root span of the attempt (a child of ``traceparent``'s span when given);
+        with tracing off, an attempt that records nothing."""
+        if not self.settings.tracing:
+            return UntracedAttempt(rollout.rollout_id, attempt_id)
         process = process_tracing()
         info = AttemptInfo(rollout, sequence_id, attempt_id, snapshot, worker_id)
         root = process.tracer.start_span(t.ATTEMPT_SPAN, context=parent_context(traceparent or rollout.traceparent),
@@ -389,11 +429,16 @@ def _current_attempt() -> AttemptTrace | None:
     return _process.collector.owner(context.span_id)
 
 
+def _tracer() -> trace_api.Tracer:
+    # The process's tracer (from the global provider, or the agent's own one it joined): getting a
+    # tracer anew costs more than the span it starts.
+    return _process.tracer if _process is not None else trace_api.get_tracer(TRACER_NAME)
+
+
 def _emit(name: str, attributes: Mapping[str, Any]) -> trace_api.Span | None:
     if _current_attempt() is None:
         return None
-    span = trace_api.get_tracer(TRACER_NAME).start_span(name, attributes=attributes)
-    return span
+    return _tracer().start_span(name, attributes=attributes)
 
 
 def emit_reward(value: float, name: str = "reward", *, primary: bool = False) -> None:
@@ -491,7 +536,6 @@ def llm_call(request: Mapping[str, Any], llm: LLM | None = None) -> Iterator[LLM
     if attempt is not None and llm is not None and llm.endpoint in attempt.proxied:
         attributes[t.LLM_PROXIED] = True
     model = attributes.get(t.GEN_AI_REQUEST_MODEL)
-    tracer = trace_api.get_tracer(TRACER_NAME)
-    with tracer.start_as_current_span(f"chat {model or ''}".strip(), kind=trace_api.SpanKind.CLIENT,
+    with _tracer().start_as_current_span(f"chat {model or ''}".strip(), kind=trace_api.SpanKind.CLIENT,
                                       attributes=attributes) as span:
         yield LLMCall(span, attempt.prices if attempt is not None else {}, model)

@@ -246,7 +246,8 @@ class LLMProxy:
                                       kind=trace_api.SpanKind.SERVER, attributes=attributes)
 
     def finish_span(self, span: trace_api.Span, completion: Mapping[str, Any] | None, latency: float,
-                    status: int) -> None:
+                    status: int, end_ns: int | None = None) -> None:
+        """End the call's span with what the LLM answered (``end_ns``: when it did, if earlier)."""
         attributes = t.chat_response_attributes(completion) if completion else {}
         attributes.update(t.cost_attributes(self.prices, {t.GEN_AI_REQUEST_MODEL: span_model(span), **attributes}))
         attributes[t.LLM_LATENCY] = round(latency * 1000, 3)
@@ -254,7 +255,20 @@ class LLMProxy:
         span.set_attributes(attributes)
         if status >= 400:
             span.set_status(trace_api.Status(trace_api.StatusCode.ERROR, f"the LLM endpoint answered HTTP {status}"))
-        span.end()
+        span.end(end_time=end_ns)
+
+    async def finish_and_write(self, scope: AttemptScope, span: trace_api.Span, answered: httpx.Response,
+                               latency: float, end_ns: int) -> None:
+        """Read the answer into the span and write it: after the answer went out, off its path."""
+        completion = None
+        if answered.status_code < 400:
+            try:
+                parsed = json.loads(answered.content)
+                completion = parsed if isinstance(parsed, dict) else None
+            except ValueError:
+                pass
+        self.finish_span(span, completion, latency, answered.status_code, end_ns)
+        await self.write(scope, span)
 
     def record(self, scope: AttemptScope, span: trace_api.Span) -> None:
         """Write the ended span and its usage in the background (after the answer went out)."""
