@@ -55,7 +55,7 @@ from tests.openai_stub import OpenAIStub
 def end_to_end(url: str, quick: bool, logdir: str, rows: list[Row]) -> None:
     """(1) no-op rollouts end to end with tracing off and on; the Redis CPU and the worker time
     (Celery's own measure of the task) each costs, which the machine's other load disturbs less."""
-    n, rounds = (200, 4) if quick else (500, 10)
+    n, rounds = (100, 2) if quick else (500, 10)
     prefix = f"lqbench-tr-{uuid.uuid4().hex[:8]}"
     base = Settings(redis_url=url, key_prefix=prefix)
     sides = {"off": base.model_copy(update={"queue": f"{prefix}-off", "tracing": False}),
@@ -162,7 +162,7 @@ def in_process(quick: bool, rows: list[Row]) -> None:
 
 def proxy_latency(url: str, quick: bool, logdir: str, rows: list[Row]) -> None:
     """(3) p50/p95 of the same call direct and through the proxy, interleaved."""
-    n = 200 if quick else 1000
+    n = 100 if quick else 1000
     prefix = f"lqbench-px-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-nowhere")
     client = LightningClient(settings)
