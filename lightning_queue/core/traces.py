@@ -149,15 +149,12 @@ class Span(BaseModel):
     @property
     def is_llm_call(self) -> bool:
         """A chat or completion call to a model (recorded by the agent, an instrumentation or the proxy)."""
-        return self.attributes.get(GEN_AI_OPERATION) in ("chat", "text_completion") or (
-            GEN_AI_REQUEST_MODEL in self.attributes and GEN_AI_SYSTEM in self.attributes
-        )
+        return is_llm_call(self.attributes)
 
     @property
     def counts_usage(self) -> bool:
-        """Whether this span's tokens and cost count towards the rollups: an LLM call, and not
-        the client side of a call the proxy recorded itself."""
-        return self.is_llm_call and not self.attributes.get(LLM_PROXIED)
+        """Whether this span's tokens and cost count towards the rollups (see :func:`call_usage`)."""
+        return is_llm_call(self.attributes) and not self.attributes.get(LLM_PROXIED)
 
     @property
     def input_tokens(self) -> int | None:
@@ -194,6 +191,28 @@ def call_cost(prices: Mapping[str, LLMPrice], model: str | None, input_tokens: i
     if price is None or input_tokens is None or output_tokens is None:
         return None
     return (input_tokens * price.input + output_tokens * price.output) / 1_000_000
+
+
+def is_llm_call(attributes: Mapping[str, Any]) -> bool:
+    """Whether a span with these attributes is a chat or completion call to a model."""
+    return attributes.get(GEN_AI_OPERATION) in ("chat", "text_completion") or (
+        GEN_AI_REQUEST_MODEL in attributes and GEN_AI_SYSTEM in attributes
+    )
+
+
+def call_usage(attributes: Mapping[str, Any], prices: Mapping[str, LLMPrice]) -> Usage | None:
+    """The usage one finished span records, or None when it counts for nothing: a span that is
+    not an LLM call, or the client side of a call the proxy recorded itself (``lq.llm.proxied``).
+    Its cost is the span's own ``lq.llm.cost_usd``, else priced from ``prices`` now (a span an
+    instrumentation recorded carries none)."""
+    if not is_llm_call(attributes) or attributes.get(LLM_PROXIED):
+        return None
+    tokens_in, tokens_out = _int(attributes.get(GEN_AI_INPUT_TOKENS)), _int(attributes.get(GEN_AI_OUTPUT_TOKENS))
+    cost = attributes.get(LLM_COST)
+    if not isinstance(cost, (int, float)):
+        model = attributes.get(GEN_AI_REQUEST_MODEL) or attributes.get(GEN_AI_RESPONSE_MODEL)
+        cost = call_cost(prices, model if isinstance(model, str) else None, tokens_in, tokens_out)
+    return Usage.of_call(tokens_in, tokens_out, cost)
 
 
 class Usage(BaseModel):

@@ -45,7 +45,7 @@ from lightning_queue.core.errors import InvalidRewardError
 from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import LLM, ProxyLLM, Resource, ResourcesUpdate, Rollout, RolloutResult
 from lightning_queue.core.settings import Settings
-from lightning_queue.core.traces import LLMPrice, Usage, call_cost
+from lightning_queue.core.traces import LLMPrice, Usage
 from lightning_queue.storage.traces import SpanBatch, TraceWrite, encode_batch, encode_entry, rollup_keys, span_entry
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ class AttemptTrace:
         is_root = span.context is not None and span.context.span_id == self.root.get_span_context().span_id
         piece = encode_entry(span_entry(span, self.trace_id))
         attributes = span.attributes or {}
-        usage = _call_usage(attributes, self.prices)
+        usage = t.call_usage(attributes, self.prices)
         with self._lock:
             self.batch.add(piece, keep=is_root)
             if usage is not None:
@@ -374,25 +374,6 @@ class UntracedAttempt:
 
     def finish(self, status: str, result: RolloutResult | None) -> tuple[TraceWrite | None, RolloutResult | None]:
         return None, result
-
-
-def _call_usage(attributes: Mapping[str, Any], prices: Mapping[str, LLMPrice]) -> Usage | None:
-    """The usage one finished span records, when it is an LLM call that counts (see
-    :attr:`~lightning_queue.core.traces.Span.counts_usage`)."""
-    if not (attributes.get(t.GEN_AI_OPERATION) in ("chat", "text_completion")
-            or (t.GEN_AI_REQUEST_MODEL in attributes and t.GEN_AI_SYSTEM in attributes)):
-        return None
-    if attributes.get(t.LLM_PROXIED):
-        return None
-    tokens_in = attributes.get(t.GEN_AI_INPUT_TOKENS)
-    tokens_out = attributes.get(t.GEN_AI_OUTPUT_TOKENS)
-    tokens_in = tokens_in if isinstance(tokens_in, int) else None
-    tokens_out = tokens_out if isinstance(tokens_out, int) else None
-    cost = attributes.get(t.LLM_COST)
-    if not isinstance(cost, (int, float)):
-        model = attributes.get(t.GEN_AI_REQUEST_MODEL) or attributes.get(t.GEN_AI_RESPONSE_MODEL)
-        cost = call_cost(prices, model if isinstance(model, str) else None, tokens_in, tokens_out)
-    return Usage.of_call(tokens_in, tokens_out, cost)
 
 
 class Tracing:

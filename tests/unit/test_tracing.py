@@ -367,3 +367,17 @@ def test_triplets_get_the_reward_after_them_and_the_last_one_the_final_reward() 
         ("one", 0.5), ("two", None), ("three", 1.0)]
     assert t.call_cost({"*": LLMPrice(input=1, output=1)}, "any", 1_000_000, 0) == 1.0
     assert t.call_cost({}, "any", 1, 1) is None and t.call_cost(PRICES, "tiny", None, 1) is None
+
+
+async def test_the_async_client_reads_the_same_trace(
+    async_client: Any, fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"llm": llm}, "rs-a")
+    queued = enqueue(resources_id="rs-a")
+    run(FakeTask(fake_client, traced_agent), queued.rollout_id)
+
+    assert await async_client.query_spans(queued.rollout_id) == fake_client.query_spans(queued.rollout_id)
+    assert await async_client.get_triplets(queued.rollout_id) == fake_client.get_triplets(queued.rollout_id)
+    assert (await async_client.get_usage(queued.rollout_id)).llm_calls == 2
+    assert list(await async_client.usage_by_version("rs-a")) == [1]
+    assert await async_client.usage_by_variant("none") == {}

@@ -31,7 +31,7 @@ from lightning_queue.core import traces as t
 from lightning_queue.core.errors import AttemptClosedError, ProxyResourceError
 from lightning_queue.core.models import LLM, ProxyLLM, ResourcesUpdate
 from lightning_queue.core.settings import Settings
-from lightning_queue.core.traces import LLMPrice, Usage
+from lightning_queue.core.traces import LLMPrice
 from lightning_queue.storage.connections import connect, connect_async
 from lightning_queue.storage.registry import SnapshotRegistry
 from lightning_queue.storage.scripts import script_source
@@ -280,12 +280,9 @@ class LLMProxy:
         """Write the ended span of one call and its usage to the attempt's trace and rollups."""
         trace_id = format(span.get_span_context().trace_id, "032x")
         entry = span_entry(span, trace_id)
-        attributes = span.attributes or {}
-        usage = None
-        if span.status.status_code != trace_api.StatusCode.ERROR:
-            cost = attributes.get(t.LLM_COST)
-            usage = Usage.of_call(attributes.get(t.GEN_AI_INPUT_TOKENS), attributes.get(t.GEN_AI_OUTPUT_TOKENS),
-                                  cost if isinstance(cost, (int, float)) else None)
+        # A call the LLM endpoint refused (or never answered) cost nothing.
+        usage = None if span.status.status_code == trace_api.StatusCode.ERROR else t.call_usage(
+            span.attributes or {}, self.prices)
         write = TraceWrite(encode_batch(trace_id, [encode_entry(entry)]), 0, usage, scope.rollups(self.keys))
         keys, args = record_call_args(self.keys, scope, write, self.settings.trace_max_bytes)
         try:
