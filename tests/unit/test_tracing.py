@@ -381,3 +381,22 @@ async def test_the_async_client_reads_the_same_trace(
     assert (await async_client.get_usage(queued.rollout_id)).llm_calls == 2
     assert list(await async_client.usage_by_version("rs-a")) == [1]
     assert await async_client.usage_by_variant("none") == {}
+
+
+def test_spans_are_exported_over_otlp_only_when_the_standard_variables_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_queue.worker.tracing import _otlp_exporter, new_provider
+
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    assert _otlp_exporter() is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:4318/v1/traces")
+    exporter = _otlp_exporter()
+    assert type(exporter).__name__ == "OTLPSpanExporter"
+    exporter.shutdown()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "my-workers")
+    provider = new_provider("lightning-queue-worker")
+    assert provider.resource.attributes["service.name"] == "my-workers"
+    assert type(provider._active_span_processor._span_processors[0]).__name__ == "BatchSpanProcessor"
+    provider.shutdown()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert _otlp_exporter() is None
