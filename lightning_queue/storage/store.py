@@ -379,7 +379,7 @@ class RolloutStore:
                      error.model_dump_json() if error else "", encode_result(result) if result else "",
                      next_status, self._ttl_arg, k.attempt_prefix(rollout_id),
                      "" if outside is None else repr(outside),
-                     *(trace.args if trace is not None else ("", ""))],
+                     *(trace.args if trace is not None else ())],
         }
 
     def terminate(self, rollout_id: str, status: Literal["cancelled", "failed"], error: ErrorInfo | None = None) -> str:

@@ -165,14 +165,17 @@ class TraceWrite:
     rollups: Sequence[tuple[str, str]] = ()
 
     @property
-    def args(self) -> tuple[bytes | str, str]:
-        meta: dict[str, Any] = {}
-        if self.dropped:
-            meta["d"] = self.dropped
-        if self.usage is not None and self.usage != Usage():
-            meta["u"] = [getattr(self.usage, name) for name in Usage.FIELDS]
-            meta["r"] = [list(r) for r in self.rollups]
-        return self.batch, json.dumps(meta) if meta else ""
+    def args(self) -> list[bytes | str | int]:
+        """The scripts' arguments (``record_trace`` in ``_trace_prelude.lua``): the batch, the
+        spans dropped, the usage values space-separated, then each rollup's key and field prefix."""
+        usage = self.usage
+        if usage is None or usage == _NO_USAGE:
+            return [self.batch, self.dropped, ""]
+        values = " ".join(repr(getattr(usage, name)) for name in Usage.FIELDS)
+        return [self.batch, self.dropped, values, *(part for rollup in self.rollups for part in rollup)]
+
+
+_NO_USAGE = Usage()
 
 
 # --------------------------------------------------------------------------- the proxy's view of an attempt
@@ -303,6 +306,5 @@ def record_call_args(keys: Keys, scope: AttemptScope, write: TraceWrite, max_byt
                      ) -> tuple[list[str], list[Any]]:
     """The keys and arguments of the ``record_llm_call`` script: one proxied call of the attempt,
     within ``max_bytes`` of proxy batches per attempt."""
-    batch, meta = write.args
     return ([keys.rollout(scope.rollout_id), keys.attempt(scope.rollout_id, scope.sequence_id)],
-            [batch, meta or "{}", max_bytes])
+            [max_bytes, *write.args])
