@@ -100,6 +100,10 @@ def test_a_calc_agent_attempt_is_traced_under_the_span_that_enqueued_it(fleet, o
     tools = [s for s in spans if s.name == "tool calculator"]
     assert len(calls) == 2 and len(tools) == 1
     assert {s.parent_id for s in calls + tools} == {root.span_id}
+    # httpx is auto-instrumented (the tracing extra): each call's HTTP request nests under its LLM span.
+    http = [s for s in spans if s.kind == "client" and not s.is_llm_call]
+    assert sorted(s.parent_id for s in http) == sorted(s.span_id for s in calls)
+    assert all(s.name == "POST" for s in http), [(s.name, s.attributes) for s in http]
     assert [s.attributes["gen_ai.request.temperature"] for s in calls] == [0.3, 0.3]
     answers = [_answer(r) for r in openai_stub.chat_requests()]
     assert [(s.input_tokens, s.output_tokens) for s in calls] == [
