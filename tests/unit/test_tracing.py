@@ -400,3 +400,17 @@ def test_spans_are_exported_over_otlp_only_when_the_standard_variables_ask(monke
     provider.shutdown()
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert _otlp_exporter() is None
+
+
+def test_a_snapshots_usage_rollup_is_deleted_with_it(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"llm": llm}, "rs-gone")
+    fake_client.add_resources({"llm": llm}, "rs-other")
+    queued = enqueue(resources_id="rs-gone")
+    run(FakeTask(fake_client, traced_agent), queued.rollout_id)
+    assert fake_client.usage_by_version("rs-gone")[1].llm_calls == 2
+
+    fake_client.delete_resources("rs-gone")
+    assert fake_client.usage_by_version("rs-gone") == {}
+    assert not fake_client.redis.exists(fake_client.keys.usage_by_version("rs-gone"))
