@@ -33,7 +33,6 @@ from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import OPEN_STATUSES
 from lightning_queue.core.traces import SPAN_KINDS, SPAN_STATUSES, Span, SpanEvent, Usage
 from lightning_queue.storage.connections import text
-from lightning_queue.storage.scripts import load_script
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -218,14 +217,12 @@ class AttemptScope:
 
 
 class Traces:
-    """Reads traces and usage back, and records the proxy's calls (sync; the proxy's asyncio
-    path uses the same scripts and :class:`AttemptScope`)."""
+    """Reads traces and usage back (the client's side; the proxy writes through
+    :func:`scope_call` and :func:`record_call_args` on its asyncio connection)."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
-        self._scope = load_script(client, "attempt_scope")
-        self._record = load_script(client, "record_llm_call", "_trace_prelude")
 
     def attempt_ids(self, rollout_id: str) -> list[str]:
         """The rollout's attempt ids, first to last (attempt ``n`` is ``[n - 1]``); raises
@@ -283,18 +280,6 @@ class Traces:
             group, _, field = name.rpartition(":")
             groups.setdefault(group, {})[field] = value
         return {group: Usage.from_fields(values) for group, values in groups.items()}
-
-    # -- the proxy's calls ------------------------------------------------------------------
-
-    def scope(self, rollout_id: str, attempt_id: str) -> AttemptScope:
-        """Whether the attempt may call through the proxy, and with which snapshot."""
-        keys, args = scope_call(self.keys, rollout_id)
-        return AttemptScope.parse(rollout_id, attempt_id, self._scope(keys=keys, args=args))
-
-    def record_call(self, scope: AttemptScope, write: TraceWrite, max_bytes: int) -> bool:
-        """Record one proxied call's span batch and usage (False: the rollout is gone)."""
-        keys, args = record_call_args(self.keys, scope, write, max_bytes)
-        return bool(self._record(keys=keys, args=args))
 
 
 def scope_call(keys: Keys, rollout_id: str) -> tuple[list[str], list[str]]:

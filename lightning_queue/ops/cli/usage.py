@@ -58,13 +58,10 @@ def show_trace(rollout_id: str, spans: "Sequence[Span]", attempts: "Sequence[Att
     from lightning_queue.core.traces import Usage, tree
 
     shown = Tree(f"rollout {escape(rollout_id)}")
-    branch: dict[str, Tree] = {}
-    for _, span in tree(spans):
-        parent = branch.get(span.parent_id or "") if span.parent_id else None
-        if parent is None and span.name != "lq.attempt":
-            parent = next((branch[s.span_id] for s in spans if s.name == "lq.attempt"
-                           and s.attempt_id == span.attempt_id and s.span_id in branch), None)
-        branch[span.span_id] = (parent or shown).add(_label(span))
+    path = [shown]  # path[d]: the node spans of depth d hang from
+    for depth, span in tree(spans):
+        del path[depth + 1:]
+        path.append(path[depth].add(_label(span)))
     console.print(shown if spans else f"rollout {rollout_id}: no spans recorded (yet)", highlight=False)
     usage = Listing("#", "status", "calls", "tokens in", "tokens out", "USD", "unpriced", "dropped")
     for a in attempts:
