@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from lightning_queue.core.errors import (
         AgentNotConfiguredError,
         AgentSignatureError,
+        AttemptClosedError,
+        AttemptNotFoundError,
         ConfigurationError,
         CriticError,
         EnqueueError,
@@ -31,8 +33,10 @@ if TYPE_CHECKING:
         ExperimentUnitError,
         InvalidDatasetError,
         InvalidExperimentError,
+        InvalidPriceTableError,
         InvalidQueueNameError,
         InvalidResourcesError,
+        InvalidRewardError,
         InvalidRolloutResultError,
         LightningQueueError,
         MissingResourceError,
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
         NoRunnersError,
         PointerError,
         PromptNotFoundError,
+        ProxyResourceError,
         RedisUnavailableError,
         RegistryLostError,
         ResourcesExistError,
@@ -63,6 +68,7 @@ if TYPE_CHECKING:
         NamedResources,
         PromptLineage,
         PromptTemplate,
+        ProxyLLM,
         Resource,
         ResourcesUpdate,
         Rollout,
@@ -71,6 +77,7 @@ if TYPE_CHECKING:
         RolloutResult,
     )
     from lightning_queue.core.settings import Settings
+    from lightning_queue.core.traces import LLMPrice, Span, Triplet, Usage
     from lightning_queue.experiments.canary import Canary, CanaryResult, Guardrail
     from lightning_queue.experiments.manager import Conclusion, Experiment, Experiments, Variant
     from lightning_queue.experiments.report import ExperimentReport
@@ -78,6 +85,7 @@ if TYPE_CHECKING:
     from lightning_queue.storage.retention import RetentionReport
     from lightning_queue.training import APO, Algorithm, Critic, Dataset, Trainer
     from lightning_queue.worker.agent import FunctionalLitAgent, LitAgent, rollout
+    from lightning_queue.worker.tracing import emit_exception, emit_message, emit_object, emit_reward, llm_call
 
 __version__ = "0.1.0"
 
@@ -85,29 +93,47 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "lightning_queue.client": ("LightningClient",),
     "lightning_queue.aio": ("AsyncLightningClient",),
     "lightning_queue.core.errors": (
-        "AgentNotConfiguredError", "AgentSignatureError", "ConfigurationError", "CriticError", "EnqueueError",
-        "ExperimentError", "ExperimentExistsError", "ExperimentNotFoundError", "ExperimentStateError",
-        "ExperimentUnitError", "InvalidDatasetError", "InvalidExperimentError", "InvalidQueueNameError",
-        "InvalidResourcesError", "InvalidRolloutResultError", "LightningQueueError", "MissingResourceError",
-        "NoLatestResourcesError", "NoRunnersError", "PointerError", "PromptNotFoundError", "RedisUnavailableError",
-        "RegistryLostError", "ResourcesExistError", "ResourcesNotFoundError", "RolloutFailed", "RolloutNotFoundError",
-        "RunConflictError", "SnapshotCorruptedError", "SnapshotInUseError", "SnapshotTooLargeError", "TrainingError",
-        "TrainingTimeoutError", "UnknownResourceTypeError", "VersionConflictError",
+        "AgentNotConfiguredError", "AgentSignatureError", "AttemptClosedError", "AttemptNotFoundError",
+        "ConfigurationError", "CriticError", "EnqueueError", "ExperimentError", "ExperimentExistsError",
+        "ExperimentNotFoundError", "ExperimentStateError", "ExperimentUnitError", "InvalidDatasetError",
+        "InvalidExperimentError", "InvalidPriceTableError", "InvalidQueueNameError", "InvalidResourcesError",
+        "InvalidRewardError", "InvalidRolloutResultError", "LightningQueueError", "MissingResourceError",
+        "NoLatestResourcesError", "NoRunnersError", "PointerError", "PromptNotFoundError", "ProxyResourceError",
+        "RedisUnavailableError", "RegistryLostError", "ResourcesExistError", "ResourcesNotFoundError", "RolloutFailed",
+        "RolloutNotFoundError", "RunConflictError", "SnapshotCorruptedError", "SnapshotInUseError",
+        "SnapshotTooLargeError", "TrainingError", "TrainingTimeoutError", "UnknownResourceTypeError",
+        "VersionConflictError",
     ),
     "lightning_queue.core.metrics": ("RewardSummary",),
     "lightning_queue.core.models": (
-        "LLM", "Attempt", "ErrorInfo", "NamedResources", "PromptLineage", "PromptTemplate", "Resource",
+        "Attempt", "ErrorInfo", "LLM", "NamedResources", "PromptLineage", "PromptTemplate", "ProxyLLM", "Resource",
         "ResourcesUpdate", "Rollout", "RolloutConfig", "RolloutRequest", "RolloutResult",
     ),
     "lightning_queue.core.settings": ("Settings",),
-    "lightning_queue.experiments.canary": ("Canary", "CanaryResult", "Guardrail"),
-    "lightning_queue.experiments.manager": ("Conclusion", "Experiment", "Experiments", "Variant"),
+    "lightning_queue.experiments.canary": (
+        "Canary", "CanaryResult", "Guardrail",
+    ),
+    "lightning_queue.experiments.manager": (
+        "Conclusion", "Experiment", "Experiments", "Variant",
+    ),
     "lightning_queue.experiments.report": ("ExperimentReport",),
-    "lightning_queue.storage.registry": ("DeleteReport", "PointerMove", "retry_on_conflict"),
+    "lightning_queue.storage.registry": (
+        "DeleteReport", "PointerMove", "retry_on_conflict",
+    ),
     "lightning_queue.storage.retention": ("RetentionReport",),
-    "lightning_queue.training": ("APO", "Algorithm", "Critic", "Dataset", "Trainer"),
-    "lightning_queue.worker.agent": ("FunctionalLitAgent", "LitAgent", "rollout"),
+    "lightning_queue.training": (
+        "APO", "Algorithm", "Critic", "Dataset", "Trainer",
+    ),
+    "lightning_queue.worker.agent": (
+        "FunctionalLitAgent", "LitAgent", "rollout",
+    ),
     "lightning_queue.app": ("create_app",),
+    "lightning_queue.core.traces": (
+        "LLMPrice", "Span", "Triplet", "Usage",
+    ),
+    "lightning_queue.worker.tracing": (
+        "emit_exception", "emit_message", "emit_object", "emit_reward", "llm_call",
+    ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -119,6 +145,8 @@ __all__ = [
     "Algorithm",
     "AsyncLightningClient",
     "Attempt",
+    "AttemptClosedError",
+    "AttemptNotFoundError",
     "Canary",
     "CanaryResult",
     "Conclusion",
@@ -141,9 +169,12 @@ __all__ = [
     "Guardrail",
     "InvalidDatasetError",
     "InvalidExperimentError",
+    "InvalidPriceTableError",
     "InvalidQueueNameError",
     "InvalidResourcesError",
+    "InvalidRewardError",
     "InvalidRolloutResultError",
+    "LLMPrice",
     "LightningClient",
     "LightningQueueError",
     "LitAgent",
@@ -156,6 +187,8 @@ __all__ = [
     "PromptLineage",
     "PromptNotFoundError",
     "PromptTemplate",
+    "ProxyLLM",
+    "ProxyResourceError",
     "RedisUnavailableError",
     "RegistryLostError",
     "Resource",
@@ -175,16 +208,25 @@ __all__ = [
     "SnapshotCorruptedError",
     "SnapshotInUseError",
     "SnapshotTooLargeError",
+    "Span",
     "Trainer",
     "TrainingError",
     "TrainingTimeoutError",
+    "Triplet",
     "UnknownResourceTypeError",
+    "Usage",
     "Variant",
     "VersionConflictError",
     "create_app",
+    "emit_exception",
+    "emit_message",
+    "emit_object",
+    "emit_reward",
+    "llm_call",
     "retry_on_conflict",
     "rollout",
 ]
+
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from lightning_queue.core.models import (
     RolloutRequest,
 )
 from lightning_queue.core.settings import Settings
+from lightning_queue.core.traces import Span, Triplet, Usage
 from lightning_queue.storage.connections import connect_async, server_url
 from lightning_queue.storage.liveness import WorkerHealth
 from lightning_queue.storage.registry import DeleteReport, PointerMove
@@ -259,3 +260,27 @@ class AsyncLightningClient:
         """Cancel a rollout that has not finished; return its status afterwards.
         See :meth:`LightningClient.cancel_rollout`."""
         return await asyncio.to_thread(self.sync.cancel_rollout, rollout_id, terminate)
+
+    # -- traces and LLM usage -----------------------------------------------------------------
+
+    async def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        """The spans of one attempt of the rollout, or of every attempt (``attempt_id=None``).
+        See :meth:`LightningClient.query_spans`."""
+        return await asyncio.to_thread(self.sync.query_spans, rollout_id, attempt_id)
+
+    async def get_triplets(self, rollout_id: str, attempt_id: str | None = None) -> list[Triplet]:
+        """One (prompt, response, reward) triplet per LLM call of an attempt (default: the last).
+        See :meth:`LightningClient.get_triplets`."""
+        return await asyncio.to_thread(self.sync.get_triplets, rollout_id, attempt_id)
+
+    async def get_usage(self, rollout_id: str) -> Usage:
+        """The rollout's LLM calls, tokens and cost, over all its attempts."""
+        return await asyncio.to_thread(self.sync.get_usage, rollout_id)
+
+    async def usage_by_version(self, resources_id: str) -> dict[int, Usage]:
+        """What each version of a snapshot cost, by version. See :meth:`LightningClient.usage_by_version`."""
+        return await asyncio.to_thread(self.sync.usage_by_version, resources_id)
+
+    async def usage_by_variant(self, experiment: str) -> dict[str, Usage]:
+        """What each variant of an experiment cost, by variant."""
+        return await asyncio.to_thread(self.sync.usage_by_variant, experiment)

@@ -27,12 +27,14 @@ from lightning_queue.core.models import (
     RolloutRequest,
 )
 from lightning_queue.core.settings import Settings
+from lightning_queue.core.traces import FINAL_REWARD, Span, Triplet, Usage, current_traceparent, to_triplets
 from lightning_queue.storage.connections import connect
 from lightning_queue.storage.epoch import RegistryEpoch
 from lightning_queue.storage.liveness import WorkerHealth, read_cache_stats, read_worker_health
 from lightning_queue.storage.registry import DeleteReport, PointerMove, SnapshotRegistry
 from lightning_queue.storage.retention import RetentionReport, apply_retention
 from lightning_queue.storage.store import RolloutStore
+from lightning_queue.storage.traces import Traces
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -74,6 +76,7 @@ class LightningClient:
             epoch=self.epoch, outage_seconds=self.settings.sweep_outage_seconds,
             message_grace=self.settings.message_grace_seconds,
         )
+        self.traces = Traces(self.redis, self.keys)
         self._celery = celery
         self._publisher: Publisher | None = None
 
@@ -273,6 +276,7 @@ class LightningClient:
         the first runs, or as finished after).
         """
         queue = self.publisher.queue_for(queue)
+        traceparent = current_traceparent()  # the caller's span becomes the parent of each attempt's
         rollouts = []
         chosen = False
         for item in inputs:
@@ -292,6 +296,7 @@ class LightningClient:
                     config=request.config or config or RolloutConfig(),
                     metadata=request.metadata,
                     queue=queue,
+                    traceparent=traceparent,
                 )
             )
         if not rollouts:
@@ -407,3 +412,44 @@ class LightningClient:
         if status == "cancelled" and terminate:
             self.celery.control.revoke(rollout_id, terminate=True, signal="SIGTERM")
         return status
+
+    # -- traces and LLM usage -----------------------------------------------------------------
+
+    def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        """The spans of one attempt of the rollout, or of every attempt (``attempt_id=None``),
+        attempt by attempt: each attempt's root span (ids, snapshot and version, experiment and
+        variant, status, final reward), the spans its agent opened, its emitted rewards,
+        messages, objects and exceptions, and its LLM calls (the agent's and the proxy's).
+        Order the spans as a tree with :func:`lightning_queue.core.traces.tree`.
+
+        Raises :class:`RolloutNotFoundError` (unknown or expired rollout: traces expire with it)
+        and :class:`AttemptNotFoundError`.
+        """
+        return self.traces.query_spans(rollout_id, attempt_id)
+
+    def get_triplets(self, rollout_id: str, attempt_id: str | None = None) -> list[Triplet]:
+        """One (prompt messages, response message, reward) triplet per LLM call of an attempt
+        (default: the rollout's last), in the order the calls started: what an RL trainer
+        consumes. See :func:`lightning_queue.core.traces.to_triplets` for how rewards are assigned."""
+        if attempt_id is None:
+            ids = self.traces.attempt_ids(rollout_id)
+            if not ids:
+                return []
+            attempt_id = ids[-1]
+        spans = self.traces.query_spans(rollout_id, attempt_id)
+        final = next((s.attributes.get(FINAL_REWARD) for s in spans if FINAL_REWARD in s.attributes), None)
+        return to_triplets(spans, final if isinstance(final, (int, float)) else None)
+
+    def get_usage(self, rollout_id: str) -> Usage:
+        """The rollout's LLM calls, tokens and cost, over all its attempts."""
+        return self.traces.usage(rollout_id)
+
+    def usage_by_version(self, resources_id: str) -> dict[int, Usage]:
+        """What each version of a snapshot cost: LLM calls, tokens and cost of the attempts that
+        ran with it, and how many attempts, by version (kept until the snapshot is deleted)."""
+        return self.traces.usage_by_version(resources_id)
+
+    def usage_by_variant(self, experiment: str) -> dict[str, Usage]:
+        """What each variant of an experiment cost: the usage of the attempts of the rollouts it
+        enqueued under that variant, by variant name."""
+        return self.traces.usage_by_variant(experiment)

@@ -10,6 +10,11 @@ Every request is recorded (model, body, Authorization header) for assertions.
 
 No pytest here (the ``openai_stub`` fixture is in ``tests/conftest.py``): ``algorithms/`` and
 ``benchmarks/`` start this server too.
+
+Token usage counts words (prompt: the messages' words, one more per message;
+completion: the answer's or the tool call's words). ``"stream": true`` answers
+with server-sent chunks, ending with a usage chunk when
+``stream_options.include_usage`` asks for it.
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ class OpenAIStub:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as LLM servers do, and no Nagle delay between the headers and the body.
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 try:
@@ -103,7 +112,20 @@ class OpenAIStub:
                     answer = scripted(body) if scripted is not None else None
                 except Exception as exc:  # a broken script is the test's bug: say so in the reply
                     return self._reply(500, {"error": {"message": f"the script raised {exc!r}"}})
+                if body.get("stream"):
+                    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                    return self._stream(completion(body, answer), include_usage)
                 return self._reply(200, completion(body, answer))
+
+            def _stream(self, answer: dict[str, Any], include_usage: bool) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for chunk in stream_chunks(answer, include_usage):
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
 
             def _reply(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -180,7 +202,7 @@ def completion(body: dict[str, Any], answer: str | dict[str, Any] | None = None)
         "choices": [
             {"index": 0, "message": message, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}
         ],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "usage": usage(messages, message),
     }
 
 
@@ -225,3 +247,36 @@ class CalcScenario:
         """How often each first model call of a calculator rollout was made (one per rollout run)."""
         return Counter(r.body["messages"][0]["content"] for r in self.stub.chat_requests()
                        if r.model == self.CALC_MODEL and len(r.body["messages"]) == 1)
+
+
+def _words(value: Any) -> int:
+    return len(str(value).split()) if value else 0
+
+
+def usage(messages: list[dict[str, Any]], message: dict[str, Any]) -> dict[str, int]:
+    """Token counts by words (see the module docstring)."""
+    prompt = sum(_words(m.get("content")) + 1 for m in messages)
+    completion = _words(message.get("content")) + sum(
+        _words(c["function"]["arguments"]) for c in message.get("tool_calls") or [])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def stream_chunks(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A completion as the chunks of a stream: the role, the content word by word (or the tool
+    calls), the finish reason, and the usage when asked for."""
+    choice = answer["choices"][0]
+    message = choice["message"]
+    base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
+            "model": answer["model"]}
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    words = (message.get("content") or "").split(" ")
+    deltas += [{"content": w if i == 0 else f" {w}"} for i, w in enumerate(words) if message.get("content")]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": call["function"]["name"], "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]})
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": answer["usage"]})
+    return chunks

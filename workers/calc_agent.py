@@ -7,6 +7,11 @@ Ollama, llama.cpp, OpenAI...) named by the snapshot's :class:`LLM`.
 Task input: ``{"question": "What is 12 * (3 + 4)?", "answer": 84}``.
 Reward: 1.0 when the last number of the final answer equals ``answer``, else 0.0.
 
+Traced: each model call is an LLM span (``llm_call``: model, messages, tokens, cost), each
+calculator call a tool span (plain OpenTelemetry), and the rewards are emitted as the run
+ends (``correct``, the primary one, and ``answered``); a worker stores them with the attempt
+(``lightning-queue rollouts trace ID`` shows the tree).
+
 Run a worker for it (from the directory that holds ``workers/``)::
 
     LQ_REDIS_URL=redis://127.0.0.1:6379/0 celery -A workers.calc_agent worker -Q lightning_queue
@@ -25,8 +30,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from opentelemetry import trace
 
-from lightning_queue import LLM, PromptTemplate, RolloutResult, create_app, rollout
+from lightning_queue import LLM, PromptTemplate, RolloutResult, create_app, emit_reward, llm_call, rollout
 
 MAX_TURNS = 5
 """Model calls per rollout; a model still calling tools after that gets reward 0."""
@@ -156,35 +162,50 @@ def score(answer: str | None, expected: Any) -> float:
 # --------------------------------------------------------------------------- the agent
 
 
+tracer = trace.get_tracer("calc_agent")
+
+
 def chat(http: httpx.Client, llm: LLM, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """One chat completion; returns the assistant message. Raises :class:`LLMRequestError`."""
+    """One chat completion, recorded as an LLM span; returns the assistant message. Raises
+    :class:`LLMRequestError`."""
     url = llm.endpoint.rstrip("/") + "/chat/completions"
     body = {**llm.sampling_parameters, "model": llm.model, "messages": messages, "tools": [CALCULATOR_TOOL]}
     headers = {"Authorization": f"Bearer {llm.api_key.get_secret_value()}"} if llm.api_key else {}
-    try:
-        response = http.post(url, json=body, headers=headers)
-    except httpx.HTTPError as exc:
-        raise LLMRequestError(f"cannot reach the LLM endpoint {url}: {type(exc).__name__}: {exc}") from exc
-    if response.status_code >= 400:
-        raise LLMRequestError(f"POST {url} answered HTTP {response.status_code}: {response.text[:500]}")
-    try:
-        return response.json()["choices"][0]["message"]
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise LLMRequestError(
-            f"POST {url} answered something that is not a chat completion: {response.text[:500]}"
-        ) from exc
+    with llm_call(body, llm) as call:
+        try:
+            response = http.post(url, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise LLMRequestError(f"cannot reach the LLM endpoint {url}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise LLMRequestError(f"POST {url} answered HTTP {response.status_code}: {response.text[:500]}")
+        try:
+            completion = response.json()
+            message: dict[str, Any] = completion["choices"][0]["message"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise LLMRequestError(
+                f"POST {url} answered something that is not a chat completion: {response.text[:500]}"
+            ) from exc
+        call.record(completion)
+    return message
 
 
 def run_tool(call: dict[str, Any]) -> str:
-    """The tool message content for one tool call; a bad call is reported to the model, not raised."""
+    """The tool message content for one tool call, recorded as a tool span; a bad call is
+    reported to the model, not raised."""
     function = call.get("function") or {}
-    if function.get("name") != "calculator":
-        return f"error: unknown tool {function.get('name')!r}; the only tool is 'calculator'"
-    try:
-        arguments = json.loads(function.get("arguments") or "{}")
-        return format_number(calculate(str(arguments["expression"])))
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"error: {exc}"
+    attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": str(function.get("name")),
+                  "gen_ai.tool.call.id": str(call.get("id"))}
+    with tracer.start_as_current_span(f"tool {function.get('name')}", attributes=attributes) as span:
+        if function.get("name") != "calculator":
+            result = f"error: unknown tool {function.get('name')!r}; the only tool is 'calculator'"
+        else:
+            try:
+                arguments = json.loads(function.get("arguments") or "{}")
+                result = format_number(calculate(str(arguments["expression"])))
+            except (ValueError, KeyError, TypeError) as exc:
+                result = f"error: {exc}"
+        span.set_attribute("calc_agent.tool.result", result)
+    return result
 
 
 @rollout(name="calc_agent")
@@ -207,7 +228,10 @@ def agent(task: dict[str, Any], llm: LLM, prompt: PromptTemplate | None = None) 
                 break
             for call in tool_calls:
                 messages.append({"role": "tool", "tool_call_id": call.get("id"), "content": run_tool(call)})
-    return RolloutResult(reward=score(answer, task["answer"]), output={"answer": answer}, trace=messages)
+    correct = score(answer, task["answer"])
+    emit_reward(correct, name="correct", primary=True)
+    emit_reward(1.0 if answer else 0.0, name="answered")
+    return RolloutResult(reward=correct, output={"answer": answer}, trace=messages)
 
 
 app = create_app(agent=agent)

@@ -11,6 +11,9 @@ into the envelope kombu's Redis transport stores (JSON, body base64, priority
 chunk, in one pipeline, and their task-sent events as ``task.multi`` lists,
 the form workers use for their own buffered events and that Flower reads.
 
+A rollout enqueued under an OpenTelemetry span carries its ``traceparent`` (W3C trace context)
+as a message header, so the attempts' root spans are children of that span.
+
 It behaves as ``send_task`` does where instrumentation looks: Celery's
 ``before_task_publish`` receivers see (and may add to) each message's headers
 before it is serialized, ``after_task_publish`` receivers are told once it is
@@ -166,6 +169,8 @@ class Publisher:
             kwargsrepr = repr(kwargs)
             headers = {**template.headers, "id": rid, "root_id": rid, "timelimit": [hard, soft],
                        "kwargsrepr": kwargsrepr}
+            if rollout.traceparent:
+                headers["traceparent"] = rollout.traceparent  # W3C trace context, as OpenTelemetry's Celery tooling
             properties = {**template.properties, "correlation_id": rid, "delivery_mode": 2,
                           "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
                           "body_encoding": "base64", "delivery_tag": _delivery_tag()}
@@ -219,7 +224,8 @@ class Publisher:
         countdown: float | None, registry_epoch: str,
     ) -> None:
         for rollout, (hard, soft) in zip(rollouts, limits, strict=True):
+            headers = {"traceparent": rollout.traceparent} if rollout.traceparent else None
             self.app.send_task(ROLLOUT_TASK, kwargs=task_kwargs(rollout, registry_seq, registry_epoch),
                                task_id=rollout.rollout_id,
                                queue=rollout.queue, time_limit=hard, soft_time_limit=soft, countdown=countdown,
-                               producer=producer)
+                               producer=producer, headers=headers)

@@ -611,3 +611,57 @@ class InvalidCursorError(LightningQueueError, ValueError):
             f"invalid page cursor {shown!r}; pass the next_cursor of the previous page as it was returned, or "
             "leave it out to start from the newest rollout"
         )
+
+
+# ----------------------------------------------------------------------------- traces and the LLM proxy
+
+
+class AttemptNotFoundError(LightningQueueError, LookupError):
+    """A rollout has no attempt with the requested id."""
+
+    def __init__(self, rollout_id: str, attempt_id: str, known: Iterable[str] = ()) -> None:
+        ids = ", ".join(known) or "none yet"
+        super().__init__(
+            f"rollout {rollout_id} has no attempt {attempt_id!r} (its attempts: {ids}); see them with "
+            f"`lightning-queue rollouts status {rollout_id}`"
+        )
+        self.rollout_id = rollout_id
+        self.attempt_id = attempt_id
+
+
+class AttemptClosedError(LightningQueueError):
+    """The LLM proxy refused a call: the attempt its URL names is not open (it finished, was
+    superseded or closed, or its rollout is gone). Its agent should stop calling."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"the LLM proxy refuses this call: {reason}. It forwards the calls of running attempts only; an agent "
+            "gets its base URL from the ProxyLLM resource of the attempt it runs"
+        )
+        self.reason = reason
+
+
+class ProxyResourceError(LightningQueueError, LookupError):
+    """The LLM proxy was asked for a resource the attempt's snapshot does not hold as an LLM."""
+
+    def __init__(self, resources_id: str, version: int | None, resource: str, held: Iterable[str]) -> None:
+        super().__init__(
+            f"snapshot {resources_id!r} (version {version}) has no LLM or ProxyLLM resource named {resource!r} "
+            f"(it holds: {', '.join(held) or 'nothing'}); give the agent the scoped LLM the worker injects instead "
+            "of building the proxy URL by hand"
+        )
+        self.resource = resource
+
+
+class InvalidRewardError(LightningQueueError, ValueError):
+    """``emit_reward`` was given something that is not a finite number, or an empty name."""
+
+
+class InvalidPriceTableError(ConfigurationError):
+    """An LLM price table (``LQ_LLM_PRICES``, ``--prices``) does not parse."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(
+            f"the LLM price table in {source} is not valid ({problem}); write JSON mapping each model name (or "
+            "'*') to USD per million tokens, e.g. {\"gpt-4o-mini\": {\"input\": 0.15, \"output\": 0.6}}"
+        )

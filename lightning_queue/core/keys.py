@@ -20,6 +20,10 @@ Rollout store::
     {p}:rollout:{rollout_id}             hash  the Rollout record, one field per set model field (see store.py); expires
                                                ``rollout_ttl_seconds`` after the rollout finishes
     {p}:rollout:{rollout_id}:attempt:{n} hash  attempt n (1-based) of that rollout; expires with it
+    {p}:rollout:{rollout_id}:attempt:{n}:spans
+                                         list  that attempt's trace: span batches (the worker's, written with
+                                               the finish; one per proxy call), see storage/traces.py; expires
+                                               with the rollout
     {p}:rollouts                         zset  rollout_id -> enqueue time
     {p}:rollouts:status:{status}         zset  rollout_id -> enqueue time, one per status
     {p}:rollouts:mode:{mode}             zset  rollout_id -> enqueue time
@@ -36,6 +40,12 @@ Rollout store::
                                                record, removed by the claim; the reaper reads only the due head)
     {p}:delayed                          zset  rollout_id -> when its retry is due: the backoff of a requeued
                                                rollout, waited here (not in an ETA message held by a worker)
+
+LLM usage rollups (calls, tokens, cost; see core/traces.py ``Usage``)::
+
+    {p}:usage:snapshot:{resources_id}    hash  "{version}:{field}" -> total of that version's attempts;
+                                               deleted with the snapshot
+    {p}:experiment:{name}:usage          hash  "{variant}:{field}" -> total of that variant's attempts
 
 Workers::
 
@@ -203,6 +213,19 @@ class Keys:
 
     def attempt(self, rollout_id: str, sequence_id: int) -> str:
         return f"{self.attempt_prefix(rollout_id)}{sequence_id}"
+
+    SPANS_SUFFIX = ":spans"
+
+    def attempt_spans(self, rollout_id: str, sequence_id: int) -> str:
+        """The attempt's trace (the Lua scripts that expire a rollout derive it the same way)."""
+        return f"{self.attempt(rollout_id, sequence_id)}{self.SPANS_SUFFIX}"
+
+    # -- LLM usage rollups -----------------------------------------------------------
+    def usage_by_version(self, resources_id: str) -> str:
+        return f"{self.prefix}:usage:snapshot:{resources_id}"
+
+    def usage_by_variant(self, experiment: str) -> str:
+        return f"{self.experiment(experiment)}:usage"
 
     @property
     def rollouts(self) -> str:

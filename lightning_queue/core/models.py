@@ -41,6 +41,7 @@ from lightning_queue.core.errors import (
     TemplateRenderError,
     UnknownResourceTypeError,
 )
+from lightning_queue.core.traces import Usage
 
 RolloutMode = Literal["train", "val", "test"]
 ResolveMode = Literal["pinned", "following"]
@@ -132,13 +133,51 @@ class LLM(Resource):
     @classmethod
     def _endpoint_is_a_url(cls, value: str) -> str:
         # Checked when the snapshot is stored, not when the first rollout calls it on a worker.
-        parsed = urlparse(value)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in value):
-            raise ValueError(
-                f"endpoint {value!r} is not an http(s) URL; give the server's base URL, "
-                "e.g. http://llm-host:8000/v1"
-            )
-        return value
+        return _http_url("endpoint", value, "http://llm-host:8000/v1")
+
+
+def _http_url(field: str, value: str, example: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in value):
+        raise ValueError(f"{field} {value!r} is not an http(s) URL; give the server's base URL, e.g. {example}")
+    return value
+
+
+PROXY_PATH = "/rollout/{rollout_id}/attempt/{attempt_id}/llm/{resource}/v1"
+"""Where ``lightning-queue proxy`` serves one attempt's calls to one LLM resource of its snapshot
+(an OpenAI base URL: ``/chat/completions`` follows)."""
+
+
+class ProxyLLM(Resource):
+    """An :class:`LLM` the agent reaches through ``lightning-queue proxy``, which records every
+    call (tokens, latency, cost) in the attempt's trace.
+
+    The agent never sees ``llm`` nor its key: the worker hands it, under this resource's name,
+    an :class:`LLM` whose ``endpoint`` is the proxy's base URL scoped to the rollout and attempt
+    (:meth:`scoped`), with ``llm``'s model and sampling parameters and no key. Whatever model or
+    sampling parameters the agent then sends, the proxy forwards the call to ``llm``'s endpoint
+    with ``llm``'s model, sampling parameters and key, read from the snapshot the attempt runs
+    with: an agent that only knows "an OpenAI endpoint" is still optimized selectively.
+    """
+
+    resource_type: Literal["proxy_llm"] = "proxy_llm"
+    proxy_url: str
+    llm: LLM
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy_url_is_a_url(cls, value: str) -> str:
+        return _http_url("proxy_url", value, "http://lq-proxy:8088").rstrip("/")
+
+    def scoped(self, resource: str, rollout_id: str, attempt_id: str) -> LLM:
+        """The LLM the agent is given for attempt ``attempt_id`` of ``rollout_id``, this resource
+        being named ``resource`` in the snapshot."""
+        from urllib.parse import quote
+
+        path = PROXY_PATH.format(rollout_id=quote(rollout_id, safe=""), attempt_id=quote(attempt_id, safe=""),
+                                 resource=quote(resource, safe=""))
+        return LLM(endpoint=self.proxy_url + path, model=self.llm.model,
+                   sampling_parameters=dict(self.llm.sampling_parameters))
 
 
 class PromptTemplate(Resource):
@@ -340,12 +379,17 @@ class ErrorInfo(BaseModel):
 
 
 class RolloutResult(BaseModel):
-    """What an agent reports: a final reward, optional per-step rewards or trace, any JSON output."""
+    """What an agent reports: a final reward, optional per-step rewards or trace, any JSON output.
+
+    ``reward`` is what the agent returned, else the primary reward it emitted during the run
+    (:func:`lightning_queue.emit_reward`)."""
 
     reward: float | None = None
     step_rewards: list[float] | None = None
     trace: list[dict[str, Any]] | None = None
     output: Any = None
+    rewards: dict[str, float] | None = None
+    """The named rewards the agent emitted (``emit_reward``), each name's last value."""
 
 
 class Rollout(BaseModel):
@@ -379,6 +423,9 @@ class Rollout(BaseModel):
     attempt_count: int = 0
     error: ErrorInfo | None = None
     result: RolloutResult | None = None
+    traceparent: str | None = None
+    """W3C trace context of the span that enqueued it (every task message of the rollout carries
+    it, so each attempt's root span is that span's child)."""
 
     @property
     def is_finished(self) -> bool:
@@ -403,6 +450,10 @@ class Attempt(BaseModel):
     resources_version: int | None = None
     error: ErrorInfo | None = None
     result: RolloutResult | None = None
+    usage: Usage | None = None
+    """The LLM calls, tokens and cost its trace recorded (None: none)."""
+    spans_dropped: int = 0
+    """Spans of its trace not stored: past ``LQ_TRACE_MAX_BYTES`` (see the ``lq.truncated`` span)."""
 
 
 ROLLOUT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,199}$"

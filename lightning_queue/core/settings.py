@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lightning_queue.core.keys import KEY_PREFIX_PATTERN, Keys, check_queue_name
+from lightning_queue.core.traces import LLMPrice
 
 
 class Settings(BaseSettings):
@@ -132,6 +133,22 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Celery settings of your own, applied over lightning-queue's (JSON in LQ_CELERY, e.g. "
         "'{\"worker_max_tasks_per_child\": 100, \"task_routes\": {...}}').",
+    )
+    tracing: bool = Field(
+        True,
+        description="Record each attempt's trace (root span, the agent's spans, emitted rewards, LLM usage). Off: "
+        "nothing is recorded, emit_* do nothing; ProxyLLMs are still scoped and the proxy still records its calls.",
+    )
+    trace_max_bytes: int = Field(
+        512 * 1024,
+        ge=1024,
+        description="Largest trace stored per attempt (its spans, JSON-encoded before compression); the spans "
+        "past it are dropped and an lq.truncated span says how many.",
+    )
+    llm_prices: dict[str, LLMPrice] = Field(
+        default_factory=dict,
+        description="USD per million input and output tokens by model name ('*': any other), for the cost of "
+        "LLM calls (JSON in LQ_LLM_PRICES, e.g. '{\"gpt-4o-mini\": {\"input\": 0.15, \"output\": 0.6}}').",
     )
     gc_keep: int = Field(50, ge=1, description="Retention: snapshots kept besides those pointed at or in use.")
     gc_interval_seconds: float | None = Field(

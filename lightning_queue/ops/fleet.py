@@ -8,6 +8,7 @@ in ``LQ_*`` environment variables.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,9 +27,10 @@ READY = " ready."
 def worker_env(settings: Settings, agent: str | None, pythonpath: Sequence[str] = ()) -> dict[str, str]:
     """This process's environment with every setting (and only those) as ``LQ_*``."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("LQ_")}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is not None:
-            env[f"LQ_{name.upper()}"] = str(value)
+            # Mappings (LQ_CELERY, LQ_LLM_PRICES) are read back as JSON.
+            env[f"LQ_{name.upper()}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     if agent is not None:
         env["LQ_AGENT"] = agent
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [*pythonpath, env.get("PYTHONPATH")]))

@@ -433,7 +433,7 @@ class SnapshotRegistry:
         error = ErrorInfo.from_exception(SnapshotDeletedError(resources_id), with_traceback=False).model_dump_json()
         reply = self._delete(
             keys=[*k.all_status_indexes(), k.snapshot(resources_id), k.snapshots, k.pointers, k.seq,
-                  k.snapshot_events, k.rollouts_by_resources(resources_id), k.events],
+                  k.snapshot_events, k.rollouts_by_resources(resources_id), k.events, k.usage_by_version(resources_id)],
             args=[resources_id, "1" if force else "0", repr(time.time()), error, k.rollout_prefix,
                   k.pointer_history_prefix, self.history_length, by, k.snapshot_version_prefix(resources_id),
                   self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX],

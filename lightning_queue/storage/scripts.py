@@ -3,7 +3,8 @@
 Scripts name statuses through placeholders filled in from :mod:`lightning_queue.core.models`
 (``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__``, ``__CLOSED__`` and ``__WAITING__``
 the sets), so a status is spelled once, in Python; key infixes likewise come from
-:class:`~lightning_queue.core.keys.Keys`.
+:class:`~lightning_queue.core.keys.Keys`, and ``__SPANS_SUFFIX__`` derives an attempt's spans key as
+:mod:`~lightning_queue.core.keys` does.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _PLACEHOLDERS = {
     "__TALLY_INFIX__": Keys.TALLY_INFIX,
     "__REWARDS_INFIX__": Keys.REWARDS_INFIX,
     "__UNIT_REWARDS_INFIX__": Keys.UNIT_REWARDS_INFIX,
+    "__SPANS_SUFFIX__": Keys.SPANS_SUFFIX,
 }
 
 

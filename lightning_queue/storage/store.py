@@ -58,10 +58,12 @@ from lightning_queue.core.models import (
     new_id,
 )
 from lightning_queue.core.policy import NextStatus, next_status
+from lightning_queue.core.traces import Usage
 from lightning_queue.storage.connections import text, waiting_client
 from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
 from lightning_queue.storage.pending import PendingIndex
 from lightning_queue.storage.scripts import load_script
+from lightning_queue.storage.traces import TraceWrite
 from lightning_queue.storage.waiting import Waiter, wait
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ log = logging.getLogger(__name__)
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
     {"rollout_id", "status", "queue", "resources_id", "resources_version", "resolve", "attempt_count",
-     "enqueue_time", "start_time", "end_time", "published", "missing", "resends"}
+     "enqueue_time", "start_time", "end_time", "published", "missing", "resends", "traceparent"}
 )
 # Fields of the record that are bookkeeping, not model fields: ``published`` (idempotent enqueue sent the
 # message), ``missing`` and ``resends`` (the reaper found the task message missing; see storage/pending.py).
@@ -141,7 +143,17 @@ def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
 
 
 def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
-    return Attempt.model_validate(_decode(fields, _PLAIN_ATTEMPT_FIELDS))
+    data = _decode(fields, _PLAIN_ATTEMPT_FIELDS | _TRACE_ATTEMPT_FIELDS)
+    # Written by the trace scripts (_trace_prelude.lua): usage counters and the trace's bookkeeping.
+    counters = {name: data.pop(name) for name in _TRACE_ATTEMPT_FIELDS if name in data}
+    usage = Usage.from_fields(counters)
+    if usage != Usage():
+        data["usage"] = usage
+    data["spans_dropped"] = int(counters.get("spans_dropped", 0))
+    return Attempt.model_validate(data)
+
+
+_TRACE_ATTEMPT_FIELDS = frozenset({*Usage.FIELDS, "spans_dropped", "proxy_bytes"})
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,8 @@ class Claim:
     """``claimed``: the record as the claim left it (``preparing`` or ``running``, on this attempt)."""
     started: bool = False
     """``claimed``: the attempt is already ``running`` with the snapshot given to the claim."""
+    attempt_id: str = ""
+    """``claimed``: the new attempt's id."""
 
 
 class RolloutStore:
@@ -216,7 +230,7 @@ class RolloutStore:
         self._release_lost = load_script(client, "release_lost")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
-        self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally")
+        self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally", "_trace_prelude")
         self._lease = load_script(client, "lease_expired")
         self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude", "_experiment_tally")
 
@@ -322,7 +336,8 @@ class RolloutStore:
             now = time.time()
             keys = [*k.all_status_indexes(), k.rollout(rollout_id), k.rollouts_by_worker(worker_id), k.heartbeats,
                     k.watchdog, k.pending, k.delayed]
-            args: list[Any] = [rollout_id, worker_id, repr(now), new_id("at"), k.attempt_prefix(rollout_id),
+            attempt_id = new_id("at")
+            args: list[Any] = [rollout_id, worker_id, repr(now), attempt_id, k.attempt_prefix(rollout_id),
                                repr(now + self.heartbeat_timeout)]
             if start is not None:
                 keys += [k.rollouts_by_resources(start.resources_id), k.epoch]
@@ -353,7 +368,8 @@ class RolloutStore:
                 continue  # requeuing (or closed by someone else meanwhile): claim the next attempt
             fields = reply[3]
             record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)))
-            return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])))
+            return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])),
+                         attempt_id=attempt_id)
 
     def start_attempt(
         self, rollout_id: str, sequence_id: int, resources_id: str, version: int, epoch: str | None = None
@@ -387,11 +403,16 @@ class RolloutStore:
         error: ErrorInfo | None = None,
         result: RolloutResult | None = None,
         outside: float | None = None,
+        trace: TraceWrite | None = None,
     ) -> str:
         """Record the attempt's outcome and move the rollout to ``next_status`` (the retry
         policy's decision, :func:`lightning_queue.core.policy.next_status`), atomically; return
         the rollout's status afterwards. A rollout left ``requeuing`` enters the pending index
         (its retry's message is looked for ``message_grace`` seconds later), in the same step.
+
+        ``trace`` (the attempt's spans and the LLM usage they record) is written in the same
+        script, whatever the outcome (a refused outcome's trace is kept too: the agent did
+        run), unless the rollout's record is gone; it expires with the rollout.
 
         ``'stale'``: the outcome was refused, nothing written (the attempt was
         superseded, or already closed as lost, unresponsive or timed out). A
@@ -402,12 +423,13 @@ class RolloutStore:
         it is still the open attempt and its heartbeat expired by then;
         ``'alive'`` when it beat since (nothing written).
         """
-        call = self._finish_call(rollout_id, sequence_id, attempt_status, next_status, error, result, outside)
+        call = self._finish_call(rollout_id, sequence_id, attempt_status, next_status, error, result, outside, trace)
         return text(self._finish(keys=call["keys"], args=call["args"]))
 
     def _finish_call(
         self, rollout_id: str, sequence_id: int, attempt_status: str, next_status: NextStatus,
         error: ErrorInfo | None, result: RolloutResult | None, outside: float | None,
+        trace: TraceWrite | None = None,
     ) -> dict[str, list[Any]]:
         """The keys and arguments of one ``finish_attempt`` script call."""
         k = self.keys
@@ -418,7 +440,8 @@ class RolloutStore:
             "args": [rollout_id, sequence_id, attempt_status, repr(now),
                      error.model_dump_json() if error else "", encode_result(result) if result else "",
                      next_status, self._ttl_arg, k.attempt_prefix(rollout_id),
-                     "" if outside is None else repr(outside), repr(now + self.message_grace)],
+                     "" if outside is None else repr(outside), repr(now + self.message_grace),
+                     *(trace.args if trace is not None else ())],
         }
 
     def terminate(self, rollout_id: str, status: Literal["cancelled", "failed"], error: ErrorInfo | None = None) -> str:

@@ -18,6 +18,7 @@ import numbers
 import types
 import typing
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -282,21 +283,27 @@ class AttemptOutcome:
 
 
 def run_agent(
-    agent: LitAgent, rollout: Rollout, snapshot: ResourcesUpdate, time_limit: float | None = None
+    agent: LitAgent, rollout: Rollout, snapshot: ResourcesUpdate, time_limit: float | None = None, *,
+    resources: Mapping[str, Resource] | None = None, context: AbstractContextManager[Any] | None = None,
 ) -> AttemptOutcome:
     """Run ``agent`` on ``rollout`` with ``snapshot``'s resources and say how it ended.
 
     The agent gets a read-only view of the resources (the snapshot may be a cache's shared
-    copy). Its result must be JSON-serializable to be stored. Every exception the agent
-    raises becomes a ``failed`` outcome carrying it; a soft time limit (``time_limit``, for
-    the message) a ``timeout``; a NaN or infinite reward a ``failed`` one
-    (:class:`NonFiniteRewardError`), and so does an agent calling ``sys.exit`` or raising
-    ``KeyboardInterrupt`` (:class:`AgentExitError`), unless the process really was told to end
-    (a cancel's SIGTERM, a shutdown), which is re-raised. Never raises for the agent's own failures.
+    copy), or of ``resources`` when given (the worker's, scoped to the attempt for tracing);
+    ``context`` (the attempt's root span, on workers) is entered around the agent's run. Its
+    result must be JSON-serializable to be stored. Every exception the agent raises becomes a
+    ``failed`` outcome carrying it; a soft time limit (``time_limit``, for the message) a
+    ``timeout``; a NaN or infinite reward a ``failed`` one (:class:`NonFiniteRewardError`), and
+    so does an agent calling ``sys.exit`` or raising ``KeyboardInterrupt``
+    (:class:`AgentExitError`), unless the process really was told to end (a cancel's SIGTERM, a
+    shutdown), which is re-raised. Never raises for the agent's own failures.
     """
-    resources: Mapping[str, Resource] = MappingProxyType(snapshot.resources)
+    view: Mapping[str, Resource] = MappingProxyType(
+        dict(resources) if resources is not None else snapshot.resources
+    )
     try:
-        result = agent.execute(rollout.input, resources, rollout)
+        with context if context is not None else nullcontext():
+            result = agent.execute(rollout.input, view, rollout)
         check_finite(result)
         result.model_dump_json()  # the output must be JSON-able to be stored
     except (WorkerShutdown, WorkerTerminate):

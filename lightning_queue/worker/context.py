@@ -1,4 +1,4 @@
-"""What one worker process works with: its connections, store, registry, cache and heartbeat.
+"""What one worker process works with: its connections, store, registry, cache, heartbeat and tracing.
 
 Each process of a worker builds its own :class:`WorkerContext`: the main process (which
 sweeps for unresponsive attempts, records hard time-outs and lost pool processes, and
@@ -25,6 +25,7 @@ from lightning_queue.storage.registry import LATEST, SnapshotRegistry
 from lightning_queue.storage.store import RolloutStore
 from lightning_queue.worker.cache import Held, SnapshotCache, start_cache
 from lightning_queue.worker.heartbeat import Heartbeat
+from lightning_queue.worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class WorkerContext:
     heartbeat: Heartbeat
     cache: SnapshotCache | None = None
     pid: int = field(default_factory=os.getpid)
+    tracing: Tracing = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tracing = Tracing(self.settings)
 
     @classmethod
     def create(

@@ -47,6 +47,7 @@ from lightning_queue.core.policy import NextStatus, next_status
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.registry import LATEST
 from lightning_queue.storage.store import RolloutStore, StartWith
+from lightning_queue.storage.traces import TraceWrite
 from lightning_queue.worker import recovery
 from lightning_queue.worker.agent import LitAgent, run_agent, snapshot_ref
 from lightning_queue.worker.cache import Held
@@ -89,12 +90,14 @@ def run(
     resources_id: str | None = None,
     resources_version: int | None = None,
     registry_epoch: str | None = None,
+    traceparent: str | None = None,
 ) -> Outcome:
     """Run one rollout on this process. ``resources_id``/``resources_version`` are what the task
     message says the rollout asks for (Flower shows them; the worker uses them to resolve the
     snapshot from its cache before claiming); the rollout record is authoritative.
     ``registry_seq`` and ``registry_epoch`` are the registry state at enqueue: the snapshot cache
     must have caught up with it, in that registry, before it may answer without asking Redis.
+    ``traceparent`` (the message's W3C trace context) is the parent of the attempt's root span.
 
     Raises :class:`RolloutFailed` when the rollout ends ``failed`` (so Celery and Flower show the
     task failed) and Celery's ``Retry`` when it is retried; returns the outcome otherwise.
@@ -131,7 +134,8 @@ def run(
     seq = claim.sequence_id
     with ctx.heartbeat.attempt(rollout_id, seq):
         return _run_attempt(ctx, agent, claim.rollout, seq, registry_seq, cached if claim.started else None,
-                            registry_epoch or None)
+                            registry_epoch or None, attempt_id=claim.attempt_id, worker_id=worker_id,
+                            traceparent=traceparent)
 
 
 def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, registry_seq: int,
@@ -177,10 +181,11 @@ def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, regi
 
 def _run_attempt(
     ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, registry_seq: int,
-    started: Held | None = None, registry_epoch: str | None = None,
+    started: Held | None = None, registry_epoch: str | None = None, *, attempt_id: str = "",
+    worker_id: str = "", traceparent: str | None = None,
 ) -> Outcome:
-    """Run attempt ``seq`` of ``rollout`` (the record as the claim left it). ``started``: the
-    claim already opened the attempt running with this snapshot."""
+    """Run attempt ``seq`` (``attempt_id``) of ``rollout`` (the record as the claim left it).
+    ``started``: the claim already opened the attempt running with this snapshot."""
     store = ctx.store
     rollout_id = rollout.rollout_id
     held = started
@@ -193,14 +198,19 @@ def _run_attempt(
     # The agent sees the record as it now stands: running, on this attempt.
     rollout = rollout.model_copy(update={"status": "running"})
 
+    # Tracing: the attempt's root span, under which the agent runs; ProxyLLMs scoped to the attempt.
+    trace = ctx.tracing.start(rollout, seq, attempt_id, snapshot, worker_id, traceparent)
     outcome = run_agent(agent, rollout, snapshot,
-                        rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds)
+                        rollout.config.timeout_seconds or ctx.settings.default_timeout_seconds,
+                        resources=trace.scope(snapshot.resources), context=trace.active())
     attempt_status, result, error = outcome.status, outcome.result, outcome.error
     if attempt_status == "failed" and error is not None:
         log.warning("rollout %s attempt %d failed: %s: %s", rollout_id, seq, error.type, error.message)
 
+    # The trace (spans, LLM usage) is written with the outcome; the result gets the emitted rewards.
+    written, result = trace.finish(attempt_status, result)
     status = _record(ctx, rollout_id, seq, attempt_status,
-                     next_status(rollout.config, seq, attempt_status, outcome.retryable), error, result)
+                     next_status(rollout.config, seq, attempt_status, outcome.retryable), error, result, written)
     log_refused(store, rollout_id, seq, status, attempt_status)
     if status == "requeuing":
         raise recovery.retry_after_attempt(ctx, rollout, seq, registry_epoch or held.epoch)
@@ -217,7 +227,7 @@ def _run_attempt(
 
 def _record(
     ctx: WorkerContext, rollout_id: str, seq: int, attempt_status: str, decided: NextStatus,
-    error: ErrorInfo | None, result: RolloutResult | None,
+    error: ErrorInfo | None, result: RolloutResult | None, trace: TraceWrite | None = None,
 ) -> str:
     """:meth:`RolloutStore.finish_attempt`, riding out a Redis outage: the outcome is kept and
     recorded once Redis answers again, for up to ``settings.outage_tolerance_seconds``, while the
@@ -227,7 +237,8 @@ def _record(
     warned = False
     while True:
         try:
-            return ctx.store.finish_attempt(rollout_id, seq, attempt_status, decided, error=error, result=result)
+            return ctx.store.finish_attempt(rollout_id, seq, attempt_status, decided, error=error, result=result,
+                                            trace=trace)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if time.monotonic() >= deadline:
                 raise

@@ -129,9 +129,10 @@ def run_rollout(
     process's context, with the worker's agent."""
     app: WorkerApp = task.app
     worker_id = task.request.hostname or f"pid-{os.getpid()}"
+    traceparent = getattr(task.request, "traceparent", None)  # a message header: the enqueuer's span
     try:
         return runner.run(app.context, app.agent, worker_id, rollout_id, registry_seq, resources_id, resources_version,
-                          registry_epoch or None)
+                          registry_epoch or None, traceparent if isinstance(traceparent, str) else None)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # Redis stayed unreachable through the retry budget: give the message back so the
         # rollout runs again once Redis is back, instead of acking it unrecorded.

@@ -23,6 +23,7 @@ fleet, what was logged since the test began).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -126,6 +127,20 @@ class FleetKey:
     count: int
     overrides: tuple[tuple[str, Any], ...]  # Settings fields besides redis_url, key_prefix and queue
 
+    @classmethod
+    def of(cls, agent: str | None, app: str, count: int, overrides: dict[str, Any]) -> FleetKey:
+        # Mappings (a price table, Celery options) are keyed by their JSON, so the key stays hashable.
+        frozen = ((k, _Frozen(json.dumps(v, sort_keys=True, default=repr)) if isinstance(v, dict) else v)
+                  for k, v in overrides.items())
+        return cls(agent, app, count, tuple(sorted(frozen)))
+
+    def settings_overrides(self) -> dict[str, Any]:
+        return {k: json.loads(v) if isinstance(v, _Frozen) else v for k, v in self.overrides}
+
+
+class _Frozen(str):
+    """A mapping override, as JSON."""
+
 
 class SharedFleet:
     """Workers for one :class:`FleetKey`, started on first use and kept for the module.
@@ -141,7 +156,8 @@ class SharedFleet:
     def __init__(self, key: FleetKey, redis_url: str, logdir: Path) -> None:
         self.key = key
         prefix = f"lqtest-shared-{uuid.uuid4().hex[:10]}"
-        self.settings = Settings(redis_url=redis_url, key_prefix=prefix, queue=f"{prefix}-q", **dict(key.overrides))
+        self.settings = Settings(redis_url=redis_url, key_prefix=prefix, queue=f"{prefix}-q",
+                                 **key.settings_overrides())
         self.logdir = logdir
         self.fleet: LocalFleet | None = None
         self.dirty = False
@@ -279,7 +295,7 @@ def shared_workers(
     shares: list[FleetShare] = []
 
     def share(agent: str | None, count: int = 2, app: str = "lightning_queue.app", **overrides: Any) -> FleetShare:
-        taken = FleetShare(shared_fleets.get(FleetKey(agent, app, count, tuple(sorted(overrides.items())))))
+        taken = FleetShare(shared_fleets.get(FleetKey.of(agent, app, count, overrides)))
         shares.append(taken)
         worker_pool.shares.append(taken)
         return taken

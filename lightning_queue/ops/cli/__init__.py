@@ -1,7 +1,8 @@
 """The ``lightning-queue`` command.
 
 One module per command group (:mod:`.resources`, :mod:`.rollouts`, :mod:`.experiments`) or
-command (:mod:`.worker`, :mod:`.workers`, :mod:`.status`, :mod:`.exporter`, :mod:`.server`, :mod:`.demo`).
+command (:mod:`.worker`, :mod:`.workers`, :mod:`.status`, :mod:`.exporter`, :mod:`.server`, :mod:`.proxy`,
+:mod:`.demo`).
 A module imports at its top only typer and rich; the client, Celery, pydantic, scipy or
 Prometheus are imported inside the command that uses them, so ``--help`` and the quick reads
 start fast. The global options become a :class:`~.context.CliContext` that every command gets
@@ -14,7 +15,18 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from lightning_queue.ops.cli import demo, experiments, exporter, resources, rollouts, server, status, worker, workers
+from lightning_queue.ops.cli import (
+    demo,
+    experiments,
+    exporter,
+    proxy,
+    resources,
+    rollouts,
+    server,
+    status,
+    worker,
+    workers,
+)
 from lightning_queue.ops.cli.context import CliContext
 from lightning_queue.ops.cli.output import fail
 
@@ -90,6 +102,7 @@ app.add_typer(workers.app)
 app.add_typer(status.app)
 app.add_typer(exporter.app)
 app.add_typer(server.app)
+app.add_typer(proxy.app)
 app.add_typer(resources.app, name="resources")
 app.add_typer(rollouts.app, name="rollouts")
 app.add_typer(experiments.app, name="experiments")

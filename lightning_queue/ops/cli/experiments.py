@@ -151,3 +151,11 @@ def promote(
     """Move a pointer to the winning variant's snapshot and stop the experiment, in one atomic step."""
     done = _experiments(ctx).promote(name, variant, pointer)
     console.print(f"{pointer}: {done.from_id or '(unset)'} -> {done.to_id} ({done.winner}); {name} stopped")
+
+
+@app.command("usage")
+def usage(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The experiment.")]) -> None:
+    """What each variant of an experiment cost: attempts, LLM calls, tokens and cost."""
+    from lightning_queue.ops.cli.usage import show_usage
+
+    show_usage(f"experiment {name}", "variant", cli_context(ctx).client().usage_by_variant(name))

@@ -213,3 +213,12 @@ def gc(
         shown.add_row(rid, "skipped", reason)
     console.print(shown)
     console.print(report.summary())
+
+
+@app.command("usage")
+def usage(ctx: typer.Context, resources_id: Annotated[str, typer.Argument(help="The snapshot id.")]) -> None:
+    """What each version of a snapshot cost: attempts, LLM calls, tokens and cost."""
+    from lightning_queue.ops.cli.usage import show_usage
+
+    rollups = cli_context(ctx).client().usage_by_version(resources_id)
+    show_usage(f"snapshot {resources_id}", "version", {str(v): u for v, u in rollups.items()})

@@ -195,6 +195,36 @@ def cancel(ctx: typer.Context, rollout_id: Annotated[str, typer.Argument(help="T
     console.print(f"{rollout_id}: {cli_context(ctx).client().cancel_rollout(rollout_id)}")
 
 
+@app.command("trace")
+def trace(
+    ctx: typer.Context,
+    rollout_id: Annotated[str, typer.Argument(help="The rollout.")],
+    attempt_id: Annotated[
+        str | None, typer.Option("--attempt", help="One attempt's id (default: every attempt).")
+    ] = None,
+) -> None:
+    """Show a rollout's trace: each attempt's spans as a tree, with durations, tokens and cost."""
+    from lightning_queue.ops.cli.usage import show_trace
+
+    client = cli_context(ctx).client()
+    spans = client.query_spans(rollout_id, attempt_id)
+    attempts = client.get_attempts(rollout_id)
+    if attempt_id is not None:
+        attempts = [a for a in attempts if a.attempt_id == attempt_id]
+    show_trace(rollout_id, spans, attempts)
+
+
+@app.command("triplets")
+def triplets(
+    ctx: typer.Context,
+    rollout_id: Annotated[str, typer.Argument(help="The rollout.")],
+    attempt_id: Annotated[str | None, typer.Option("--attempt", help="One attempt's id (default: the last).")] = None,
+) -> None:
+    """Print one JSON line per LLM call of an attempt: prompt messages, response, reward (for RL trainers)."""
+    for triplet in cli_context(ctx).client().get_triplets(rollout_id, attempt_id):
+        console.print(triplet.model_dump_json(), highlight=False, soft_wrap=True, markup=False)
+
+
 def show_rollouts(rollouts: "Sequence[Rollout]") -> None:
     """A table of rollouts, then one line per error (long text, kept out of the table so the
     ids keep their room at 80 columns; the whole error is in ``rollouts status``)."""

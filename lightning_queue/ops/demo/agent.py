@@ -25,6 +25,7 @@ from typing import Any
 
 from lightning_queue.core.models import PromptTemplate, Rollout, RolloutResult
 from lightning_queue.worker.agent import rollout
+from lightning_queue.worker.tracing import emit_reward, llm_call
 
 _BY_SYMBOL = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv}
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
@@ -70,11 +71,22 @@ def grade(response: str, answer: int) -> float:
     return 0.5 if numbers and numbers[-1] == str(answer) else 0.0
 
 
+MODEL = "simulated-arithmetic"
+
+
 @rollout
 def agent(task: dict[str, Any], prompt: PromptTemplate, rollout: Rollout) -> RolloutResult:
-    # A little latency, like a real model call, so rollouts overlap across workers.
-    time.sleep(random.Random(rollout.rollout_id).uniform(0.02, 0.08))
     text = prompt.format(question=task["question"])
-    response = simulated_model(text)
-    return RolloutResult(reward=grade(response, int(task["answer"])), output={"prompt": text, "response": response})
+    request = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+    # Recorded in the attempt's trace as an LLM call (messages, tokens), as a real model's would be.
+    with llm_call(request) as call:
+        # A little latency, like a real model call, so rollouts overlap across workers.
+        time.sleep(random.Random(rollout.rollout_id).uniform(0.02, 0.08))
+        response = simulated_model(text)
+        call.record({"model": MODEL, "choices": [{"index": 0, "finish_reason": "stop",
+                                                  "message": {"role": "assistant", "content": response}}],
+                     "usage": {"prompt_tokens": len(text.split()), "completion_tokens": len(response.split())}})
+    reward = grade(response, int(task["answer"]))
+    emit_reward(reward, name="grade", primary=True)
+    return RolloutResult(reward=reward, output={"prompt": text, "response": response})
 

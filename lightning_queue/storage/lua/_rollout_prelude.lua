@@ -22,14 +22,15 @@ local function move_status(rollout_id, from, to, score)
   redis.call('ZADD', STATUS_INDEX[to], score, rollout_id)
 end
 
--- A rollout that reached a final status expires `ttl` seconds later, with its `n` attempts, so
--- a long run holds bounded memory. `ttl` '' or '0': kept forever. The index zsets keep the id;
--- readers skip ids whose record is gone and retention prunes them.
+-- A rollout that reached a final status expires `ttl` seconds later, with its `n` attempts and
+-- their traces, so a long run holds bounded memory. `ttl` '' or '0': kept forever. The index
+-- zsets keep the id; readers skip ids whose record is gone and retention prunes them.
 local function expire_rollout(rollout_key, attempt_prefix, ttl, n)
   ttl = tonumber(ttl)
   if not ttl or ttl <= 0 then return end
   redis.call('EXPIRE', rollout_key, ttl)
   for i = 1, tonumber(n or 0) do
     redis.call('EXPIRE', attempt_prefix .. i, ttl)
+    redis.call('EXPIRE', attempt_prefix .. i .. '__SPANS_SUFFIX__', ttl)
   end
 end

@@ -3,7 +3,8 @@
 -- to the newest remaining snapshot) and those rollouts fail with the given error.
 -- Needs _rollout_prelude (KEYS[1..K] status indexes) and _experiment_tally. Then:
 -- KEYS[K+1] snapshot hash, KEYS[K+2] snapshots index, KEYS[K+3] pointers hash, KEYS[K+4] sequence,
--- KEYS[K+5] snapshot events channel, KEYS[K+6] the snapshot's rollouts index, KEYS[K+7] rollout events channel
+-- KEYS[K+5] snapshot events channel, KEYS[K+6] the snapshot's rollouts index, KEYS[K+7] rollout events channel,
+-- KEYS[K+8] its LLM usage rollup (per version; deleted with it)
 -- ARGV[1] resources_id, ARGV[2] '1' to force, ARGV[3] now, ARGV[4] error JSON for failed rollouts,
 -- ARGV[5] rollout key prefix ("{p}:rollout:"), ARGV[6] history key prefix, ARGV[7] history length,
 -- ARGV[8] who, ARGV[9] old-version key prefix ("{p}:snapshot:{id}:v:"),
@@ -38,7 +39,7 @@ end
 for v = 1, tonumber(version) - 1 do
   redis.call('DEL', ARGV[9] .. v)
 end
-redis.call('DEL', KEYS[K + 1])
+redis.call('DEL', KEYS[K + 1], KEYS[K + 8])
 redis.call('ZREM', KEYS[K + 2], id)
 -- Pointers naming it are unset, except latest, which falls back to the newest remaining snapshot.
 local moved = {}

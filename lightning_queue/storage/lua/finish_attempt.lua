@@ -12,6 +12,8 @@
 -- The result is stored once: on the rollout when the outcome is accepted (the attempt that
 -- finished the rollout reads it from there), on the attempt only when the rollout was cancelled
 -- while it ran (kept for inspection, the rollout keeps its status).
+-- ARGV[12...] the attempt's trace (see record_trace in _trace_prelude: batch, spans dropped, usage,
+-- rollups), recorded whatever the outcome, as long as the rollout exists.
 -- Returns the rollout's status afterwards; 'stale' when the attempt is no longer the rollout's
 -- current one or was already closed as lost, unresponsive or timed out (its outcome is refused:
 -- nothing is written); 'alive' when closing from outside and the attempt beat since.
@@ -19,6 +21,7 @@ local rollout_key = KEYS[K + 1]
 local rid = ARGV[1]
 local r = redis.call('HMGET', rollout_key, 'attempt_count', 'status', 'enqueue_time')
 local status = r[2]
+record_trace(rollout_key, KEYS[K + 2], status, ARGV, 12)
 local outside = ARGV[10] ~= ''
 if outside then
   local deadline = redis.call('ZSCORE', KEYS[K + 4], rid)
