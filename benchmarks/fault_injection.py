@@ -18,12 +18,23 @@ it injects at random (``--faults``, all by default):
 - ``unpublished``: rollouts whose records are written but whose messages are never published (a
   client killed between the two; emulated by writing the records with ``client.store``);
 - ``poison``: malformed messages pushed onto the queue (not JSON, a JSON array, an envelope without
-  properties, a body that is not base64, a pickle, 2 MB of junk).
+  properties, a body that is not base64, a pickle, 2 MB of junk);
+- ``wipe``: Redis stopped and started again *empty* (its files deleted: a Redis without persistence).
+  The script then does what an algorithm must: its wait raises ``RegistryLostError``, which counts the
+  rollouts it had not seen finish as **reported lost**; it stores the snapshots again under the same ids
+  (version 1 again, with new prompts: a new *registry generation*) and enqueues replacements;
+- ``outage``: Redis stopped for ``--outage-seconds`` (40 by default: longer than any heartbeat or
+  visibility timeout), then started again from its file.
 
-Then it waits (``--timeout``) and prints, per run: rollouts submitted; finished, by status; **lost**
-(the record is gone); **stuck** (not finished after the wait, and not failed with a clear error);
+``wipe`` and ``outage`` need the script's own Redis, and are left out of the default ``--faults``
+(``--faults all`` takes every kind): an outage stops everything else for its whole length.
+
+Then it waits (``--timeout``) and prints, per run: rollouts submitted (replacements included); finished,
+by status; **reported lost** (gone with a wiped registry, and said so by ``RegistryLostError``); **lost**
+(gone without a word); **stuck** (not finished after the wait, and not failed with a clear error);
 **duplicated** (more than one succeeded attempt, or succeeded with none); **wrong snapshot** (a result
-computed with another snapshot than the one the rollout was pinned to); the faults injected; the
+computed with another snapshot, or another registry generation's prompt, than the one the rollout was
+pinned to); the faults injected; the
 rollouts the reaper sent again; the messages moved to the dead-letter list. With ``--runs`` above 1, a
 table of every run at the end. Exits 1 when anything was lost, stuck, duplicated or on a wrong snapshot.
 
@@ -60,13 +71,22 @@ from lightning_queue import (
     Settings,
     rollout,
 )
+from lightning_queue.core.errors import RedisUnavailableError, RegistryLostError, RolloutNotFoundError
 from lightning_queue.ops.embedded import free_port
 from lightning_queue.ops.fleet import LocalFleet, WorkerProcess
 from lightning_queue.storage.connections import ping
 
 HERE = Path(__file__).resolve().parent
-FAULTS = ("kill", "restart", "delete", "unpublished", "poison")
-SNAPSHOTS = {"rs-faults-a": "fault injection A {x}", "rs-faults-b": "fault injection B {x}"}
+FAULTS = ("kill", "restart", "delete", "unpublished", "poison", "wipe", "outage")
+DEFAULT_FAULTS = ("kill", "restart", "delete", "unpublished", "poison")
+NEED_OWN_REDIS = ("restart", "wipe", "outage")
+SNAPSHOTS = ("rs-faults-a", "rs-faults-b")
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, RedisUnavailableError)
+
+
+def prompt(snapshot: str, generation: int) -> str:
+    """The template stored under ``snapshot`` in registry generation ``generation`` (a new one after each wipe)."""
+    return f"fault injection {snapshot[-1].upper()}, registry {generation}: {{x}}"
 
 
 @rollout
@@ -111,6 +131,11 @@ class OwnRedis:
                 self.process.terminate()
             self.process.wait(30)
 
+    def forget(self) -> None:
+        """Delete its files (while it is stopped): the next start is a Redis that lost its data."""
+        for path in Path(self.dir.name).iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
     def close(self) -> None:
         self.stop()
         self.dir.cleanup()
@@ -129,12 +154,33 @@ def poison_messages(client: LightningClient, queue: str) -> list[bytes]:
 
 
 @dataclass
-class Run:
-    """One run: the rollouts submitted and what was done to them."""
+class Generation:
+    """The rollouts of one registry: those enqueued between two wipes (all of them, without wipes)."""
 
+    number: int
     ids: list[str] = field(default_factory=list)
     pinned: dict[str, str] = field(default_factory=dict)  # rollout id -> the snapshot it was pinned to
+    seen: dict[str, Rollout] = field(default_factory=dict)  # finished, as the algorithm's wait saw them
+    reported_lost: set[str] = field(default_factory=set)
+
+    def unseen(self) -> list[str]:
+        return [rid for rid in self.ids if rid not in self.seen]
+
+
+@dataclass
+class Run:
+    """One run: the rollouts submitted, registry generation by generation, and what was done to them."""
+
+    generations: list[Generation] = field(default_factory=lambda: [Generation(1)])
     faults: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def current(self) -> Generation:
+        return self.generations[-1]
+
+    @property
+    def submitted(self) -> int:
+        return sum(len(g.ids) for g in self.generations)
 
 
 class Faults:
@@ -161,6 +207,62 @@ class Faults:
         time.sleep(self.rng.uniform(0.5, self.args.max_down))  # Redis is down this long: nothing to wait for
         self.own.start()
         return "restarted Redis"
+
+    def wipe(self) -> str:
+        assert self.own is not None
+        self.own.stop(kill=self.args.redis_signal == "KILL")
+        self.own.forget()
+        time.sleep(self.rng.uniform(0.5, self.args.max_down))
+        self.own.start()
+        return "restarted Redis empty"
+
+    def outage(self) -> str:
+        assert self.own is not None
+        self.own.stop(kill=self.args.redis_signal == "KILL")
+        time.sleep(self.args.outage_seconds)  # how long Redis stays away
+        self.own.start()
+        return f"Redis down {self.args.outage_seconds:g} s"
+
+    def store_snapshots(self) -> None:
+        """Store the current generation's snapshots (again, after a wipe), within a minute."""
+        number = self.run.current.number
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.client.add_resources_batch(
+                    [(rid, {"prompt": PromptTemplate(template=prompt(rid, number))}) for rid in SNAPSHOTS])
+                return
+            except RegistryLostError:
+                continue  # the client learns of the wipe here too; it writes into the new registry next
+            except UNREACHABLE:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the current generation's rollouts, as an algorithm would;
+        when the wait says Redis lost its data, count the unseen ones as reported lost, store the
+        snapshots again and enqueue replacements."""
+        g = self.run.current
+        pending = g.unseen()
+        if not pending:
+            time.sleep(timeout)  # nothing to wait for yet (the next wave is not enqueued)
+            return
+        try:
+            self.client.wait_for_rollouts(pending, timeout=timeout,
+                                          on_finished=lambda r: g.seen.__setitem__(r.rollout_id, r))
+        except RegistryLostError:
+            lost = g.unseen()
+            g.reported_lost.update(lost)
+            print(f"    registry {g.number} lost (RegistryLostError): {len(lost)} rollouts gone; storing the "
+                  "snapshots again and enqueuing them again", flush=True)
+            self.run.generations.append(Generation(g.number + 1))
+            self.store_snapshots()
+            self.enqueue(len(lost))
+        except RolloutNotFoundError:
+            pass  # a record gone without the registry saying why: the report counts it lost
+        except UNREACHABLE:
+            time.sleep(0.5)  # Redis is away: wait again on the next pass
 
     def delete(self) -> str:
         r, queue = self.client.redis, self.rng.choice(self.queues)
@@ -196,29 +298,33 @@ class Faults:
         lo, hi = self.args.agent_seconds
         requests = []
         for _ in range(n):
-            snapshot = self.rng.choice(sorted(SNAPSHOTS))
+            snapshot = self.rng.choice(SNAPSHOTS)
             fail = 2 if self.rng.random() < self.args.retry_share else 0
             requests.append(RolloutRequest(
-                input={"x": len(self.run.ids) + len(requests), "seconds": self.rng.uniform(lo, hi), "fail": fail},
+                input={"x": self.run.submitted + len(requests), "seconds": self.rng.uniform(lo, hi), "fail": fail},
                 resources_id=snapshot,
                 config=RolloutConfig(max_attempts=self.args.max_attempts, retry_backoff_seconds=self.args.backoff),
             ))
         return requests
 
     def record(self, rollouts: list[Rollout]) -> None:
+        g = self.run.current
         for r in rollouts:
-            self.run.ids.append(r.rollout_id)
-            self.run.pinned[r.rollout_id] = str(r.resources_id)
+            g.ids.append(r.rollout_id)
+            g.pinned[r.rollout_id] = str(r.resources_id)
 
     def inject(self) -> None:
         """Enqueue the rollouts in ``--waves`` batches over the first two thirds of ``--duration``
         and inject each fault kind at random (exponential gaps: ``--kill-interval``,
-        ``--restart-interval``, else ``--fault-interval`` on average), for ``--duration`` seconds,
-        or until every rollout has finished."""
-        kinds = [k for k in self.args.faults if k != "restart" or self.own is not None]
+        ``--restart-interval``, ``--wipe-interval``, ``--outage-interval``, else ``--fault-interval``
+        on average), for ``--duration`` seconds, or until every rollout has finished; then enqueue
+        any wave an outage held back."""
+        kinds = [k for k in self.args.faults if k not in NEED_OWN_REDIS or self.own is not None]
         actions = {"kill": self.kill, "restart": self.restart, "delete": self.delete,
-                   "unpublished": self.unpublished, "poison": self.poisoned}
-        rare = {"kill": self.args.kill_interval, "restart": self.args.restart_interval}
+                   "unpublished": self.unpublished, "poison": self.poisoned, "wipe": self.wipe,
+                   "outage": self.outage}
+        rare = {"kill": self.args.kill_interval, "restart": self.args.restart_interval,
+                "wipe": self.args.wipe_interval, "outage": self.args.outage_interval}
         mean = {k: rare.get(k, self.args.fault_interval) for k in kinds}
         start = time.monotonic()
         due = {k: start + self.rng.expovariate(1 / mean[k]) for k in kinds}
@@ -232,39 +338,66 @@ class Faults:
                     self.enqueue(waves[0])
                     waves.pop(0)
                     next_wave += wave_gap
-                except (redis.ConnectionError, redis.TimeoutError):
+                except UNREACHABLE:
                     pass  # Redis is down: enqueue this wave on the next pass
             for kind in kinds:
                 if time.monotonic() >= due[kind]:
                     try:
                         done = actions[kind]()
-                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    except UNREACHABLE as exc:
                         done = f"(Redis down: {kind} skipped: {exc})"
                     if done and not done.startswith("("):
                         self.run.faults[kind] += 1
                     if done:
                         print(f"  {time.monotonic() - start:6.1f} s  {done}", flush=True)
                     due[kind] = time.monotonic() + self.rng.expovariate(1 / mean[kind])
-            if not waves and self.finished():
+            self.wait(timeout=0.2)
+            if not waves and not self.run.current.unseen():
                 break
-            time.sleep(0.2)
+        # Waves an outage held back past --duration: every rollout asked for is submitted (within a minute).
+        deadline = time.monotonic() + 60
+        while waves:
+            try:
+                self.enqueue(waves[0])
+                waves.pop(0)
+            except UNREACHABLE:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
-    def finished(self) -> bool:
-        try:
-            return all(r.is_finished for r in self.client.get_rollouts(self.run.ids))
-        except (redis.ConnectionError, redis.TimeoutError):
-            return False
+    def wait_for_the_rest(self) -> None:
+        deadline = time.monotonic() + self.args.timeout
+        while self.run.current.unseen() and time.monotonic() < deadline:
+            self.wait(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
 
 
 def report(client: LightningClient, run: Run, elapsed: float) -> dict[str, object]:
-    records = client.store.read_rollouts(run.ids)
-    lost = [rid for rid, r in zip(run.ids, records, strict=True) if r is None]
-    rollouts = [r for r in records if r is not None]
-    by_status = collections.Counter(r.status for r in rollouts)
-    stuck = [r.rollout_id for r in rollouts if not r.is_finished]
+    by_status: collections.Counter = collections.Counter()
     histogram: collections.Counter = collections.Counter()
     attempt_statuses: collections.Counter = collections.Counter()
-    duplicated, wrong = [], []
+    lost: list[str] = []
+    stuck: list[str] = []
+    duplicated: list[tuple[str, list[str]]] = []
+    wrong: list[tuple[str, object, object]] = []
+    errors: collections.Counter = collections.Counter()
+    for g in run.generations[:-1]:
+        # Gone with a wiped registry: each was seen finished, or reported lost, or lost without a word.
+        for rid in g.ids:
+            seen = g.seen.get(rid)
+            if seen is None:
+                if rid not in g.reported_lost:
+                    lost.append(rid)
+                continue
+            by_status[seen.status] += 1
+            ran_with = (seen.result.output or {}).get("prompt") if seen.result else None
+            if seen.status == "succeeded" and ran_with != prompt(g.pinned[rid], g.number):
+                wrong.append((rid, f"registry {g.number}", ran_with))
+    g = run.current
+    records = client.store.read_rollouts(g.ids)
+    lost += [rid for rid, r in zip(g.ids, records, strict=True) if r is None]
+    rollouts = [r for r in records if r is not None]
+    by_status.update(r.status for r in rollouts)
+    stuck = [r.rollout_id for r in rollouts if not r.is_finished]
     for r in rollouts:
         attempts = client.get_attempts(r.rollout_id)
         histogram[len(attempts)] += 1
@@ -274,28 +407,34 @@ def report(client: LightningClient, run: Run, elapsed: float) -> dict[str, objec
             duplicated.append((r.rollout_id, [a.status for a in attempts]))
         if r.status == "succeeded":
             ran_with = [a.resources_id for a in attempts if a.status == "succeeded"]
-            prompt = (r.result.output or {}).get("prompt") if r.result else None
-            if ran_with != [run.pinned[r.rollout_id]] or prompt != SNAPSHOTS[run.pinned[r.rollout_id]]:
-                wrong.append((r.rollout_id, ran_with, prompt))
-    errors = collections.Counter(r.error.type for r in rollouts if r.status == "failed" and r.error)
-    resent = sum(int(client.redis.hget(client.keys.rollout(rid), "resends") or 0) for rid in run.ids)
+            got = (r.result.output or {}).get("prompt") if r.result else None
+            pinned = g.pinned[r.rollout_id]
+            if ran_with != [pinned] or got != prompt(pinned, g.number):
+                wrong.append((r.rollout_id, ran_with, got))
+        if r.status == "failed" and r.error:
+            errors[r.error.type] += 1
+    reported_lost = sum(len(g.reported_lost) for g in run.generations)
+    resent = sum(int(client.redis.hget(client.keys.rollout(rid), "resends") or 0) for rid in g.ids)
     dead = client.redis.llen(client.keys.dead_letters)
-    print(f"rollouts submitted:   {len(run.ids)}")
+    print(f"rollouts submitted:   {run.submitted} (replacements of reported-lost ones included)")
     print(f"finished:             {sum(by_status[s] for s in ('succeeded', 'failed', 'cancelled'))} "
           f"({', '.join(f'{s} {n}' for s, n in sorted(by_status.items()))})")
     if errors:
         print(f"failed with:          {dict(errors)}")
+    print(f"reported lost:        {reported_lost} (with a wiped registry; RegistryLostError said so)")
     print(f"lost:                 {len(lost)}" + (f"  e.g. {lost[:5]}" if lost else ""))
     print(f"stuck:                {len(stuck)}" + (f"  e.g. {stuck[:5]}" if stuck else ""))
     print(f"duplicated results:   {len(duplicated)}" + (f"  e.g. {duplicated[:3]}" if duplicated else ""))
     print(f"wrong snapshot:       {len(wrong)}" + (f"  e.g. {wrong[:3]}" if wrong else ""))
     print(f"faults:               {dict(run.faults) or 'none'}")
-    print(f"re-sent by the reaper: {resent}; dead letters: {dead}")
-    print("attempts per rollout: " + ", ".join(f"{n}: {c}" for n, c in sorted(histogram.items())))
-    print("attempt outcomes:     " + ", ".join(f"{s} {n}" for s, n in sorted(attempt_statuses.items())))
-    return {"rollouts": len(run.ids), "succeeded": by_status["succeeded"], "failed": by_status["failed"],
-            "lost": len(lost), "stuck": len(stuck), "duplicated": len(duplicated), "wrong snapshot": len(wrong),
-            "kills": run.faults["kill"], "restarts": run.faults["restart"], "deleted": run.faults["delete"],
+    print(f"re-sent by the reaper (last registry): {resent}; dead letters: {dead}")
+    print("attempts per rollout (last registry): " + ", ".join(f"{n}: {c}" for n, c in sorted(histogram.items())))
+    print("attempt outcomes (last registry):     "
+          + ", ".join(f"{s} {n}" for s, n in sorted(attempt_statuses.items())))
+    return {"rollouts": run.submitted, "succeeded": by_status["succeeded"], "failed": by_status["failed"],
+            "reported lost": reported_lost, "lost": len(lost), "stuck": len(stuck), "duplicated": len(duplicated),
+            "wrong snapshot": len(wrong), "kills": run.faults["kill"], "restarts": run.faults["restart"],
+            "wipes": run.faults["wipe"], "outages": run.faults["outage"], "deleted": run.faults["delete"],
             "unpublished": run.faults["unpublished"], "poison": run.faults["poison"], "re-sent": resent,
             "seconds": round(elapsed)}
 
@@ -307,8 +446,8 @@ def one_run(args: argparse.Namespace, number: int, seed: int, own: OwnRedis | No
     settings = Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q",
                         visibility_timeout=args.visibility_timeout, heartbeat_interval=2.0, watchdog_interval=1.0,
                         message_grace_seconds=args.grace, retry_poll_interval=0.5)
-    mode = (f"own, appendonly yes, appendfsync {args.appendfsync}, restarts by SIG{args.redis_signal}" if own
-            else "given: no restarts")
+    mode = (f"own, appendonly yes, appendfsync {args.appendfsync}, stopped by SIG{args.redis_signal}" if own
+            else "given: not touched")
     print(f"\n=== run {number}: Redis {url} ({mode}), prefix {prefix}, {args.workers} prefork + {args.gevent_workers} "
           f"gevent-200 workers, {args.rollouts} rollouts of {args.agent_seconds[0]}-{args.agent_seconds[1]} s, "
           f"{args.duration:.0f} s of faults ({', '.join(args.faults)}), seed {seed}", flush=True)
@@ -323,16 +462,11 @@ def one_run(args: argparse.Namespace, number: int, seed: int, own: OwnRedis | No
     try:
         for fleet in fleets:
             fleet.start(timeout=120)
-        client.add_resources_batch([(rid, {"prompt": PromptTemplate(template=t)}) for rid, t in SNAPSHOTS.items()])
-        Faults(args, fleets, own, client, run, rng).inject()
+        faults = Faults(args, fleets, own, client, run, rng)
+        faults.store_snapshots()
+        faults.inject()
         print(f"faults injected: {dict(run.faults) or 'none'}; waiting for the rest...", flush=True)
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            try:
-                client.wait_for_rollouts(run.ids, timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except (redis.ConnectionError, redis.TimeoutError):
-                time.sleep(1)
+        faults.wait_for_the_rest()
         elapsed = time.monotonic() - started
         print(f"done in {elapsed:.0f} s\n")
         return report(client, run, elapsed)
@@ -365,7 +499,8 @@ def main() -> int:
                         help="workers with a gevent pool of 200, on a queue of their own")
     parser.add_argument("--gevent-share", type=float, default=0.5, help="rollouts sent to the gevent workers' queue")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection")
-    parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument("--faults", nargs="+", choices=(*FAULTS, "all"), default=list(DEFAULT_FAULTS),
+                        help="fault kinds (default: all but wipe and outage; 'all': every kind)")
     parser.add_argument("--kill-interval", type=float, default=10.0, help="mean seconds between worker kills")
     parser.add_argument("--restart-interval", type=float, default=10.0, help="mean seconds between Redis restarts")
     parser.add_argument("--fault-interval", type=float, default=4.0,
@@ -374,7 +509,10 @@ def main() -> int:
                         help="how long each attempt takes, drawn uniformly")
     parser.add_argument("--retry-share", type=float, default=0.3, help="rollouts that fail their first 2 attempts")
     parser.add_argument("--backoff", type=float, default=0.5, help="retry backoff of every rollout, seconds")
-    parser.add_argument("--max-down", type=float, default=3.0, help="longest Redis outage, seconds")
+    parser.add_argument("--wipe-interval", type=float, default=20.0, help="mean seconds between two wipes")
+    parser.add_argument("--outage-interval", type=float, default=30.0, help="mean seconds before each outage")
+    parser.add_argument("--outage-seconds", type=float, default=40.0, help="how long an outage keeps Redis down")
+    parser.add_argument("--max-down", type=float, default=3.0, help="longest Redis restart or wipe, seconds")
     parser.add_argument("--visibility-timeout", type=int, default=10,
                         help="seconds before a killed worker's message is redelivered (above the longest rollout)")
     parser.add_argument("--grace", type=float, default=2.0, help="LQ_MESSAGE_GRACE_SECONDS of the run")
@@ -384,9 +522,11 @@ def main() -> int:
     parser.add_argument("--appendfsync", choices=["always", "everysec"], default="always")
     parser.add_argument("--redis-signal", choices=["TERM", "KILL"], default="TERM",
                         help="stop Redis gracefully (TERM) or crash it (KILL)")
-    parser.add_argument("--redis-url", help="use this Redis (no restarts) instead of starting one")
+    parser.add_argument("--redis-url", help="use this Redis (no restarts, wipes or outages) instead of starting one")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first run (the next ones add 1)")
     args = parser.parse_args()
+    if "all" in args.faults:
+        args.faults = list(FAULTS)
     if args.gevent_workers:
         try:
             import gevent  # noqa: F401
