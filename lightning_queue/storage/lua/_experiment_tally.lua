@@ -9,6 +9,8 @@
 --                       in the order they finished: what the sequential test and the charts need
 --   unit-rewards hash   unit -> "count sum last_end_time" of its rewards (paired comparisons)
 -- The keys are the rollout key's prefix plus the infixes of core/keys.py (spelled in by scripts.py).
+-- Returns the experiment's and the variant's names when the rollout was tallied (nothing otherwise),
+-- so the metrics that follow (_final_metrics.lua) need not decode the metadata again.
 local function num(value)
   return string.format('%.17g', value)
 end
@@ -26,7 +28,7 @@ local function tally_experiment(rollout_key, rid, status)
   local tally = experiment .. '__TALLY_INFIX__' .. variant
   redis.call('HINCRBY', tally, status, 1)
   if r[6] then redis.call('HINCRBY', tally, 'ran:' .. r[6], 1) end
-  if status == 'cancelled' then return end  -- counted in neither the success rate nor the rewards
+  if status == 'cancelled' then return name, variant end  -- counted in neither the success rate nor the rewards
   redis.call('HINCRBY', tally, 'finished', 1)
   local reward = nil
   if status == 'succeeded' and r[2] then
@@ -60,4 +62,5 @@ local function tally_experiment(rollout_key, rid, status)
     end
   end
   redis.call('APPEND', experiment .. '__REWARDS_INFIX__' .. variant, num(end_time) .. ' ' .. shown .. ' ' .. latency .. '\n')
+  return name, variant
 end

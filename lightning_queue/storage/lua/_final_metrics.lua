@@ -7,7 +7,8 @@
 --                                    folded:snapshot, folded:variant
 --   {p}:metrics:snapshot:<id>:<ver>  per snapshot version the rollout ran with (its record's 'ran'):
 --                                    n:<status>, d:<i>/ds, rn/rs/rmin/rmax (rewards of succeeded rollouts)
---   {p}:metrics:variant:<exp>:<var>  the same per experiment variant (its metadata; the experiment exists)
+--   {p}:metrics:variant:<exp>:<var>  the same per experiment variant (the names tally_experiment returned:
+--                                    the rollout's metadata names them and the experiment exists)
 --   {p}:metrics:snapshots, {p}:metrics:variants  zsets member -> end time of its last finished rollout
 -- Histogram buckets are counted per bucket (not cumulative; the exporter sums them up): bucket i is the
 -- first bound >= the value, #bounds + 1 the +Inf one. Bounds come from core/metrics.py.
@@ -92,9 +93,10 @@ local function keep_series_capped(index, series_prefix, member, score, cap, tota
   redis.call('HINCRBY', totals, 'folded:' .. kind, over)
 end
 
--- The aggregates of one rollout reaching final `status`. `caps`: "<snapshot versions> <variants>".
-local function record_final_metrics(rollout_key, rid, status, caps)
-  local r = redis.call('HMGET', rollout_key, 'enqueue_time', 'start_time', 'end_time', 'ran', 'metadata', 'result')
+-- The aggregates of one rollout reaching final `status`. `caps`: "<snapshot versions> <variants>";
+-- `experiment`, `variant`: what tally_experiment returned (nil: not an experiment's rollout).
+local function record_final_metrics(rollout_key, rid, status, caps, experiment, variant)
+  local r = redis.call('HMGET', rollout_key, 'enqueue_time', 'start_time', 'end_time', 'ran', 'result')
   local prefix = string.sub(rollout_key, 1, #rollout_key - #('__ROLLOUT_INFIX__' .. rid))
   local totals = prefix .. '__METRICS_INFIX__'
   local enqueued, started, ended = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]) or 0
@@ -103,8 +105,8 @@ local function record_final_metrics(rollout_key, rid, status, caps)
   if started and enqueued then wait = math.max(started - enqueued, 0) end
   add_to_series(totals, status, duration, wait, nil)
   local reward = nil
-  if status == 'succeeded' and r[6] then
-    local ok, result = pcall(cjson.decode, r[6])
+  if status == 'succeeded' and r[5] then
+    local ok, result = pcall(cjson.decode, r[5])
     if ok and type(result) == 'table' and type(result['reward']) == 'number' then reward = result['reward'] end
   end
   local snapshot_cap, variant_cap = string.match(caps, '^(%d+) (%d+)$')
@@ -118,15 +120,11 @@ local function record_final_metrics(rollout_key, rid, status, caps)
         tonumber(snapshot_cap), totals, 'snapshot')
     end
   end
-  if r[5] then
-    local ok, meta = pcall(cjson.decode, r[5])
-    if ok and type(meta) == 'table' and type(meta['experiment']) == 'string' and type(meta['variant']) == 'string'
-        and redis.call('EXISTS', prefix .. '__EXPERIMENT_INFIX__' .. meta['experiment']) == 1 then
-      local member = meta['experiment'] .. ':' .. meta['variant']
-      local series_prefix = totals .. '__METRICS_VARIANT_SUFFIX__'
-      add_to_series(series_prefix .. member, status, duration, nil, reward)
-      keep_series_capped(totals .. '__METRICS_VARIANTS_SUFFIX__', series_prefix, member, ended,
-        tonumber(variant_cap), totals, 'variant')
-    end
+  if experiment and variant then
+    local member = experiment .. ':' .. variant
+    local series_prefix = totals .. '__METRICS_VARIANT_SUFFIX__'
+    add_to_series(series_prefix .. member, status, duration, nil, reward)
+    keep_series_capped(totals .. '__METRICS_VARIANTS_SUFFIX__', series_prefix, member, ended,
+      tonumber(variant_cap), totals, 'variant')
   end
 end

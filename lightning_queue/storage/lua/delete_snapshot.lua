@@ -33,8 +33,7 @@ for _, rid in ipairs(active) do
   local r = redis.call('HMGET', key, 'status', 'attempt_count', 'enqueue_time')
   redis.call('HSET', key, 'status', 'failed', 'end_time', ARGV[3], 'error', ARGV[4])
   move_status(rid, r[1], 'failed', r[3])
-  tally_experiment(key, rid, 'failed')
-  record_final_metrics(key, rid, 'failed', ARGV[12])
+  record_final_metrics(key, rid, 'failed', ARGV[12], tally_experiment(key, rid, 'failed'))
   expire_rollout(key, key .. ARGV[11], ARGV[10], r[2])
   redis.call('PUBLISH', KEYS[K + 7], rid)
 end

@@ -68,8 +68,7 @@ if next_status == 'requeuing' then
   redis.call('ZADD', KEYS[K + 5], ARGV[11], rid)
 end
 if TERMINAL[next_status] then
-  tally_experiment(rollout_key, rid, next_status)
-  record_final_metrics(rollout_key, rid, next_status, ARGV[12])
+  record_final_metrics(rollout_key, rid, next_status, ARGV[12], tally_experiment(rollout_key, rid, next_status))
   expire_rollout(rollout_key, ARGV[9], ARGV[8], ARGV[2])
   redis.call('PUBLISH', KEYS[K + 3], rid)
 end

@@ -25,8 +25,7 @@ if OPEN[status] then
 end
 redis.call('ZREM', KEYS[K + 3], ARGV[1])
 move_status(ARGV[1], status, ARGV[2], r[3])
-tally_experiment(rollout_key, ARGV[1], ARGV[2])
-record_final_metrics(rollout_key, ARGV[1], ARGV[2], ARGV[7])
+record_final_metrics(rollout_key, ARGV[1], ARGV[2], ARGV[7], tally_experiment(rollout_key, ARGV[1], ARGV[2]))
 expire_rollout(rollout_key, ARGV[6], ARGV[5], r[2])
 redis.call('PUBLISH', KEYS[K + 2], ARGV[1])
 return ARGV[2]
