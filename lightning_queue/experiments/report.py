@@ -186,8 +186,8 @@ class ExperimentReport:
         for column in ("variant", "resources_id", "version", "rollouts"):
             ran.add_column(column)
         for v in self.variants:
-            for r in v.ran:
-                ran.add_row(v.name, r.resources_id, str(r.version), str(r.rollouts))
+            for run in v.ran:
+                ran.add_row(v.name, run.resources_id, str(run.version), str(run.rollouts))
         out = [variants, ran, comparisons]
         for c in self.comparisons:
             if c.regressions:

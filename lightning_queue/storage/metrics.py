@@ -60,7 +60,7 @@ class Series:
     reward_max: float | None = None
 
     @classmethod
-    def of(cls, raw: Mapping[bytes | str, bytes | str]) -> Series:
+    def of(cls, raw: Mapping[bytes, bytes] | Mapping[str, str]) -> Series:
         fields = {text(k): text(v) for k, v in raw.items()}
         return cls(
             finished={k.removeprefix("n:"): int(float(v)) for k, v in fields.items() if k.startswith("n:")},

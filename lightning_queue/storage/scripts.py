@@ -3,9 +3,9 @@
 Scripts name statuses through placeholders filled in from :mod:`lightning_queue.core.models`
 (``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__``, ``__CLOSED__`` and ``__WAITING__``
 the sets), so a status is spelled once, in Python (and so are the metric histograms' bucket bounds,
-``__DURATION_BUCKETS__`` and ``__QUEUE_WAIT_BUCKETS__``, from :mod:`lightning_queue.core.metrics`); key infixes likewise come from
-:class:`~lightning_queue.core.keys.Keys`, and ``__SPANS_SUFFIX__`` derives an attempt's spans key as
-:mod:`~lightning_queue.core.keys` does.
+``__DURATION_BUCKETS__`` and ``__QUEUE_WAIT_BUCKETS__``, from :mod:`lightning_queue.core.metrics`); key
+infixes likewise come from :class:`~lightning_queue.core.keys.Keys`, and ``__SPANS_SUFFIX__`` derives an
+attempt's spans key as :mod:`~lightning_queue.core.keys` does.
 """
 
 from __future__ import annotations

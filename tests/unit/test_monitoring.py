@@ -12,10 +12,10 @@ from prometheus_client import generate_latest
 
 from lightning_queue import (
     LightningClient,
-    RolloutResult,
     PromptTemplate,
     Rollout,
     RolloutConfig,
+    RolloutResult,
     Settings,
 )
 from lightning_queue.core.errors import redacted_url
