@@ -122,6 +122,13 @@ def test_series_past_the_cap_fold_into_other_and_nothing_is_lost(fake_redis: fak
     assert sum(s.duration.count for s in m.snapshots.values()) == m.totals.duration.count == 1000
     # Memory stays bounded too: the folded series' hashes are gone.
     assert len(list(fake_redis.scan_iter(store.keys.metrics_snapshot("*")))) == 201
+    # And so does what a scrape exports: 200 versions plus "other".
+    from lightning_queue.ops.monitoring import LightningCollector
+
+    collector = LightningCollector(LightningClient(settings, redis_client=fake_redis))
+    versions = {(s.labels["resources_id"], s.labels["version"]) for family in collector.collect()
+                for s in family.samples if "version" in s.labels}
+    assert len(versions) == 201 and (OTHER, OTHER) in versions
 
 
 def test_a_series_folded_at_once_leaves_no_orphan(fake_client: LightningClient) -> None:
