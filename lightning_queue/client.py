@@ -74,7 +74,7 @@ class LightningClient:
         self.store = RolloutStore(
             self.redis, self.keys, self.settings.rollout_ttl_seconds, self.settings.heartbeat_deadline,
             epoch=self.epoch, outage_seconds=self.settings.sweep_outage_seconds,
-            message_grace=self.settings.message_grace_seconds,
+            message_grace=self.settings.message_grace_seconds, series_caps=self.settings.series_caps,
         )
         self.traces = Traces(self.redis, self.keys)
         self._celery = celery

@@ -74,6 +74,26 @@ The last three are written by the Lua script that moves a rollout of the experim
 status, in the same atomic step (``lua/_experiment_tally.lua``), so a report reads aggregates
 instead of every rollout record.
 
+Prometheus aggregates, written by every final transition in the same atomic step
+(``lua/_final_metrics.lua``); the exporter reads them in a bounded number of round trips::
+
+    {p}:metrics                                hash  the whole queue: n:{status} rollouts finished per
+                                                     final status, d:{i}/ds the duration histogram (bucket i
+                                                     of core/metrics.py DURATION_BUCKETS, not cumulative; sum),
+                                                     w:{i}/ws queue wait likewise, folded:snapshot and
+                                                     folded:variant series folded into "other" so far
+    {p}:metrics:snapshots                      zset  "{resources_id}:{version}" -> end time of its last finished
+                                                     rollout: the snapshot versions with series of their own
+                                                     (at most Settings.metrics_max_snapshot_versions)
+    {p}:metrics:snapshot:{resources_id}:{version}
+                                               hash  n:{status}, d:{i}, ds, and rn/rs/rmin/rmax (rewards: count,
+                                                     sum, min, max) of the rollouts that ran with that version
+    {p}:metrics:snapshot:other                 hash  the same, summed over the versions folded past the cap
+    {p}:metrics:variants                       zset  "{experiment}:{variant}" -> end time of its last finished
+                                                     rollout (at most Settings.metrics_max_variants)
+    {p}:metrics:variant:{experiment}:{variant} hash  as a snapshot version's, for an experiment's variant
+    {p}:metrics:variant:other                  hash  the same, summed over the variants folded past the cap
+
 Training runs (:mod:`lightning_queue.training`)::
 
     {p}:training:{run}                            hash  what a run has decided so far, so a new process with
@@ -316,6 +336,34 @@ class Keys:
 
     def experiment_unit_rewards(self, name: str, variant: str) -> str:
         return f"{self.experiment(name)}{self.UNIT_REWARDS_INFIX}{variant}"
+
+    # -- Prometheus aggregates --------------------------------------------------------
+    # The final-transition scripts (lua/_final_metrics.lua) get these spelled in by scripts.py.
+    METRICS_INFIX = ":metrics"
+    METRICS_SNAPSHOTS_SUFFIX = ":snapshots"
+    METRICS_SNAPSHOT_SUFFIX = ":snapshot:"
+    METRICS_VARIANTS_SUFFIX = ":variants"
+    METRICS_VARIANT_SUFFIX = ":variant:"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}{self.METRICS_INFIX}"
+
+    @property
+    def metrics_snapshots(self) -> str:
+        return f"{self.metrics}{self.METRICS_SNAPSHOTS_SUFFIX}"
+
+    def metrics_snapshot(self, member: str) -> str:
+        """A snapshot version's aggregates: ``member`` is ``"{resources_id}:{version}"`` or ``"other"``."""
+        return f"{self.metrics}{self.METRICS_SNAPSHOT_SUFFIX}{member}"
+
+    @property
+    def metrics_variants(self) -> str:
+        return f"{self.metrics}{self.METRICS_VARIANTS_SUFFIX}"
+
+    def metrics_variant(self, member: str) -> str:
+        """A variant's aggregates: ``member`` is ``"{experiment}:{variant}"`` or ``"other"``."""
+        return f"{self.metrics}{self.METRICS_VARIANT_SUFFIX}{member}"
 
     # -- training runs -----------------------------------------------------------
     def training_run(self, name: str) -> str:

@@ -404,7 +404,10 @@ class Rollout(BaseModel):
       ``None`` means ``latest``) is resolved when the rollout starts, so queued
       work picks up a switch made while it waited.
 
-    Each :class:`Attempt` records the concrete id and version it ran with.
+    Each :class:`Attempt` records the concrete id and version it ran with, and the record
+    carries those of the last attempt that started (``ran_resources_id``,
+    ``ran_resources_version``; pinned or following alike), so a batch read tells which
+    snapshot each rollout really ran without reading its attempts.
     """
 
     rollout_id: str = Field(default_factory=lambda: new_id("ro"))
@@ -426,6 +429,11 @@ class Rollout(BaseModel):
     traceparent: str | None = None
     """W3C trace context of the span that enqueued it (every task message of the rollout carries
     it, so each attempt's root span is that span's child)."""
+    ran_resources_id: str | None = None
+    """The concrete snapshot id its last started attempt ran with (None until one starts), written
+    by the store with the attempt's start: what ``resources_id`` (maybe a pointer, maybe None) resolved to."""
+    ran_resources_version: int | None = None
+    """The version of ``ran_resources_id`` that attempt ran with."""
 
     @property
     def is_finished(self) -> bool:

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lightning_queue.core.keys import KEY_PREFIX_PATTERN, Keys, check_queue_name
+from lightning_queue.core.metrics import MAX_SNAPSHOT_SERIES, MAX_VARIANT_SERIES, SeriesCaps
 from lightning_queue.core.traces import LLMPrice
 
 
@@ -150,6 +151,18 @@ class Settings(BaseSettings):
         description="USD per million input and output tokens by model name ('*': any other), for the cost of "
         "LLM calls (JSON in LQ_LLM_PRICES, e.g. '{\"gpt-4o-mini\": {\"input\": 0.15, \"output\": 0.6}}').",
     )
+    metrics_max_snapshot_versions: int = Field(
+        MAX_SNAPSHOT_SERIES,
+        ge=1,
+        description="Snapshot versions with their own Prometheus series (finished, duration, reward); past it, the "
+        "least recently finished is folded into resources_id=\"other\" (docs/operations.md#monitoring).",
+    )
+    metrics_max_variants: int = Field(
+        MAX_VARIANT_SERIES,
+        ge=1,
+        description="Experiment variants with their own Prometheus series; past it, the least recently finished is "
+        "folded into experiment=\"other\".",
+    )
     gc_keep: int = Field(50, ge=1, description="Retention: snapshots kept besides those pointed at or in use.")
     gc_interval_seconds: float | None = Field(
         None, gt=0, description="Run the retention policy on this schedule (needs `celery beat` or `worker -B`)."
@@ -189,6 +202,11 @@ class Settings(BaseSettings):
         of a live attempt pass (the timeout less 1.5 heartbeat intervals: the most a beat can lag),
         but at least 1.5 sweep intervals, so the sweeps' own rhythm is never taken for one."""
         return max(1.5 * self.sweep_interval, self.heartbeat_deadline - 1.5 * self.heartbeat_interval)
+
+    @property
+    def series_caps(self) -> SeriesCaps:
+        """The caps on per snapshot version and per variant metric series."""
+        return SeriesCaps(self.metrics_max_snapshot_versions, self.metrics_max_variants)
 
     @property
     def keys(self) -> Keys:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,37 @@ import numpy as np
 from lightning_queue.core.models import Rollout
 from lightning_queue.experiments import stats
 from lightning_queue.experiments.model import Experiment
+
+MAX_REGRESSIONS = 20
+"""At most this many inputs are listed as worse under a treatment (the worst first)."""
+
+
+@dataclass(frozen=True)
+class SnapshotRun:
+    """A concrete snapshot version a variant's rollouts ran with (their records' ``ran_resources_id`` and
+    ``ran_resources_version``): a variant names a pointer or id, and a pointer may move during an
+    experiment (after a promotion ``prod`` names another snapshot)."""
+
+    resources_id: str
+    version: int
+    rollouts: int
+    """Finished rollouts of the variant whose last attempt ran with it."""
+
+
+@dataclass(frozen=True)
+class Regression:
+    """An input (a paired experiment's unit) whose mean reward is lower under the treatment."""
+
+    unit: str
+    control: float
+    treatment: float
+
+    @property
+    def delta(self) -> float:
+        return self.treatment - self.control
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "control": self.control, "treatment": self.treatment, "delta": self.delta}
 
 
 @dataclass(frozen=True)
@@ -42,11 +73,13 @@ class VariantStats:
     latency_p95: float | None
     errors: dict[str, int]
     rewards: list[float] = field(repr=False, default_factory=list)
+    ran: list[SnapshotRun] = field(default_factory=list)
+    """The snapshot versions its finished rollouts ran with, most rollouts first."""
 
     def to_dict(self) -> dict[str, Any]:
         # Not asdict(): it would deep-copy every reward only to drop them.
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rewards"} | {
-            "errors": dict(self.errors)}
+            "errors": dict(self.errors), "ran": [asdict(r) for r in self.ran]}
 
 
 @dataclass(frozen=True)
@@ -67,10 +100,14 @@ class Comparison:
     prob_beats: float | None
     prob_success_beats: float | None
     verdict: str
+    regressions: list[Regression] = field(default_factory=list)
+    """Paired experiments: the inputs whose mean reward is lower under the treatment than under the
+    control, the worst (most negative ``delta``) first, at most :data:`MAX_REGRESSIONS`."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "variant": self.variant, "control": self.control, "verdict": self.verdict,
+            "regressions": [r.to_dict() for r in self.regressions],
             "welch": self.welch.to_dict() if self.welch else None,
             "paired": self.paired.to_dict() if self.paired else None,
             "sequential": self.sequential.to_dict() if self.sequential else None,
@@ -144,7 +181,23 @@ class ExperimentReport:
             else:
                 cells += [_pct(w.lift) if w else "", _p(w.p_value if w else None), _pct(c.prob_beats)]
             comparisons.add_row(c.variant, c.verdict, *cells)
-        out = [variants, comparisons]
+        ran = Table(title="the snapshot versions each variant ran (what its reference named when each rollout "
+                    "started)")
+        for column in ("variant", "resources_id", "version", "rollouts"):
+            ran.add_column(column)
+        for v in self.variants:
+            for run in v.ran:
+                ran.add_row(v.name, run.resources_id, str(run.version), str(run.rollouts))
+        out = [variants, ran, comparisons]
+        for c in self.comparisons:
+            if c.regressions:
+                worse = Table(title=f"inputs worse under {c.variant} than under {c.control} (worst first, "
+                              f"at most {MAX_REGRESSIONS})")
+                for column in ("input", c.control, c.variant, "delta"):
+                    worse.add_column(column)
+                for r in c.regressions:
+                    worse.add_row(r.unit, f"{r.control:.3f}", f"{r.treatment:.3f}", f"{r.delta:+.3f}")
+                out.append(worse)
         if self.srm is not None:
             srm = Table(title="sample ratio (units vs weights)")
             for column in ("observed", "expected", "chi2", "p", ""):
@@ -203,6 +256,8 @@ class Outcomes:
     reward_times: np.ndarray
     latencies: np.ndarray
     unit_rewards: dict[str, tuple[float, float]]
+    ran: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Finished rollouts per ``(resources_id, version)`` their last attempt ran with."""
 
 
 def outcomes_of(rollouts: list[Rollout]) -> Outcomes:
@@ -222,6 +277,8 @@ def outcomes_of(rollouts: list[Rollout]) -> Outcomes:
         latencies=np.asarray([r.end_time - r.start_time for r in finished if r.start_time and r.end_time], dtype=float),
         unit_rewards={u: (float(np.mean([r.reward for r in rs])), max(r.end_time or 0.0 for r in rs))
                       for u, rs in groups.items()},
+        ran=dict(Counter((r.ran_resources_id, r.ran_resources_version) for r in rollouts if r.is_finished
+                         and r.ran_resources_id is not None and r.ran_resources_version is not None)),
     )
 
 
@@ -230,6 +287,11 @@ def outcomes_from_tally(
 ) -> Outcomes:
     """The :class:`Outcomes` of a variant from the aggregates the store keeps for it (see
     ``lua/_experiment_tally.lua``): its tally hash, its rewards lines and its per-unit rewards."""
+    ran = {}
+    for name, n in tally.items():
+        if name.startswith("ran:"):  # "ran:{version}:{resources_id}"
+            version, _, resources_id = name.removeprefix("ran:").partition(":")
+            ran[(resources_id, int(version))] = int(n)
     values = np.array(rewards.split(), dtype=float).reshape(-1, 3) if rewards else np.empty((0, 3))
     rewarded = ~np.isnan(values[:, 1])
     latencies = values[:, 2]
@@ -246,6 +308,7 @@ def outcomes_from_tally(
         reward_times=values[rewarded, 0],
         latencies=latencies[~np.isnan(latencies)],
         unit_rewards=units,
+        ran=ran,
     )
 
 
@@ -326,6 +389,8 @@ def _variant_stats(exp: Experiment, name: str, outcomes: Outcomes, units: int, a
         finished - succeeded, succeeded / finished if finished else None, mean, std, reward_interval(arr, alpha),
         float(np.percentile(latencies, 50)) if len(latencies) else None,
         float(np.percentile(latencies, 95)) if len(latencies) else None, dict(outcomes.errors), arr.tolist(),
+        [SnapshotRun(rid, version, n) for (rid, version), n in sorted(outcomes.ran.items(),
+                                                                     key=lambda item: (-item[1], item[0]))],
     )
 
 
@@ -336,6 +401,14 @@ def _pairs(control: Outcomes, treatment: Outcomes) -> tuple[np.ndarray, np.ndarr
     common = sorted(set(c) & set(t), key=lambda u: (max(c[u][1], t[u][1]), u))
     return (np.asarray([c[u][0] for u in common]), np.asarray([t[u][0] for u in common]),
             np.asarray([max(c[u][1], t[u][1]) for u in common]))
+
+
+def regressions(control: Outcomes, treatment: Outcomes, limit: int = MAX_REGRESSIONS) -> list[Regression]:
+    """The units (inputs) rewarded under both variants whose mean reward is lower under the treatment,
+    the worst first (ties by unit), at most ``limit``."""
+    c, t = control.unit_rewards, treatment.unit_rewards
+    worse = [Regression(u, c[u][0], t[u][0]) for u in set(c) & set(t) if t[u][0] < c[u][0]]
+    return sorted(worse, key=lambda r: (r.delta, r.unit))[:limit]
 
 
 def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, outcomes: dict[str, Outcomes],
@@ -366,7 +439,8 @@ def _compare(exp: Experiment, control: VariantStats, treatment: VariantStats, ou
         verdict = "better" if sequential.diff > 0 else "worse"
     else:
         verdict = "no significant difference"
-    return Comparison(treatment.name, control.name, welch, paired, sequential, prob, prob_success, verdict)
+    worse = regressions(c_out, t_out) if exp.paired else []
+    return Comparison(treatment.name, control.name, welch, paired, sequential, prob, prob_success, verdict, worse)
 
 
 def finite_json(value: Any) -> Any:

@@ -2,17 +2,22 @@
 
 Flower shows Celery's view (tasks, workers); this module shows the queue's:
 rollouts per status and per snapshot, which pointers name which snapshot,
-queue depth per priority, messages held by workers, and the worker snapshot
-caches' hit ratio and load latency. One read (:func:`read_overview`) serves
-both the Prometheus exporter (:class:`LightningCollector`, served by
-``lightning-queue exporter``) and the terminal view (``lightning-queue
-status``).
+queue depth per priority, messages held by workers, the worker snapshot
+caches' hits, misses and load time, and what finished rollouts came to
+(finished by status, duration and queue-wait histograms, rewards) for the
+queue, per snapshot version and per experiment variant. One read
+(:func:`read_overview`) serves both the Prometheus exporter
+(:class:`LightningCollector`, served by ``lightning-queue exporter``) and the
+terminal view (``lightning-queue status``).
 
 Cost per scrape, whatever the number of rollouts: one pipeline of ``ZCARD`` /
 ``LLEN`` / ``HLEN`` / ``HGETALL pointers`` / ``ZREVRANGE snapshots`` (and the retry
 schedule's ``ZCARD`` and the dead-letter list's ``LLEN``) and one
 pipeline of ``ZCARD`` per snapshot shown (at most ``max_snapshots`` plus the
-pointer targets). Rollout records are never read. The worker cache stats are
+pointer targets); then the aggregates the final transitions keep
+(:func:`~lightning_queue.storage.metrics.read_final_metrics`: two pipelined
+round trips, one hash per series, at most the series caps of
+:class:`~lightning_queue.core.settings.Settings`). Rollout records are never read. The worker cache stats are
 found with a ``SCAN`` (:meth:`LightningClient.cache_stats`), so they are read
 at most once per ``cache_stats_every`` seconds (workers only report that
 often anyway) and the last reading is served in between.
@@ -20,7 +25,6 @@ often anyway) and the last reading is served in between.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -29,12 +33,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lightning_queue.core.errors import redacted_url
-from lightning_queue.core.models import ROLLOUT_STATUSES
+from lightning_queue.core.models import ROLLOUT_STATUSES, TERMINAL_STATUSES
 from lightning_queue.storage.connections import text
+from lightning_queue.storage.metrics import FinalMetrics, Histogram, Series, read_final_metrics
 
 if TYPE_CHECKING:
     from lightning_queue.client import LightningClient
@@ -207,84 +218,36 @@ def node_of(process: str) -> str:
     return process.rpartition(":")[0] or process
 
 
-# ------------------------------------------------------------------------------- finished rollouts
-
-
-class FinishedRollouts:
-    """Counts rollouts reaching a final status, from the completion notifications the
-    store publishes (:attr:`Keys.events`), so Prometheus can ``rate()`` it.
-
-    Counts only while this listener runs (a notification sent while it is
-    disconnected is not counted): it is a rate signal, not a ledger; the
-    ledger is ``lq_rollouts{status=...}``. The listener reconnects by itself.
-    """
-
-    def __init__(self, client: LightningClient, poll_seconds: float = 1.0) -> None:
-        self.client = client
-        self.poll_seconds = poll_seconds
-        self.count = 0
-        self._stop = threading.Event()
-        self._subscribed = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self, wait_seconds: float = 5.0) -> bool:
-        """Start listening; return whether it subscribed within ``wait_seconds``."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._listen, name="lq-finished-rollouts", daemon=True)
-            self._thread.start()
-        return self._subscribed.wait(wait_seconds)
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _listen(self) -> None:
-        delay = 0.1
-        while not self._stop.is_set():
-            pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.client.keys.events)
-                self._subscribed.set()
-                delay = 0.1
-                while not self._stop.is_set():
-                    if pubsub.get_message(timeout=self.poll_seconds) is not None:
-                        self.count += 1  # one thread writes; readers only read an int
-            except Exception as exc:  # noqa: BLE001 - a dropped connection: subscribe again, with backoff
-                log.warning("finished-rollouts listener: %s: %s; resubscribing in %.1f s",
-                            type(exc).__name__, exc, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                with contextlib.suppress(Exception):  # the connection may already be gone
-                    pubsub.close()
-
-
 # ------------------------------------------------------------------------------- Prometheus
 
 
 class LightningCollector(Collector):
     """A Prometheus collector that reads Redis at each scrape (see the module doc for the cost).
 
-    Metrics (every name starts ``lq_``; the key prefix is the ``prefix`` label of each):
+    Metrics (every name starts ``lq_``; the key prefix is the ``prefix`` label of each; the full table,
+    with PromQL, is in docs/operations.md#monitoring):
 
     * ``lq_up`` 1 when Redis answered this scrape, else 0 (and nothing else is reported)
     * ``lq_rollouts{status}`` rollouts in each status index
     * ``lq_rollouts_by_resources{resources_id}`` rollouts pinned to or run with each snapshot
     * ``lq_pointer{pointer, resources_id}`` 1 for the snapshot each pointer names (join on resources_id)
-    * ``lq_snapshots``, ``lq_registry_seq``
+    * ``lq_snapshots``; ``lq_registry_writes_total`` registry changes (the registry sequence, which only grows)
     * ``lq_queue_messages{queue, priority}`` messages waiting, per kombu priority sub-queue
     * ``lq_queue_unacked`` messages taken by workers and not acked yet (rollouts running or about to)
     * ``lq_retries_waiting`` requeued rollouts waiting their backoff in the retry schedule
     * ``lq_dead_letters`` malformed messages workers refused, in ``{p}:dead-letters``
-    * ``lq_rollouts_finished_total`` rollouts finished while the exporter ran (with a :class:`FinishedRollouts`)
-    * ``lq_worker_processes`` worker processes that reported cache stats recently
-    * ``lq_cache_hit_ratio`` the fleet's snapshot-cache hit ratio; ``lq_snapshot_load_seconds_mean`` its mean
-      cold load time
-    * per process (``process`` = ``node@host:pid``): ``lq_worker_cache_hits_total``,
-      ``lq_worker_cache_misses_total``, ``lq_worker_snapshot_loads_total``,
-      ``lq_worker_snapshot_load_seconds_total``, ``lq_worker_cache_bytes``, ``lq_worker_cache_entries``
+    * from the aggregates every final transition updates (counted in Redis, so they survive exporter
+      restarts and count every rollout): ``lq_rollouts_finished_total{status}``, the histograms
+      ``lq_rollout_duration_seconds`` and ``lq_rollout_queue_wait_seconds``; per snapshot version
+      (``resources_id``, ``version``) and per experiment variant (``experiment``, ``variant``):
+      ``lq_{snapshot,variant}_rollouts_finished_total{status}``, ``lq_{snapshot,variant}_rollout_duration_seconds``
+      (histogram), ``lq_{snapshot,variant}_reward`` (summary: ``_sum``, ``_count``) and its ``_min``/``_max``
+      gauges; past the caps (``Settings.metrics_max_snapshot_versions``, ``metrics_max_variants``) the least
+      recently finished are summed in the series labelled ``other``, counted by ``lq_metrics_series_folded_total{kind}``
+    * per worker host (``worker`` = Celery's ``node@host``, summed over its live pool processes; no PID
+      label, so pool restarts do not make new series): ``lq_snapshot_cache_hits_total``,
+      ``lq_snapshot_cache_misses_total``, ``lq_snapshot_load_seconds`` (summary: ``_sum``, ``_count``),
+      ``lq_snapshot_cache_bytes``, ``lq_snapshot_cache_entries``; ``lq_worker_processes`` the processes reporting
     * ``lq_worker_stalled{worker}`` 1 for a worker that is up but stopped consuming (see :mod:`.health`)
     * ``lq_experiment_rollouts{experiment, variant, status}`` from :func:`experiment_traffic_per_variant`
     """
@@ -296,7 +259,6 @@ class LightningCollector(Collector):
         *,
         max_snapshots: int = 50,
         cache_stats_every: float | None = None,
-        finished: FinishedRollouts | None = None,
         experiment_traffic: Callable[[LightningClient], Iterable[Metric]] = experiment_traffic_per_variant,
     ) -> None:
         self.client = client
@@ -305,7 +267,6 @@ class LightningCollector(Collector):
         every = client.settings.cache_stats_interval_seconds if cache_stats_every is None else cache_stats_every
         self.cache_stats = CacheStatsReader(client, every)
         self.liveness = CacheStatsReader(client, every, read=worker_liveness)
-        self.finished = finished
         self.experiment_traffic = experiment_traffic
 
     def describe(self) -> Iterable[Metric]:
@@ -316,6 +277,7 @@ class LightningCollector(Collector):
         up = GaugeMetricFamily("lq_up", "1 when Redis answered this scrape, else 0.", labels=["prefix"])
         try:
             overview = read_overview(self.client, self.queues, self.max_snapshots)
+            final = read_final_metrics(self.client.redis, self.client.keys)
             stats = self.cache_stats.read()
         except redis.RedisError as exc:
             log.warning("scrape: cannot read Redis at %s: %s", redacted_url(self.client.settings.redis_url), exc)
@@ -325,12 +287,8 @@ class LightningCollector(Collector):
         up.add_metric([prefix], 1)
         yield up
         yield from self._overview_metrics(prefix, overview)
+        yield from final_metrics(prefix, final)
         yield from self._cache_metrics(prefix, stats)
-        if self.finished is not None:
-            finished = CounterMetricFamily("lq_rollouts_finished", "Rollouts that reached a final status while "
-                                           "the exporter listened (use rate()).", labels=["prefix"])
-            finished.add_metric([prefix], self.finished.count)
-            yield finished
         stalled = GaugeMetricFamily("lq_worker_stalled", "1 for a worker that is up but stopped consuming while "
                                     "messages wait (liveness judged by consumption), else 0.",
                                     labels=["prefix", "worker"])
@@ -361,7 +319,10 @@ class LightningCollector(Collector):
             pointer.add_metric([prefix, name, rid], 1)
         yield pointer
         yield _gauge("lq_snapshots", "Snapshots in the registry.", prefix, o.snapshots)
-        yield _gauge("lq_registry_seq", "The registry's change sequence number.", prefix, o.registry_seq)
+        writes = CounterMetricFamily("lq_registry_writes", "Registry changes so far (snapshot writes, pointer moves, "
+                                     "deletes): the registry sequence, which only grows.", labels=["prefix"])
+        writes.add_metric([prefix], o.registry_seq)
+        yield writes
         depth = GaugeMetricFamily("lq_queue_messages", "Messages waiting in each Celery queue, per priority step.",
                                   labels=["prefix", "queue", "priority"])
         for queue, steps in o.queue_depth.items():
@@ -377,32 +338,80 @@ class LightningCollector(Collector):
 
     @staticmethod
     def _cache_metrics(prefix: str, stats: dict[str, dict[str, Any]]) -> Iterable[Metric]:
-        fleet = FleetCache.of(stats)
         yield _gauge("lq_worker_processes", "Worker processes that reported snapshot-cache stats recently.",
-                     prefix, fleet.processes)
-        yield _gauge("lq_cache_hit_ratio", "Snapshot-cache hit ratio over the reporting worker processes.",
-                     prefix, fleet.hit_ratio)
-        yield _gauge("lq_snapshot_load_seconds_mean", "Mean time a worker took to load a snapshot from Redis.",
-                     prefix, fleet.mean_load_seconds)
-        families: list[tuple[type, str, str, Callable[[dict[str, Any]], float]]] = [
-            (CounterMetricFamily, "lq_worker_cache_hits", "Snapshot-cache hits of the process.",
-             lambda s: s.get("hits", 0)),
-            (CounterMetricFamily, "lq_worker_cache_misses", "Snapshot-cache misses of the process.",
-             lambda s: s.get("misses", 0)),
-            (CounterMetricFamily, "lq_worker_snapshot_loads", "Snapshots the process loaded from Redis.",
-             lambda s: s.get("load_count", 0)),
-            (CounterMetricFamily, "lq_worker_snapshot_load_seconds", "Time the process spent loading snapshots.",
-             lambda s: s.get("load_seconds_total", 0.0)),
-            (GaugeMetricFamily, "lq_worker_cache_bytes", "Bytes in the process's snapshot cache.",
-             lambda s: s.get("bytes", 0)),
-            (GaugeMetricFamily, "lq_worker_cache_entries", "Snapshots in the process's snapshot cache.",
-             lambda s: s.get("entries", 0)),
-        ]
-        for kind, name, doc, value in families:
-            family = kind(name, doc, labels=["prefix", "process"])
-            for process, s in sorted(stats.items()):
-                family.add_metric([prefix, process], float(value(s)))
-            yield family
+                     prefix, len(stats))
+        by_node: dict[str, dict[str, dict[str, Any]]] = {}
+        for process, s in stats.items():
+            by_node.setdefault(node_of(process), {})[process] = s
+        labels = ["prefix", "worker"]
+        hits = CounterMetricFamily("lq_snapshot_cache_hits", "Snapshot-cache hits of the worker's live pool "
+                                   "processes (summed per worker host).", labels=labels)
+        misses = CounterMetricFamily("lq_snapshot_cache_misses", "Snapshot-cache misses of the worker's live pool "
+                                     "processes (summed per worker host).", labels=labels)
+        loads = SummaryMetricFamily("lq_snapshot_load_seconds", "Time the worker's processes spent loading "
+                                    "snapshots from Redis (cache misses), and how many loads.", labels=labels)
+        size = GaugeMetricFamily("lq_snapshot_cache_bytes", "Bytes in the worker's snapshot caches.", labels=labels)
+        entries = GaugeMetricFamily("lq_snapshot_cache_entries", "Snapshots in the worker's snapshot caches.",
+                                    labels=labels)
+        for node, processes in sorted(by_node.items()):
+            fleet = FleetCache.of(processes)
+            hits.add_metric([prefix, node], fleet.hits)
+            misses.add_metric([prefix, node], fleet.misses)
+            loads.add_metric([prefix, node], fleet.loads, fleet.load_seconds)
+            size.add_metric([prefix, node], sum(float(s.get("bytes", 0)) for s in processes.values()))
+            entries.add_metric([prefix, node], sum(float(s.get("entries", 0)) for s in processes.values()))
+        yield from (hits, misses, loads, size, entries)
+
+
+def final_metrics(prefix: str, m: FinalMetrics) -> Iterable[Metric]:
+    """The Prometheus families of the aggregates the final transitions keep (see :class:`LightningCollector`)."""
+    finished = CounterMetricFamily("lq_rollouts_finished", "Rollouts that reached each final status.",
+                                   labels=["prefix", "status"])
+    for status in sorted(TERMINAL_STATUSES):
+        finished.add_metric([prefix, status], m.totals.finished.get(status, 0))
+    yield finished
+    yield _histogram("lq_rollout_duration_seconds", "Rollout duration: start of its first attempt to its final "
+                     "status (rollouts that started).", ["prefix"], [([prefix], m.totals.duration)])
+    yield _histogram("lq_rollout_queue_wait_seconds", "Time from enqueue to the start of the first attempt.",
+                     ["prefix"], [([prefix], m.queue_wait)])
+    yield from _series_metrics("snapshot", "snapshot version it ran with", ["resources_id", "version"], prefix,
+                               m.snapshots)
+    yield from _series_metrics("variant", "experiment variant", ["experiment", "variant"], prefix, m.variants)
+    folded = CounterMetricFamily("lq_metrics_series_folded", "Series (snapshot versions, variants) folded into the "
+                                 "'other' series past their cap.", labels=["prefix", "kind"])
+    for kind in ("snapshot", "variant"):
+        folded.add_metric([prefix, kind], m.folded.get(kind, 0))
+    yield folded
+
+
+def _series_metrics(kind: str, per: str, names: list[str], prefix: str,
+                    series: Mapping[tuple[str, str], Series]) -> Iterable[Metric]:
+    labels = ["prefix", *names]
+    finished = CounterMetricFamily(f"lq_{kind}_rollouts_finished", f"Rollouts finished per {per} and final status.",
+                                   labels=[*labels, "status"])
+    reward = SummaryMetricFamily(f"lq_{kind}_reward", f"Rewards of succeeded rollouts per {per}.", labels=labels)
+    low = GaugeMetricFamily(f"lq_{kind}_reward_min", f"Lowest reward per {per}.", labels=labels)
+    high = GaugeMetricFamily(f"lq_{kind}_reward_max", f"Highest reward per {per}.", labels=labels)
+    for key, s in sorted(series.items()):
+        values = [prefix, *key]
+        for status, n in sorted(s.finished.items()):
+            finished.add_metric([*values, status], n)
+        reward.add_metric(values, s.reward_count, s.reward_sum)
+        if s.reward_min is not None and s.reward_max is not None:
+            low.add_metric(values, s.reward_min)
+            high.add_metric(values, s.reward_max)
+    yield finished
+    yield _histogram(f"lq_{kind}_rollout_duration_seconds", f"Rollout duration per {per}.", labels,
+                     [([prefix, *key], s.duration) for key, s in sorted(series.items())])
+    yield from (reward, low, high)
+
+
+def _histogram(name: str, documentation: str, labels: list[str],
+               rows: Iterable[tuple[list[str], Histogram]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for values, h in rows:
+        family.add_metric(values, h.cumulative(), h.sum)
+    return family
 
 
 def _gauge(name: str, documentation: str, prefix: str, value: float) -> GaugeMetricFamily:
@@ -423,8 +432,8 @@ def exporter_registry(collector: LightningCollector) -> CollectorRegistry:
 
 class Exporter:
     """The Prometheus endpoint of ``lightning-queue exporter``: an HTTP server thread
-    serving ``/metrics`` from a :class:`LightningCollector`, and the listener that
-    counts finished rollouts. Starts even when Redis is down (``lq_up`` is then 0)."""
+    serving ``/metrics`` from a :class:`LightningCollector`. Starts even when Redis is down
+    (``lq_up`` is then 0)."""
 
     def __init__(
         self,
@@ -437,11 +446,7 @@ class Exporter:
         from prometheus_client import start_http_server
 
         self.client = client
-        self.finished = FinishedRollouts(client)
-        if not self.finished.start(wait_seconds=10.0):
-            log.warning("exporter: not subscribed to %s yet; lq_rollouts_finished_total counts once it is",
-                        client.keys.events)
-        self.collector = LightningCollector(client, queues, max_snapshots=max_snapshots, finished=self.finished)
+        self.collector = LightningCollector(client, queues, max_snapshots=max_snapshots)
         self._server, self._thread = start_http_server(port, address, registry=exporter_registry(self.collector))
         self.port = self._server.server_port
 
@@ -449,7 +454,6 @@ class Exporter:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
-        self.finished.close()
 
     def __enter__(self) -> Exporter:
         return self

@@ -165,12 +165,13 @@ class SnapshotRegistry:
         self.max_bytes = settings.max_snapshot_bytes
         self.history_length = settings.pointer_history_length
         self.rollout_ttl_seconds = settings.rollout_ttl_seconds  # for rollouts a forced delete fails
+        self.series_caps = settings.series_caps  # and the metric aggregates their failure updates
         self._write = load_script(client, "write_snapshot", "_registry_prelude", "_epoch_prelude")
         self._get = load_script(client, "get_snapshot")
         self._set_pointer = load_script(client, "set_pointer", "_registry_prelude")
         self._rollback = load_script(client, "rollback_pointer", "_registry_prelude")
         self._delete = load_script(client, "delete_snapshot", "_rollout_prelude", "_experiment_tally",
-                                   "_registry_prelude")
+                                   "_final_metrics", "_registry_prelude")
 
     # -- writes -------------------------------------------------------------------------
 
@@ -436,7 +437,7 @@ class SnapshotRegistry:
                   k.snapshot_events, k.rollouts_by_resources(resources_id), k.events, k.usage_by_version(resources_id)],
             args=[resources_id, "1" if force else "0", repr(time.time()), error, k.rollout_prefix,
                   k.pointer_history_prefix, self.history_length, by, k.snapshot_version_prefix(resources_id),
-                  self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX],
+                  self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX, self.series_caps.arg],
         )
         status = text(reply[0])
         if status == "missing":

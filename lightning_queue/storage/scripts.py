@@ -2,9 +2,10 @@
 
 Scripts name statuses through placeholders filled in from :mod:`lightning_queue.core.models`
 (``__STATUSES__`` the status index order, ``__TERMINAL__``, ``__OPEN__``, ``__CLOSED__`` and ``__WAITING__``
-the sets), so a status is spelled once, in Python; key infixes likewise come from
-:class:`~lightning_queue.core.keys.Keys`, and ``__SPANS_SUFFIX__`` derives an attempt's spans key as
-:mod:`~lightning_queue.core.keys` does.
+the sets), so a status is spelled once, in Python (and so are the metric histograms' bucket bounds,
+``__DURATION_BUCKETS__`` and ``__QUEUE_WAIT_BUCKETS__``, from :mod:`lightning_queue.core.metrics`); key
+infixes likewise come from :class:`~lightning_queue.core.keys.Keys`, and ``__SPANS_SUFFIX__`` derives an
+attempt's spans key as :mod:`~lightning_queue.core.keys` does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import redis
 from redis.commands.core import Script
 
 from lightning_queue.core.keys import Keys
+from lightning_queue.core.metrics import DURATION_BUCKETS, OTHER, QUEUE_WAIT_BUCKETS
 from lightning_queue.core.models import (
     CLOSED_ATTEMPT_STATUSES,
     OPEN_STATUSES,
@@ -43,6 +45,15 @@ _PLACEHOLDERS = {
     "__REWARDS_INFIX__": Keys.REWARDS_INFIX,
     "__UNIT_REWARDS_INFIX__": Keys.UNIT_REWARDS_INFIX,
     "__SPANS_SUFFIX__": Keys.SPANS_SUFFIX,
+    # The Prometheus aggregates (lua/_final_metrics.lua): their keys and histogram bounds.
+    "__METRICS_INFIX__": Keys.METRICS_INFIX,
+    "__METRICS_SNAPSHOTS_SUFFIX__": Keys.METRICS_SNAPSHOTS_SUFFIX,
+    "__METRICS_SNAPSHOT_SUFFIX__": Keys.METRICS_SNAPSHOT_SUFFIX,
+    "__METRICS_VARIANTS_SUFFIX__": Keys.METRICS_VARIANTS_SUFFIX,
+    "__METRICS_VARIANT_SUFFIX__": Keys.METRICS_VARIANT_SUFFIX,
+    "__METRICS_OTHER__": OTHER,
+    "__DURATION_BUCKETS__": ", ".join(repr(float(b)) for b in DURATION_BUCKETS),
+    "__QUEUE_WAIT_BUCKETS__": ", ".join(repr(float(b)) for b in QUEUE_WAIT_BUCKETS),
 }
 
 

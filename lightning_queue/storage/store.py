@@ -26,7 +26,10 @@ is accepted (:meth:`RolloutStore.get_attempts` gives it to the attempt that
 finished the rollout), on the attempt when it was refused because the
 rollout had been cancelled. So a typical finished record and its attempt
 keep every value under Redis's ``hash-max-listpack-value`` (64 bytes) and
-stay compact listpacks (about half the memory of a hash table).
+stay compact listpacks (about half the memory of a hash table). The snapshot the
+last started attempt ran with (``ran_resources_id``, ``ran_resources_version``) is
+one field, ``ran`` = ``"{version}:{resources_id}"``, written by the claim or the
+start script (and read in that form by the final-transition scripts).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from lightning_queue.core.errors import (
     WorkerLostError,
 )
 from lightning_queue.core.keys import Keys
+from lightning_queue.core.metrics import SeriesCaps
 from lightning_queue.core.models import (
     ROLLOUT_STATUSES,
     Attempt,
@@ -71,7 +75,7 @@ log = logging.getLogger(__name__)
 # Fields stored as plain strings (Lua scripts read and write them); the rest are JSON.
 _PLAIN_ROLLOUT_FIELDS = frozenset(
     {"rollout_id", "status", "queue", "resources_id", "resources_version", "resolve", "attempt_count",
-     "enqueue_time", "start_time", "end_time", "published", "missing", "resends", "traceparent"}
+     "enqueue_time", "start_time", "end_time", "published", "missing", "resends", "traceparent", "ran"}
 )
 # Fields of the record that are bookkeeping, not model fields: ``published`` (idempotent enqueue sent the
 # message), ``missing`` and ``resends`` (the reaper found the task message missing; see storage/pending.py).
@@ -126,17 +130,30 @@ def encode_result(result: RolloutResult) -> str:
 
 
 def encode_rollout(rollout: Rollout) -> dict[str, str]:
-    out = _encode(rollout.model_dump(mode="json", exclude={"config", "result"}), _PLAIN_ROLLOUT_FIELDS)
+    out = _encode(rollout.model_dump(mode="json", exclude={"config", "result", "ran_resources_id",
+                                                           "ran_resources_version"}), _PLAIN_ROLLOUT_FIELDS)
     config = encode_config(rollout.config)
     if config != "{}":
         out["config"] = config
     if rollout.result is not None:
         out["result"] = encode_result(rollout.result)
+    ran = _encode_ran(rollout.ran_resources_id, rollout.ran_resources_version)
+    if ran is not None:
+        out["ran"] = ran
     return out
+
+
+def _encode_ran(resources_id: str | None, version: int | None) -> str | None:
+    """The ``ran`` field: ``"{version}:{resources_id}"`` (the version first: an id may hold ``:``)."""
+    return None if resources_id is None or version is None else f"{version}:{resources_id}"
 
 
 def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
     data = _decode(fields, _PLAIN_ROLLOUT_FIELDS)
+    ran = data.pop("ran", None)
+    if ran is not None:
+        version, _, data["ran_resources_id"] = ran.partition(":")
+        data["ran_resources_version"] = int(version)
     for bookkeeping in _BOOKKEEPING_FIELDS:  # idempotent enqueue's and the reaper's, not part of the model
         data.pop(bookkeeping, None)
     return Rollout.model_validate(data)
@@ -203,7 +220,12 @@ class RolloutStore:
       even if its attempt finishes afterwards.
     * A rollout reaching a final status (by any path) has its record and
       every attempt set to expire ``rollout_ttl_seconds`` later, atomically
-      with that transition (``None``: kept forever).
+      with that transition (``None``: kept forever); in the same step its
+      experiment's tally and the Prometheus aggregates are updated
+      (``lua/_experiment_tally.lua``, ``lua/_final_metrics.lua``).
+    * ``claim`` (when it starts the attempt) and ``start_attempt`` write the
+      concrete snapshot on the record too (``Rollout.ran_resources_id``,
+      ``ran_resources_version``), so batch reads tell what each rollout ran.
     * Lookups of an unknown or expired id raise :class:`RolloutNotFoundError`.
     * Queries return newest enqueued first, and skip ids whose record has
       expired (dropping them from the indexes they read).
@@ -212,6 +234,7 @@ class RolloutStore:
     def __init__(
         self, client: redis.Redis, keys: Keys, rollout_ttl_seconds: int | None = None, heartbeat_timeout: float = 30.0,
         epoch: RegistryEpoch | None = None, outage_seconds: float | None = None, message_grace: float = 30.0,
+        series_caps: SeriesCaps | None = None,
     ) -> None:
         self.redis = client
         self.keys = keys
@@ -223,6 +246,8 @@ class RolloutStore:
         self.message_grace = message_grace
         self.pending = PendingIndex(client, keys, message_grace)
         self._ttl_arg = rollout_ttl_seconds or ""
+        # Caps on the per snapshot version and per variant metric series the final transitions keep.
+        self._caps_arg = (series_caps or SeriesCaps()).arg
         self._create = load_script(client, "create_rollouts", "_epoch_prelude")
         self._mark_published = load_script(client, "mark_published")
         self._heartbeat = load_script(client, "heartbeat")
@@ -230,9 +255,11 @@ class RolloutStore:
         self._release_lost = load_script(client, "release_lost")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
-        self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally", "_trace_prelude")
+        self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally", "_final_metrics",
+                                   "_trace_prelude")
         self._lease = load_script(client, "lease_expired")
-        self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude", "_experiment_tally")
+        self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude", "_experiment_tally",
+                                      "_final_metrics")
 
     # -- writes -----------------------------------------------------------------------
 
@@ -440,7 +467,7 @@ class RolloutStore:
             "args": [rollout_id, sequence_id, attempt_status, repr(now),
                      error.model_dump_json() if error else "", encode_result(result) if result else "",
                      next_status, self._ttl_arg, k.attempt_prefix(rollout_id),
-                     "" if outside is None else repr(outside), repr(now + self.message_grace),
+                     "" if outside is None else repr(outside), repr(now + self.message_grace), self._caps_arg,
                      *(trace.args if trace is not None else ())],
         }
 
@@ -456,7 +483,7 @@ class RolloutStore:
             self._terminate(
                 keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events, k.heartbeats],
                 args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else "",
-                      self._ttl_arg, k.attempt_prefix(rollout_id)],
+                      self._ttl_arg, k.attempt_prefix(rollout_id), self._caps_arg],
             )
         )
         if reply == "missing":

@@ -71,7 +71,7 @@ class WorkerContext:
         registry = SnapshotRegistry(redis_client, keys, settings, epoch=epoch)
         store = RolloutStore(redis_client, keys, settings.rollout_ttl_seconds, settings.heartbeat_deadline,
                              epoch=epoch, outage_seconds=settings.sweep_outage_seconds,
-                             message_grace=settings.message_grace_seconds)
+                             message_grace=settings.message_grace_seconds, series_caps=settings.series_caps)
         cache = start_cache(registry, settings, cache_name) if with_cache else None
         return cls(settings=settings, redis=redis_client, registry=registry, store=store,
                    publisher=Publisher(celery, settings), heartbeat=Heartbeat(store, settings.heartbeat_interval),

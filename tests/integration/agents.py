@@ -56,6 +56,14 @@ def echo(task: dict[str, Any], prompt: PromptTemplate, rollout: Rollout) -> Roll
 
 
 @rollout
+def scored(task: dict[str, Any], prompt: PromptTemplate, rollout: Rollout) -> float:
+    """Reward ``task["reward"]``; fails when ``task["fail"]`` is set (the metrics tests)."""
+    if task.get("fail"):
+        raise ValueError("asked to fail")
+    return float(task["reward"])
+
+
+@rollout
 def failing(task: dict[str, Any], rollout: Rollout) -> float:
     raise ValueError(f"boom on {task['name']}")
 

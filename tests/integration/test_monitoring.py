@@ -115,8 +115,9 @@ def test_exporter_reports_rollouts_queues_and_worker_caches(
     def settled() -> dict | None:
         s = _scrape(port)
         gets = sum(v for (name, _), v in s.items()
-                   if name in ("lq_worker_cache_hits_total", "lq_worker_cache_misses_total"))
-        return s if (_value(s, "lq_rollouts_finished_total", prefix=p) == 6 and gets >= 6) else None
+                   if name in ("lq_snapshot_cache_hits_total", "lq_snapshot_cache_misses_total"))
+        return s if (_value(s, "lq_rollouts_finished_total", prefix=p, status="succeeded") == 6 and gets >= 6) \
+            else None
 
     samples = _wait_for(settled, "6 finished rollouts and the workers' cache stats")
     assert _value(samples, "lq_rollouts", prefix=p, status="succeeded") == 6
@@ -124,7 +125,81 @@ def test_exporter_reports_rollouts_queues_and_worker_caches(
     assert _value(samples, "lq_rollouts_by_resources", prefix=p, resources_id="rs-mon") == 10
     assert _value(samples, "lq_queue_messages", prefix=p, queue=q, priority="0") == 0
     assert _value(samples, "lq_worker_processes", prefix=p) == 1
-    assert 0.0 <= _value(samples, "lq_cache_hit_ratio", prefix=p) <= 1.0
+    assert _value(samples, "lq_rollout_duration_seconds_count", prefix=p) == 6
+    client.close()
+
+
+def test_exporter_series_per_snapshot_and_variant_match_the_records(
+    monitored: Settings, exporter: tuple[int, subprocess.Popen], start_workers
+) -> None:
+    """Rollouts on two snapshots and two experiment variants, run by a real worker: the histograms,
+    counters and reward summaries the exporter serves are what the rollout records say."""
+    from lightning_queue.core.metrics import DURATION_BUCKETS, QUEUE_WAIT_BUCKETS
+    from lightning_queue.experiments.manager import Experiment, Experiments, Variant
+
+    port, _ = exporter
+    p = monitored.key_prefix
+    client = LightningClient(monitored)
+    client.add_resources({"prompt": PromptTemplate(template="one {x}")}, "rs-m1")
+    client.add_resources({"prompt": PromptTemplate(template="two {x}")}, "rs-m2")
+    experiments = Experiments(client)
+    experiments.create(Experiment(name="mx", unit_key="input.user",
+                                  variants=[Variant(name="control", resources_id="rs-m1"),
+                                            Variant(name="treatment", resources_id="rs-m2")]))
+    experiments.start("mx")
+    start_workers("tests.integration.agents:scored", count=1, settings=monitored)
+    ids = [r.rollout_id for r in experiments.enqueue(
+        "mx", [{"user": f"u{i}", "reward": i / 10, "fail": i % 7 == 3} for i in range(24)])]
+    ids += [r.rollout_id for r in client.enqueue_rollouts([{"reward": 2.0 + i} for i in range(4)],
+                                                           resources_id="rs-m2")]
+    assert len(client.wait_for_rollouts(ids, timeout=120)) == len(ids)
+    records = client.store.get_rollouts(ids)
+    assert {r.status for r in records} == {"succeeded", "failed"}
+
+    def scraped() -> dict | None:
+        s = _scrape(port)
+        total = sum(_value(s, "lq_rollouts_finished_total", prefix=p, status=st) or 0 for st in ("succeeded", "failed"))
+        return s if total == len(ids) else None
+
+    samples = _wait_for(scraped, "every finished rollout counted")
+    for status in ("succeeded", "failed", "cancelled"):
+        assert _value(samples, "lq_rollouts_finished_total", prefix=p, status=status) == \
+            sum(r.status == status for r in records)
+
+    def check_histogram(name: str, labels: dict, bounds: tuple[float, ...], values: list[float]) -> None:
+        assert _value(samples, f"{name}_count", **labels) == len(values)
+        assert _value(samples, f"{name}_sum", **labels) == pytest.approx(sum(values))
+        for bound in bounds:
+            assert _value(samples, f"{name}_bucket", **labels, le=repr(bound)) == sum(v <= bound for v in values)
+        assert _value(samples, f"{name}_bucket", **labels, le="+Inf") == len(values)
+
+    durations = [r.end_time - r.start_time for r in records if r.start_time and r.end_time]
+    waits = [r.start_time - r.enqueue_time for r in records if r.start_time]
+    check_histogram("lq_rollout_duration_seconds", {"prefix": p}, DURATION_BUCKETS, durations)
+    check_histogram("lq_rollout_queue_wait_seconds", {"prefix": p}, QUEUE_WAIT_BUCKETS, waits)
+
+    def check_series(kind: str, labels: dict, rs: list) -> None:
+        assert rs, labels
+        for status in ("succeeded", "failed"):
+            assert _value(samples, f"lq_{kind}_rollouts_finished_total", **labels, status=status) == \
+                (sum(r.status == status for r in rs) or None)  # a status never seen has no series
+        rewards = [r.reward for r in rs if r.status == "succeeded" and r.reward is not None]
+        assert _value(samples, f"lq_{kind}_reward_count", **labels) == len(rewards)
+        assert _value(samples, f"lq_{kind}_reward_sum", **labels) == pytest.approx(sum(rewards))
+        assert _value(samples, f"lq_{kind}_reward_min", **labels) == pytest.approx(min(rewards))
+        assert _value(samples, f"lq_{kind}_reward_max", **labels) == pytest.approx(max(rewards))
+        check_histogram(f"lq_{kind}_rollout_duration_seconds", labels, DURATION_BUCKETS,
+                        [r.end_time - r.start_time for r in rs])
+
+    ran = {(r.ran_resources_id, r.ran_resources_version) for r in records}
+    assert ran == {("rs-m1", 1), ("rs-m2", 1)}  # every record names the snapshot it ran
+    for rid in ("rs-m1", "rs-m2"):
+        check_series("snapshot", {"prefix": p, "resources_id": rid, "version": "1"},
+                     [r for r in records if r.ran_resources_id == rid])
+    for variant in ("control", "treatment"):
+        check_series("variant", {"prefix": p, "experiment": "mx", "variant": variant},
+                     [r for r in records if r.metadata.get("variant") == variant])
+    assert not any(name == "lq_registry_seq" or "process" in dict(labels) for name, labels in samples)
     client.close()
 
 

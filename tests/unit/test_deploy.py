@@ -7,6 +7,7 @@ tool itself is installed (``docker compose``, ``kubectl``, ``redis-server``) it 
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import shutil
 import subprocess
@@ -395,3 +396,55 @@ def test_kubectl_kustomize_builds_the_manifests() -> None:
     assert result.returncode == 0, result.stderr
     kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(result.stdout))
     assert kinds.count("Deployment") == 4 and "StatefulSet" in kinds and "ScaledObject" in kinds
+
+
+# --------------------------------------------------------------------------- Grafana
+
+
+def _exported_sample_names(client: Any) -> dict[str, set[str]]:
+    """Every sample name the exporter can export (by family type, whether or not it has samples now),
+    with the label names of its family."""
+    from lightning_queue.ops.monitoring import LightningCollector
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count"),
+                "gauge": ("",)}
+    names: dict[str, set[str]] = {}
+    for family in LightningCollector(client).collect():
+        labels = {name for sample in family.samples for name in sample.labels} | {"le"}
+        for suffix in suffixes[family.type]:
+            names[family.name + suffix] = labels
+    return names
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_exporter_exports(fake_client: Any) -> None:
+    from lightning_queue import Rollout, RolloutResult
+
+    # One finished rollout on a snapshot, so the per-version families have samples (and label names).
+    store = fake_client.store
+    rollout = Rollout(input={})
+    store.create_rollouts([rollout])
+    claim = store.claim(rollout, "w@h")
+    store.start_attempt(rollout.rollout_id, claim.sequence_id, "rs", 1)
+    store.finish_attempt(rollout.rollout_id, claim.sequence_id, "succeeded", "succeeded",
+                         result=RolloutResult(reward=1.0))
+    exported = _exported_sample_names(fake_client)
+
+    dashboard = json.loads((DEPLOY / "grafana" / "lightning-queue.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    assert len(exprs) > 10
+    named = {name for expr in exprs for name in re.findall(r"\blq_[a-z_]+", expr)}
+    assert named - set(exported) == set(), "the dashboard queries metrics the exporter does not export"
+    # What the issue asks the dashboard to show.
+    for needed in ("lq_rollouts_finished_total", "lq_rollout_duration_seconds_bucket",
+                   "lq_rollout_queue_wait_seconds_bucket", "lq_snapshot_reward_sum", "lq_variant_reward_sum",
+                   "lq_queue_messages", "lq_snapshot_cache_hits_total"):
+        assert needed in named, needed
+    assert any("histogram_quantile" in e for e in exprs)
+    # Every selector filters on the prefix; label names it groups by exist on the metric (where known).
+    for expr in exprs:
+        for name, matchers in re.findall(r"\b(lq_[a-z_]+)\{([^}]*)\}", expr):
+            assert 'prefix="$prefix"' in matchers, expr
+            labels = exported[name]
+            if len(labels) > 2:  # the family had samples: its label names are known
+                assert {m.split("=")[0].strip() for m in matchers.split(",")} <= labels, expr

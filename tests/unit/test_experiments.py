@@ -42,6 +42,7 @@ from lightning_queue.experiments.manager import (
     Variant,
     bucket,
 )
+from lightning_queue.experiments.report import MAX_REGRESSIONS
 from lightning_queue.ops import cli
 
 Outcome = Callable[[Rollout], tuple[str, float | None]]
@@ -71,8 +72,9 @@ def outcome(snapshots: LightningClient, monkeypatch: pytest.MonkeyPatch) -> dict
     def publish(rollouts: list[Rollout], registry_seq: int = 0) -> None:
         for rollout in rollouts:
             claim = store.claim(rollout, "sim@host")
-            assert store.start_attempt(rollout.rollout_id, claim.sequence_id, rollout.resources_id or "",
-                                       rollout.resources_version or 0)
+            # Resolved as a worker does: a pointer names whatever snapshot it names now.
+            snap = snapshots.get_resources_by_id(rollout.resources_id or "latest", rollout.resources_version)
+            assert store.start_attempt(rollout.rollout_id, claim.sequence_id, snap.resources_id, snap.version)
             status, reward = rule["fn"](rollout)
             if status == "succeeded":
                 store.finish_attempt(rollout.rollout_id, claim.sequence_id, "succeeded", "succeeded",
@@ -400,6 +402,53 @@ def test_paired_report_uses_paired_tests(experiments: Experiments, outcome: dict
     assert comparison.paired.t_p_value < 1e-6 and comparison.verdict == "better"
     assert comparison.welch.p_value > 0.05  # type: ignore[union-attr]  # the unpaired test cannot tell
     assert experiments.report("ab").srm is None  # the split is equal by construction
+
+
+def test_paired_report_lists_the_inputs_worse_under_the_treatment_worst_first(
+    experiments: Experiments, outcome: dict[str, Outcome], invoke: Callable[..., Any]
+) -> None:
+    # 30 inputs: the treatment loses 0.01 * i on input q{i} for i < 25 and gains on the rest.
+    def reward(r: Rollout) -> tuple[str, float | None]:
+        i = int(r.input["question"][1:])
+        delta = -0.01 * i if i < 25 else 0.5
+        return "succeeded", 1.0 + (delta if r.metadata["variant"] == "treatment" else 0.0)
+
+    outcome["fn"] = reward
+    experiments.create(ab(paired=True, unit_key="input.question"))
+    experiments.start("ab")
+    experiments.enqueue("ab", [{"question": f"q{i}"} for i in range(30)])
+    for report in (experiments.report("ab"), experiments.live_report("ab")):
+        (comparison,) = report.comparisons
+        worse = comparison.regressions
+        assert len(worse) == MAX_REGRESSIONS == 20  # bounded: 24 inputs got worse (q0 did not change)
+        assert [r.unit for r in worse] == [f"q{i}" for i in range(24, 4, -1)]  # the worst first
+        assert worse[0].control == pytest.approx(1.0) and worse[0].treatment == pytest.approx(0.76)
+        assert worse[0].delta == pytest.approx(-0.24)
+        assert report.to_dict()["comparisons"][0]["regressions"][0]["unit"] == "q24"
+    out = invoke("experiments", "report", "ab").stdout
+    assert "inputs worse under treatment" in out and "q24" in out and "-0.240" in out
+
+
+def test_reports_name_the_snapshot_versions_each_variant_ran(
+    experiments: Experiments, snapshots: LightningClient, outcome: dict[str, Outcome], invoke: Callable[..., Any]
+) -> None:
+    experiments.create(ab(variants=[Variant(name="control", resources_id="prod"),
+                                    Variant(name="treatment", resources_id="rs-b")]))
+    experiments.start("ab")
+    experiments.enqueue("ab", users(40))
+    snapshots.add_resources({"prompt": PromptTemplate(template="c {x}")}, "rs-c")
+    snapshots.set_pointer("prod", "rs-c")  # as a promotion would
+    experiments.enqueue("ab", users(40, start=100))
+    for report in (experiments.report("ab"), experiments.live_report("ab")):
+        control, treatment = report.variants
+        assert control.resources_id == "prod"  # the pointer name, and what it named when each rollout ran:
+        assert {(r.resources_id, r.version) for r in control.ran} == {("rs-a", 1), ("rs-c", 1)}
+        assert sum(r.rollouts for r in control.ran) == control.finished
+        assert [(r.resources_id, r.version, r.rollouts) for r in treatment.ran] == [("rs-b", 1, treatment.finished)]
+        assert report.to_dict()["variants"][1]["ran"] == [{"resources_id": "rs-b", "version": 1,
+                                                           "rollouts": treatment.finished}]
+    shown = invoke("experiments", "report", "ab").stdout
+    assert "the snapshot versions each variant ran" in shown and "rs-c" in shown
 
 
 # --------------------------------------------------------------------------- promotion

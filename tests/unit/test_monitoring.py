@@ -15,6 +15,7 @@ from lightning_queue import (
     PromptTemplate,
     Rollout,
     RolloutConfig,
+    RolloutResult,
     Settings,
 )
 from lightning_queue.core.errors import redacted_url
@@ -25,7 +26,6 @@ from lightning_queue.core.keys import (
     Keys,
 )
 from lightning_queue.ops.monitoring import (
-    FinishedRollouts,
     LightningCollector,
     exporter_registry,
     read_overview,
@@ -89,12 +89,17 @@ def test_collector_reports_the_queue_state_with_labels(populated: LightningClien
     assert _value(again, "lq_retries_waiting", prefix=p) == 1 and _value(again, "lq_dead_letters", prefix=p) == 2
 
     assert _value(registry, "lq_worker_processes", prefix=p) == 2
-    assert _value(registry, "lq_cache_hit_ratio", prefix=p) == pytest.approx(40 / 60)
-    assert _value(registry, "lq_snapshot_load_seconds_mean", prefix=p) == pytest.approx(0.6 / 20)
-    assert _value(registry, "lq_worker_cache_hits_total", prefix=p, process="w1@h:11") == 30
-    assert _value(registry, "lq_worker_cache_misses_total", prefix=p, process="w2@h:12") == 10
-    assert _value(registry, "lq_worker_snapshot_load_seconds_total", prefix=p, process="w1@h:11") == 0.5
-    assert _value(registry, "lq_worker_cache_entries", prefix=p, process="w2@h:12") == 2
+    # Counters per worker host, summed over its pool processes (no PID label): PromQL derives the ratios.
+    assert _value(registry, "lq_snapshot_cache_hits_total", prefix=p, worker="w1@h") == 30
+    assert _value(registry, "lq_snapshot_cache_misses_total", prefix=p, worker="w2@h") == 10
+    assert _value(registry, "lq_snapshot_load_seconds_sum", prefix=p, worker="w1@h") == 0.5
+    assert _value(registry, "lq_snapshot_load_seconds_count", prefix=p, worker="w1@h") == 10
+    assert _value(registry, "lq_snapshot_cache_entries", prefix=p, worker="w2@h") == 2
+    populated.redis.set(populated.keys.cache_stats("w1@h:99"), _stats(hits=5, misses=1, loads=1, load_seconds=0.25))
+    pooled = exporter_registry(LightningCollector(populated, cache_stats_every=0))
+    assert _value(pooled, "lq_snapshot_cache_hits_total", prefix=p, worker="w1@h") == 35
+    assert _value(pooled, "lq_snapshot_load_seconds_sum", prefix=p, worker="w1@h") == 0.75
+    assert _value(pooled, "lq_worker_processes", prefix=p) == 3
     # The text exposition a Prometheus server scrapes renders without error.
     assert b'lq_rollouts{prefix="%s",status="queuing"} 3.0' % p.encode() in generate_latest(registry)
 
@@ -197,20 +202,44 @@ def test_experiment_traffic_hook_is_added_and_cannot_break_a_scrape(populated: L
     assert _value(registry, "lq_rollouts", prefix=populated.keys.prefix, status="queuing") == 3
 
 
-def test_finished_rollouts_counts_completion_notifications(fake_client: LightningClient) -> None:
-    finished = FinishedRollouts(fake_client, poll_seconds=0.05)
-    assert finished.start()
-    try:
-        registry = exporter_registry(LightningCollector(fake_client, finished=finished))
-        for i in range(3):
-            fake_client.redis.publish(fake_client.keys.events, f"r{i}")
-        deadline = time.monotonic() + 10
-        while finished.count < 3:
-            assert time.monotonic() < deadline, finished.count
-            time.sleep(0.02)
-        assert _value(registry, "lq_rollouts_finished_total", prefix=fake_client.keys.prefix) == 3
-    finally:
-        finished.close()
+def test_finished_rollouts_are_counted_from_the_aggregates_by_status(fake_client: LightningClient) -> None:
+    store = fake_client.store
+    rollouts = [Rollout(input=i) for i in range(3)]
+    store.create_rollouts(rollouts)
+    claim = store.claim(rollouts[0], "w@host")
+    store.start_attempt(rollouts[0].rollout_id, claim.sequence_id, "rs-x", 4)
+    store.finish_attempt(rollouts[0].rollout_id, claim.sequence_id, "succeeded", "succeeded",
+                         result=RolloutResult(reward=0.5))
+    store.terminate(rollouts[1].rollout_id, "cancelled")
+    registry = exporter_registry(LightningCollector(fake_client))
+    p = fake_client.keys.prefix
+    assert _value(registry, "lq_rollouts_finished_total", prefix=p, status="succeeded") == 1
+    assert _value(registry, "lq_rollouts_finished_total", prefix=p, status="cancelled") == 1
+    assert _value(registry, "lq_rollouts_finished_total", prefix=p, status="failed") == 0
+    assert _value(registry, "lq_rollout_duration_seconds_count", prefix=p) == 1
+    assert _value(registry, "lq_rollout_duration_seconds_bucket", prefix=p, le="+Inf") == 1
+    assert _value(registry, "lq_rollout_queue_wait_seconds_count", prefix=p) == 1
+    snap = {"prefix": p, "resources_id": "rs-x", "version": "4"}
+    assert _value(registry, "lq_snapshot_rollouts_finished_total", **snap, status="succeeded") == 1
+    assert _value(registry, "lq_snapshot_reward_sum", **snap) == 0.5
+    assert _value(registry, "lq_snapshot_reward_count", **snap) == 1
+    assert _value(registry, "lq_snapshot_reward_max", **snap) == 0.5
+    assert _value(registry, "lq_snapshot_rollout_duration_seconds_count", **snap) == 1
+    assert _value(registry, "lq_metrics_series_folded_total", prefix=p, kind="snapshot") == 0
+    assert _value(registry, "lq_registry_writes_total", prefix=p) == 0
+    assert _value(registry, "lq_registry_seq", prefix=p) is None
+
+
+def test_every_exported_name_follows_prometheus_conventions(populated: LightningClient) -> None:
+    """Counters end in _total, durations are in seconds, no derived ratio or mean, no PID label."""
+    registry = exporter_registry(LightningCollector(populated))
+    for family in registry.collect():
+        assert family.name.startswith("lq_")
+        assert not family.name.endswith(("_ratio", "_mean")), family.name
+        for sample in family.samples:
+            assert "process" not in sample.labels, sample
+            if family.type == "counter":
+                assert sample.name.endswith(("_total", "_created")), sample.name
 
 
 def test_queue_keys_match_kombus_names_under_the_global_prefix() -> None:

@@ -3,17 +3,20 @@
 -- experiment and a variant, and the experiment exists), the variant's aggregates are updated in
 -- the same script as the transition: atomically with it, and exactly once, as a final status is
 -- never left. A report then reads these instead of every rollout record (experiments/report.py):
---   tally        hash   counts by final status, finished, rewarded, reward_sum, reward_sumsq, error:<type>
+--   tally        hash   counts by final status, finished, rewarded, reward_sum, reward_sumsq, error:<type>,
+--                       ran:<version>:<resources_id> (rollouts whose last attempt ran that snapshot version)
 --   rewards      string one line "end_time reward latency" per finished rollout ('nan' when missing),
 --                       in the order they finished: what the sequential test and the charts need
 --   unit-rewards hash   unit -> "count sum last_end_time" of its rewards (paired comparisons)
 -- The keys are the rollout key's prefix plus the infixes of core/keys.py (spelled in by scripts.py).
+-- Returns the experiment's and the variant's names when the rollout was tallied (nothing otherwise),
+-- so the metrics that follow (_final_metrics.lua) need not decode the metadata again.
 local function num(value)
   return string.format('%.17g', value)
 end
 
 local function tally_experiment(rollout_key, rid, status)
-  local r = redis.call('HMGET', rollout_key, 'metadata', 'result', 'error', 'start_time', 'end_time')
+  local r = redis.call('HMGET', rollout_key, 'metadata', 'result', 'error', 'start_time', 'end_time', 'ran')
   if not r[1] then return end
   local ok, meta = pcall(cjson.decode, r[1])
   if not ok or type(meta) ~= 'table' then return end
@@ -24,7 +27,8 @@ local function tally_experiment(rollout_key, rid, status)
   if redis.call('EXISTS', experiment) == 0 then return end
   local tally = experiment .. '__TALLY_INFIX__' .. variant
   redis.call('HINCRBY', tally, status, 1)
-  if status == 'cancelled' then return end  -- counted in neither the success rate nor the rewards
+  if r[6] then redis.call('HINCRBY', tally, 'ran:' .. r[6], 1) end
+  if status == 'cancelled' then return name, variant end  -- counted in neither the success rate nor the rewards
   redis.call('HINCRBY', tally, 'finished', 1)
   local reward = nil
   if status == 'succeeded' and r[2] then
@@ -58,4 +62,5 @@ local function tally_experiment(rollout_key, rid, status)
     end
   end
   redis.call('APPEND', experiment .. '__REWARDS_INFIX__' .. variant, num(end_time) .. ' ' .. shown .. ' ' .. latency .. '\n')
+  return name, variant
 end

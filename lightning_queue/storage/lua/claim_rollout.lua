@@ -77,11 +77,15 @@ else
   table.insert(attempt, 'preparing')
 end
 redis.call('HSET', ARGV[5] .. n, unpack(attempt))
-if r[4] then
-  redis.call('HSET', rollout_key, 'status', next_status, 'attempt_count', n)
-else
-  redis.call('HSET', rollout_key, 'status', next_status, 'attempt_count', n, 'start_time', now)
+local fields = {'status', next_status, 'attempt_count', n}
+if not r[4] then
+  table.insert(fields, 'start_time'); table.insert(fields, now)
 end
+if start then
+  -- The snapshot it runs with, on the record too ("{version}:{resources_id}", see store.py).
+  table.insert(fields, 'ran'); table.insert(fields, ARGV[11] .. ':' .. ARGV[10])
+end
+redis.call('HSET', rollout_key, unpack(fields))
 move_status(rid, status, next_status, score)
 redis.call('ZADD', KEYS[K + 3], ARGV[6], rid)
 redis.call('ZREM', KEYS[K + 5], rid)

@@ -1,14 +1,15 @@
 -- Delete a snapshot, every version of it, atomically; refused while pointers name it or
 -- unfinished rollouts use it, unless forced: then those pointers are unset (latest falls back
 -- to the newest remaining snapshot) and those rollouts fail with the given error.
--- Needs _rollout_prelude (KEYS[1..K] status indexes) and _experiment_tally. Then:
+-- Needs _rollout_prelude (KEYS[1..K] status indexes), _experiment_tally and _final_metrics. Then:
 -- KEYS[K+1] snapshot hash, KEYS[K+2] snapshots index, KEYS[K+3] pointers hash, KEYS[K+4] sequence,
 -- KEYS[K+5] snapshot events channel, KEYS[K+6] the snapshot's rollouts index, KEYS[K+7] rollout events channel,
 -- KEYS[K+8] its LLM usage rollup (per version; deleted with it)
 -- ARGV[1] resources_id, ARGV[2] '1' to force, ARGV[3] now, ARGV[4] error JSON for failed rollouts,
 -- ARGV[5] rollout key prefix ("{p}:rollout:"), ARGV[6] history key prefix, ARGV[7] history length,
 -- ARGV[8] who, ARGV[9] old-version key prefix ("{p}:snapshot:{id}:v:"),
--- ARGV[10] TTL of a finished rollout in seconds or '' (none), ARGV[11] attempt infix (":attempt:")
+-- ARGV[10] TTL of a finished rollout in seconds or '' (none), ARGV[11] attempt infix (":attempt:"),
+-- ARGV[12] the metric series caps ("<snapshot versions> <variants>", see _final_metrics.lua)
 -- Returns {'missing'} | {'in_use', cjson {pointers, rollouts}} | {'deleted', cjson {pointers, rollouts}}.
 local id = ARGV[1]
 local version = redis.call('HGET', KEYS[K + 1], 'version')
@@ -32,7 +33,7 @@ for _, rid in ipairs(active) do
   local r = redis.call('HMGET', key, 'status', 'attempt_count', 'enqueue_time')
   redis.call('HSET', key, 'status', 'failed', 'end_time', ARGV[3], 'error', ARGV[4])
   move_status(rid, r[1], 'failed', r[3])
-  tally_experiment(key, rid, 'failed')
+  record_final_metrics(key, rid, 'failed', ARGV[12], tally_experiment(key, rid, 'failed'))
   expire_rollout(key, key .. ARGV[11], ARGV[10], r[2])
   redis.call('PUBLISH', KEYS[K + 7], rid)
 end

@@ -12,7 +12,8 @@
 -- The result is stored once: on the rollout when the outcome is accepted (the attempt that
 -- finished the rollout reads it from there), on the attempt only when the rollout was cancelled
 -- while it ran (kept for inspection, the rollout keeps its status).
--- ARGV[12...] the attempt's trace (see record_trace in _trace_prelude: batch, spans dropped, usage,
+-- ARGV[12] the metric series caps ("<snapshot versions> <variants>", see _final_metrics.lua),
+-- ARGV[13...] the attempt's trace (see record_trace in _trace_prelude: batch, spans dropped, usage,
 -- rollups), recorded whatever the outcome, as long as the rollout exists.
 -- Returns the rollout's status afterwards; 'stale' when the attempt is no longer the rollout's
 -- current one or was already closed as lost, unresponsive or timed out (its outcome is refused:
@@ -21,7 +22,7 @@ local rollout_key = KEYS[K + 1]
 local rid = ARGV[1]
 local r = redis.call('HMGET', rollout_key, 'attempt_count', 'status', 'enqueue_time')
 local status = r[2]
-record_trace(rollout_key, KEYS[K + 2], status, ARGV, 12)
+record_trace(rollout_key, KEYS[K + 2], status, ARGV, 13)
 local outside = ARGV[10] ~= ''
 if outside then
   local deadline = redis.call('ZSCORE', KEYS[K + 4], rid)
@@ -67,7 +68,7 @@ if next_status == 'requeuing' then
   redis.call('ZADD', KEYS[K + 5], ARGV[11], rid)
 end
 if TERMINAL[next_status] then
-  tally_experiment(rollout_key, rid, next_status)
+  record_final_metrics(rollout_key, rid, next_status, ARGV[12], tally_experiment(rollout_key, rid, next_status))
   expire_rollout(rollout_key, ARGV[9], ARGV[8], ARGV[2])
   redis.call('PUBLISH', KEYS[K + 3], rid)
 end

@@ -20,7 +20,8 @@ if ARGV[5] then
   end
 end
 redis.call('HSET', KEYS[K + 2], 'status', 'running', 'resources_id', ARGV[3], 'resources_version', ARGV[4])
-redis.call('HSET', rollout_key, 'status', 'running')
+-- The snapshot it runs with, on the record too ("{version}:{resources_id}", see store.py).
+redis.call('HSET', rollout_key, 'status', 'running', 'ran', ARGV[4] .. ':' .. ARGV[3])
 move_status(ARGV[1], 'preparing', 'running', r[3])
 redis.call('ZADD', KEYS[K + 3], r[3], ARGV[1])
 return 1

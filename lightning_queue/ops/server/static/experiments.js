@@ -26,7 +26,10 @@ function variantTable(report) {
     h("thead", {}, h("tr", {}, ["variant", "snapshot", "weight", "units", "rollouts", "finished", "success",
       "mean reward [95% CI]", "p50/p95 s", "errors"].map((c) => h("th", {}, c)))),
     h("tbody", {}, report.variants.map((v) => h("tr", { "data-variant": v.name },
-      h("td", {}, v.name), h("td", {}, link(`#/snapshots/${encodeURIComponent(v.resources_id)}`, v.resources_id)),
+      h("td", {}, v.name), h("td", {}, link(`#/snapshots/${encodeURIComponent(v.resources_id)}`, v.resources_id),
+        // What the reference named when each rollout started (a pointer may have moved since).
+        (v.ran || []).map((r) => h("div", { class: "muted", "data-testid": `ran-${v.name}` },
+          `ran ${r.resources_id} v${r.version}: ${r.rollouts}`))),
       h("td", {}, v.weight), h("td", {}, v.units), h("td", {}, v.rollouts),
       h("td", { "data-testid": `finished-${v.name}` }, v.finished), h("td", {}, pct(v.success_rate)),
       h("td", {}, num(v.mean_reward), v.reward_ci ? ` [${num(v.reward_ci[0])}, ${num(v.reward_ci[1])}]` : ""),
@@ -44,7 +47,11 @@ function sequentialState(report) {
       h("div", { class: "progress", title: `${n} of the ${report.min_sample} needed` },
         h("div", { class: `bar w${Math.round(progress * 20) * 5}` })),
       h("p", {}, `always-valid p = ${pvalue(s ? s.p_value : null)} (alpha ${report.alpha}) · difference ${num(s ? s.diff : null)} · `,
-        `n = ${s ? s.n_control : 0} / ${s ? s.n_treatment : 0} · P(beats) ${pct(c.prob_beats)}`));
+        `n = ${s ? s.n_control : 0} / ${s ? s.n_treatment : 0} · P(beats) ${pct(c.prob_beats)}`),
+      (c.regressions || []).length ? h("details", { "data-testid": `regressions-${c.variant}` },
+        h("summary", {}, `${c.regressions.length} input(s) worse under ${c.variant}, worst first`),
+        h("table", {}, h("tbody", {}, c.regressions.map((r) => h("tr", {}, h("td", {}, r.unit),
+          h("td", {}, num(r.control)), h("td", {}, num(r.treatment)), h("td", {}, num(r.delta))))))) : "");
   }));
 }
 
