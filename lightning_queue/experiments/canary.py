@@ -158,7 +158,7 @@ class Canary:
             pass
         else:
             raise ExperimentExistsError(self.name)
-        self.client.registry.set_pointer(self.canary_pointer, self.candidate, by=f"canary {self.name}")
+        self.client.registry.set_pointer(self.canary_pointer, self.candidate, op=f"canary {self.name}")
         w = self.schedule[0]
         self.experiments.create(Experiment(
             name=self.name, unit_key=self.unit_key,

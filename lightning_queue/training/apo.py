@@ -260,7 +260,7 @@ class _Search:
         self._write(start, PromptLineage(run=self.run.name, prompt=self.prompt_name, parent_id=base.resources_id,
                                          parent_version=base.version, round=0))
         if self.client.get_pointer(self.best_pointer) is None:
-            self.client.registry.set_pointer(self.best_pointer, start.resources_id, by=f"APO {self.run.name}")
+            self.client.registry.set_pointer(self.best_pointer, start.resources_id, op=f"APO {self.run.name}")
         return start
 
     def _prompt_name(self, snapshot: ResourcesUpdate) -> str:
@@ -429,9 +429,9 @@ class _Search:
         expected = promotions[-1]["to_id"] if promotions else self.run.state.get("start")["pointer_at"]
         current = registry.get_pointer(self.pointer)
         if current != best.resources_id:
-            registry.set_pointer(self.pointer, best.resources_id, expected=expected, by=f"APO {self.run.name}")
+            registry.set_pointer(self.pointer, best.resources_id, expected=expected, op=f"APO {self.run.name}")
             log.info("APO %s round %d: promoted %s to %r", self.run.name, number, best.resources_id, self.pointer)
-        registry.set_pointer(self.best_pointer, best.resources_id, by=f"APO {self.run.name}")
+        registry.set_pointer(self.best_pointer, best.resources_id, op=f"APO {self.run.name}")
         if promotions and promotions[-1]["to_id"] == best.resources_id:
             return promotions
         return [*promotions, asdict(Promotion(number, self.pointer, expected, best.resources_id,

@@ -33,7 +33,7 @@ from lightning_queue.core.errors import (
     PointerError,
     ResourcesNotFoundError,
 )
-from lightning_queue.core.models import ErrorInfo, RolloutResult
+from lightning_queue.core.models import ErrorInfo, RolloutResult, default_actor
 from lightning_queue.experiments.canary import Canary, Guardrail
 from lightning_queue.experiments.manager import (
     BUCKETS,
@@ -417,7 +417,8 @@ def test_promote_moves_the_pointer_and_stops_the_experiment_together(
     exp = experiments.get("ab")
     assert (exp.status, exp.winner) == ("stopped", "treatment") and snapshots.get_pointer("prod") == "rs-b"
     move = snapshots.pointer_history("prod", 1)[0]
-    assert (move.from_id, move.to_id, move.by) == ("rs-a", "rs-b", "promote ab")
+    assert (move.from_id, move.to_id, move.op, move.by) == ("rs-a", "rs-b", "promote ab", default_actor())
+    assert move.reason == "promoted 'treatment' to 'prod'"
     with pytest.raises(ExperimentStateError, match="concluded"):
         experiments.start("ab")
 
@@ -465,7 +466,8 @@ def test_a_canary_whose_treatment_fails_more_is_rolled_back(
     exp = Experiments(snapshots).get("cn")
     assert exp.status == "stopped" and exp.stop_reason.startswith("guardrail: failure rate")  # type: ignore[union-attr]
     move = snapshots.pointer_history("canary", 1)[0]
-    assert (move.from_id, move.to_id) == ("rs-new", "rs-a") and "failure rate" in move.by
+    assert (move.from_id, move.to_id) == ("rs-new", "rs-a") and "failure rate" in move.reason
+    assert move.op == "rollback cn"
 
 
 def test_a_healthy_canary_walks_the_schedule_and_is_promoted(
