@@ -59,7 +59,7 @@ from lightning_queue.experiments.model import (
     unit_value,
 )
 from lightning_queue.storage.connections import text
-from lightning_queue.storage.registry import Protection, check_force, check_name
+from lightning_queue.storage.registry import Protection, announce_move, check_force, check_name
 from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.store import decode_rollout
 
@@ -420,12 +420,13 @@ class Experiments:
             if not is_name(target):
                 raise ResourcesNotFoundError(str(target), hint=f"pointer {pointer!r} was not moved")
         now = time.time()
+        actor, op = by or default_actor(), op or f"experiment {name}"
         reply = self._conclude(
             keys=[self._key(name), k.pointers, k.seq, k.snapshot_events, k.pointer_protection],
-            args=[pointer or "", target or "", repr(now), by or default_actor(),
+            args=[pointer or "", target or "", repr(now), actor,
                   self.client.settings.pointer_history_length, k.pointer_history_prefix, k.snapshot_prefix,
                   expected or "", reason, winner or "", ",".join(allowed), "1" if force else "0",
-                  op or f"experiment {name}"],
+                  op],
         )
         status = text(reply[0])
         if status == "protected":
@@ -449,6 +450,7 @@ class Experiments:
             )
         if not pointer:
             return Conclusion(name, None, None, None, reason, winner)
+        announce_move(pointer, text(reply[1]) or None, text(reply[2]), actor, op, reason, now)
         return Conclusion(name, pointer, text(reply[1]) or None, text(reply[2]), reason, winner)
 
     def promote(

@@ -30,6 +30,8 @@ from lightning_queue.core.errors import (
     SnapshotInUseError,
     VersionConflictError,
 )
+from lightning_queue.core import hooks
+from lightning_queue.core.diff import SnapshotDiff, diff_snapshots
 from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import (
     ErrorInfo,
@@ -170,6 +172,12 @@ class Protection:
         return cls(pointer, data.get("reason", ""), data.get("by", ""), float(data.get("time", 0)))
 
 
+def announce_move(pointer: str, from_id: str | None, to_id: str | None, by: str, op: str, reason: str,
+                  at: float) -> None:
+    """Fire :data:`hooks.on_pointer_move` (a hook that raises is logged, never raised here)."""
+    hooks.on_pointer_move.fire(hooks.PointerMoved(pointer, from_id, to_id, by, op, reason, at))
+
+
 def check_force(force: bool, reason: str | None) -> str:
     """Forcing a protected pointer needs a reason (it goes into the pointer's history)."""
     reason = (reason or "").strip()
@@ -269,7 +277,7 @@ class SnapshotRegistry:
         return reply, validated, now
 
     def _written(self, reply: Any, resources_id: str, validated: dict[str, Resource], now: float,
-                 expected_version: int | None, meta: VersionMeta) -> ResourcesUpdate:
+                 expected_version: int | None, meta: VersionMeta, op: str) -> ResourcesUpdate:
         status = text(reply[0])
         if status == "epoch":  # nothing written: Redis lost its data since this process last looked
             self.epoch.saw(text(reply[1]) or None)
@@ -284,6 +292,8 @@ class SnapshotRegistry:
             raise ResourcesNotFoundError(f"{text(reply[1])}{at}", hint="the parent named is not stored; nothing "
                                          "was written")
         self.epoch.saw(text(reply[3]))  # adopted when this process knew none
+        if text(reply[6]) == "1":
+            announce_move(LATEST, text(reply[7]) or None, resources_id, meta.author, op, "", now)
         parent_id = text(reply[4]) or None
         return ResourcesUpdate(resources_id=resources_id, version=int(reply[1]), create_time=float(reply[2]),
                                update_time=now, resources=validated, message=meta.message,
@@ -313,7 +323,7 @@ class SnapshotRegistry:
         resources_id = _check_new_id(resources_id or new_id("rs"))
         reply, validated, now = self._write_call("add", resources_id, resources, None, op, meta, parent,
                                                  make_latest=make_latest)
-        return self._written(reply, resources_id, validated, now, None, meta)
+        return self._written(reply, resources_id, validated, now, None, meta, op)
 
     def add_resources_batch(
         self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, message: str | None = None,
@@ -343,7 +353,7 @@ class SnapshotRegistry:
         out, error = [], None
         for (rid, validated, now), reply in zip(staged, pipe.execute(), strict=True):
             try:
-                out.append(self._written(reply, rid, validated, now, None, meta))
+                out.append(self._written(reply, rid, validated, now, None, meta, op))
             except ResourcesExistError as exc:
                 error = error or exc
         if error:
@@ -368,7 +378,7 @@ class SnapshotRegistry:
         _check_ref(resources_id)
         reply, validated, now = self._write_call("update", resources_id, resources, expected_version, op, meta,
                                                  parent)
-        return self._written(reply, resources_id, validated, now, expected_version, meta)
+        return self._written(reply, resources_id, validated, now, expected_version, meta, op)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -454,6 +464,35 @@ class SnapshotRegistry:
             pipe.hgetall(self.keys.snapshot(rid))
         return [decode_snapshot(rid, fields) for rid, fields in zip(ids, pipe.execute(), strict=True) if fields]
 
+    def diff(self, a: str, b: str | None = None) -> SnapshotDiff:
+        """What changed from ``a`` to ``b`` (see :func:`lightning_queue.core.diff.diff_snapshots`).
+        Each is ``id``, ``pointer``, ``id@N`` or ``pointer@N``; without ``b``, ``a`` is compared with
+        the version before it. Raises :class:`ResourcesNotFoundError` for a version not stored."""
+        a_ref, a_version = parse_ref(a)
+        first = self.fetch(a_ref, a_version).snapshot
+        if b is not None:
+            b_ref, b_version = parse_ref(b)
+            return diff_snapshots(first, self.fetch(b_ref, b_version).snapshot)
+        if first.version == 1:
+            raise ResourcesNotFoundError(f"{first.resources_id}@0", hint=f"{first.ref} is the first version: name "
+                                         "two versions or snapshots to compare")
+        return diff_snapshots(self.fetch(first.resources_id, first.version - 1).snapshot, first)
+
+    def versions(self, ref: str, limit: int = 100) -> list[ResourcesUpdate]:
+        """A snapshot's versions, newest first, ``limit`` of them, with their metadata (one round trip
+        after resolving ``ref``)."""
+        current = self.fetch(ref).snapshot
+        rid = current.resources_id
+        numbers = list(range(current.version - 1, max(0, current.version - limit), -1))
+        pipe = self.redis.pipeline(transaction=False)
+        for n in numbers:
+            pipe.hgetall(self.keys.snapshot_version(rid, n))
+        out = [current]
+        for fields in pipe.execute():
+            if fields:
+                out.append(decode_snapshot(rid, {**fields, b"create_time": repr(current.create_time).encode()}))
+        return out
+
     def list_ids(self) -> list[str]:
         """Every snapshot id, newest write first."""
         return [text(i) for i in self.redis.zrevrange(self.keys.snapshots, 0, -1)]
@@ -483,10 +522,11 @@ class SnapshotRegistry:
         check_name(name, "pointer name")
         _check_ref(target)
         reason = check_force(force, reason)
+        actor, now = by or default_actor(), time.time()
         k = self.keys
         reply = self._set_pointer(
             keys=[k.pointers, k.seq, k.snapshot_events, k.pointer_protection],
-            args=[name, target, repr(time.time()), by or default_actor(), self.history_length,
+            args=[name, target, repr(now), actor, self.history_length,
                   k.pointer_history_prefix, k.snapshot_prefix, expected or "", "1" if force else "0", op, reason],
         )
         status = text(reply[0])
@@ -499,6 +539,7 @@ class SnapshotRegistry:
         if status == "conflict":
             current = text(reply[1]) or None
             raise PointerError(f"pointer {name!r} names {current!r}, not the expected {expected!r}; it was not moved")
+        announce_move(name, text(reply[2]) or None, text(reply[1]), actor, op, reason, now)
         return text(reply[1])
 
     def rollback(
@@ -531,6 +572,7 @@ class SnapshotRegistry:
                 f"cannot roll {name!r} back: its previous target {text(reply[1])!r} has been deleted; "
                 "pick a target from `resources history` and set it"
             )
+        announce_move(name, text(reply[2]) or None, text(reply[1]), by, op, reason, now)
         return PointerMove(name, text(reply[2]) or None, text(reply[1]), now, by, op, reason)
 
     def pointer_history(self, name: str = LATEST, limit: int = 20) -> list[PointerMove]:
@@ -589,12 +631,13 @@ class SnapshotRegistry:
         _check_ref(resources_id)
         k = self.keys
         error = ErrorInfo.from_exception(SnapshotDeletedError(resources_id), with_traceback=False).model_dump_json()
+        actor, now = by or default_actor(), time.time()
         reply = self._delete(
             keys=[*k.all_status_indexes(), k.snapshot(resources_id), k.snapshots, k.pointers, k.seq,
                   k.snapshot_events, k.rollouts_by_resources(resources_id), k.events, k.usage_by_version(resources_id),
                   k.pointer_protection],
-            args=[resources_id, "1" if force else "0", repr(time.time()), error, k.rollout_prefix,
-                  k.pointer_history_prefix, self.history_length, by or default_actor(),
+            args=[resources_id, "1" if force else "0", repr(now), error, k.rollout_prefix,
+                  k.pointer_history_prefix, self.history_length, actor,
                   k.snapshot_version_prefix(resources_id), self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX, op],
         )
         status = text(reply[0])
@@ -608,6 +651,9 @@ class SnapshotRegistry:
         rollouts = report["rollouts"] if isinstance(report["rollouts"], list) else []
         if status == "in_use":
             raise SnapshotInUseError(resources_id, pointers, rollouts)
+        for name in pointers:
+            to = self.get_pointer(LATEST) if name == LATEST else None  # latest fell back to the newest left
+            announce_move(name, resources_id, to, actor, op, f"snapshot {resources_id} deleted", now)
         return DeleteReport(resources_id, pointers, rollouts)
 
 

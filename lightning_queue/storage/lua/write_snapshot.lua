@@ -13,7 +13,8 @@
 -- defaults to the version it replaces), ARGV[18] the parent's version or '' (its current one),
 -- ARGV[19] snapshot key prefix ("{p}:snapshot:"), ARGV[20] the operation ('add_resources'...)
 -- The metadata and parent are stored with the version and copied with it when it is replaced.
--- Returns {'ok', version, create_time, epoch, parent_id-or-'', parent_version-or-''} | {'exists'} |
+-- Returns {'ok', version, create_time, epoch, parent_id-or-'', parent_version-or-'', '1' if latest moved,
+-- latest's previous target-or-''} | {'exists'} |
 -- {'name_taken'} | {'missing'} | {'conflict', current} | {'no_parent', parent, version-or-''} |
 -- {'epoch', current-or-''} (Redis lost its data since the writer last looked).
 local epoch, current_epoch = establish_epoch(KEYS[6], ARGV[13], ARGV[14])
@@ -64,11 +65,11 @@ redis.call('HSET', KEYS[1], 'resources', ARGV[2], 'encoding', ARGV[3], 'checksum
 if parent_id ~= '' then
   redis.call('HSET', KEYS[1], 'parent_id', parent_id, 'parent_version', parent_version)
 end
-local moved = {}
+local moved, latest_from = {}, ''
 if ARGV[15] ~= '0' then
-  move_pointer(KEYS[3], ARGV[11], 'latest', id, ARGV[6], ARGV[9], ARGV[10], ARGV[20], '')
+  latest_from = move_pointer(KEYS[3], ARGV[11], 'latest', id, ARGV[6], ARGV[9], ARGV[10], ARGV[20], '') or ''
   moved.latest = id
 end
 local seq = announce(KEYS[4], KEYS[5], {op = 'write', id = id, version = version, pointers = moved})
 redis.call('ZADD', KEYS[2], seq, id)
-return {'ok', version, create_time, epoch, parent_id, parent_version}
+return {'ok', version, create_time, epoch, parent_id, parent_version, ARGV[15], latest_from}
