@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from lightning_queue.core import hooks
+from lightning_queue.core.diff import SnapshotDiff
 from lightning_queue.core.errors import (
     DuplicateRolloutIdError,
     EnqueueError,
@@ -31,8 +33,6 @@ from lightning_queue.core.traces import FINAL_REWARD, Span, Triplet, Usage, curr
 from lightning_queue.storage.connections import connect
 from lightning_queue.storage.epoch import RegistryEpoch
 from lightning_queue.storage.liveness import WorkerHealth, read_cache_stats, read_worker_health
-from lightning_queue.core import hooks
-from lightning_queue.core.diff import SnapshotDiff
 from lightning_queue.storage.registry import DeleteReport, PointerMove, Protection, SnapshotRegistry
 from lightning_queue.storage.retention import RetentionReport, apply_retention
 from lightning_queue.storage.store import RolloutStore

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import redis
 
+from lightning_queue.core import hooks
+from lightning_queue.core.diff import SnapshotDiff, diff_snapshots
 from lightning_queue.core.errors import (
     NoLatestResourcesError,
     PointerError,
@@ -30,8 +32,6 @@ from lightning_queue.core.errors import (
     SnapshotInUseError,
     VersionConflictError,
 )
-from lightning_queue.core import hooks
-from lightning_queue.core.diff import SnapshotDiff, diff_snapshots
 from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import (
     ErrorInfo,

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from lightning_queue.core.models import ResourcesUpdate
-from lightning_queue.ops.server.deps import ServicesDep, UserDep, actor
 from lightning_queue.core.diff import SnapshotDiff
 from lightning_queue.core.diff import diff_snapshots as compare
+from lightning_queue.core.models import ResourcesUpdate
+from lightning_queue.ops.server.deps import ServicesDep, UserDep, actor
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.registry import PointerMove
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lightning_queue import LightningClient, PromptTemplate
+from lightning_queue.core.models import default_actor
 from tests.unit.cli.expect import Invoke, one_line_error, rows, words
 
 PROMPT_JSON = json.dumps({"prompt": {"resource_type": "prompt_template", "template": "c {x}"}})
@@ -32,15 +33,15 @@ def test_pointers_table(invoke: Invoke, two: LightningClient) -> None:
     two.update_resources("rs-a", {"prompt": PromptTemplate(template="a2 {x}")})  # rs-a v2, latest too
     result = invoke("resources", "pointers")
     assert result.exit_code == 0
-    assert rows(result.stdout) == [["latest", "rs-a", "2"], ["prod", "rs-a", "2"]]
+    assert rows(result.stdout) == [["latest", "rs-a", "2", ""], ["prod", "rs-a", "2", ""]]
 
 
 def test_history_defaults_to_latest(invoke: Invoke, two: LightningClient) -> None:
     result = invoke("resources", "history")
     assert result.exit_code == 0
-    assert all(header in result.stdout for header in ("from", "to", "when", "by"))
-    assert [(f, t, by) for f, t, _, by in rows(result.stdout)] == [
-        ("rs-a", "rs-b", "add_resources"), ("(unset)", "rs-a", "add_resources")
+    assert all(header in result.stdout for header in ("from", "to", "when", "by", "op", "reason"))
+    assert [(f, t, by, op) for f, t, _, by, op, _ in rows(result.stdout)] == [
+        ("rs-a", "rs-b", default_actor(), "add_resources"), ("(unset)", "rs-a", default_actor(), "add_resources")
     ]
     result = invoke("resources", "history", "prod", "--limit", "1")
     assert result.exit_code == 0 and "(unset)" in result.stdout and "set_pointer" in result.stdout
