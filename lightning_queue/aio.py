@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning_queue.client import LightningClient, ResourcesLike
+from lightning_queue.core.diff import SnapshotDiff
 from lightning_queue.core.models import (
     Attempt,
     ResolveMode,
@@ -83,11 +84,14 @@ class AsyncLightningClient:
     # -- resources ------------------------------------------------------------------------
 
     async def add_resources(
-        self, resources: ResourcesLike, resources_id: str | None = None, *, make_latest: bool = True
+        self, resources: ResourcesLike, resources_id: str | None = None, *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, parent: str | None = None,
+        make_latest: bool = True,
     ) -> ResourcesUpdate:
         """Store a new snapshot (version 1) and make it the latest (unless ``make_latest=False``),
-        atomically. See :meth:`LightningClient.add_resources`."""
-        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id, make_latest=make_latest)
+        atomically, with its metadata. See :meth:`LightningClient.add_resources`."""
+        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id, message=message,
+                                       author=author, tags=tags, parent=parent, make_latest=make_latest)
 
     async def add_resources_batch(
         self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]], *, make_latest: bool = True
@@ -97,12 +101,19 @@ class AsyncLightningClient:
         return await asyncio.to_thread(self.sync.add_resources_batch, list(items), make_latest=make_latest)
 
     async def update_resources(
-        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None
+        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None, *,
+        message: str | None = None, author: str | None = None, tags: Sequence[str] | None = None,
+        parent: str | None = None,
     ) -> ResourcesUpdate:
         """Store the next version under an existing id and make it the latest, atomically; with
         ``expected_version``, a compare-and-set raising :class:`VersionConflictError`.
         See :meth:`LightningClient.update_resources`."""
-        return await asyncio.to_thread(self.sync.update_resources, resources_id, resources, expected_version)
+        return await asyncio.to_thread(self.sync.update_resources, resources_id, resources, expected_version,
+                                       message=message, author=author, tags=tags, parent=parent)
+
+    async def diff(self, a: str, b: str | None = None) -> SnapshotDiff:
+        """What changed from ``a`` to ``b``. See :meth:`LightningClient.diff`."""
+        return await asyncio.to_thread(self.sync.diff, a, b)
 
     async def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate:
         """A snapshot by id or pointer name; ``version`` reads an earlier version. Raises
@@ -137,9 +148,14 @@ class AsyncLightningClient:
 
     # -- pointers -------------------------------------------------------------------------
 
-    async def set_pointer(self, name: str, target: str, expected: str | None = None) -> str:
-        """Point ``name`` at a snapshot (compare-and-set with ``expected``); return the id it names."""
-        return await asyncio.to_thread(self.sync.set_pointer, name, target, expected)
+    async def set_pointer(
+        self, name: str, target: str, expected: str | None = None, *, actor: str | None = None,
+        reason: str | None = None, force: bool = False,
+    ) -> str:
+        """Point ``name`` at a snapshot (compare-and-set with ``expected``); return the id it names.
+        See :meth:`LightningClient.set_pointer` (protected pointers, actor, reason)."""
+        return await asyncio.to_thread(self.sync.set_pointer, name, target, expected, actor=actor, reason=reason,
+                                       force=force)
 
     async def get_pointer(self, name: str) -> str | None:
         """The snapshot id ``name`` points at, or None."""
@@ -149,9 +165,11 @@ class AsyncLightningClient:
         """Every pointer and the snapshot id it names."""
         return await asyncio.to_thread(self.sync.pointers)
 
-    async def rollback(self, pointer: str = "latest") -> PointerMove:
+    async def rollback(
+        self, pointer: str = "latest", *, actor: str | None = None, reason: str | None = None, force: bool = False,
+    ) -> PointerMove:
         """Move ``pointer`` back to its previous target in one atomic step."""
-        return await asyncio.to_thread(self.sync.rollback, pointer)
+        return await asyncio.to_thread(self.sync.rollback, pointer, actor=actor, reason=reason, force=force)
 
     async def pointer_history(self, pointer: str = "latest", limit: int = 20) -> list[PointerMove]:
         """The pointer's last ``limit`` moves, newest first."""
