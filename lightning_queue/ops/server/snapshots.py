@@ -93,6 +93,8 @@ class PointerMoveOut(BaseModel):
 class SetPointer(BaseModel):
     target: str = Field(min_length=1, max_length=200, description="A snapshot id, or a pointer to copy.")
     expected: str | None = Field(None, max_length=200, description="Move only if it names this id now.")
+    reason: str | None = Field(None, max_length=500, description="Why (recorded in the pointer's history).")
+    force: bool = Field(False, description="Move even a protected pointer (needs a reason).")
 
 
 def _pointers_by_target(pointers: dict[str, str]) -> dict[str, list[str]]:
@@ -200,7 +202,8 @@ def pointer_history(
 @router.put("/pointers/{name}", summary="Point a pointer at a snapshot (compare-and-set with expected)",
             tags=["pointers"])
 def set_pointer(services: ServicesDep, user: UserDep, name: str, body: SetPointer) -> Pointer:
-    target = services.client.registry.set_pointer(name, body.target, expected=body.expected, by=actor(user))
+    target = services.client.registry.set_pointer(name, body.target, expected=body.expected, by=actor(user),
+                                                  reason=body.reason, force=body.force)
     return Pointer(name=name, target=target)
 
 
