@@ -56,7 +56,7 @@ def test_a_protected_pointer_refuses_every_move_and_writes_nothing(
     prod: LightningClient, fake_redis: fakeredis.FakeRedis, move: Callable[[LightningClient], object]
 ) -> None:
     before = state(fake_redis)
-    with pytest.raises(ProtectedPointerError, match="'prod' is protected .serves customers, by alice.*--force"):
+    with pytest.raises(ProtectedPointerError, match=r"'prod' is protected \(serves customers, by alice\).*--force"):
         move(prod)
     assert state(fake_redis) == before
 
@@ -67,7 +67,7 @@ def test_the_check_is_in_the_script_not_a_read_before_it(
     """The Lua script refuses the move whatever the caller read before: call it as a caller that
     saw the pointer unprotected would (it has no protection argument to skip)."""
     registry, k = prod.registry, prod.keys
-    reply = registry._set_pointer(  # noqa: SLF001 - the script itself, as every caller reaches it
+    reply = registry._set_pointer(
         keys=[k.pointers, k.seq, k.snapshot_events, k.pointer_protection],
         args=["prod", "rs-a", "1.0", "mallory", 100, k.pointer_history_prefix, k.snapshot_prefix, "", "0",
               "set_pointer", ""],
