@@ -277,7 +277,7 @@ def test_protect_then_moves_need_force_and_reason(invoke: Invoke, two: Lightning
     assert result.exit_code == 0 and result.stdout == "prod: rs-a -> rs-b\n"
     one_line_error(invoke("resources", "rollback", "prod"), "'prod' is protected")
     history = invoke("resources", "history", "prod", columns=160)
-    assert [(r[3], r[4], r[5]) for r in rows(history.stdout)][0] == ("bob", "set_pointer", "hotfix")
+    assert rows(history.stdout)[0][3:6] == ["bob", "set_pointer", "hotfix"]
 
     result = invoke("resources", "unprotect", "prod")
     assert result.exit_code == 0 and result.stdout == "prod: no longer protected\n"
