@@ -31,6 +31,7 @@ from lightning_queue.core.errors import (
     ExperimentUnitError,
     InvalidExperimentError,
     PointerError,
+    ProtectedPointerError,
     ResourcesNotFoundError,
 )
 from lightning_queue.core.models import ErrorInfo, RolloutResult, default_actor
@@ -481,6 +482,22 @@ def test_a_healthy_canary_walks_the_schedule_and_is_promoted(
     assert all(s.treatment_finished >= 40 for s in result.steps)
     assert snapshots.get_pointer("prod") == "rs-new"
     assert Experiments(snapshots).get("cn").winner == "treatment"
+
+
+def test_a_canary_promotes_a_protected_pointer_only_with_a_reason(
+    snapshots: LightningClient, outcome: dict[str, Outcome]
+) -> None:
+    outcome["fn"] = lambda r: ("succeeded", 0.7)
+    snapshots.protect_pointer("prod", "serves users")
+    with pytest.raises(ProtectedPointerError):
+        _canary(snapshots, "cn", schedule=(1.0,)).run(_traffic(), batch_size=100)
+    assert snapshots.get_pointer("prod") == "rs-a" and Experiments(snapshots).get("cn").status == "running"
+
+    result = Canary(snapshots, "cn2", "rs-new", pointer="prod", unit_key="input.user", rollouts_per_step=40,
+                    schedule=(1.0,), promote_reason="canary cn2 held", actor="ci").run(_traffic(), batch_size=100)
+    assert result.outcome == "promoted" and snapshots.get_pointer("prod") == "rs-new"
+    move = snapshots.pointer_history("prod", 1)[0]
+    assert (move.by, move.op) == ("ci", "promote cn2") and move.reason.endswith("forced: canary cn2 held")
 
 
 def test_a_canary_with_a_reward_drop_is_rolled_back(snapshots: LightningClient, outcome: dict[str, Outcome]) -> None:
