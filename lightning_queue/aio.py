@@ -21,7 +21,7 @@ from lightning_queue.core.settings import Settings
 from lightning_queue.core.traces import Span, Triplet, Usage
 from lightning_queue.storage.connections import connect_async, server_url
 from lightning_queue.storage.liveness import WorkerHealth
-from lightning_queue.storage.registry import DeleteReport, PointerMove
+from lightning_queue.storage.registry import DeleteReport, PointerMove, Protection
 from lightning_queue.storage.retention import RetentionReport
 from lightning_queue.storage.waiting import wait_async
 
@@ -94,11 +94,13 @@ class AsyncLightningClient:
                                        author=author, tags=tags, parent=parent, make_latest=make_latest)
 
     async def add_resources_batch(
-        self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]], *, make_latest: bool = True
+        self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]], *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, make_latest: bool = True,
     ) -> list[ResourcesUpdate]:
         """Add many snapshots in one pipelined round trip (the last becomes latest, unless
         ``make_latest=False``). ``items`` may be any iterable (consumed here, not in the thread)."""
-        return await asyncio.to_thread(self.sync.add_resources_batch, list(items), make_latest=make_latest)
+        return await asyncio.to_thread(self.sync.add_resources_batch, list(items), message=message, author=author,
+                                       tags=tags, make_latest=make_latest)
 
     async def update_resources(
         self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None, *,
@@ -128,10 +130,12 @@ class AsyncLightningClient:
         """Snapshots, newest written first, ``limit`` from ``offset``."""
         return await asyncio.to_thread(self.sync.query_resources, offset, limit)
 
-    async def delete_resources(self, resources_id: str, force: bool = False) -> DeleteReport:
+    async def delete_resources(
+        self, resources_id: str, force: bool = False, *, actor: str | None = None
+    ) -> DeleteReport:
         """Delete a snapshot; refused (:class:`SnapshotInUseError`) while pointers or unfinished
         rollouts use it, unless ``force``."""
-        return await asyncio.to_thread(self.sync.delete_resources, resources_id, force)
+        return await asyncio.to_thread(self.sync.delete_resources, resources_id, force, actor=actor)
 
     async def apply_retention(self, keep: int | None = None, dry_run: bool = False) -> RetentionReport:
         """Delete old snapshots, keeping the newest ``keep`` and every one in use.
@@ -170,6 +174,18 @@ class AsyncLightningClient:
     ) -> PointerMove:
         """Move ``pointer`` back to its previous target in one atomic step."""
         return await asyncio.to_thread(self.sync.rollback, pointer, actor=actor, reason=reason, force=force)
+
+    async def protect_pointer(self, name: str, reason: str, *, actor: str | None = None) -> Protection:
+        """Protect ``name``. See :meth:`LightningClient.protect_pointer`."""
+        return await asyncio.to_thread(self.sync.protect_pointer, name, reason, actor=actor)
+
+    async def unprotect_pointer(self, name: str) -> Protection | None:
+        """Lift ``name``'s protection; return it (``None`` if it had none)."""
+        return await asyncio.to_thread(self.sync.unprotect_pointer, name)
+
+    async def protections(self) -> dict[str, Protection]:
+        """Every protected pointer, with why, by whom and since when."""
+        return await asyncio.to_thread(self.sync.protections)
 
     async def pointer_history(self, pointer: str = "latest", limit: int = 20) -> list[PointerMove]:
         """The pointer's last ``limit`` moves, newest first."""

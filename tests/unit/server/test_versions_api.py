@@ -17,8 +17,9 @@ def test_versions_and_snapshots_carry_their_metadata(seeded: LightningClient, lo
     seeded.update_resources("rs-b", {"prompt": PromptTemplate(template="b2 {question}")}, message="shorter",
                             author="alice", tags=["exp-7"])
     versions = loopback.get("/api/v1/snapshots/rs-b/versions").json()["versions"]
-    assert [(v["version"], v["message"], v["author"], v["tags"], v["parent_id"], v["parent_version"])
-            for v in versions][0] == (2, "shorter", "alice", ["exp-7"], "rs-b", 1)
+    v = versions[0]
+    assert (v["version"], v["message"], v["author"], v["tags"], v["parent_id"], v["parent_version"]) == (
+        2, "shorter", "alice", ["exp-7"], "rs-b", 1)
     shown = loopback.get("/api/v1/snapshots/rs-b").json()
     assert (shown["message"], shown["author"], shown["parent_version"]) == ("shorter", "alice", 1)
     diff = loopback.get("/api/v1/snapshots/rs-b/diff").json()
