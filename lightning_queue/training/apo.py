@@ -282,8 +282,16 @@ class _Search:
         resources: dict[str, Resource] = dict(self.base.resources)
         resources[self.prompt_name] = PromptTemplate(template=candidate.template, engine=self.engine)
         resources[f"{self.prompt_name}_lineage"] = lineage
+        # The version's metadata says what the lineage resource says, for `resources versions` and `diff`.
+        parent = None
+        if lineage.parent_id and lineage.parent_version:
+            parent = f"{lineage.parent_id}@{lineage.parent_version}"
+        message = f"APO {self.run.name} round {lineage.round}"
+        if lineage.critique:
+            message = f"{message}: {lineage.critique}"[:4000]
         try:
-            written = self.client.add_resources(resources, candidate.resources_id, make_latest=False)
+            written = self.client.add_resources(resources, candidate.resources_id, make_latest=False, parent=parent,
+                                                message=message)
         except ResourcesExistError:  # written before a crash: the id is a hash of the same template
             written = self.client.get_resources_by_id(candidate.resources_id)
         self.snapshots[candidate.resources_id] = written
