@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def client_for(workers: int, agent: str = DEMO_AGENT) -> Iterator[LightningClient]:
+def client_for(workers: int, agent: str = DEMO_AGENT, app: str = "lightning_queue.app") -> Iterator[LightningClient]:
     if workers <= 0:
         with LightningClient() as client:
             yield client
@@ -31,7 +31,8 @@ def client_for(workers: int, agent: str = DEMO_AGENT) -> Iterator[LightningClien
     settings = base.model_copy(update={"key_prefix": prefix, "queue": f"{prefix}-rollouts"})
     client = LightningClient(settings)
     try:
-        with LocalFleet(settings, agent, count=workers, concurrency=2, pythonpath=[str(ROOT)], cwd=str(ROOT)):
+        with LocalFleet(settings, agent, count=workers, concurrency=2, pythonpath=[str(ROOT)], cwd=str(ROOT),
+                        app=app):
             yield client
     finally:
         keys = list(client.redis.scan_iter(match=f"{prefix}:*", count=1000))

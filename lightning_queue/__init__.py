@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from lightning_queue.aio import AsyncLightningClient
     from lightning_queue.app import create_app
     from lightning_queue.client import LightningClient
+    from lightning_queue.core import hooks
+    from lightning_queue.core.diff import SnapshotDiff
     from lightning_queue.core.errors import (
         AgentNotConfiguredError,
         AgentSignatureError,
@@ -38,12 +40,14 @@ if TYPE_CHECKING:
         InvalidResourcesError,
         InvalidRewardError,
         InvalidRolloutResultError,
+        InvalidVersionMetadataError,
         LightningQueueError,
         MissingResourceError,
         NoLatestResourcesError,
         NoRunnersError,
         PointerError,
         PromptNotFoundError,
+        ProtectedPointerError,
         ProxyResourceError,
         RedisUnavailableError,
         RegistryLostError,
@@ -75,13 +79,14 @@ if TYPE_CHECKING:
         RolloutConfig,
         RolloutRequest,
         RolloutResult,
+        VersionMeta,
     )
     from lightning_queue.core.settings import Settings
     from lightning_queue.core.traces import LLMPrice, Span, Triplet, Usage
     from lightning_queue.experiments.canary import Canary, CanaryResult, Guardrail
     from lightning_queue.experiments.manager import Conclusion, Experiment, Experiments, Variant
     from lightning_queue.experiments.report import ExperimentReport
-    from lightning_queue.storage.registry import DeleteReport, PointerMove, retry_on_conflict
+    from lightning_queue.storage.registry import DeleteReport, PointerMove, Protection, retry_on_conflict
     from lightning_queue.storage.retention import RetentionReport
     from lightning_queue.training import APO, Algorithm, Critic, Dataset, Trainer
     from lightning_queue.worker.agent import FunctionalLitAgent, LitAgent, rollout
@@ -97,8 +102,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "ConfigurationError", "CriticError", "EnqueueError", "ExperimentError", "ExperimentExistsError",
         "ExperimentNotFoundError", "ExperimentStateError", "ExperimentUnitError", "InvalidDatasetError",
         "InvalidExperimentError", "InvalidPriceTableError", "InvalidQueueNameError", "InvalidResourcesError",
-        "InvalidRewardError", "InvalidRolloutResultError", "LightningQueueError", "MissingResourceError",
-        "NoLatestResourcesError", "NoRunnersError", "PointerError", "PromptNotFoundError", "ProxyResourceError",
+        "InvalidRewardError", "InvalidRolloutResultError", "InvalidVersionMetadataError", "LightningQueueError",
+        "MissingResourceError", "NoLatestResourcesError", "NoRunnersError", "PointerError", "PromptNotFoundError",
+        "ProtectedPointerError", "ProxyResourceError",
         "RedisUnavailableError", "RegistryLostError", "ResourcesExistError", "ResourcesNotFoundError", "RolloutFailed",
         "RolloutNotFoundError", "RunConflictError", "SnapshotCorruptedError", "SnapshotInUseError",
         "SnapshotTooLargeError", "TrainingError", "TrainingTimeoutError", "UnknownResourceTypeError",
@@ -107,8 +113,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "lightning_queue.core.metrics": ("RewardSummary",),
     "lightning_queue.core.models": (
         "Attempt", "ErrorInfo", "LLM", "NamedResources", "PromptLineage", "PromptTemplate", "ProxyLLM", "Resource",
-        "ResourcesUpdate", "Rollout", "RolloutConfig", "RolloutRequest", "RolloutResult",
+        "ResourcesUpdate", "Rollout", "RolloutConfig", "RolloutRequest", "RolloutResult", "VersionMeta",
     ),
+    "lightning_queue.core.diff": ("SnapshotDiff",),
     "lightning_queue.core.settings": ("Settings",),
     "lightning_queue.experiments.canary": (
         "Canary", "CanaryResult", "Guardrail",
@@ -118,7 +125,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "lightning_queue.experiments.report": ("ExperimentReport",),
     "lightning_queue.storage.registry": (
-        "DeleteReport", "PointerMove", "retry_on_conflict",
+        "DeleteReport", "PointerMove", "Protection", "retry_on_conflict",
     ),
     "lightning_queue.storage.retention": ("RetentionReport",),
     "lightning_queue.training": (
@@ -136,6 +143,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_MODULES = {"hooks": "lightning_queue.core.hooks"}  # ``from lightning_queue import hooks``
 
 __all__ = [
     "APO",
@@ -174,6 +182,7 @@ __all__ = [
     "InvalidResourcesError",
     "InvalidRewardError",
     "InvalidRolloutResultError",
+    "InvalidVersionMetadataError",
     "LLMPrice",
     "LightningClient",
     "LightningQueueError",
@@ -187,6 +196,8 @@ __all__ = [
     "PromptLineage",
     "PromptNotFoundError",
     "PromptTemplate",
+    "ProtectedPointerError",
+    "Protection",
     "ProxyLLM",
     "ProxyResourceError",
     "RedisUnavailableError",
@@ -206,6 +217,7 @@ __all__ = [
     "RunConflictError",
     "Settings",
     "SnapshotCorruptedError",
+    "SnapshotDiff",
     "SnapshotInUseError",
     "SnapshotTooLargeError",
     "Span",
@@ -217,11 +229,13 @@ __all__ = [
     "Usage",
     "Variant",
     "VersionConflictError",
+    "VersionMeta",
     "create_app",
     "emit_exception",
     "emit_message",
     "emit_object",
     "emit_reward",
+    "hooks",
     "llm_call",
     "retry_on_conflict",
     "rollout",
@@ -230,6 +244,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+        globals()[name] = value
+        return value
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

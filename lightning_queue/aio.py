@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning_queue.client import LightningClient, ResourcesLike
+from lightning_queue.core.diff import SnapshotDiff
 from lightning_queue.core.models import (
     Attempt,
     ResolveMode,
@@ -20,7 +21,7 @@ from lightning_queue.core.settings import Settings
 from lightning_queue.core.traces import Span, Triplet, Usage
 from lightning_queue.storage.connections import connect_async, server_url
 from lightning_queue.storage.liveness import WorkerHealth
-from lightning_queue.storage.registry import DeleteReport, PointerMove
+from lightning_queue.storage.registry import DeleteReport, PointerMove, Protection
 from lightning_queue.storage.retention import RetentionReport
 from lightning_queue.storage.waiting import wait_async
 
@@ -83,26 +84,38 @@ class AsyncLightningClient:
     # -- resources ------------------------------------------------------------------------
 
     async def add_resources(
-        self, resources: ResourcesLike, resources_id: str | None = None, *, make_latest: bool = True
+        self, resources: ResourcesLike, resources_id: str | None = None, *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, parent: str | None = None,
+        make_latest: bool = True,
     ) -> ResourcesUpdate:
         """Store a new snapshot (version 1) and make it the latest (unless ``make_latest=False``),
-        atomically. See :meth:`LightningClient.add_resources`."""
-        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id, make_latest=make_latest)
+        atomically, with its metadata. See :meth:`LightningClient.add_resources`."""
+        return await asyncio.to_thread(self.sync.add_resources, resources, resources_id, message=message,
+                                       author=author, tags=tags, parent=parent, make_latest=make_latest)
 
     async def add_resources_batch(
-        self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]], *, make_latest: bool = True
+        self, items: Iterable[ResourcesLike | tuple[str, ResourcesLike]], *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, make_latest: bool = True,
     ) -> list[ResourcesUpdate]:
         """Add many snapshots in one pipelined round trip (the last becomes latest, unless
         ``make_latest=False``). ``items`` may be any iterable (consumed here, not in the thread)."""
-        return await asyncio.to_thread(self.sync.add_resources_batch, list(items), make_latest=make_latest)
+        return await asyncio.to_thread(self.sync.add_resources_batch, list(items), message=message, author=author,
+                                       tags=tags, make_latest=make_latest)
 
     async def update_resources(
-        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None
+        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None, *,
+        message: str | None = None, author: str | None = None, tags: Sequence[str] | None = None,
+        parent: str | None = None,
     ) -> ResourcesUpdate:
         """Store the next version under an existing id and make it the latest, atomically; with
         ``expected_version``, a compare-and-set raising :class:`VersionConflictError`.
         See :meth:`LightningClient.update_resources`."""
-        return await asyncio.to_thread(self.sync.update_resources, resources_id, resources, expected_version)
+        return await asyncio.to_thread(self.sync.update_resources, resources_id, resources, expected_version,
+                                       message=message, author=author, tags=tags, parent=parent)
+
+    async def diff(self, a: str, b: str | None = None) -> SnapshotDiff:
+        """What changed from ``a`` to ``b``. See :meth:`LightningClient.diff`."""
+        return await asyncio.to_thread(self.sync.diff, a, b)
 
     async def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate:
         """A snapshot by id or pointer name; ``version`` reads an earlier version. Raises
@@ -117,10 +130,12 @@ class AsyncLightningClient:
         """Snapshots, newest written first, ``limit`` from ``offset``."""
         return await asyncio.to_thread(self.sync.query_resources, offset, limit)
 
-    async def delete_resources(self, resources_id: str, force: bool = False) -> DeleteReport:
+    async def delete_resources(
+        self, resources_id: str, force: bool = False, *, actor: str | None = None
+    ) -> DeleteReport:
         """Delete a snapshot; refused (:class:`SnapshotInUseError`) while pointers or unfinished
         rollouts use it, unless ``force``."""
-        return await asyncio.to_thread(self.sync.delete_resources, resources_id, force)
+        return await asyncio.to_thread(self.sync.delete_resources, resources_id, force, actor=actor)
 
     async def apply_retention(self, keep: int | None = None, dry_run: bool = False) -> RetentionReport:
         """Delete old snapshots, keeping the newest ``keep`` and every one in use.
@@ -137,9 +152,14 @@ class AsyncLightningClient:
 
     # -- pointers -------------------------------------------------------------------------
 
-    async def set_pointer(self, name: str, target: str, expected: str | None = None) -> str:
-        """Point ``name`` at a snapshot (compare-and-set with ``expected``); return the id it names."""
-        return await asyncio.to_thread(self.sync.set_pointer, name, target, expected)
+    async def set_pointer(
+        self, name: str, target: str, expected: str | None = None, *, actor: str | None = None,
+        reason: str | None = None, force: bool = False,
+    ) -> str:
+        """Point ``name`` at a snapshot (compare-and-set with ``expected``); return the id it names.
+        See :meth:`LightningClient.set_pointer` (protected pointers, actor, reason)."""
+        return await asyncio.to_thread(self.sync.set_pointer, name, target, expected, actor=actor, reason=reason,
+                                       force=force)
 
     async def get_pointer(self, name: str) -> str | None:
         """The snapshot id ``name`` points at, or None."""
@@ -149,9 +169,23 @@ class AsyncLightningClient:
         """Every pointer and the snapshot id it names."""
         return await asyncio.to_thread(self.sync.pointers)
 
-    async def rollback(self, pointer: str = "latest") -> PointerMove:
+    async def rollback(
+        self, pointer: str = "latest", *, actor: str | None = None, reason: str | None = None, force: bool = False,
+    ) -> PointerMove:
         """Move ``pointer`` back to its previous target in one atomic step."""
-        return await asyncio.to_thread(self.sync.rollback, pointer)
+        return await asyncio.to_thread(self.sync.rollback, pointer, actor=actor, reason=reason, force=force)
+
+    async def protect_pointer(self, name: str, reason: str, *, actor: str | None = None) -> Protection:
+        """Protect ``name``. See :meth:`LightningClient.protect_pointer`."""
+        return await asyncio.to_thread(self.sync.protect_pointer, name, reason, actor=actor)
+
+    async def unprotect_pointer(self, name: str) -> Protection | None:
+        """Lift ``name``'s protection; return it (``None`` if it had none)."""
+        return await asyncio.to_thread(self.sync.unprotect_pointer, name)
+
+    async def protections(self) -> dict[str, Protection]:
+        """Every protected pointer, with why, by whom and since when."""
+        return await asyncio.to_thread(self.sync.protections)
 
     async def pointer_history(self, pointer: str = "latest", limit: int = 20) -> list[PointerMove]:
         """The pointer's last ``limit`` moves, newest first."""

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from lightning_queue.core import hooks
+from lightning_queue.core.diff import SnapshotDiff
 from lightning_queue.core.errors import (
     DuplicateRolloutIdError,
     EnqueueError,
@@ -31,7 +33,7 @@ from lightning_queue.core.traces import FINAL_REWARD, Span, Triplet, Usage, curr
 from lightning_queue.storage.connections import connect
 from lightning_queue.storage.epoch import RegistryEpoch
 from lightning_queue.storage.liveness import WorkerHealth, read_cache_stats, read_worker_health
-from lightning_queue.storage.registry import DeleteReport, PointerMove, SnapshotRegistry
+from lightning_queue.storage.registry import DeleteReport, PointerMove, Protection, SnapshotRegistry
 from lightning_queue.storage.retention import RetentionReport, apply_retention
 from lightning_queue.storage.store import RolloutStore
 from lightning_queue.storage.traces import Traces
@@ -112,43 +114,87 @@ class LightningClient:
     # -- resources ------------------------------------------------------------------------
 
     def add_resources(
-        self, resources: ResourcesLike, resources_id: str | None = None, *, make_latest: bool = True
+        self, resources: ResourcesLike, resources_id: str | None = None, *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, parent: str | None = None,
+        make_latest: bool = True,
     ) -> ResourcesUpdate:
         """Store a new snapshot (version 1) and make it the latest, atomically. ``make_latest=False``
-        leaves ``latest`` where it is (a candidate that only pinned rollouts should run)."""
-        return self.registry.add_resources(resources, resources_id, make_latest=make_latest)
+        leaves ``latest`` where it is (a candidate that only pinned rollouts should run).
+
+        ``message``, ``author`` (default ``user@host``, or ``LQ_ACTOR``) and ``tags`` are stored
+        with the version; ``parent`` (``id``, ``pointer`` or ``id@version``) names the snapshot it
+        derives from. Bad metadata raises :class:`InvalidVersionMetadataError`; a parent that is
+        not stored, :class:`ResourcesNotFoundError`; either way nothing is written."""
+        return self.registry.add_resources(resources, resources_id, message=message, author=author, tags=tags,
+                                           parent=parent, make_latest=make_latest)
 
     def add_resources_batch(
-        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, make_latest: bool = True
+        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, make_latest: bool = True,
     ) -> list[ResourcesUpdate]:
         """Add many snapshots in one pipelined round trip (the last becomes latest, unless
-        ``make_latest=False``)."""
-        return self.registry.add_resources_batch(items, make_latest=make_latest)
+        ``make_latest=False``); ``message``, ``author`` and ``tags`` are stored with each."""
+        return self.registry.add_resources_batch(items, message=message, author=author, tags=tags,
+                                                 make_latest=make_latest)
 
     def update_resources(
-        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None
+        self, resources_id: str, resources: ResourcesLike, expected_version: int | None = None, *,
+        message: str | None = None, author: str | None = None, tags: Sequence[str] | None = None,
+        parent: str | None = None,
     ) -> ResourcesUpdate:
         """Store the next version under an existing id and make it the latest, atomically.
 
         With ``expected_version`` this is a compare-and-set: a concurrent
         writer makes it raise :class:`VersionConflictError` (carrying the
-        current version) instead of being silently overwritten.
+        current version) instead of being silently overwritten. Metadata as in
+        :meth:`add_resources`; the parent defaults to the version replaced.
         """
-        return self.registry.update_resources(resources_id, resources, expected_version)
+        return self.registry.update_resources(resources_id, resources, expected_version, message=message,
+                                              author=author, tags=tags, parent=parent)
 
     def get_resources_by_id(self, resources_id: str, version: int | None = None) -> ResourcesUpdate:
         """A snapshot by id or pointer name; ``version`` reads an earlier version."""
         return self.registry.get_resources_by_id(resources_id, version)
 
-    def delete_resources(self, resources_id: str, force: bool = False) -> DeleteReport:
-        """Delete a snapshot; refused while pointers or unfinished rollouts use it unless ``force``."""
-        return self.registry.delete_resources(resources_id, force=force)
+    def delete_resources(self, resources_id: str, force: bool = False, *, actor: str | None = None) -> DeleteReport:
+        """Delete a snapshot; refused while pointers or unfinished rollouts use it unless ``force``
+        (and always while a protected pointer names it)."""
+        return self.registry.delete_resources(resources_id, force=force, by=actor)
+
+    def diff(self, a: str, b: str | None = None) -> SnapshotDiff:
+        """What changed from ``a`` to ``b``: per resource, per field, with a unified text diff of
+        each changed template (secrets compared, never shown; see :mod:`lightning_queue.core.diff`).
+
+        ``a`` and ``b`` are ``id``, ``pointer``, ``id@version`` or ``pointer@version`` (the
+        pointer's current target at that version). Without ``b``, ``a`` is compared with the version
+        before it (``rs-a@3`` with ``rs-a@2``; ``rs-a`` with its previous version)."""
+        return self.registry.diff(a, b)
 
     # -- pointers -------------------------------------------------------------------------
 
-    def set_pointer(self, name: str, target: str, expected: str | None = None) -> str:
-        """Point ``name`` (``prod``, ``canary``...) at a snapshot; return the id it names."""
-        return self.registry.set_pointer(name, target, expected=expected)
+    def set_pointer(
+        self, name: str, target: str, expected: str | None = None, *, actor: str | None = None,
+        reason: str | None = None, force: bool = False,
+    ) -> str:
+        """Point ``name`` (``prod``, ``canary``...) at a snapshot; return the id it names.
+
+        Recorded in the pointer's history with ``actor`` (default ``user@host``, or ``LQ_ACTOR``)
+        and ``reason``. A protected pointer raises :class:`ProtectedPointerError` unless
+        ``force=True`` and a ``reason`` are given (checked atomically with the move)."""
+        return self.registry.set_pointer(name, target, expected=expected, by=actor, reason=reason, force=force)
+
+    def protect_pointer(self, name: str, reason: str, *, actor: str | None = None) -> Protection:
+        """Protect ``name`` (e.g. ``prod``): it then moves only with ``force=True`` and a reason,
+        and the snapshot it names cannot be deleted."""
+        return self.registry.protect_pointer(name, reason, by=actor)
+
+    def unprotect_pointer(self, name: str) -> Protection | None:
+        """Lift ``name``'s protection; return it (``None`` if it had none)."""
+        return self.registry.unprotect_pointer(name)
+
+    def protections(self) -> dict[str, Protection]:
+        """Every protected pointer, with why, by whom and since when."""
+        return self.registry.protections()
 
     def get_pointer(self, name: str) -> str | None:
         return self.registry.get_pointer(name)
@@ -156,9 +202,12 @@ class LightningClient:
     def pointers(self) -> dict[str, str]:
         return self.registry.pointers()
 
-    def rollback(self, pointer: str = "latest") -> PointerMove:
-        """Move ``pointer`` back to its previous target in one atomic step."""
-        return self.registry.rollback(pointer)
+    def rollback(
+        self, pointer: str = "latest", *, actor: str | None = None, reason: str | None = None, force: bool = False,
+    ) -> PointerMove:
+        """Move ``pointer`` back to its previous target in one atomic step (a protected pointer
+        needs ``force=True`` and a ``reason``, as :meth:`set_pointer`)."""
+        return self.registry.rollback(pointer, by=actor, reason=reason, force=force)
 
     def pointer_history(self, pointer: str = "latest", limit: int = 20) -> list[PointerMove]:
         return self.registry.pointer_history(pointer, limit)
@@ -319,6 +368,7 @@ class LightningClient:
                 self._written_into_a_new_registry(rollouts, known, mark.epoch)
             self.epoch.saw(mark.epoch)  # adopted when this client knew none
             self.publish(rollouts, mark.seq)
+            hooks.on_enqueue.fire(hooks.Enqueued(rollouts))
             return rollouts
         seen: set[str] = set()
         for rollout in rollouts:
@@ -334,6 +384,7 @@ class LightningClient:
         if unsent:
             self.publish(unsent, mark.seq)
             self.store.mark_published([r.rollout_id for r in unsent])
+            hooks.on_enqueue.fire(hooks.Enqueued(unsent))
         return [existing[r.rollout_id][0] if r.rollout_id in existing else r for r in rollouts]
 
     def _written_into_a_new_registry(self, rollouts: Sequence[Rollout], known: str, current: str) -> None:

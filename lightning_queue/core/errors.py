@@ -226,6 +226,36 @@ class PointerError(LightningQueueError):
     """A pointer operation that cannot be done (bad name, nothing to roll back to...)."""
 
 
+class ProtectedPointerError(PointerError):
+    """A protected pointer (``prod``...) was asked to move, or its snapshot to be deleted, without
+    ``force=True`` and a reason; nothing was changed."""
+
+    def __init__(self, pointer: str, protection_reason: str = "", protected_by: str = "", *,
+                 operation: str = "move") -> None:
+        why = f" ({protection_reason}" + (f", by {protected_by}" if protected_by else "") + ")" \
+            if protection_reason or protected_by else ""
+        if operation == "delete":
+            todo = "unprotect it first (`lightning-queue resources unprotect`) or point it at another snapshot"
+        else:
+            todo = "move it with force=True and a reason (`--force --reason ...` on the command line)"
+        super().__init__(f"pointer {pointer!r} is protected{why}; it was not changed: {todo}")
+        self.pointer = pointer
+        self.protection_reason = protection_reason
+        self.protected_by = protected_by
+
+
+class InvalidVersionMetadataError(LightningQueueError, ValueError):
+    """A snapshot version's message, author, tags or parent is not acceptable; nothing was written."""
+
+    def __init__(self, problems: str) -> None:
+        super().__init__(
+            f"invalid version metadata: {problems}. Messages hold up to 4000 characters, authors up to 200, "
+            "tags up to 32 of 1-64 letters, digits, '.', '_', ':', '/', '=' or '-' (starting with a letter or "
+            "digit); a parent is 'resources_id' or 'resources_id@version'"
+        )
+        self.problems = problems
+
+
 class SnapshotInUseError(LightningQueueError):
     """A snapshot cannot be deleted: rollouts or pointers still need it."""
 

@@ -3,11 +3,16 @@
 Snapshot registry::
 
     {p}:snapshot:{resources_id}       hash   the current version: resources (payload), encoding, checksum,
-                                             size, version, create_time, update_time
+                                             size, version, create_time, update_time, meta (JSON: message,
+                                             author, tags), parent_id and parent_version (when it has a parent)
     {p}:snapshot:{resources_id}:v:{n} hash   an earlier version n, unchanged since it was replaced
     {p}:snapshots                     zset   resources_id -> sequence of its last write (newest = highest)
     {p}:pointers                      hash   pointer name ("latest", "prod", ...) -> resources_id
-    {p}:pointer-history:{name}        list   the pointer's last moves, newest first (JSON: from, to, time, by)
+    {p}:pointer-history:{name}        list   the pointer's last moves, newest first (JSON: from, to, time, by
+                                             (the actor), op, reason; entries of earlier releases have only
+                                             from, to, time and by, which then held the operation)
+    {p}:pointer-protection            hash   protected pointer name -> JSON (reason, by, time); such a pointer
+                                             moves only when forced with a reason (checked in the moving script)
     {p}:seq                           string registry sequence: bumped by every write, move and delete
     {p}:epoch                         string the registry's epoch: a random id written once, by the first write
                                              (:mod:`lightning_queue.storage.epoch`); gone or changed = Redis
@@ -203,6 +208,10 @@ class Keys:
 
     def pointer_history(self, name: str) -> str:
         return f"{self.pointer_history_prefix}{name}"
+
+    @property
+    def pointer_protection(self) -> str:
+        return f"{self.prefix}:pointer-protection"
 
     @property
     def snapshot_events(self) -> str:

@@ -8,8 +8,10 @@ extend: any subclass of :class:`Resource` that declares
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
+import socket
 import string
 import time
 import typing
@@ -38,6 +40,7 @@ from lightning_queue.core.errors import (
     InvalidRolloutIdError,
     InvalidRolloutInputError,
     InvalidRolloutMetadataError,
+    InvalidVersionMetadataError,
     TemplateRenderError,
     UnknownResourceTypeError,
 )
@@ -318,8 +321,59 @@ def dump_resources(resources: Mapping[str, Resource]) -> str:
     return _ResourcesHolder.model_construct(resources=dict(resources)).model_dump_json(context=REVEAL_SECRETS)
 
 
+def default_actor() -> str:
+    """Who is acting when nobody says: ``user@host`` of this process (``LQ_ACTOR`` overrides it,
+    e.g. for a CI job). Recorded as a version's author and in pointer histories."""
+    configured = os.environ.get("LQ_ACTOR", "").strip()
+    if configured:
+        return configured[:200]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"[:200]
+
+
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/=-]{0,63}$"
+"""A version tag: 1-64 letters, digits and ``._:/=-``, starting with a letter or digit."""
+
+Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
+
+
+class VersionMeta(BaseModel):
+    """Who wrote a snapshot version, why, and what it derives from. Stored with the version, in
+    the same atomic write, and kept unchanged when the snapshot moves on to a newer version.
+
+    ``parent_id``/``parent_version`` name the version this one derives from: for an update, the
+    version it replaced unless told otherwise; for a new snapshot, only when given (a candidate
+    derived from another snapshot). Bad values raise :class:`InvalidVersionMetadataError`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message: str = Field("", max_length=4000)
+    author: str = Field("", max_length=200)
+    tags: tuple[Tag, ...] = Field((), max_length=32)
+    parent_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    parent_version: int | None = Field(None, ge=1)
+
+    @field_validator("tags")
+    @classmethod
+    def _unique_tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(tags))  # order kept, repeats dropped
+
+    @classmethod
+    def build(cls, **fields: Any) -> VersionMeta:
+        """Validate, raising :class:`InvalidVersionMetadataError` (not pydantic's error)."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise InvalidVersionMetadataError(describe_validation_error(exc)) from None
+
+
 class ResourcesUpdate(BaseModel):
-    """One immutable version of a resource snapshot."""
+    """One immutable version of a resource snapshot, with its metadata (see :class:`VersionMeta`;
+    versions written before metadata existed have none: empty message, no author, tags or parent)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -328,6 +382,21 @@ class ResourcesUpdate(BaseModel):
     create_time: float
     update_time: float
     resources: NamedResources
+    message: str = ""
+    author: str | None = None
+    tags: tuple[str, ...] = ()
+    parent_id: str | None = None
+    parent_version: int | None = None
+
+    @property
+    def meta(self) -> VersionMeta:
+        return VersionMeta.model_construct(message=self.message, author=self.author or "", tags=self.tags,
+                                           parent_id=self.parent_id, parent_version=self.parent_version)
+
+    @property
+    def ref(self) -> str:
+        """``resources_id@version``: names exactly this version (see ``LightningClient.diff``)."""
+        return f"{self.resources_id}@{self.version}"
 
 
 # --------------------------------------------------------------------------- rollouts

@@ -114,6 +114,10 @@ class Canary:
     ``unit_key`` is how traffic is split (e.g. ``input.user_id``): a unit keeps
     its arm while the treatment's share grows (units only ever move from
     control to treatment, see :func:`lightning_queue.experiments.bucket_bounds`).
+
+    A protected ``pointer`` (``prod``) is promoted only with ``promote_reason``: the promotion is
+    then forced, with that reason in the pointer's history; without it the promotion raises
+    :class:`ProtectedPointerError` and nothing moves. ``actor`` is recorded as who moved it.
     """
 
     def __init__(
@@ -130,6 +134,8 @@ class Canary:
         guardrail: Guardrail | None = None,
         timeout: float = 600,
         config: RolloutConfig | None = None,
+        promote_reason: str | None = None,
+        actor: str | None = None,
     ) -> None:
         if not schedule or any(not 0 < w <= 1 for w in schedule) or list(schedule) != sorted(schedule):
             raise InvalidExperimentError(f"schedule {list(schedule)} must be increasing weights in (0, 1]")
@@ -139,6 +145,8 @@ class Canary:
         self.candidate = candidate
         self.pointer = pointer
         self.canary_pointer = canary_pointer
+        self.promote_reason = promote_reason
+        self.actor = actor
         self.unit_key = unit_key
         self.schedule = list(schedule)
         self.rollouts_per_step = rollouts_per_step
@@ -158,7 +166,7 @@ class Canary:
             pass
         else:
             raise ExperimentExistsError(self.name)
-        self.client.registry.set_pointer(self.canary_pointer, self.candidate, by=f"canary {self.name}")
+        self.client.registry.set_pointer(self.canary_pointer, self.candidate, op=f"canary {self.name}", by=self.actor)
         w = self.schedule[0]
         self.experiments.create(Experiment(
             name=self.name, unit_key=self.unit_key,
@@ -202,8 +210,10 @@ class Canary:
                 why = self.guardrail.check(arms["control"], arms["treatment"])
                 if why:
                     conclusion = self.experiments.rollback(self.name, self.canary_pointer, f"guardrail: {why}",
-                                                           expected=self.candidate)
+                                                           expected=self.candidate, by=self.actor)
                     return CanaryResult("rolled_back", why, steps, conclusion, arms["control"] + arms["treatment"])
-        conclusion = self.experiments.promote(self.name, "treatment", self.pointer, expected=self.control_id)
+        conclusion = self.experiments.promote(self.name, "treatment", self.pointer, expected=self.control_id,
+                                              by=self.actor, force=self.promote_reason is not None,
+                                              reason=self.promote_reason)
         return CanaryResult("promoted", f"the guardrail held through {len(steps)} steps up to 100%", steps, conclusion,
                             arms["control"] + arms["treatment"])

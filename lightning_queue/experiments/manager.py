@@ -42,9 +42,10 @@ from lightning_queue.core.errors import (
     ExperimentNotFoundError,
     ExperimentStateError,
     PointerError,
+    ProtectedPointerError,
     ResourcesNotFoundError,
 )
-from lightning_queue.core.models import Rollout, RolloutConfig, RolloutMode, RolloutRequest
+from lightning_queue.core.models import Rollout, RolloutConfig, RolloutMode, RolloutRequest, default_actor
 from lightning_queue.experiments.model import (
     BUCKETS,
     Experiment,
@@ -58,7 +59,7 @@ from lightning_queue.experiments.model import (
     unit_value,
 )
 from lightning_queue.storage.connections import text
-from lightning_queue.storage.registry import check_name
+from lightning_queue.storage.registry import Protection, announce_move, check_force, check_name
 from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.store import decode_rollout
 
@@ -397,11 +398,20 @@ class Experiments:
         expected: str | None = None,
         allowed: Sequence[ExperimentStatus] = ("running", "stopped"),
         by: str | None = None,
+        op: str | None = None,
+        force: bool = False,
+        force_reason: str | None = None,
     ) -> Conclusion:
         """Move ``pointer`` to the snapshot ``target`` (an id or pointer, resolved now)
         and stop the experiment with ``reason``, in one atomic step (the
-        ``experiment_conclude`` Lua script; the move goes into the pointer's history).
-        ``expected`` makes the move a compare-and-set on the pointer's current target."""
+        ``experiment_conclude`` Lua script; the move goes into the pointer's history with
+        ``by``, default :func:`default_actor`, and ``op``, default ``experiment {name}``).
+        ``expected`` makes the move a compare-and-set on the pointer's current target.
+        A protected pointer raises :class:`ProtectedPointerError` (nothing moved, the
+        experiment not stopped) unless ``force=True`` with a ``force_reason``."""
+        force_reason = check_force(force, force_reason)
+        if force_reason and force_reason != reason:
+            reason = f"{reason}; forced: {force_reason}"
         k = self.keys
         if pointer and not target:
             raise ValueError("moving a pointer needs a target")
@@ -410,13 +420,19 @@ class Experiments:
             if not is_name(target):
                 raise ResourcesNotFoundError(str(target), hint=f"pointer {pointer!r} was not moved")
         now = time.time()
+        actor, op = by or default_actor(), op or f"experiment {name}"
         reply = self._conclude(
-            keys=[self._key(name), k.pointers, k.seq, k.snapshot_events],
-            args=[pointer or "", target or "", repr(now), by or f"experiment {name}",
+            keys=[self._key(name), k.pointers, k.seq, k.snapshot_events, k.pointer_protection],
+            args=[pointer or "", target or "", repr(now), actor,
                   self.client.settings.pointer_history_length, k.pointer_history_prefix, k.snapshot_prefix,
-                  expected or "", reason, winner or "", ",".join(allowed)],
+                  expected or "", reason, winner or "", ",".join(allowed), "1" if force else "0",
+                  op],
         )
         status = text(reply[0])
+        if status == "protected":
+            assert pointer is not None
+            protection = Protection.decode(pointer, reply[1])
+            raise ProtectedPointerError(pointer, protection.reason, protection.by)
         if status == "missing":
             raise ExperimentNotFoundError(name)
         if status == "concluded":
@@ -434,13 +450,18 @@ class Experiments:
             )
         if not pointer:
             return Conclusion(name, None, None, None, reason, winner)
+        announce_move(pointer, text(reply[1]) or None, text(reply[2]), actor, op, reason, now)
         return Conclusion(name, pointer, text(reply[1]) or None, text(reply[2]), reason, winner)
 
     def promote(
         self, name: str, variant: str | None = None, pointer: str = "latest", *, alpha: float = 0.05,
-        min_sample: int = 30, expected: str | None = None,
+        min_sample: int = 30, expected: str | None = None, by: str | None = None, force: bool = False,
+        reason: str | None = None,
     ) -> Conclusion:
         """Move ``pointer`` to ``variant``'s snapshot and stop the experiment, atomically.
+
+        A protected ``pointer`` needs ``force=True`` and a ``reason`` (recorded with ``by`` in
+        its history); else :class:`ProtectedPointerError` and nothing changes.
 
         Without ``variant`` the report's winner is taken: the treatment whose
         sequential test beats the control at ``alpha`` with the best mean reward;
@@ -458,13 +479,15 @@ class Experiments:
                 )
         target = exp.variant(variant).resources_id
         return self.conclude(name, pointer=pointer, target=target, winner=variant, expected=expected,
-                             reason=f"promoted {variant!r} to {pointer!r}", by=f"promote {name}")
+                             reason=f"promoted {variant!r} to {pointer!r}", by=by, op=f"promote {name}",
+                             force=force, force_reason=reason)
 
     def rollback(self, name: str, pointer: str, reason: str, to_variant: str | None = None,
-                 expected: str | None = None) -> Conclusion:
+                 expected: str | None = None, *, by: str | None = None, force: bool = False) -> Conclusion:
         """Move ``pointer`` back to ``to_variant``'s snapshot (default: the control's)
         and stop the running experiment with ``reason``, atomically (a canary's guardrail)."""
         exp = self.get(name)
         target = exp.variant(to_variant or exp.control.name).resources_id
         return self.conclude(name, pointer=pointer, target=target, reason=reason, expected=expected,
-                             allowed=("running",), by=f"rollback {name}: {reason}"[:200])
+                             allowed=("running",), by=by, op=f"rollback {name}", force=force,
+                             force_reason=reason if force else None)

@@ -19,9 +19,12 @@ from typing import Any, Protocol
 
 import redis
 
+from lightning_queue.core import hooks
+from lightning_queue.core.diff import SnapshotDiff, diff_snapshots
 from lightning_queue.core.errors import (
     NoLatestResourcesError,
     PointerError,
+    ProtectedPointerError,
     ResourcesExistError,
     ResourcesNotFoundError,
     SnapshotCorruptedError,
@@ -34,6 +37,8 @@ from lightning_queue.core.models import (
     ErrorInfo,
     Resource,
     ResourcesUpdate,
+    VersionMeta,
+    default_actor,
     dump_resources,
     new_id,
     validate_resources,
@@ -48,6 +53,17 @@ LATEST = "latest"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ResourcesLike = Mapping[str, Resource | Mapping[str, Any]]
 
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``"rs-a@3"`` -> ``("rs-a", 3)``; ``"prod"`` -> ``("prod", None)`` (the current version).
+    A version that is not a positive integer raises :class:`ResourcesNotFoundError`."""
+    name, at, version = str(ref).partition("@")
+    if not at:
+        return _check_ref(name), None
+    if not version.isdigit() or int(version) < 1:
+        raise ResourcesNotFoundError(
+            str(ref), hint="a version reference is 'resources_id@N' (or 'pointer@N') with N a version number >= 1")
+    return _check_ref(name), int(version)
 
 
 def check_name(name: str, what: str) -> str:
@@ -95,11 +111,24 @@ def decode_snapshot(resources_id: str, fields: Mapping[bytes | str, bytes | str]
             create_time=float(data["create_time"]),
             update_time=float(data["update_time"]),
             resources=validate_resources(json.loads(raw)["resources"]),
+            # versions written before metadata existed have none of these fields
+            **_stored_meta(data),
         )
     except SnapshotCorruptedError:
         raise
     except (KeyError, ValueError, TypeError) as exc:
         raise SnapshotCorruptedError(resources_id, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _stored_meta(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "meta" in data:
+        meta = json.loads(data["meta"])
+        out.update(message=meta.get("message", ""), author=meta.get("author") or None,
+                   tags=tuple(meta.get("tags", ())))
+    if data.get("parent_id"):
+        out.update(parent_id=text(data["parent_id"]), parent_version=int(data["parent_version"]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -115,11 +144,54 @@ class Fetched:
 
 @dataclass(frozen=True)
 class PointerMove:
+    """One move of a pointer: ``by`` who (the actor: ``user@host`` unless given), ``op`` the
+    operation (``set_pointer``, ``rollback``, ``promote {experiment}``...) and ``reason`` why.
+    Moves recorded by earlier releases have only ``by``, which then held the operation."""
+
     pointer: str
     from_id: str | None
     to_id: str | None
     time: float
     by: str
+    op: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Why a pointer is protected, by whom and since when (see :meth:`SnapshotRegistry.protect_pointer`)."""
+
+    pointer: str
+    reason: str
+    by: str
+    time: float
+
+    @classmethod
+    def decode(cls, pointer: str, raw: bytes | str) -> Protection:
+        data = json.loads(raw)
+        return cls(pointer, data.get("reason", ""), data.get("by", ""), float(data.get("time", 0)))
+
+
+def announce_move(pointer: str, from_id: str | None, to_id: str | None, by: str, op: str, reason: str,
+                  at: float) -> None:
+    """Fire :data:`hooks.on_pointer_move` (a hook that raises is logged, never raised here)."""
+    hooks.on_pointer_move.fire(hooks.PointerMoved(pointer, from_id, to_id, by, op, reason, at))
+
+
+def check_force(force: bool, reason: str | None) -> str:
+    """Forcing a protected pointer needs a reason (it goes into the pointer's history)."""
+    reason = (reason or "").strip()
+    if force and not reason:
+        raise PointerError("force=True moves a protected pointer only with a reason (`--reason` on the command line): "
+                           "say why, it is recorded in the pointer's history")
+    if len(reason) > 500:
+        raise PointerError(f"the reason is {len(reason)} characters long; keep it under 500")
+    return reason
+
+
+def _protected(reply: Any, pointer: str) -> ProtectedPointerError:
+    protection = Protection.decode(pointer, reply)
+    return ProtectedPointerError(pointer, protection.reason, protection.by)
 
 
 @dataclass(frozen=True)
@@ -152,6 +224,13 @@ class SnapshotRegistry:
       refused, and deleting a snapshot a pointer names is refused (or, forced,
       unsets the pointer in the same step).
     * ``query_resources`` lists snapshots newest write first.
+    * Every version carries its metadata (:class:`VersionMeta`: message, author, tags, parent),
+      written in the same atomic step as the payload and kept with the version.
+    * A protected pointer (:meth:`protect_pointer`) is moved (set, rolled back, promoted to)
+      only with ``force=True`` and a reason; otherwise :class:`ProtectedPointerError` and nothing
+      changes. The check is in the script that moves it. A snapshot a protected pointer names
+      cannot be deleted, even forced.
+    * Every pointer move records who (``by``, default :func:`default_actor`), the operation and why.
     """
 
     def __init__(
@@ -172,13 +251,15 @@ class SnapshotRegistry:
         self._rollback = load_script(client, "rollback_pointer", "_registry_prelude")
         self._delete = load_script(client, "delete_snapshot", "_rollout_prelude", "_experiment_tally",
                                    "_final_metrics", "_registry_prelude")
+        self._protect = load_script(client, "protect_pointer")
 
     # -- writes -------------------------------------------------------------------------
 
     def _write_call(
-        self, mode: str, resources_id: str, resources: ResourcesLike, expected_version: int | None, by: str,
-        client: Any = None, make_latest: bool = True,
+        self, mode: str, resources_id: str, resources: ResourcesLike, expected_version: int | None, op: str,
+        meta: VersionMeta, parent: str | None, client: Any = None, make_latest: bool = True,
     ) -> tuple[Any, dict[str, Resource], float]:
+        parent_id, parent_version = parse_ref(parent) if parent else ("", None)
         validated = validate_resources(resources)
         encoded = codec.encode(dump_resources(validated).encode(), self.compress_threshold, self.max_bytes,
                                resources_id)
@@ -187,15 +268,17 @@ class SnapshotRegistry:
         reply = self._write(
             keys=[k.snapshot(resources_id), k.snapshots, k.pointers, k.seq, k.snapshot_events, k.epoch],
             args=[resources_id, encoded.data, encoded.encoding, encoded.checksum, encoded.size, repr(now), mode,
-                  "" if expected_version is None else expected_version, by, self.history_length,
+                  "" if expected_version is None else expected_version, meta.author, self.history_length,
                   k.pointer_history_prefix, k.snapshot_version_prefix(resources_id), self.epoch.expected(),
-                  propose(), "1" if make_latest else "0"],
+                  propose(), "1" if make_latest else "0",
+                  meta.model_dump_json(include={"message", "author", "tags"}), parent_id,
+                  "" if parent_version is None else parent_version, k.snapshot_prefix, op],
             client=client,
         )
         return reply, validated, now
 
     def _written(self, reply: Any, resources_id: str, validated: dict[str, Resource], now: float,
-                 expected_version: int | None) -> ResourcesUpdate:
+                 expected_version: int | None, meta: VersionMeta, op: str) -> ResourcesUpdate:
         status = text(reply[0])
         if status == "epoch":  # nothing written: Redis lost its data since this process last looked
             self.epoch.saw(text(reply[1]) or None)
@@ -205,23 +288,48 @@ class SnapshotRegistry:
             raise ResourcesNotFoundError(resources_id, hint="add it first with add_resources()")
         if status == "conflict":
             raise VersionConflictError(resources_id, expected_version or 0, int(reply[1]))
+        if status == "no_parent":
+            at = f"@{text(reply[2])}" if text(reply[2]) else ""
+            raise ResourcesNotFoundError(f"{text(reply[1])}{at}", hint="the parent named is not stored; nothing "
+                                         "was written")
         self.epoch.saw(text(reply[3]))  # adopted when this process knew none
+        if text(reply[6]) == "1":
+            announce_move(LATEST, text(reply[7]) or None, resources_id, meta.author, op, "", now)
+        parent_id = text(reply[4]) or None
         return ResourcesUpdate(resources_id=resources_id, version=int(reply[1]), create_time=float(reply[2]),
-                               update_time=now, resources=validated)
+                               update_time=now, resources=validated, message=meta.message,
+                               author=meta.author or None, tags=meta.tags, parent_id=parent_id,
+                               parent_version=int(reply[5]) if parent_id else None)
+
+    @staticmethod
+    def _meta(message: str | None, author: str | None, tags: Sequence[str] | None) -> VersionMeta:
+        if isinstance(tags, str):  # one tag given as a string would otherwise become one tag per letter
+            tags = [tags]
+        return VersionMeta.build(message=message or "", author=default_actor() if author is None else author,
+                                 tags=tuple(tags or ()))
 
     def add_resources(
-        self, resources: ResourcesLike, resources_id: str | None = None, *, by: str = "add_resources",
-        make_latest: bool = True,
+        self, resources: ResourcesLike, resources_id: str | None = None, *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, parent: str | None = None,
+        make_latest: bool = True, op: str = "add_resources",
     ) -> ResourcesUpdate:
         """Store version 1 of a new snapshot and, unless ``make_latest=False``, point ``latest`` at
-        it, in one atomic step."""
+        it, in one atomic step.
+
+        ``message``, ``author`` (default :func:`default_actor`) and ``tags`` are stored with the
+        version; ``parent`` (``id``, ``pointer`` or ``id@version``) names what it derives from and
+        must exist (else :class:`ResourcesNotFoundError`, nothing written). Bad metadata raises
+        :class:`InvalidVersionMetadataError` before anything is sent."""
+        meta = self._meta(message, author, tags)
         resources_id = _check_new_id(resources_id or new_id("rs"))
-        reply, validated, now = self._write_call("add", resources_id, resources, None, by, make_latest=make_latest)
-        return self._written(reply, resources_id, validated, now, None)
+        reply, validated, now = self._write_call("add", resources_id, resources, None, op, meta, parent,
+                                                 make_latest=make_latest)
+        return self._written(reply, resources_id, validated, now, None, meta, op)
 
     def add_resources_batch(
-        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, by: str = "add_resources",
-        make_latest: bool = True,
+        self, items: Sequence[ResourcesLike | tuple[str, ResourcesLike]], *, message: str | None = None,
+        author: str | None = None, tags: Sequence[str] | None = None, make_latest: bool = True,
+        op: str = "add_resources",
     ) -> list[ResourcesUpdate]:
         """Add many snapshots in one pipeline; each is its own atomic add (``make_latest``: as
         :meth:`add_resources`).
@@ -231,19 +339,22 @@ class SnapshotRegistry:
 
         Items are resources mappings or ``(resources_id, resources)`` pairs.
         The last one added ends up ``latest`` (unless ``make_latest=False``). If an id is taken, the others
-        are still added and :class:`ResourcesExistError` names the first taken id.
+        are still added and :class:`ResourcesExistError` names the first taken id. ``message``,
+        ``author`` and ``tags`` are stored with every one of them.
         """
+        meta = self._meta(message, author, tags)
         pipe = self.redis.pipeline(transaction=False)
         staged = []
         for item in items:
             rid, resources = item if isinstance(item, tuple) else (new_id("rs"), item)
             _check_new_id(rid)
-            _, validated, now = self._write_call("add", rid, resources, None, by, client=pipe, make_latest=make_latest)
+            _, validated, now = self._write_call("add", rid, resources, None, op, meta, None, client=pipe,
+                                                 make_latest=make_latest)
             staged.append((rid, validated, now))
         out, error = [], None
         for (rid, validated, now), reply in zip(staged, pipe.execute(), strict=True):
             try:
-                out.append(self._written(reply, rid, validated, now, None))
+                out.append(self._written(reply, rid, validated, now, None, meta, op))
             except ResourcesExistError as exc:
                 error = error or exc
         if error:
@@ -256,11 +367,19 @@ class SnapshotRegistry:
         resources: ResourcesLike,
         expected_version: int | None = None,
         *,
-        by: str = "update_resources",
+        message: str | None = None,
+        author: str | None = None,
+        tags: Sequence[str] | None = None,
+        parent: str | None = None,
+        op: str = "update_resources",
     ) -> ResourcesUpdate:
+        """Store version n+1 (see the class contract), with its metadata as in :meth:`add_resources`;
+        the parent defaults to version n."""
+        meta = self._meta(message, author, tags)
         _check_ref(resources_id)
-        reply, validated, now = self._write_call("update", resources_id, resources, expected_version, by)
-        return self._written(reply, resources_id, validated, now, expected_version)
+        reply, validated, now = self._write_call("update", resources_id, resources, expected_version, op, meta,
+                                                 parent)
+        return self._written(reply, resources_id, validated, now, expected_version, meta, op)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -346,6 +465,35 @@ class SnapshotRegistry:
             pipe.hgetall(self.keys.snapshot(rid))
         return [decode_snapshot(rid, fields) for rid, fields in zip(ids, pipe.execute(), strict=True) if fields]
 
+    def diff(self, a: str, b: str | None = None) -> SnapshotDiff:
+        """What changed from ``a`` to ``b`` (see :func:`lightning_queue.core.diff.diff_snapshots`).
+        Each is ``id``, ``pointer``, ``id@N`` or ``pointer@N``; without ``b``, ``a`` is compared with
+        the version before it. Raises :class:`ResourcesNotFoundError` for a version not stored."""
+        a_ref, a_version = parse_ref(a)
+        first = self.fetch(a_ref, a_version).snapshot
+        if b is not None:
+            b_ref, b_version = parse_ref(b)
+            return diff_snapshots(first, self.fetch(b_ref, b_version).snapshot)
+        if first.version == 1:
+            raise ResourcesNotFoundError(f"{first.resources_id}@0", hint=f"{first.ref} is the first version: name "
+                                         "two versions or snapshots to compare")
+        return diff_snapshots(self.fetch(first.resources_id, first.version - 1).snapshot, first)
+
+    def versions(self, ref: str, limit: int = 100) -> list[ResourcesUpdate]:
+        """A snapshot's versions, newest first, ``limit`` of them, with their metadata (one round trip
+        after resolving ``ref``)."""
+        current = self.fetch(ref).snapshot
+        rid = current.resources_id
+        numbers = list(range(current.version - 1, max(0, current.version - limit), -1))
+        pipe = self.redis.pipeline(transaction=False)
+        for n in numbers:
+            pipe.hgetall(self.keys.snapshot_version(rid, n))
+        out = [current]
+        for fields in pipe.execute():
+            if fields:
+                out.append(decode_snapshot(rid, {**fields, b"create_time": repr(current.create_time).encode()}))
+        return out
+
     def list_ids(self) -> list[str]:
         """Every snapshot id, newest write first."""
         return [text(i) for i in self.redis.zrevrange(self.keys.snapshots, 0, -1)]
@@ -363,19 +511,28 @@ class SnapshotRegistry:
         target = self.redis.hget(self.keys.pointers, check_name(name, "pointer name"))
         return text(target) if target is not None else None
 
-    def set_pointer(self, name: str, target: str, *, expected: str | None = None, by: str = "set_pointer") -> str:
+    def set_pointer(
+        self, name: str, target: str, *, expected: str | None = None, by: str | None = None,
+        op: str = "set_pointer", reason: str | None = None, force: bool = False,
+    ) -> str:
         """Point ``name`` at ``target`` (an id, or another pointer's current target);
         return the id it now names. ``expected`` makes it a compare-and-set on the
-        current target."""
+        current target. A protected pointer raises :class:`ProtectedPointerError` unless
+        ``force=True`` with a ``reason``. The move is recorded with ``by`` (default
+        :func:`default_actor`), ``op`` and ``reason``."""
         check_name(name, "pointer name")
         _check_ref(target)
+        reason = check_force(force, reason)
+        actor, now = by or default_actor(), time.time()
         k = self.keys
         reply = self._set_pointer(
-            keys=[k.pointers, k.seq, k.snapshot_events],
-            args=[name, target, repr(time.time()), by, self.history_length, k.pointer_history_prefix, k.snapshot_prefix,
-                  expected or ""],
+            keys=[k.pointers, k.seq, k.snapshot_events, k.pointer_protection],
+            args=[name, target, repr(now), actor, self.history_length,
+                  k.pointer_history_prefix, k.snapshot_prefix, expected or "", "1" if force else "0", op, reason],
         )
         status = text(reply[0])
+        if status == "protected":
+            raise _protected(reply[1], name)
         if status == "missing":
             raise ResourcesNotFoundError(text(reply[1]), hint=f"pointer {name!r} was not moved")
         if status == "name_taken":
@@ -383,22 +540,32 @@ class SnapshotRegistry:
         if status == "conflict":
             current = text(reply[1]) or None
             raise PointerError(f"pointer {name!r} names {current!r}, not the expected {expected!r}; it was not moved")
+        announce_move(name, text(reply[2]) or None, text(reply[1]), actor, op, reason, now)
         return text(reply[1])
 
-    def rollback(self, name: str = LATEST, *, by: str = "rollback") -> PointerMove:
+    def rollback(
+        self, name: str = LATEST, *, by: str | None = None, op: str = "rollback", reason: str | None = None,
+        force: bool = False,
+    ) -> PointerMove:
         """Move ``name`` back to the target it had before its last move, atomically.
 
         A second rollback undoes the first (like ``cd -``); use
-        :meth:`pointer_history` and :meth:`set_pointer` to go further back.
+        :meth:`pointer_history` and :meth:`set_pointer` to go further back. A protected pointer
+        needs ``force=True`` and a ``reason`` (else :class:`ProtectedPointerError`).
         """
         check_name(name, "pointer name")
+        reason = check_force(force, reason)
+        by = by or default_actor()
         k = self.keys
         now = time.time()
         reply = self._rollback(
-            keys=[k.pointers, k.seq, k.snapshot_events],
-            args=[name, repr(now), by, self.history_length, k.pointer_history_prefix, k.snapshot_prefix],
+            keys=[k.pointers, k.seq, k.snapshot_events, k.pointer_protection],
+            args=[name, repr(now), by, self.history_length, k.pointer_history_prefix, k.snapshot_prefix,
+                  "1" if force else "0", op, reason],
         )
         status = text(reply[0])
+        if status == "protected":
+            raise _protected(reply[1], name)
         if status == "nothing":
             raise PointerError(f"pointer {name!r} has no earlier target to roll back to")
         if status == "gone":
@@ -406,7 +573,8 @@ class SnapshotRegistry:
                 f"cannot roll {name!r} back: its previous target {text(reply[1])!r} has been deleted; "
                 "pick a target from `resources history` and set it"
             )
-        return PointerMove(name, text(reply[2]) or None, text(reply[1]), now, by)
+        announce_move(name, text(reply[2]) or None, text(reply[1]), by, op, reason, now)
+        return PointerMove(name, text(reply[2]) or None, text(reply[1]), now, by, op, reason)
 
     def pointer_history(self, name: str = LATEST, limit: int = 20) -> list[PointerMove]:
         """The pointer's last moves, newest first."""
@@ -415,12 +583,43 @@ class SnapshotRegistry:
         for raw in entries:
             entry = json.loads(raw)
             moves.append(PointerMove(name, entry["from"] or None, entry["to"] or None, float(entry["time"]),
-                                     entry["by"]))
+                                     entry["by"], entry.get("op", ""), entry.get("reason", "")))
         return moves
+
+    def protect_pointer(self, name: str, reason: str, *, by: str | None = None) -> Protection:
+        """Protect pointer ``name``: from now on it moves only with ``force=True`` and a reason,
+        and the snapshot it names cannot be deleted. ``latest`` cannot be protected (every write
+        moves it). Protecting again replaces the reason. The pointer must exist (checked in the
+        same atomic step); else :class:`PointerError`."""
+        check_name(name, "pointer name")
+        if name == LATEST:
+            raise PointerError("'latest' cannot be protected: every write moves it; protect a pointer such as 'prod'")
+        reason = check_force(True, reason)
+        protection = Protection(name, reason, by or default_actor(), time.time())
+        k = self.keys
+        reply = self._protect(keys=[k.pointers, k.pointer_protection], args=[
+            name, json.dumps({"reason": protection.reason, "by": protection.by, "time": protection.time})])
+        if text(reply[0]) == "missing":
+            raise PointerError(f"there is no pointer {name!r} to protect; set it first (`resources pointer`)")
+        return protection
+
+    def unprotect_pointer(self, name: str) -> Protection | None:
+        """Lift the protection of ``name``; return the one lifted (``None`` if it had none)."""
+        check_name(name, "pointer name")
+        k = self.keys
+        reply = self._protect(keys=[k.pointers, k.pointer_protection], args=[name, ""])
+        return Protection.decode(name, reply[1]) if text(reply[1]) else None
+
+    def protections(self) -> dict[str, Protection]:
+        """Every protected pointer and its protection."""
+        return {text(n): Protection.decode(text(n), raw)
+                for n, raw in self.redis.hgetall(self.keys.pointer_protection).items()}
 
     # -- deletion -------------------------------------------------------------------------
 
-    def delete_resources(self, resources_id: str, *, force: bool = False, by: str = "delete") -> DeleteReport:
+    def delete_resources(
+        self, resources_id: str, *, force: bool = False, by: str | None = None, op: str = "delete",
+    ) -> DeleteReport:
         """Delete a snapshot and all its versions, atomically.
 
         Refused with :class:`SnapshotInUseError` (listing why) while pointers
@@ -428,18 +627,25 @@ class SnapshotRegistry:
         anyway: those pointers are unset (``latest`` falls back to the newest
         remaining snapshot) and those rollouts fail with a "snapshot deleted"
         error (and expire like any finished rollout), in the same atomic step.
+        A protected pointer naming it refuses the delete, forced or not (:class:`ProtectedPointerError`).
         """
         _check_ref(resources_id)
         k = self.keys
         error = ErrorInfo.from_exception(SnapshotDeletedError(resources_id), with_traceback=False).model_dump_json()
+        actor, now = by or default_actor(), time.time()
         reply = self._delete(
             keys=[*k.all_status_indexes(), k.snapshot(resources_id), k.snapshots, k.pointers, k.seq,
-                  k.snapshot_events, k.rollouts_by_resources(resources_id), k.events, k.usage_by_version(resources_id)],
-            args=[resources_id, "1" if force else "0", repr(time.time()), error, k.rollout_prefix,
-                  k.pointer_history_prefix, self.history_length, by, k.snapshot_version_prefix(resources_id),
-                  self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX, self.series_caps.arg],
+                  k.snapshot_events, k.rollouts_by_resources(resources_id), k.events, k.usage_by_version(resources_id),
+                  k.pointer_protection],
+            args=[resources_id, "1" if force else "0", repr(now), error, k.rollout_prefix,
+                  k.pointer_history_prefix, self.history_length, actor,
+                  k.snapshot_version_prefix(resources_id), self.rollout_ttl_seconds or "", k.ATTEMPT_INFIX,
+                  self.series_caps.arg, op],
         )
         status = text(reply[0])
+        if status == "protected":
+            protection = Protection.decode(text(reply[1]), reply[2])
+            raise ProtectedPointerError(protection.pointer, protection.reason, protection.by, operation="delete")
         if status == "missing":
             raise ResourcesNotFoundError(resources_id)
         report = json.loads(reply[1])
@@ -447,6 +653,9 @@ class SnapshotRegistry:
         rollouts = report["rollouts"] if isinstance(report["rollouts"], list) else []
         if status == "in_use":
             raise SnapshotInUseError(resources_id, pointers, rollouts)
+        for name in pointers:
+            to = self.get_pointer(LATEST) if name == LATEST else None  # latest fell back to the newest left
+            announce_move(name, resources_id, to, actor, op, f"snapshot {resources_id} deleted", now)
         return DeleteReport(resources_id, pointers, rollouts)
 
 

@@ -89,7 +89,7 @@ class RetentionPolicy:
                 report.deleted.append(rid)
                 continue
             try:
-                registry.delete_resources(rid, by="retention")
+                registry.delete_resources(rid, op="retention")
             except SnapshotInUseError as exc:  # came into use after we looked
                 report.skipped[rid] = _in_use_reason(exc)
             except ResourcesNotFoundError:

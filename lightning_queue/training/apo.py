@@ -260,7 +260,7 @@ class _Search:
         self._write(start, PromptLineage(run=self.run.name, prompt=self.prompt_name, parent_id=base.resources_id,
                                          parent_version=base.version, round=0))
         if self.client.get_pointer(self.best_pointer) is None:
-            self.client.registry.set_pointer(self.best_pointer, start.resources_id, by=f"APO {self.run.name}")
+            self.client.registry.set_pointer(self.best_pointer, start.resources_id, op=f"APO {self.run.name}")
         return start
 
     def _prompt_name(self, snapshot: ResourcesUpdate) -> str:
@@ -282,8 +282,16 @@ class _Search:
         resources: dict[str, Resource] = dict(self.base.resources)
         resources[self.prompt_name] = PromptTemplate(template=candidate.template, engine=self.engine)
         resources[f"{self.prompt_name}_lineage"] = lineage
+        # The version's metadata says what the lineage resource says, for `resources versions` and `diff`.
+        parent = None
+        if lineage.parent_id and lineage.parent_version:
+            parent = f"{lineage.parent_id}@{lineage.parent_version}"
+        message = f"APO {self.run.name} round {lineage.round}"
+        if lineage.critique:
+            message = f"{message}: {lineage.critique}"[:4000]
         try:
-            written = self.client.add_resources(resources, candidate.resources_id, make_latest=False)
+            written = self.client.add_resources(resources, candidate.resources_id, make_latest=False, parent=parent,
+                                                message=message)
         except ResourcesExistError:  # written before a crash: the id is a hash of the same template
             written = self.client.get_resources_by_id(candidate.resources_id)
         self.snapshots[candidate.resources_id] = written
@@ -429,9 +437,9 @@ class _Search:
         expected = promotions[-1]["to_id"] if promotions else self.run.state.get("start")["pointer_at"]
         current = registry.get_pointer(self.pointer)
         if current != best.resources_id:
-            registry.set_pointer(self.pointer, best.resources_id, expected=expected, by=f"APO {self.run.name}")
+            registry.set_pointer(self.pointer, best.resources_id, expected=expected, op=f"APO {self.run.name}")
             log.info("APO %s round %d: promoted %s to %r", self.run.name, number, best.resources_id, self.pointer)
-        registry.set_pointer(self.best_pointer, best.resources_id, by=f"APO {self.run.name}")
+        registry.set_pointer(self.best_pointer, best.resources_id, op=f"APO {self.run.name}")
         if promotions and promotions[-1]["to_id"] == best.resources_id:
             return promotions
         return [*promotions, asdict(Promotion(number, self.pointer, expected, best.resources_id,

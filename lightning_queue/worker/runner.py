@@ -36,6 +36,7 @@ from typing import Any
 
 import redis
 
+from lightning_queue.core import hooks
 from lightning_queue.core.errors import (
     RegistryLostError,
     ResourcesNotFoundError,
@@ -139,7 +140,7 @@ def run(
 
 
 def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, registry_seq: int,
-           registry_epoch: str | None) -> Held | str:
+           registry_epoch: str | None, worker_id: str = "") -> Held | str:
     """Resolve the snapshot from the record and start attempt ``seq`` with it; return it, or the
     rollout's status when the attempt must not run (cancelled, superseded, or failed for a
     snapshot that is missing or corrupt)."""
@@ -151,7 +152,9 @@ def _start(ctx: WorkerContext, agent: LitAgent, rollout: Rollout, seq: int, regi
         try:
             held = ctx.load(ref, version, registry_seq, registry_epoch)
         except (ResourcesNotFoundError, SnapshotCorruptedError) as exc:
-            status = _record(ctx, rollout_id, seq, "failed", "failed", ErrorInfo.from_exception(exc, False), None)
+            info = ErrorInfo.from_exception(exc, False)
+            status = _record(ctx, rollout_id, seq, "failed", "failed", info, None)
+            _finished(rollout, seq, status, ref, version, worker_id, None, info)
             if status == "failed":
                 raise RolloutFailed(rollout_id, type(exc).__name__, str(exc)) from None
             return status
@@ -190,13 +193,15 @@ def _run_attempt(
     rollout_id = rollout.rollout_id
     held = started
     if held is None:
-        resolved = _start(ctx, agent, rollout, seq, registry_seq, registry_epoch)
+        resolved = _start(ctx, agent, rollout, seq, registry_seq, registry_epoch, worker_id)
         if isinstance(resolved, str):
             return {"rollout_id": rollout_id, "status": resolved}
         held = resolved
     snapshot = held.snapshot
     # The agent sees the record as it now stands: running, on this attempt.
     rollout = rollout.model_copy(update={"status": "running"})
+    hooks.on_start.fire(hooks.RolloutStarted(rollout_id, seq, snapshot.resources_id, snapshot.version, worker_id,
+                                             rollout))
 
     # Tracing: the attempt's root span, under which the agent runs; ProxyLLMs scoped to the attempt.
     trace = ctx.tracing.start(rollout, seq, attempt_id, snapshot, worker_id, traceparent)
@@ -212,6 +217,8 @@ def _run_attempt(
     status = _record(ctx, rollout_id, seq, attempt_status,
                      next_status(rollout.config, seq, attempt_status, outcome.retryable), error, result, written)
     log_refused(store, rollout_id, seq, status, attempt_status)
+    _finished(rollout, seq, status, snapshot.resources_id, snapshot.version, worker_id,
+              result.reward if result else None, error)
     if status == "requeuing":
         raise recovery.retry_after_attempt(ctx, rollout, seq, registry_epoch or held.epoch)
     if status == "failed" and error is not None:
@@ -223,6 +230,19 @@ def _run_attempt(
         "version": snapshot.version,
         "reward": result.reward if result else None,
     }
+
+
+def _finished(rollout: Rollout, seq: int, status: str, resources_id: str | None, version: int | None,
+              worker_id: str, reward: float | None, error: ErrorInfo | None) -> None:
+    """Fire ``on_success``/``on_failure`` when the rollout reached that final status (a retried
+    or refused attempt fires nothing)."""
+    hook = hooks.on_success if status == "succeeded" else hooks.on_failure if status == "failed" else None
+    if hook is None:
+        return
+    hook.fire(hooks.RolloutFinished(
+        rollout.rollout_id, status, seq, resources_id, version, worker_id, reward,
+        f"{error.type}: {error.message}" if error is not None else None,
+        rollout.model_copy(update={"status": status})))
 
 
 def _record(

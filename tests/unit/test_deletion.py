@@ -49,7 +49,7 @@ def three(fake_client: LightningClient) -> LightningClient:
 
 
 def moves(client: LightningClient, pointer: str) -> list[tuple[str | None, str | None, str]]:
-    return [(m.from_id, m.to_id, m.by) for m in client.pointer_history(pointer)]
+    return [(m.from_id, m.to_id, m.op) for m in client.pointer_history(pointer)]
 
 
 def start_running(client: LightningClient, queued: Rollout, resources_id: str, version: int = 1) -> None:

@@ -31,9 +31,10 @@ from lightning_queue.core.errors import (
     ExperimentUnitError,
     InvalidExperimentError,
     PointerError,
+    ProtectedPointerError,
     ResourcesNotFoundError,
 )
-from lightning_queue.core.models import ErrorInfo, RolloutResult
+from lightning_queue.core.models import ErrorInfo, RolloutResult, default_actor
 from lightning_queue.experiments.canary import Canary, Guardrail
 from lightning_queue.experiments.manager import (
     BUCKETS,
@@ -466,7 +467,8 @@ def test_promote_moves_the_pointer_and_stops_the_experiment_together(
     exp = experiments.get("ab")
     assert (exp.status, exp.winner) == ("stopped", "treatment") and snapshots.get_pointer("prod") == "rs-b"
     move = snapshots.pointer_history("prod", 1)[0]
-    assert (move.from_id, move.to_id, move.by) == ("rs-a", "rs-b", "promote ab")
+    assert (move.from_id, move.to_id, move.op, move.by) == ("rs-a", "rs-b", "promote ab", default_actor())
+    assert move.reason == "promoted 'treatment' to 'prod'"
     with pytest.raises(ExperimentStateError, match="concluded"):
         experiments.start("ab")
 
@@ -514,7 +516,8 @@ def test_a_canary_whose_treatment_fails_more_is_rolled_back(
     exp = Experiments(snapshots).get("cn")
     assert exp.status == "stopped" and exp.stop_reason.startswith("guardrail: failure rate")  # type: ignore[union-attr]
     move = snapshots.pointer_history("canary", 1)[0]
-    assert (move.from_id, move.to_id) == ("rs-new", "rs-a") and "failure rate" in move.by
+    assert (move.from_id, move.to_id) == ("rs-new", "rs-a") and "failure rate" in move.reason
+    assert move.op == "rollback cn"
 
 
 def test_a_healthy_canary_walks_the_schedule_and_is_promoted(
@@ -528,6 +531,22 @@ def test_a_healthy_canary_walks_the_schedule_and_is_promoted(
     assert all(s.treatment_finished >= 40 for s in result.steps)
     assert snapshots.get_pointer("prod") == "rs-new"
     assert Experiments(snapshots).get("cn").winner == "treatment"
+
+
+def test_a_canary_promotes_a_protected_pointer_only_with_a_reason(
+    snapshots: LightningClient, outcome: dict[str, Outcome]
+) -> None:
+    outcome["fn"] = lambda r: ("succeeded", 0.7)
+    snapshots.protect_pointer("prod", "serves users")
+    with pytest.raises(ProtectedPointerError):
+        _canary(snapshots, "cn", schedule=(1.0,)).run(_traffic(), batch_size=100)
+    assert snapshots.get_pointer("prod") == "rs-a" and Experiments(snapshots).get("cn").status == "running"
+
+    result = Canary(snapshots, "cn2", "rs-new", pointer="prod", unit_key="input.user", rollouts_per_step=40,
+                    schedule=(1.0,), promote_reason="canary cn2 held", actor="ci").run(_traffic(), batch_size=100)
+    assert result.outcome == "promoted" and snapshots.get_pointer("prod") == "rs-new"
+    move = snapshots.pointer_history("prod", 1)[0]
+    assert (move.by, move.op) == ("ci", "promote cn2") and move.reason.endswith("forced: canary cn2 held")
 
 
 def test_a_canary_with_a_reward_drop_is_rolled_back(snapshots: LightningClient, outcome: dict[str, Outcome]) -> None:

@@ -17,6 +17,7 @@ from lightning_queue import (
     Settings,
 )
 from lightning_queue.core.errors import PointerError
+from lightning_queue.core.models import default_actor
 from lightning_queue.storage.registry import PointerMove, SnapshotRegistry
 
 
@@ -34,7 +35,8 @@ def state(fake_redis: fakeredis.FakeRedis) -> dict[bytes, bytes]:
 
 
 def moves(registry: SnapshotRegistry, name: str) -> list[tuple[str | None, str | None, str]]:
-    return [(m.from_id, m.to_id, m.by) for m in registry.pointer_history(name)]
+    """Each move's from, to and operation."""
+    return [(m.from_id, m.to_id, m.op) for m in registry.pointer_history(name)]
 
 
 @pytest.fixture
@@ -215,15 +217,16 @@ def test_history_records_from_to_time_and_by_newest_first(two: SnapshotRegistry)
     two.set_pointer("prod", "rs-b")  # a no-op move is still a recorded decision
 
     history = two.pointer_history("prod")
-    assert [(m.pointer, m.from_id, m.to_id, m.by) for m in history] == [
-        ("prod", "rs-b", "rs-b", "set_pointer"),
-        ("prod", "rs-a", "rs-b", "bob"),
-        ("prod", None, "rs-a", "alice"),
+    # "by" is the actor (default: this process's user@host), "op" the operation
+    assert [(m.pointer, m.from_id, m.to_id, m.by, m.op) for m in history] == [
+        ("prod", "rs-b", "rs-b", default_actor(), "set_pointer"),
+        ("prod", "rs-a", "rs-b", "bob", "set_pointer"),
+        ("prod", None, "rs-a", "alice", "set_pointer"),
     ]
     times = [m.time for m in history]
     assert times == sorted(times, reverse=True) and all(t > 1e9 for t in times)
-    assert [(m.to_id, m.by) for m in two.pointer_history("latest")] == [("rs-b", "add_resources"),
-                                                                        ("rs-a", "add_resources")]
+    assert [(m.to_id, m.by, m.op) for m in two.pointer_history("latest")] == [
+        ("rs-b", default_actor(), "add_resources"), ("rs-a", default_actor(), "add_resources")]
     assert len(two.pointer_history("prod", limit=2)) == 2
     assert two.pointer_history("never-set") == []
 
@@ -258,7 +261,8 @@ def test_rollback_moves_to_the_previous_target_and_records_it(two: SnapshotRegis
     assert (move.pointer, move.from_id, move.to_id, move.by) == ("prod", "rs-c", "rs-a", "oncall")
     assert two.get_pointer("prod") == "rs-a"
     assert template(two, "prod") == "prompt of rs-a"
-    assert moves(two, "prod")[0] == ("rs-c", "rs-a", "oncall")
+    assert moves(two, "prod")[0] == ("rs-c", "rs-a", "rollback")
+    assert two.pointer_history("prod")[0].by == "oncall"
     assert two.pointer_history("prod")[0].time == pytest.approx(move.time)
 
 

@@ -147,9 +147,14 @@ def promote(
     name: Annotated[str, typer.Argument(help="The experiment.")],
     variant: Annotated[str | None, typer.Option(help="The variant to promote (default: the report's winner).")] = None,
     pointer: Annotated[str, typer.Option(help="The pointer to move to it.")] = "latest",
+    actor: Annotated[str | None, typer.Option("--actor", help="Who promotes, for the pointer's history (default: "
+                                              "user@host, or LQ_ACTOR).", show_default=False)] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (needed with --force).",
+                                               show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Move even a protected pointer (needs --reason).")] = False,
 ) -> None:
     """Move a pointer to the winning variant's snapshot and stop the experiment, in one atomic step."""
-    done = _experiments(ctx).promote(name, variant, pointer)
+    done = _experiments(ctx).promote(name, variant, pointer, by=actor, force=force, reason=reason)
     console.print(f"{pointer}: {done.from_id or '(unset)'} -> {done.to_id} ({done.winner}); {name} stopped")
 
 

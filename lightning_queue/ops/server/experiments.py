@@ -79,7 +79,8 @@ def promote(services: ServicesDep, user: UserDep, name: str, body: Promote) -> C
     exp = experiments.get(name)
     target = exp.variant(variant).resources_id
     done = experiments.conclude(name, pointer=body.pointer, target=target, winner=variant, expected=body.expected,
-                                reason=f"promoted {variant!r} to {body.pointer!r}", by=actor(user))
+                                reason=f"promoted {variant!r} to {body.pointer!r}", by=actor(user),
+                                op=f"promote {name}")
     return ConclusionOut(experiment=done.experiment, pointer=done.pointer, from_id=done.from_id, to_id=done.to_id,
                          reason=done.reason, winner=done.winner)
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from lightning_queue.core.diff import SnapshotDiff
+from lightning_queue.core.diff import diff_snapshots as compare
 from lightning_queue.core.models import ResourcesUpdate
 from lightning_queue.ops.server.deps import ServicesDep, UserDep, actor
-from lightning_queue.ops.server.diff import Change, diff_resources
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.registry import PointerMove
 
@@ -33,7 +35,20 @@ class SnapshotPage(BaseModel):
     offset: int
 
 
-class Snapshot(BaseModel):
+class VersionMetaOut(BaseModel):
+    message: str = ""
+    author: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    parent_id: str | None = None
+    parent_version: int | None = None
+
+    @classmethod
+    def of(cls, snapshot: ResourcesUpdate) -> VersionMetaOut:
+        return cls(message=snapshot.message, author=snapshot.author, tags=list(snapshot.tags),
+                   parent_id=snapshot.parent_id, parent_version=snapshot.parent_version)
+
+
+class Snapshot(VersionMetaOut):
     resources_id: str
     version: int
     current_version: int
@@ -43,7 +58,7 @@ class Snapshot(BaseModel):
     pointers: list[str]
 
 
-class VersionInfo(BaseModel):
+class VersionInfo(VersionMetaOut):
     version: int
     update_time: float | None
     size: int | None
@@ -53,17 +68,6 @@ class VersionList(BaseModel):
     resources_id: str
     current: int
     versions: list[VersionInfo] = Field(description="Newest first.")
-
-
-class SnapshotRef(BaseModel):
-    resources_id: str
-    version: int
-
-
-class SnapshotDiff(BaseModel):
-    left: SnapshotRef
-    right: SnapshotRef
-    changes: list[Change]
 
 
 class Pointer(BaseModel):
@@ -76,16 +80,21 @@ class PointerMoveOut(BaseModel):
     from_id: str | None
     to_id: str | None
     time: float
-    by: str
+    by: str = Field(description="Who moved it (moves recorded by earlier releases: the operation).")
+    op: str = Field("", description="The operation: set_pointer, rollback, promote {experiment}...")
+    reason: str = ""
 
     @classmethod
     def of(cls, move: PointerMove) -> PointerMoveOut:
-        return cls(pointer=move.pointer, from_id=move.from_id, to_id=move.to_id, time=move.time, by=move.by)
+        return cls(pointer=move.pointer, from_id=move.from_id, to_id=move.to_id, time=move.time, by=move.by,
+                   op=move.op, reason=move.reason)
 
 
 class SetPointer(BaseModel):
     target: str = Field(min_length=1, max_length=200, description="A snapshot id, or a pointer to copy.")
     expected: str | None = Field(None, max_length=200, description="Move only if it names this id now.")
+    reason: str | None = Field(None, max_length=500, description="Why (recorded in the pointer's history).")
+    force: bool = Field(False, description="Move even a protected pointer (needs a reason).")
 
 
 def _pointers_by_target(pointers: dict[str, str]) -> dict[str, list[str]]:
@@ -100,6 +109,7 @@ def _snapshot(snapshot: ResourcesUpdate, current: int, pointers: list[str]) -> S
         resources_id=snapshot.resources_id, version=snapshot.version, current_version=current,
         create_time=snapshot.create_time, update_time=snapshot.update_time, pointers=pointers,
         resources={name: resource.model_dump(mode="json") for name, resource in snapshot.resources.items()},
+        **VersionMetaOut.of(snapshot).model_dump(),
     )
 
 
@@ -139,14 +149,19 @@ def list_versions(
     numbers = list(range(current.version - 1, max(0, current.version - limit), -1))
     pipe = client.redis.pipeline(transaction=False)
     for n in numbers:
-        pipe.hmget(keys.snapshot_version(rid, n), ["update_time", "size"])
+        pipe.hmget(keys.snapshot_version(rid, n), ["update_time", "size", "meta", "parent_id", "parent_version"])
     pipe.hget(keys.snapshot(rid), "size")
     *earlier, size = pipe.execute()
     versions = [VersionInfo(version=current.version, update_time=current.update_time,
-                            size=int(text(size)) if size else None)]
-    for n, (updated, stored) in zip(numbers, earlier, strict=True):
+                            size=int(text(size)) if size else None, **VersionMetaOut.of(current).model_dump())]
+    for n, (updated, stored, meta, parent_id, parent_version) in zip(numbers, earlier, strict=True):
+        # only the metadata, not the payload: a long history stays cheap to list
+        stored_meta = json.loads(meta) if meta else {}
         versions.append(VersionInfo(version=n, update_time=float(text(updated)) if updated else None,
-                                    size=int(text(stored)) if stored else None))
+                                    size=int(text(stored)) if stored else None,
+                                    message=stored_meta.get("message", ""), author=stored_meta.get("author") or None,
+                                    tags=stored_meta.get("tags", []), parent_id=text(parent_id) if parent_id else None,
+                                    parent_version=int(parent_version) if parent_id else None))
     return VersionList(resources_id=rid, current=current.version, versions=versions)
 
 
@@ -169,11 +184,7 @@ def diff_snapshots(
         right = current if to_version is None else registry.fetch(current.resources_id, to_version).snapshot
         before = from_version if from_version is not None else max(1, right.version - 1)
         left = registry.fetch(current.resources_id, before).snapshot
-    return SnapshotDiff(
-        left=SnapshotRef(resources_id=left.resources_id, version=left.version),
-        right=SnapshotRef(resources_id=right.resources_id, version=right.version),
-        changes=diff_resources(left.resources, right.resources),
-    )
+    return compare(left, right)
 
 
 @router.get("/pointers", summary="Every pointer and the snapshot it names", tags=["pointers"])
@@ -191,7 +202,8 @@ def pointer_history(
 @router.put("/pointers/{name}", summary="Point a pointer at a snapshot (compare-and-set with expected)",
             tags=["pointers"])
 def set_pointer(services: ServicesDep, user: UserDep, name: str, body: SetPointer) -> Pointer:
-    target = services.client.registry.set_pointer(name, body.target, expected=body.expected, by=actor(user))
+    target = services.client.registry.set_pointer(name, body.target, expected=body.expected, by=actor(user),
+                                                  reason=body.reason, force=body.force)
     return Pointer(name=name, target=target)
 
 

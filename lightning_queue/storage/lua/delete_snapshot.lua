@@ -1,16 +1,19 @@
 -- Delete a snapshot, every version of it, atomically; refused while pointers name it or
 -- unfinished rollouts use it, unless forced: then those pointers are unset (latest falls back
--- to the newest remaining snapshot) and those rollouts fail with the given error.
--- Needs _rollout_prelude (KEYS[1..K] status indexes), _experiment_tally and _final_metrics. Then:
+-- to the newest remaining snapshot) and those rollouts fail with the given error. A protected
+-- pointer naming it refuses the delete, forced or not: unprotect it or move it first.
+-- Needs _rollout_prelude (KEYS[1..K] status indexes), _experiment_tally, _final_metrics and _registry_prelude. Then:
 -- KEYS[K+1] snapshot hash, KEYS[K+2] snapshots index, KEYS[K+3] pointers hash, KEYS[K+4] sequence,
 -- KEYS[K+5] snapshot events channel, KEYS[K+6] the snapshot's rollouts index, KEYS[K+7] rollout events channel,
--- KEYS[K+8] its LLM usage rollup (per version; deleted with it)
+-- KEYS[K+8] its LLM usage rollup (per version; deleted with it), KEYS[K+9] pointer protection hash
 -- ARGV[1] resources_id, ARGV[2] '1' to force, ARGV[3] now, ARGV[4] error JSON for failed rollouts,
 -- ARGV[5] rollout key prefix ("{p}:rollout:"), ARGV[6] history key prefix, ARGV[7] history length,
 -- ARGV[8] who, ARGV[9] old-version key prefix ("{p}:snapshot:{id}:v:"),
 -- ARGV[10] TTL of a finished rollout in seconds or '' (none), ARGV[11] attempt infix (":attempt:"),
--- ARGV[12] the metric series caps ("<snapshot versions> <variants>", see _final_metrics.lua)
--- Returns {'missing'} | {'in_use', cjson {pointers, rollouts}} | {'deleted', cjson {pointers, rollouts}}.
+-- ARGV[12] the metric series caps ("<snapshot versions> <variants>", see _final_metrics.lua),
+-- ARGV[13] the operation (pointer history "op")
+-- Returns {'missing'} | {'in_use', cjson {pointers, rollouts}} | {'deleted', cjson {pointers, rollouts}}
+--       | {'protected', pointer, protection JSON}.
 local id = ARGV[1]
 local version = redis.call('HGET', KEYS[K + 1], 'version')
 if not version then return {'missing'} end
@@ -18,6 +21,10 @@ local pointers = {}
 local flat = redis.call('HGETALL', KEYS[K + 3])
 for i = 1, #flat, 2 do
   if flat[i + 1] == id then table.insert(pointers, flat[i]) end
+end
+for _, name in ipairs(pointers) do
+  local protection = redis.call('HGET', KEYS[K + 9], name)
+  if protection then return {'protected', name, protection} end
 end
 local active = {}
 for _, rid in ipairs(redis.call('ZRANGE', KEYS[K + 6], 0, -1)) do
@@ -47,7 +54,7 @@ local moved = {}
 for _, name in ipairs(pointers) do
   local to = false
   if name == 'latest' then to = redis.call('ZREVRANGE', KEYS[K + 2], 0, 0)[1] or false end
-  move_pointer(KEYS[K + 3], ARGV[6], name, to, ARGV[3], ARGV[8], ARGV[7])
+  move_pointer(KEYS[K + 3], ARGV[6], name, to, ARGV[3], ARGV[8], ARGV[7], ARGV[13], 'snapshot ' .. id .. ' deleted')
   moved[name] = to
 end
 announce(KEYS[K + 4], KEYS[K + 5], {op = 'delete', id = id, pointers = moved})

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lightning_queue import LightningClient, PromptTemplate
+from lightning_queue.core.models import default_actor
 from tests.unit.cli.expect import Invoke, one_line_error, rows, words
 
 PROMPT_JSON = json.dumps({"prompt": {"resource_type": "prompt_template", "template": "c {x}"}})
@@ -32,15 +33,15 @@ def test_pointers_table(invoke: Invoke, two: LightningClient) -> None:
     two.update_resources("rs-a", {"prompt": PromptTemplate(template="a2 {x}")})  # rs-a v2, latest too
     result = invoke("resources", "pointers")
     assert result.exit_code == 0
-    assert rows(result.stdout) == [["latest", "rs-a", "2"], ["prod", "rs-a", "2"]]
+    assert rows(result.stdout) == [["latest", "rs-a", "2", ""], ["prod", "rs-a", "2", ""]]
 
 
 def test_history_defaults_to_latest(invoke: Invoke, two: LightningClient) -> None:
     result = invoke("resources", "history")
     assert result.exit_code == 0
-    assert all(header in result.stdout for header in ("from", "to", "when", "by"))
-    assert [(f, t, by) for f, t, _, by in rows(result.stdout)] == [
-        ("rs-a", "rs-b", "add_resources"), ("(unset)", "rs-a", "add_resources")
+    assert all(header in result.stdout for header in ("from", "to", "when", "by", "op", "reason"))
+    assert [(f, t, by, op) for f, t, _, by, op, _ in rows(result.stdout)] == [
+        ("rs-a", "rs-b", default_actor(), "add_resources"), ("(unset)", "rs-a", default_actor(), "add_resources")
     ]
     result = invoke("resources", "history", "prod", "--limit", "1")
     assert result.exit_code == 0 and "(unset)" in result.stdout and "set_pointer" in result.stdout
@@ -208,3 +209,77 @@ def test_ids_too_long_for_a_table_row_are_listed_as_records(invoke: Invoke, clie
     assert lines[0].split() == ["resources_id", long_id] and lines[4].split()[:2] == ["pointers", "latest"]
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
     assert invoke("resources", "get", lines[0].split()[1]).exit_code == 0
+
+
+# --------------------------------------------------------------------------- metadata, versions, diff
+
+
+def test_add_and_update_with_metadata_then_versions(invoke: Invoke, client: LightningClient) -> None:
+    result = invoke("resources", "add", PROMPT_JSON, "--id", "rs-m", "-m", "first cut", "--author", "alice",
+                    "--tag", "baseline", "-t", "exp:1")
+    assert result.exit_code == 0 and result.stdout.startswith("rs-m version 1\n")
+    shown = json.loads(result.stdout.split("\n", 1)[1])
+    assert (shown["message"], shown["author"], shown["tags"]) == ("first cut", "alice", ["baseline", "exp:1"])
+    result = invoke("resources", "update", "rs-m", PROMPT_JSON, "-m", "second cut")
+    assert result.exit_code == 0
+    shown = json.loads(result.stdout.split("\n", 1)[1])
+    assert (shown["author"], shown["parent_id"], shown["parent_version"]) == (default_actor(), "rs-m", 1)
+
+    result = invoke("resources", "versions", "rs-m", columns=160)
+    assert result.exit_code == 0
+    assert [(r[0], r[2], r[3], r[4], r[5]) for r in rows(result.stdout)] == [
+        ("2", default_actor(), "rs-m@1", "", "second cut"), ("1", "alice", "", "baseline, exp:1", "first cut")]
+    listed = invoke("resources", "list", columns=160)
+    assert rows(listed.stdout)[0][5] == "second cut"
+    got = invoke("resources", "get", "rs-m", "--version", "1")
+    assert json.loads(got.stdout.split("\n", 1)[1])["message"] == "first cut"
+
+
+def test_bad_metadata_and_parents_are_one_line_errors(invoke: Invoke, two: LightningClient) -> None:
+    one_line_error(invoke("resources", "add", PROMPT_JSON, "--tag", "has space"), "invalid version metadata", "tags")
+    one_line_error(invoke("resources", "update", "rs-a", PROMPT_JSON, "--parent", "rs-nope"), "'rs-nope'", "parent")
+    assert two.get_resources_by_id("rs-a").version == 1
+
+
+def test_diff_prints_each_resource_and_a_unified_diff_of_templates(invoke: Invoke, two: LightningClient) -> None:
+    two.update_resources("rs-a", {"prompt": PromptTemplate(template="a {x}\nthink first")})
+    result = invoke("resources", "diff", "rs-a@1", "rs-a@2")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        "rs-a@1 -> rs-a@2", "prompt", "  prompt.template: changed",
+        "    --- rs-a@1 prompt.template", "    +++ rs-a@2 prompt.template", "    @@ -1 +1,2 @@",
+        "    -a {x}", "    +a {x}", "    +think first",
+    ]
+    assert invoke("resources", "diff", "rs-a").stdout == result.stdout  # default: against the version before
+    as_json = json.loads(invoke("resources", "diff", "prod@1", "rs-b", "--json").stdout)
+    assert (as_json["left"], as_json["right"]) == ({"resources_id": "rs-a", "version": 1},
+                                                   {"resources_id": "rs-b", "version": 1})
+    assert [c["path"] for c in as_json["changes"]] == ["prompt.template"] and "segments" not in as_json["changes"][0]
+    assert invoke("resources", "diff", "rs-a@2", "rs-a@2").stdout == "rs-a@2 -> rs-a@2\nno difference\n"
+    one_line_error(invoke("resources", "diff", "rs-b"), "first version")
+
+
+# --------------------------------------------------------------------------- protected pointers
+
+
+def test_protect_then_moves_need_force_and_reason(invoke: Invoke, two: LightningClient) -> None:
+    result = invoke("resources", "protect", "prod", "--reason", "live traffic", "--actor", "alice")
+    assert result.exit_code == 0 and result.stdout == "prod: protected (live traffic)\n"
+    assert rows(invoke("resources", "pointers", columns=120).stdout) == [
+        ["latest", "rs-b", "1", ""], ["prod", "rs-a", "1", "yes: live traffic (alice)"]]
+
+    one_line_error(invoke("resources", "pointer", "prod", "rs-b"), "'prod' is protected", "--force --reason")
+    one_line_error(invoke("resources", "pointer", "prod", "rs-b", "--force"), "only with a reason")
+    one_line_error(invoke("resources", "delete", "rs-a", "--force"), "'prod' is protected", "unprotect")
+    assert two.get_pointer("prod") == "rs-a"
+
+    result = invoke("resources", "pointer", "prod", "rs-b", "--force", "--reason", "hotfix", "--actor", "bob")
+    assert result.exit_code == 0 and result.stdout == "prod: rs-a -> rs-b\n"
+    one_line_error(invoke("resources", "rollback", "prod"), "'prod' is protected")
+    history = invoke("resources", "history", "prod", columns=160)
+    assert rows(history.stdout)[0][3:6] == ["bob", "set_pointer", "hotfix"]
+
+    result = invoke("resources", "unprotect", "prod")
+    assert result.exit_code == 0 and result.stdout == "prod: no longer protected\n"
+    assert invoke("resources", "rollback", "prod", "--reason", "undo").exit_code == 0
+    assert two.get_pointer("prod") == "rs-a" and two.pointer_history("prod", 1)[0].reason == "undo"

@@ -57,6 +57,10 @@ def test_apo_finds_the_better_prompt_and_promotes_it_with_its_lineage(
     assert [(s.template, s.round) for s in steps] == [(BETTER, 1), (SEED, 0)]
     assert steps[0].critique == scripted.critique and steps[0].parent_id == steps[1].resources_id
     assert (steps[1].parent_id, steps[1].parent_version) == (start, 1)
+    # ...and the same lineage as version metadata, for `resources versions` and `diff`
+    best = fake_client.get_resources_by_id(result.best.resources_id)
+    assert (best.parent_id, best.parent_version) == (steps[1].resources_id, 1)
+    assert best.message.startswith(f"APO {result.run} round 1: ")
     # The critic read the failed rollouts: their inputs, outputs and traces.
     critique_request = scripted.requests[0]["messages"][1]["content"]
     assert "Rollouts that went badly (3)" in critique_request and '"question": "1 * 7 + 3"' in critique_request

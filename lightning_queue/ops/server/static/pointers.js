@@ -27,7 +27,8 @@ export async function pointerTimeline() {
         " or move to ", target, h("button", { onclick: move, "data-testid": `move-${pointer.name}` }, "Move")),
       h("ol", { class: "timeline", "data-testid": `timeline-${pointer.name}` }, moves.map((m) =>
         h("li", {}, h("time", {}, when(m.time)), " ", h("code", {}, m.from_id || "(unset)"), " → ",
-          h("code", {}, m.to_id || "(unset)"), " ", h("span", { class: "muted" }, `by ${m.by}`)))));
+          h("code", {}, m.to_id || "(unset)"), " ", h("span", { class: "muted" },
+            `by ${m.by}` + (m.op ? ` (${m.op})` : "") + (m.reason ? `: ${m.reason}` : ""))))));
   }
 
   await load();

@@ -70,7 +70,8 @@ export async function snapshotDetail(id) {
       " · updated ", when(snapshot.update_time)),
     h("h2", {}, "Versions"),
     h("table", { "data-testid": "versions" }, h("tbody", {}, versions.versions.map((v) =>
-      h("tr", {}, h("td", {}, `v${v.version}`), h("td", {}, when(v.update_time)), h("td", {}, v.size ? `${v.size} bytes` : ""))))),
+      h("tr", {}, h("td", {}, `v${v.version}`), h("td", {}, when(v.update_time)), h("td", {}, v.size ? `${v.size} bytes` : ""),
+        h("td", {}, v.author || ""), h("td", {}, (v.tags || []).join(", ")), h("td", {}, v.message || ""))))),
     h("h2", {}, "Diff"),
     h("div", { class: "toolbar" }, "from ", fromSelect, " to ", toSelect, " or against ", against,
       h("button", { onclick: () => showDiff().catch(showError), "data-testid": "diff-button" }, "Compare")),
