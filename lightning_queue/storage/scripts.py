@@ -43,6 +43,9 @@ _PLACEHOLDERS = {
     "__REWARDS_INFIX__": Keys.REWARDS_INFIX,
     "__UNIT_REWARDS_INFIX__": Keys.UNIT_REWARDS_INFIX,
     "__SPANS_SUFFIX__": Keys.SPANS_SUFFIX,
+    # Keys the finished-rollouts cursor (_finished_stream.lua) derives from a rollout key.
+    "__ENDED_SUFFIX__": Keys.ENDED_SUFFIX,
+    "__FINISHED_SUFFIX__": Keys.FINISHED_SUFFIX,
 }
 
 

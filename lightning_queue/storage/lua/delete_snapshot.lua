@@ -1,7 +1,7 @@
 -- Delete a snapshot, every version of it, atomically; refused while pointers name it or
 -- unfinished rollouts use it, unless forced: then those pointers are unset (latest falls back
 -- to the newest remaining snapshot) and those rollouts fail with the given error.
--- Needs _rollout_prelude (KEYS[1..K] status indexes) and _experiment_tally. Then:
+-- Needs _rollout_prelude (KEYS[1..K] status indexes), _experiment_tally and _finished_stream. Then:
 -- KEYS[K+1] snapshot hash, KEYS[K+2] snapshots index, KEYS[K+3] pointers hash, KEYS[K+4] sequence,
 -- KEYS[K+5] snapshot events channel, KEYS[K+6] the snapshot's rollouts index, KEYS[K+7] rollout events channel,
 -- KEYS[K+8] its LLM usage rollup (per version; deleted with it)
@@ -33,6 +33,7 @@ for _, rid in ipairs(active) do
   redis.call('HSET', key, 'status', 'failed', 'end_time', ARGV[3], 'error', ARGV[4])
   move_status(rid, r[1], 'failed', r[3])
   tally_experiment(key, rid, 'failed')
+  record_finished(key, rid, 'failed', ARGV[10])
   expire_rollout(key, key .. ARGV[11], ARGV[10], r[2])
   redis.call('PUBLISH', KEYS[K + 7], rid)
 end
