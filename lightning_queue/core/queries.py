@@ -7,7 +7,7 @@ its paged form, the finished-rollouts cursor, the bulk cancel, ``lightning-queue
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,6 +15,8 @@ from lightning_queue.core.models import Rollout, RolloutMode, RolloutStatus
 
 OrderBy = Literal["enqueue_time", "end_time"]
 MetadataValue = str | int | float | bool | None
+Time = Annotated[float, Field(allow_inf_nan=False)]
+"""Unix seconds (finite)."""
 
 
 class RolloutFilter(BaseModel):
@@ -42,10 +44,10 @@ class RolloutFilter(BaseModel):
     queue: str | None = Field(None, description="Sent to this Celery queue.")
     metadata: dict[str, MetadataValue] = Field(
         default_factory=dict, description="Top-level metadata keys that must equal these values.")
-    enqueued_after: float | None = Field(None, description="Enqueued at or after this time (Unix seconds).")
-    enqueued_before: float | None = Field(None, description="Enqueued before this time (Unix seconds).")
-    ended_after: float | None = Field(None, description="Finished at or after this time (only finished rollouts).")
-    ended_before: float | None = Field(None, description="Finished before this time (only finished rollouts).")
+    enqueued_after: Time | None = Field(None, description="Enqueued at or after this time (Unix seconds).")
+    enqueued_before: Time | None = Field(None, description="Enqueued before this time (Unix seconds).")
+    ended_after: Time | None = Field(None, description="Finished at or after this time (only finished rollouts).")
+    ended_before: Time | None = Field(None, description="Finished before this time (only finished rollouts).")
     order_by: OrderBy = "enqueue_time"
     newest_first: bool = True
 

@@ -275,8 +275,8 @@ class RolloutStore:
         self._release_lost = load_script(client, "release_lost")
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
-        self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally", "_finished_stream",
-                                   "_trace_prelude")
+        self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally",
+                                   "_finished_stream", "_trace_prelude")
         self._lease = load_script(client, "lease_expired")
         self._query = load_script(client, "query_rollouts")
         self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude", "_experiment_tally",
@@ -510,6 +510,23 @@ class RolloutStore:
         if reply == "missing":
             raise RolloutNotFoundError(rollout_id)
         return reply
+
+    def cancel_batch(self, rollout_ids: Sequence[str]) -> list[tuple[str | None, str]]:
+        """Cancel each rollout as :meth:`terminate` does; return, for each, its status before
+        (None: no record) and after. The whole batch is one MULTI/EXEC, so each "before" is the
+        status the cancel found: ``("running", "cancelled")`` was cancelled by this call,
+        ``("succeeded", "succeeded")`` had finished first."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        for rid in rollout_ids:
+            check_rollout_id(rid)
+            pipe.hget(k.rollout(rid), "status")
+            self._terminate(keys=[*k.all_status_indexes(), k.rollout(rid), k.events, k.heartbeats],
+                            args=[rid, "cancelled", repr(time.time()), "", self._ttl_arg, k.attempt_prefix(rid)],
+                            client=pipe)
+        replies = pipe.execute()
+        return [(None if before is None else text(before), text(after))
+                for before, after in zip(replies[::2], replies[1::2], strict=True)]
 
     def heartbeat(self, rollout_id: str, sequence_id: int) -> bool:
         """Push the open attempt's heartbeat deadline ``heartbeat_timeout`` ahead (one script).
@@ -847,7 +864,8 @@ class RolloutStore:
         options: dict[str, Any] = {"count": limit}
         if block_seconds > 0:
             options["block"] = max(1, round(block_seconds * 1000))
-        reply = self.redis.xread({self.keys.finished: start}, **options)
+        reply = cast("list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]",
+                     self.redis.xread({self.keys.finished: start}, **options))
         entries = [(text(eid), {text(f): text(v) for f, v in fields.items()}) for eid, fields in reply[0][1]] \
             if reply else []
         records = self._read([fields["id"] for _, fields in entries])
