@@ -263,8 +263,8 @@ class AsyncLightningClient:
         enqueued_before: float | None = None,
         ended_after: float | None = None,
         ended_before: float | None = None,
-        order_by: OrderBy = "enqueue_time",
-        newest_first: bool = True,
+        order_by: OrderBy | None = None,
+        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> list[Rollout]:

@@ -11,6 +11,7 @@ import redis
 from lightning_queue.core.errors import (
     DuplicateRolloutIdError,
     EnqueueError,
+    InvalidFilterError,
     PublishError,
     RegistryLostError,
     ResourcesNotFoundError,
@@ -420,8 +421,8 @@ class LightningClient:
         enqueued_before: float | None = None,
         ended_after: float | None = None,
         ended_before: float | None = None,
-        order_by: OrderBy = "enqueue_time",
-        newest_first: bool = True,
+        order_by: OrderBy | None = None,
+        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> list[Rollout]:
@@ -467,7 +468,7 @@ class LightningClient:
     ) -> CancelReport:
         """Cancel every unfinished rollout matching ``filter``, or (``dry_run``, the default)
         only list them. ``filter.status`` may narrow the unfinished statuses (default: all of
-        them); a filter naming only final statuses matches nothing to cancel (ValueError).
+        them); a filter naming only final statuses matches nothing to cancel (:class:`InvalidFilterError`).
 
         The matches are listed first (a page of ``batch`` at a time), then cancelled ``batch``
         at a time, each batch in one MULTI/EXEC with :meth:`cancel_rollout`'s semantics: running
@@ -477,7 +478,7 @@ class LightningClient:
         wanted = filter if filter is not None else RolloutFilter()
         unfinished = tuple(s for s in (wanted.status or ACTIVE_STATUSES) if s in ACTIVE_STATUSES)
         if not unfinished:
-            raise ValueError(f"status {', '.join(wanted.status or ())} is final: there is nothing to cancel; "
+            raise InvalidFilterError(f"status {', '.join(wanted.status or ())} is final: there is nothing to cancel; "
                              f"give unfinished statuses ({', '.join(ACTIVE_STATUSES)}) or none")
         wanted = wanted.model_copy(update={"status": unfinished})
         matched: list[str] = []

@@ -7,10 +7,12 @@ its paged form, the finished-rollouts cursor, the bulk cancel, ``lightning-queue
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lightning_queue.core.errors import InvalidFilterError
 from lightning_queue.core.models import Rollout, RolloutMode, RolloutStatus
 
 OrderBy = Literal["enqueue_time", "end_time"]
@@ -101,6 +103,24 @@ class RolloutFilter(BaseModel):
                                                                          self.ended_before)),
         )
         return all(checks)
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs as a metadata filter: each value JSON when it parses (``n=3``,
+    ``ok=true``), else the string (``user=alice``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise InvalidFilterError(f"metadata filter {pair!r} is not key=value; write e.g. user=alice")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw
+        out[key] = value
+    return out
 
 
 def _within(value: float, after: float | None, before: float | None) -> bool:

@@ -46,6 +46,7 @@ import redis
 from lightning_queue.core.errors import (
     ExperimentNotFoundError,
     InvalidCursorError,
+    InvalidFilterError,
     RegistryLostError,
     RolloutNotFoundError,
     UnresponsiveAttemptError,
@@ -712,14 +713,15 @@ class RolloutStore:
         enqueued_before: float | None = None,
         ended_after: float | None = None,
         ended_before: float | None = None,
-        order_by: OrderBy = "enqueue_time",
-        newest_first: bool = True,
+        order_by: OrderBy | None = None,
+        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> list[Rollout]:
         """Rollouts matching every filter given (a :class:`RolloutFilter`, or its fields as
-        keywords), ``limit`` of them after skipping ``offset`` matches; newest enqueued first by
-        default. ``status`` may be one status or several; ``resources_id`` matches rollouts
+        keywords laid over it: those left None keep the filter's), ``limit`` of them after
+        skipping ``offset`` matches; newest enqueued first unless ``order_by``/``newest_first`` say
+        otherwise. ``status`` may be one status or several; ``resources_id`` matches rollouts
         pinned to that snapshot or that ran an attempt with it.
 
         Reads :meth:`query_page` pages until it has ``offset + limit`` matches or the indexes
@@ -809,7 +811,8 @@ class RolloutStore:
         if wanted.mode is not None:
             groups.append([k.rollouts_by_mode(wanted.mode)])
         if wanted.by_end_time and wanted.order_by != "end_time":
-            groups.append([k.rollouts_ended])
+            # Finished ones only, scored by an index of enqueue times (the first group).
+            groups = [*(groups or [[k.rollouts]]), [k.rollouts_ended]]
         return groups or [[k.rollouts]]
 
     def _variants(self, experiment: str) -> list[str]:
@@ -858,7 +861,7 @@ class RolloutStore:
         if limit < 1 or block_seconds < 0:
             raise ValueError("limit must be >= 1 and block_seconds >= 0")
         if filter is not None and filter.index_only:
-            raise ValueError(f"the finished-rollouts cursor cannot filter by {', '.join(filter.index_only)} "
+            raise InvalidFilterError(f"the finished-rollouts cursor cannot filter by {', '.join(filter.index_only)} "
                              "(not in the record); filter the rollouts it returns with query_rollouts instead")
         start = check_stream_cursor(after) if after else "0-0"
         options: dict[str, Any] = {"count": limit}

@@ -10,7 +10,6 @@ to go on from.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -18,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from lightning_queue.core.errors import InvalidFilterError
 from lightning_queue.core.models import Attempt, Rollout, RolloutMode, RolloutStatus, describe_validation_error
-from lightning_queue.core.queries import OrderBy, RolloutFilter
+from lightning_queue.core.queries import OrderBy, RolloutFilter, parse_metadata
 from lightning_queue.ops.server.deps import ServicesDep, UserDep
 
 router = APIRouter(tags=["rollouts"])
@@ -61,24 +60,6 @@ class RolloutDetail(BaseModel):
     attempts: list[Attempt]
     trace: list[dict[str, Any]] | None = Field(description="The trace the agent reported (RolloutResult.trace).")
     spans: list[dict[str, Any]] | None = Field(None, description="The span tree, once traces are recorded.")
-
-
-def parse_metadata(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs as a metadata filter: each value JSON when it parses (``n=3``,
-    ``ok=true``), else the string (``user=alice``)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise InvalidFilterError(f"metadata filter {pair!r} is not key=value; write e.g. user=alice")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if isinstance(value, (dict, list)):
-            value = raw
-        out[key] = value
-    return out
 
 
 @router.get("/rollouts", summary="Rollouts matching every filter, newest enqueued first, a page at a time")
