@@ -210,7 +210,10 @@ def test_list_filters_by_metadata_experiment_time_and_sorts(
     c = two.enqueue_rollout("c", metadata={"user": "alice"}).rollout_id
     finish(c)
     finish(a)
-    listed = (lambda *args: [r[0] for r in rows(invoke("rollouts", "list", *args).stdout)])
+
+    def listed(*args: str) -> list[str]:
+        return [r[0] for r in rows(invoke("rollouts", "list", *args).stdout)]
+
     assert listed("--meta", "user=alice") == [c, a]
     assert listed("--meta", "user=alice", "--meta", "n=3") == [a]
     assert listed("--oldest-first") == [a, b, c]
