@@ -31,8 +31,10 @@ if TYPE_CHECKING:
         ExperimentNotFoundError,
         ExperimentStateError,
         ExperimentUnitError,
+        InvalidCursorError,
         InvalidDatasetError,
         InvalidExperimentError,
+        InvalidFilterError,
         InvalidPriceTableError,
         InvalidQueueNameError,
         InvalidResourcesError,
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
         RolloutRequest,
         RolloutResult,
     )
+    from lightning_queue.core.queries import CancelReport, FinishedPage, FinishedRollout, RolloutFilter, RolloutPage
     from lightning_queue.core.settings import Settings
     from lightning_queue.core.traces import LLMPrice, Span, Triplet, Usage
     from lightning_queue.experiments.canary import Canary, CanaryResult, Guardrail
@@ -103,11 +106,15 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "RolloutNotFoundError", "RunConflictError", "SnapshotCorruptedError", "SnapshotInUseError",
         "SnapshotTooLargeError", "TrainingError", "TrainingTimeoutError", "UnknownResourceTypeError",
         "VersionConflictError",
+        "InvalidCursorError", "InvalidFilterError",
     ),
     "lightning_queue.core.metrics": ("RewardSummary",),
     "lightning_queue.core.models": (
         "Attempt", "ErrorInfo", "LLM", "NamedResources", "PromptLineage", "PromptTemplate", "ProxyLLM", "Resource",
         "ResourcesUpdate", "Rollout", "RolloutConfig", "RolloutRequest", "RolloutResult",
+    ),
+    "lightning_queue.core.queries": (
+        "CancelReport", "FinishedPage", "FinishedRollout", "RolloutFilter", "RolloutPage",
     ),
     "lightning_queue.core.settings": ("Settings",),
     "lightning_queue.experiments.canary": (
@@ -149,6 +156,7 @@ __all__ = [
     "AttemptNotFoundError",
     "Canary",
     "CanaryResult",
+    "CancelReport",
     "Conclusion",
     "ConfigurationError",
     "Critic",
@@ -165,10 +173,14 @@ __all__ = [
     "ExperimentStateError",
     "ExperimentUnitError",
     "Experiments",
+    "FinishedPage",
+    "FinishedRollout",
     "FunctionalLitAgent",
     "Guardrail",
+    "InvalidCursorError",
     "InvalidDatasetError",
     "InvalidExperimentError",
+    "InvalidFilterError",
     "InvalidPriceTableError",
     "InvalidQueueNameError",
     "InvalidResourcesError",
@@ -200,7 +212,9 @@ __all__ = [
     "Rollout",
     "RolloutConfig",
     "RolloutFailed",
+    "RolloutFilter",
     "RolloutNotFoundError",
+    "RolloutPage",
     "RolloutRequest",
     "RolloutResult",
     "RunConflictError",
