@@ -15,8 +15,10 @@ had expired), ``unresponsive`` (the watchdog found its heartbeat expired),
 Every transition is one Lua script, so readers never see a rollout in two
 status indexes or a finished rollout without its result. A rollout that
 reaches a final status has its id published on the events channel, which
-:meth:`RolloutStore.wait_for_rollouts` listens to, and (when a TTL is set)
-its record and attempts expire that many seconds later, in the same step.
+:meth:`RolloutStore.wait_for_rollouts` listens to, appended to the
+finished-rollouts stream (:meth:`RolloutStore.finished_rollouts`) and the
+end-time index, and (when a TTL is set) its record and attempts expire that
+many seconds later, all in the same step.
 
 Layout: a record holds one hash field per model field, except the JSON fields
 at their default (``metadata``, ``error``, ``result`` when empty; ``config``
@@ -250,9 +252,13 @@ class RolloutStore:
     * A rollout reaching a final status (by any path) has its record and
       every attempt set to expire ``rollout_ttl_seconds`` later, atomically
       with that transition (``None``: kept forever).
+    * A rollout reaching a final status is appended once to ``{p}:finished`` (and
+      ``{p}:rollouts:ended``) in the same script as the transition: the stream holds
+      every finished rollout exactly once, in the order they finished.
     * Lookups of an unknown or expired id raise :class:`RolloutNotFoundError`.
-    * Queries return newest enqueued first, and skip ids whose record has
-      expired (dropping them from the indexes they read).
+    * Queries return newest enqueued first unless told otherwise, read the indexes
+      server-side (one script per page), and skip ids whose record has expired
+      (dropping them from the indexes they read).
     """
 
     def __init__(
