@@ -205,6 +205,17 @@ def check_stream_cursor(cursor: str) -> str:
 
 
 @dataclass(frozen=True)
+class _IndexWalk:
+    """What one ``query_rollouts.lua`` call returned: the entries in every indexed group, the last
+    entry it examined (matching or not), how many it examined, and whether the index ran out."""
+
+    entries: list[tuple[str, float]]
+    last: tuple[float, str] | None
+    examined: int
+    exhausted: bool
+
+
+@dataclass(frozen=True)
 class StartWith:
     """The snapshot to start a claimed attempt with at once (see :meth:`RolloutStore.claim`):
     ``resources_id``/``version``, resolved by the worker from the reference the task message
@@ -780,11 +791,11 @@ class RolloutStore:
         found: list[Rollout] = []
         scanned = 0
         while len(found) < limit and scanned < scan_budget:
-            want = min(max(limit - len(found), 20) * 2, scan_budget - scanned)
-            entries = self._index_page(groups, wanted, position, want)
-            scanned += len(entries)
+            walked = self._index_page(groups, wanted, position, max(limit - len(found), 20), scan_budget - scanned)
+            scanned += walked.examined
             gone = []
-            for (rid, score), rollout in zip(entries, self._read([rid for rid, _ in entries]), strict=True):
+            for (rid, score), rollout in zip(walked.entries, self._read([rid for rid, _ in walked.entries]),
+                                             strict=True):
                 position = (score, rid)
                 if rollout is None:
                     gone.append(rid)
@@ -793,17 +804,22 @@ class RolloutStore:
                     if len(found) == limit:
                         break
             if gone:
-                self.forget(gone, [key for group in groups for key in group])
-            if len(entries) < want and len(found) < limit:
+                self.forget(gone, [key for keys, _ in groups for key in keys])
+            if len(found) == limit:
+                break
+            if walked.last is not None:
+                position = walked.last
+            if walked.exhausted:
                 return RolloutPage(rollouts=found, next_cursor=None)
         return RolloutPage(rollouts=found, next_cursor=encode_cursor(position) if position is not None else None)
 
-    def _index_groups(self, wanted: RolloutFilter) -> list[list[str]]:
-        """The index zsets a query reads, by group (a rollout must be in one index of every group);
-        the first group's scores order the page."""
+    def _index_groups(self, wanted: RolloutFilter) -> list[tuple[list[str], bool]]:
+        """The index zsets a query reads, by group (a rollout must be in one index of every group),
+        each with whether its scores are the sort key; the first group's are."""
         k = self.keys
+        by_end = wanted.order_by == "end_time"
         groups: list[list[str]] = []
-        if wanted.order_by == "end_time":
+        if by_end:
             groups.append([k.rollouts_ended])
         if wanted.experiment is not None:
             variants = [wanted.variant] if wanted.variant is not None else self._variants(wanted.experiment)
@@ -816,10 +832,11 @@ class RolloutStore:
             groups.append([k.rollouts_by_status(s) for s in wanted.status])
         if wanted.mode is not None:
             groups.append([k.rollouts_by_mode(wanted.mode)])
-        if wanted.by_end_time and wanted.order_by != "end_time":
+        if wanted.by_end_time and not by_end:
             # Finished ones only, scored by an index of enqueue times (the first group).
             groups = [*(groups or [[k.rollouts]]), [k.rollouts_ended]]
-        return groups or [[k.rollouts]]
+        # Every index is scored by enqueue time but the end-time one.
+        return [(keys, (keys == [k.rollouts_ended]) == by_end) for keys in groups or [[k.rollouts]]]
 
     def _variants(self, experiment: str) -> list[str]:
         """The variant names of an experiment, from its stored spec (experiments/manager.py)."""
@@ -829,16 +846,23 @@ class RolloutStore:
         return [str(v["name"]) for v in json.loads(text(raw)).get("variants", [])]
 
     def _index_page(
-        self, groups: list[list[str]], wanted: RolloutFilter, position: tuple[float, str] | None, count: int
-    ) -> list[tuple[str, float]]:
+        self, groups: list[tuple[list[str], bool]], wanted: RolloutFilter, position: tuple[float, str] | None,
+        count: int, budget: int,
+    ) -> _IndexWalk:
         low, high = wanted.sort_range()
         reply = self._query(
-            keys=[self.keys.query_scratch(new_id("q")), *(key for group in groups for key in group)],
-            args=[len(groups), *(len(group) for group in groups), "desc" if wanted.newest_first else "asc",
+            keys=[self.keys.query_scratch(new_id("q")), *(key for keys, _ in groups for key in keys)],
+            args=[len(groups), *(v for keys, sorts in groups for v in (len(keys), int(sorts))),
+                  "desc" if wanted.newest_first else "asc",
                   "" if low is None else repr(low), "" if high is None else repr(high),
-                  "" if position is None else repr(position[0]), "" if position is None else position[1], count],
+                  "" if position is None else repr(position[0]), "" if position is None else position[1],
+                  count, budget],
         )
-        return [(text(reply[i]), float(reply[i + 1])) for i in range(0, len(reply), 2)]
+        exhausted, member, score, examined, *flat = reply
+        return _IndexWalk(
+            entries=[(text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)],
+            last=(float(score), text(member)) if text(member) else None,
+            examined=int(examined), exhausted=bool(int(exhausted)))
 
     # -- the finished-rollouts cursor -----------------------------------------------------------
 

@@ -150,6 +150,10 @@ def test_queries_agree_with_a_brute_force_reading_page_by_page(
         RolloutFilter(metadata={"user": "u1"}, enqueued_after=every[20].enqueue_time,
                       enqueued_before=every[70].enqueue_time, newest_first=False),
         RolloutFilter(order_by="end_time", newest_first=False, mode="train"),
+        # Every group a union: intersected into a scratch key (the other plan).
+        RolloutFilter(experiment="ab", status=("queuing", "failed"), newest_first=False),
+        RolloutFilter(experiment="ab", status=("succeeded", "cancelled", "failed"), metadata={"user": "u3"}),
+        RolloutFilter(status=("succeeded", "cancelled"), ended_after=every[0].enqueue_time),
     ]
     for wanted in filters:
         def expected_match(r: Rollout, wanted: RolloutFilter = wanted) -> bool:

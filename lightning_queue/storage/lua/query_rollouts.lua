@@ -1,49 +1,77 @@
 -- One page of rollout ids from the indexes, server-side, atomically (read-only but for scratch keys).
--- KEYS[1] scratch key ({p}:query:{token}): it and KEYS[1]..':'..g are written and deleted here.
--- KEYS[2...] index zsets, by group. ARGV[1] n groups, ARGV[2..n+1] each group's size (its keys
--- follow in KEYS in order). A rollout matches when it is in at least one index of every group (union
--- within a group, intersection across). Its score is its score in the first group (the enqueue time,
--- or the end time when the first group is {p}:rollouts:ended).
--- Then ARGV[n+2] 'desc' | 'asc', ARGV[n+3] range start ('' or a score, inclusive), ARGV[n+4] range
--- end ('' or a score, exclusive), ARGV[n+5] cursor score ('' for the first page), ARGV[n+6] cursor
--- member, ARGV[n+7] count.
+-- KEYS[1] scratch key ({p}:query:{token}): it and KEYS[1]..':'..g may be written, and are deleted here.
+-- KEYS[2...] index zsets, by group. ARGV[1] n groups, then for each group its size and whether its
+-- scores are the sort key ('1' or '0'); its keys follow in KEYS in order. A rollout matches when it is
+-- in at least one index of every group (union within a group, intersection across); its score is its
+-- score in the first group (which always holds the sort key).
+-- Then ARGV[o+1] 'desc' | 'asc', ARGV[o+2] range start ('' or a score, inclusive), ARGV[o+3] range end
+-- ('' or a score, exclusive), ARGV[o+4] cursor score ('' for the first page), ARGV[o+5] cursor member,
+-- ARGV[o+6] matches wanted, ARGV[o+7] index entries to examine at most.
+-- Plan: when a group is one zset scored by the sort key, the smallest such one is walked in order from
+-- the cursor, and each entry is checked against the other groups (ZSCORE: O(1) each), so a page costs
+-- what it examines, not the size of the indexes. Otherwise (every group a union, e.g. several
+-- statuses) the groups are unioned and intersected into the scratch key, which is walked instead.
 -- Order: by score, ties by member (desc: greater first, as ZRANGE REV does). The cursor is the last
--- entry read: the page starts right after where it is, or would be (it may have left the indexes
+-- entry examined: the walk starts right after where it is, or would be (it may have left the indexes
 -- since), so entries added meanwhile never shift a page.
--- Returns {member, score, ...}: at most count entries.
+-- Returns {exhausted 1|0, last member examined, its score, entries examined, member, score, ...}.
 local n = tonumber(ARGV[1])
+local groups = {}
 local at = 2
-local sources, scratch = {}, {}
 for g = 1, n do
-  local size = tonumber(ARGV[1 + g])
-  if size == 1 then
-    table.insert(sources, KEYS[at])
-  else
-    local union = KEYS[1] .. ':' .. g
-    local args = {'ZUNIONSTORE', union, size}
-    for i = 0, size - 1 do table.insert(args, KEYS[at + i]) end
-    table.insert(args, 'AGGREGATE'); table.insert(args, 'MAX')
-    redis.call(unpack(args))
-    table.insert(scratch, union)
-    table.insert(sources, union)
-  end
+  local size, sorts = tonumber(ARGV[2 * g]), ARGV[2 * g + 1] == '1'
+  local keys = {}
+  for i = 0, size - 1 do table.insert(keys, KEYS[at + i]) end
   at = at + size
+  table.insert(groups, {keys = keys, sorts = sorts})
 end
-local src = sources[1]
-if #sources > 1 then
-  -- Weight 1 for the first group, 0 for the others: the sum is the first group's score, exactly.
-  local args = {'ZINTERSTORE', KEYS[1], #sources}
-  for _, key in ipairs(sources) do table.insert(args, key) end
-  table.insert(args, 'WEIGHTS')
-  for g = 1, #sources do table.insert(args, g == 1 and 1 or 0) end
-  redis.call(unpack(args))
-  table.insert(scratch, KEYS[1])
-  src = KEYS[1]
-end
-local o = n + 1
+local o = 2 * n + 1
 local desc = ARGV[o + 1] == 'desc'
 local low, high = ARGV[o + 2], ARGV[o + 3]
-local cscore, cmember, count = ARGV[o + 4], ARGV[o + 5], tonumber(ARGV[o + 6])
+local cscore, cmember = ARGV[o + 4], ARGV[o + 5]
+local wanted, budget = tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7])
+
+local scratch = {}
+local src, checks = nil, {}
+local best = nil
+for g, group in ipairs(groups) do
+  if group.sorts and #group.keys == 1 then
+    local size = redis.call('ZCARD', group.keys[1])
+    if not best or size < best.size then best = {g = g, size = size} end
+  end
+end
+if best then
+  src = groups[best.g].keys[1]
+  for g, group in ipairs(groups) do
+    if g ~= best.g then table.insert(checks, group.keys) end
+  end
+else
+  local sources = {}
+  for g, group in ipairs(groups) do
+    if #group.keys == 1 then
+      table.insert(sources, group.keys[1])
+    else
+      local union = KEYS[1] .. ':' .. g
+      local args = {'ZUNIONSTORE', union, #group.keys}
+      for _, key in ipairs(group.keys) do table.insert(args, key) end
+      table.insert(args, 'AGGREGATE'); table.insert(args, 'MAX')
+      redis.call(unpack(args))
+      table.insert(scratch, union)
+      table.insert(sources, union)
+    end
+  end
+  src = sources[1]
+  if #sources > 1 then
+    -- Weight 1 for the first group, 0 for the others: the sum is the first group's score, exactly.
+    local args = {'ZINTERSTORE', KEYS[1], #sources}
+    for _, key in ipairs(sources) do table.insert(args, key) end
+    table.insert(args, 'WEIGHTS')
+    for g = 1, #sources do table.insert(args, g == 1 and 1 or 0) end
+    redis.call(unpack(args))
+    table.insert(scratch, KEYS[1])
+    src = KEYS[1]
+  end
+end
 
 -- The first position to read: past the range's far side, and past the cursor.
 local pos = 0
@@ -56,7 +84,7 @@ if cscore ~= '' then
   if held and tonumber(held) == s then
     after = (desc and redis.call('ZREVRANK', src, cmember) or redis.call('ZRANK', src, cmember)) + 1
   else
-    -- Gone from the indexes: count what comes before where it would be (ties are one enqueue batch).
+    -- Gone from the index: count what comes before where it would be (ties are one enqueue batch).
     if desc then after = redis.call('ZCOUNT', src, '(' .. cscore, '+inf')
     else after = redis.call('ZCOUNT', src, '-inf', '(' .. cscore) end
     for _, member in ipairs(redis.call('ZRANGE', src, cscore, cscore, 'BYSCORE')) do
@@ -66,19 +94,47 @@ if cscore ~= '' then
   if after > pos then pos = after end
 end
 
-local out = {}
-local page
-if desc then
-  page = redis.call('ZRANGE', src, pos, pos + count - 1, 'REV', 'WITHSCORES')
-else
-  page = redis.call('ZRANGE', src, pos, pos + count - 1, 'WITHSCORES')
+local function in_every_group(member)
+  for _, keys in ipairs(checks) do
+    local found = false
+    for _, key in ipairs(keys) do
+      if redis.call('ZSCORE', key, member) then found = true; break end
+    end
+    if not found then return false end
+  end
+  return true
 end
+
 local lo, hi = tonumber(low), tonumber(high)
-for i = 1, #page, 2 do
-  local score = tonumber(page[i + 1])
-  if (desc and lo and score < lo) or (not desc and hi and score >= hi) then break end
-  table.insert(out, page[i])
-  table.insert(out, page[i + 1])
+local out, matched, examined, exhausted = {}, 0, 0, false
+local last_member, last_score = '', ''
+while matched < wanted and examined < budget and not exhausted do
+  local window = math.min(budget - examined, math.max(2 * (wanted - matched), 32))
+  local page
+  if desc then
+    page = redis.call('ZRANGE', src, pos, pos + window - 1, 'REV', 'WITHSCORES')
+  else
+    page = redis.call('ZRANGE', src, pos, pos + window - 1, 'WITHSCORES')
+  end
+  if #page < 2 * window then exhausted = true end
+  for i = 1, #page, 2 do
+    local score = tonumber(page[i + 1])
+    if (desc and lo and score < lo) or (not desc and hi and score >= hi) then exhausted = true; break end
+    examined = examined + 1
+    pos = pos + 1
+    last_member, last_score = page[i], page[i + 1]
+    if in_every_group(page[i]) then
+      table.insert(out, page[i]); table.insert(out, page[i + 1])
+      matched = matched + 1
+      if matched == wanted then
+        -- Stopped on a match: more may follow, unless this was the index's last entry.
+        exhausted = exhausted and i + 1 == #page
+        break
+      end
+    end
+  end
 end
 if #scratch > 0 then redis.call('DEL', unpack(scratch)) end
-return out
+local reply = {exhausted and 1 or 0, last_member, last_score, examined}
+for _, v in ipairs(out) do table.insert(reply, v) end
+return reply
