@@ -37,7 +37,7 @@ Rollout store::
                                                cursor). Trimmed (approximately) to ``rollout_ttl_seconds``:
                                                an entry lives as long as the record it names; kept whole
                                                when rollouts are kept forever
-    {p}:query:{token}                    zset  scratch of one query (the intersection of its indexes):
+    {p}:query:{token}                    zset  scratch of one query (the union of the indexes it walks):
                                                written and deleted inside one script, never seen outside
     {p}:events                           pub/sub channel; a finished rollout's id is published
     {p}:heartbeats                       zset  rollout_id -> deadline of its open attempt's heartbeat

@@ -25,12 +25,12 @@ class RolloutFilter(BaseModel):
     """Which rollouts, in which order. Every field given must match (AND); a list of statuses
     matches any of them (OR).
 
-    Served from the index zsets, server-side (one script intersects them and reads one page of
-    ids): ``status``, ``mode``, ``resources_id``, ``worker_id``, ``experiment``/``variant``, and the
-    time range of the sort key. Checked on each decoded record, a bounded page at a time:
-    ``metadata``, ``queue``, and the time range of the other key. ``end_time`` ordering and the
-    ``ended_*`` bounds only see finished rollouts (those that reached a final status since the
-    ``{p}:rollouts:ended`` index exists).
+    Served from the index zsets, server-side (one script walks one of them from the cursor and
+    keeps the ids in the others): ``status``, ``mode``, ``resources_id``, ``worker_id``,
+    ``experiment``/``variant``, and the time range of the sort key. Checked on each decoded record,
+    a bounded page at a time: ``metadata``, ``queue``, and the time range of the other key.
+    ``end_time`` ordering and the ``ended_*`` bounds only see finished rollouts (those that
+    reached a final status since the ``{p}:rollouts:ended`` index exists).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

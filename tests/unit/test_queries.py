@@ -58,11 +58,13 @@ def enqueue_under(store: RolloutStore, make_rollouts: MakeRollouts, name: str, v
     return rollouts
 
 
-def all_pages(store: RolloutStore, wanted: RolloutFilter, limit: int, scan_budget: int = 2000) -> list[Rollout]:
+def all_pages(store: RolloutStore, wanted: RolloutFilter, limit: int, scan_budget: int = 2000,
+              index_budget: int = 20_000) -> list[Rollout]:
     out: list[Rollout] = []
     cursor = None
     for _ in range(1000):
-        page = store.query_page(wanted, cursor=cursor, limit=limit, scan_budget=scan_budget)
+        page = store.query_page(wanted, cursor=cursor, limit=limit, scan_budget=scan_budget,
+                                index_budget=index_budget)
         assert len(page.rollouts) <= limit
         out += page.rollouts
         if page.next_cursor is None:
@@ -163,8 +165,9 @@ def test_queries_agree_with_a_brute_force_reading_page_by_page(
             (lambda r: (r.enqueue_time, r.rollout_id))
         expected = sorted((r for r in every if expected_match(r)), key=key, reverse=wanted.newest_first)
         assert expected, wanted
-        for limit, budget in ((1, 2000), (4, 2000), (5, 7), (100, 2000)):
-            assert ids(all_pages(store, wanted, limit, budget)) == ids(expected), (wanted, limit, budget)
+        for limit, budget, index_budget in ((1, 2000, 20_000), (4, 2000, 20_000), (5, 7, 20_000), (5, 2000, 3),
+                                            (100, 2000, 20_000)):
+            assert ids(all_pages(store, wanted, limit, budget, index_budget)) == ids(expected), (wanted, limit, budget)
         assert ids(store.query_rollouts(wanted, offset=2, limit=3)) == ids(expected)[2:5]
 
 
@@ -174,9 +177,18 @@ def test_a_page_with_rare_matches_comes_back_short_with_a_cursor(
     (needle,) = make_rollouts(1, metadata={"user": "needle"})
     make_rollouts(30)
     page = store.query_page(RolloutFilter(metadata={"user": "needle"}), limit=5, scan_budget=10)
-    assert page.rollouts == [] and page.next_cursor is not None  # 10 entries examined, none matched
+    assert page.rollouts == [] and page.next_cursor is not None  # 10 records read, none matched
     rest = all_pages(store, RolloutFilter(metadata={"user": "needle"}), 5, scan_budget=10)
     assert ids(rest) == [needle.rollout_id]
+    # The same with indexed filters: the walk in Redis stops after index_budget entries. Two large
+    # indexes (cancelled, train) whose only common rollout is the oldest:
+    for r in [needle, *make_rollouts(30, mode="val")]:
+        store.terminate(r.rollout_id, "cancelled")
+    make_rollouts(30, mode="train")
+    cancelled = RolloutFilter(status="cancelled", mode="train")
+    page = store.query_page(cancelled, limit=5, index_budget=10)
+    assert page.rollouts == [] and page.next_cursor is not None
+    assert ids(all_pages(store, cancelled, 5, index_budget=10)) == [needle.rollout_id]
 
 
 def test_a_cursor_is_not_shifted_by_new_or_departed_rollouts(

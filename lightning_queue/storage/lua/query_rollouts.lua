@@ -1,16 +1,16 @@
 -- One page of rollout ids from the indexes, server-side, atomically (read-only but for scratch keys).
--- KEYS[1] scratch key ({p}:query:{token}): it and KEYS[1]..':'..g may be written, and are deleted here.
+-- KEYS[1] scratch key ({p}:query:{token}): may be written, and is deleted here.
 -- KEYS[2...] index zsets, by group. ARGV[1] n groups, then for each group its size and whether its
--- scores are the sort key ('1' or '0'); its keys follow in KEYS in order. A rollout matches when it is
--- in at least one index of every group (union within a group, intersection across); its score is its
--- score in the first group (which always holds the sort key).
+-- scores are the sort key ('1' or '0'; at least one group's are); its keys follow in KEYS in order. A
+-- rollout matches when it is in at least one index of every group (union within a group, intersection
+-- across); its score is the sort key.
 -- Then ARGV[o+1] 'desc' | 'asc', ARGV[o+2] range start ('' or a score, inclusive), ARGV[o+3] range end
 -- ('' or a score, exclusive), ARGV[o+4] cursor score ('' for the first page), ARGV[o+5] cursor member,
 -- ARGV[o+6] matches wanted, ARGV[o+7] index entries to examine at most.
--- Plan: when a group is one zset scored by the sort key, the smallest such one is walked in order from
--- the cursor, and each entry is checked against the other groups (ZSCORE: O(1) each), so a page costs
--- what it examines, not the size of the indexes. Otherwise (every group a union, e.g. several
--- statuses) the groups are unioned and intersected into the scratch key, which is walked instead.
+-- Plan: one group scored by the sort key is walked in order from the cursor, and each entry is
+-- checked against the other groups (ZSCORE: O(1) each), so a page costs what it examines, not the
+-- size of the indexes. A walked group of several zsets (several statuses, an experiment's variants:
+-- walked only when every group is a union) is first unioned into the scratch key: that costs its size.
 -- Order: by score, ties by member (desc: greater first, as ZRANGE REV does). The cursor is the last
 -- entry examined: the walk starts right after where it is, or would be (it may have left the indexes
 -- since), so entries added meanwhile never shift a page.
@@ -33,44 +33,32 @@ local wanted, budget = tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7])
 
 local scratch = {}
 local src, checks = nil, {}
+-- The walk follows a group scored by the sort key: the smallest single zset if there is one (no
+-- union to build), else the smallest union.
 local best = nil
 for g, group in ipairs(groups) do
-  if group.sorts and #group.keys == 1 then
-    local size = redis.call('ZCARD', group.keys[1])
-    if not best or size < best.size then best = {g = g, size = size} end
-  end
-end
-if best then
-  src = groups[best.g].keys[1]
-  for g, group in ipairs(groups) do
-    if g ~= best.g then table.insert(checks, group.keys) end
-  end
-else
-  local sources = {}
-  for g, group in ipairs(groups) do
-    if #group.keys == 1 then
-      table.insert(sources, group.keys[1])
-    else
-      local union = KEYS[1] .. ':' .. g
-      local args = {'ZUNIONSTORE', union, #group.keys}
-      for _, key in ipairs(group.keys) do table.insert(args, key) end
-      table.insert(args, 'AGGREGATE'); table.insert(args, 'MAX')
-      redis.call(unpack(args))
-      table.insert(scratch, union)
-      table.insert(sources, union)
+  if group.sorts then
+    local size = 0
+    for _, key in ipairs(group.keys) do size = size + redis.call('ZCARD', key) end
+    local rank = {#group.keys > 1 and 1 or 0, size}
+    if not best or rank[1] < best.rank[1] or (rank[1] == best.rank[1] and rank[2] < best.rank[2]) then
+      best = {g = g, rank = rank}
     end
   end
-  src = sources[1]
-  if #sources > 1 then
-    -- Weight 1 for the first group, 0 for the others: the sum is the first group's score, exactly.
-    local args = {'ZINTERSTORE', KEYS[1], #sources}
-    for _, key in ipairs(sources) do table.insert(args, key) end
-    table.insert(args, 'WEIGHTS')
-    for g = 1, #sources do table.insert(args, g == 1 and 1 or 0) end
-    redis.call(unpack(args))
-    table.insert(scratch, KEYS[1])
-    src = KEYS[1]
-  end
+end
+for g, group in ipairs(groups) do
+  if g ~= best.g then table.insert(checks, group.keys) end
+end
+local driver = groups[best.g].keys
+if #driver == 1 then
+  src = driver[1]
+else
+  local args = {'ZUNIONSTORE', KEYS[1], #driver}
+  for _, key in ipairs(driver) do table.insert(args, key) end
+  table.insert(args, 'AGGREGATE'); table.insert(args, 'MAX')
+  redis.call(unpack(args))
+  table.insert(scratch, KEYS[1])
+  src = KEYS[1]
 end
 
 -- The first position to read: past the range's far side, and past the cursor.
