@@ -125,6 +125,13 @@ def test_time_ranges_and_both_orders(store: RolloutStore, make_rollouts: MakeRol
 def test_queries_agree_with_a_brute_force_reading_page_by_page(
     store: RolloutStore, make_rollouts: MakeRollouts
 ) -> None:
+    agree_with_brute_force(store, make_rollouts)
+
+
+def agree_with_brute_force(store: RolloutStore, make_rollouts: MakeRollouts) -> None:
+    """Random rollouts (statuses, modes, workers, experiment variants, metadata); every filter below,
+    read page by page at several page sizes and budgets, gives what filtering every record in Python
+    gives. (tests/integration/test_queries_live.py runs it on a real Redis.)"""
     rng = random.Random(7)
     add_experiment(store, "ab", ["a", "b"])
     every: list[Rollout] = []

@@ -15,6 +15,7 @@ local function record_finished(rollout_key, rid, status, ttl)
   ttl = tonumber(ttl)
   if ttl and ttl > 0 then
     local ms = tonumber(string.match(entry, '^(%d+)-'))
-    redis.call('XTRIM', prefix .. '__FINISHED_SUFFIX__', 'MINID', '~', string.format('%d', ms - ttl * 1000))
+    -- pcall: MINID needs Redis 6.2; an older server keeps the stream whole rather than fail the transition.
+    redis.pcall('XTRIM', prefix .. '__FINISHED_SUFFIX__', 'MINID', '~', string.format('%d', ms - ttl * 1000))
   end
 end

@@ -11,7 +11,7 @@
 -- checked against the other groups (ZSCORE: O(1) each), so a page costs what it examines, not the
 -- size of the indexes. A walked group of several zsets (several statuses, an experiment's variants:
 -- walked only when every group is a union) is first unioned into the scratch key: that costs its size.
--- Order: by score, ties by member (desc: greater first, as ZRANGE REV does). The cursor is the last
+-- Order: by score, ties by member (desc: greater first, as ZREVRANGE does). Commands of Redis 5.0. The cursor is the last
 -- entry examined: the walk starts right after where it is, or would be (it may have left the indexes
 -- since), so entries added meanwhile never shift a page.
 -- Returns {exhausted 1|0, last member examined, its score, entries examined, member, score, ...}.
@@ -75,7 +75,7 @@ if cscore ~= '' then
     -- Gone from the index: count what comes before where it would be (ties are one enqueue batch).
     if desc then after = redis.call('ZCOUNT', src, '(' .. cscore, '+inf')
     else after = redis.call('ZCOUNT', src, '-inf', '(' .. cscore) end
-    for _, member in ipairs(redis.call('ZRANGE', src, cscore, cscore, 'BYSCORE')) do
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', src, cscore, cscore)) do
       if (desc and member > cmember) or (not desc and member < cmember) then after = after + 1 end
     end
   end
@@ -100,7 +100,7 @@ while matched < wanted and examined < budget and not exhausted do
   local window = math.min(budget - examined, math.max(2 * (wanted - matched), 32))
   local page
   if desc then
-    page = redis.call('ZRANGE', src, pos, pos + window - 1, 'REV', 'WITHSCORES')
+    page = redis.call('ZREVRANGE', src, pos, pos + window - 1, 'WITHSCORES')
   else
     page = redis.call('ZRANGE', src, pos, pos + window - 1, 'WITHSCORES')
   end
