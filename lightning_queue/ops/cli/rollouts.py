@@ -300,8 +300,7 @@ def cancel(
     """Cancel rollouts that have not finished (running ones are stopped): the ids given, at once; or every
     unfinished rollout a filter matches, listed first (a dry run) and cancelled only with --yes.
 
-    e.g. `rollouts cancel --status queuing --older-than 1h --experiment ab` lists the stale queued rollouts
-    of experiment ab; add --yes to cancel them."""
+    e.g. `rollouts cancel -s queuing --older-than 1h -e ab` lists experiment ab's stale queued rollouts."""
     from lightning_queue.core.errors import InvalidFilterError
 
     client = cli_context(ctx).client()
