@@ -389,3 +389,14 @@ def test_bulk_cancel_restricts_to_unfinished_statuses(fake_client: LightningClie
     report = fake_client.cancel_rollouts(RolloutFilter(status=("succeeded", "queuing")))
     assert report.matched == [b.rollout_id]
 
+
+
+def test_every_script_that_ends_a_rollout_appends_it_to_the_stream() -> None:
+    from importlib import resources
+
+    lua = resources.files("lightning_queue.storage").joinpath("lua")
+    ending = {p.name for p in lua.iterdir() if p.name.endswith(".lua") and "tally_experiment(" in p.read_text()
+              and not p.name.startswith("_")}
+    assert ending == {"finish_attempt.lua", "terminate_rollout.lua", "delete_snapshot.lua"}
+    for name in ending:
+        assert lua.joinpath(name).read_text().count("record_finished(") == 1, name
