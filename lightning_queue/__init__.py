@@ -33,8 +33,10 @@ if TYPE_CHECKING:
         ExperimentNotFoundError,
         ExperimentStateError,
         ExperimentUnitError,
+        InvalidCursorError,
         InvalidDatasetError,
         InvalidExperimentError,
+        InvalidFilterError,
         InvalidPriceTableError,
         InvalidQueueNameError,
         InvalidResourcesError,
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
         RolloutResult,
         VersionMeta,
     )
+    from lightning_queue.core.queries import CancelReport, FinishedPage, FinishedRollout, RolloutFilter, RolloutPage
     from lightning_queue.core.settings import Settings
     from lightning_queue.core.traces import LLMPrice, Span, Triplet, Usage
     from lightning_queue.experiments.canary import Canary, CanaryResult, Guardrail
@@ -109,6 +112,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "RolloutNotFoundError", "RunConflictError", "SnapshotCorruptedError", "SnapshotInUseError",
         "SnapshotTooLargeError", "TrainingError", "TrainingTimeoutError", "UnknownResourceTypeError",
         "VersionConflictError",
+        "InvalidCursorError", "InvalidFilterError",
     ),
     "lightning_queue.core.metrics": ("RewardSummary",),
     "lightning_queue.core.models": (
@@ -116,6 +120,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "ResourcesUpdate", "Rollout", "RolloutConfig", "RolloutRequest", "RolloutResult", "VersionMeta",
     ),
     "lightning_queue.core.diff": ("SnapshotDiff",),
+    "lightning_queue.core.queries": (
+        "CancelReport", "FinishedPage", "FinishedRollout", "RolloutFilter", "RolloutPage",
+    ),
     "lightning_queue.core.settings": ("Settings",),
     "lightning_queue.experiments.canary": (
         "Canary", "CanaryResult", "Guardrail",
@@ -157,6 +164,7 @@ __all__ = [
     "AttemptNotFoundError",
     "Canary",
     "CanaryResult",
+    "CancelReport",
     "Conclusion",
     "ConfigurationError",
     "Critic",
@@ -173,10 +181,14 @@ __all__ = [
     "ExperimentStateError",
     "ExperimentUnitError",
     "Experiments",
+    "FinishedPage",
+    "FinishedRollout",
     "FunctionalLitAgent",
     "Guardrail",
+    "InvalidCursorError",
     "InvalidDatasetError",
     "InvalidExperimentError",
+    "InvalidFilterError",
     "InvalidPriceTableError",
     "InvalidQueueNameError",
     "InvalidResourcesError",
@@ -211,7 +223,9 @@ __all__ = [
     "Rollout",
     "RolloutConfig",
     "RolloutFailed",
+    "RolloutFilter",
     "RolloutNotFoundError",
+    "RolloutPage",
     "RolloutRequest",
     "RolloutResult",
     "RunConflictError",

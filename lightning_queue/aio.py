@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning_queue.client import LightningClient, ResourcesLike
@@ -16,6 +17,14 @@ from lightning_queue.core.models import (
     RolloutConfig,
     RolloutMode,
     RolloutRequest,
+)
+from lightning_queue.core.queries import (
+    CancelReport,
+    FinishedPage,
+    FinishedRollout,
+    OrderBy,
+    RolloutFilter,
+    RolloutPage,
 )
 from lightning_queue.core.settings import Settings
 from lightning_queue.core.traces import Span, Triplet, Usage
@@ -274,21 +283,73 @@ class AsyncLightningClient:
 
     async def query_rollouts(
         self,
+        filter: RolloutFilter | None = None,
         *,
         status: str | Iterable[str] | None = None,
         mode: str | None = None,
         resources_id: str | None = None,
         worker_id: str | None = None,
+        experiment: str | None = None,
+        variant: str | None = None,
+        queue: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        enqueued_after: float | None = None,
+        enqueued_before: float | None = None,
+        ended_after: float | None = None,
+        ended_before: float | None = None,
+        order_by: OrderBy | None = None,
+        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> list[Rollout]:
-        """Rollouts matching every filter given, newest enqueued first.
-        See :meth:`RolloutStore.query_rollouts`."""
+        """Rollouts matching every filter given. See :meth:`LightningClient.query_rollouts`."""
         statuses = status if status is None or isinstance(status, str) else list(status)
-        return await asyncio.to_thread(
-            self.sync.query_rollouts, status=statuses, mode=mode, resources_id=resources_id, worker_id=worker_id,
-            offset=offset, limit=limit,
-        )
+        return await asyncio.to_thread(functools.partial(
+            self.sync.query_rollouts, filter, status=statuses, mode=mode, resources_id=resources_id,
+            worker_id=worker_id, experiment=experiment, variant=variant, queue=queue, metadata=metadata,
+            enqueued_after=enqueued_after, enqueued_before=enqueued_before, ended_after=ended_after,
+            ended_before=ended_before, order_by=order_by, newest_first=newest_first, offset=offset, limit=limit))
+
+    async def query_page(
+        self, filter: RolloutFilter | None = None, *, cursor: str | None = None, limit: int = 100
+    ) -> RolloutPage:
+        """One page of matching rollouts and the next cursor. See :meth:`LightningClient.query_page`."""
+        return await asyncio.to_thread(functools.partial(self.sync.query_page, filter, cursor=cursor, limit=limit))
+
+    async def finished_rollouts(
+        self, after: str | None = None, *, limit: int = 100, block_seconds: float = 0.0,
+        filter: RolloutFilter | None = None,
+    ) -> FinishedPage:
+        """The rollouts finished after the cursor ``after``, and the next cursor (the wait,
+        ``block_seconds`` at most, holds a thread). See :meth:`LightningClient.finished_rollouts`."""
+        return await asyncio.to_thread(functools.partial(
+            self.sync.finished_rollouts, after, limit=limit, block_seconds=block_seconds, filter=filter))
+
+    async def iter_finished_rollouts(
+        self, after: str | None = None, *, idle_seconds: float = 5.0, batch: int = 100,
+        filter: RolloutFilter | None = None,
+    ) -> AsyncIterator[FinishedRollout]:
+        """Each finished rollout after ``after``, until none arrived for ``idle_seconds``.
+        See :meth:`LightningClient.iter_finished_rollouts`."""
+        cursor = after
+        loop = asyncio.get_running_loop()
+        idle_until = loop.time() + idle_seconds
+        while (left := idle_until - loop.time()) > 0:
+            page = await self.finished_rollouts(cursor, limit=batch, block_seconds=min(left, 1.0), filter=filter)
+            if page.cursor != cursor:
+                idle_until = loop.time() + idle_seconds
+            cursor = page.cursor
+            for item in page.items:
+                yield item
+
+    async def cancel_rollouts(
+        self, filter: RolloutFilter | None = None, *, dry_run: bool = True, batch: int = 100,
+        terminate: bool = True,
+    ) -> CancelReport:
+        """Cancel (or, on a dry run, list) the unfinished rollouts matching ``filter``.
+        See :meth:`LightningClient.cancel_rollouts`."""
+        return await asyncio.to_thread(functools.partial(
+            self.sync.cancel_rollouts, filter, dry_run=dry_run, batch=batch, terminate=terminate))
 
     async def cancel_rollout(self, rollout_id: str, terminate: bool = True) -> str:
         """Cancel a rollout that has not finished; return its status afterwards.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -13,11 +13,14 @@ from lightning_queue.core.diff import SnapshotDiff
 from lightning_queue.core.errors import (
     DuplicateRolloutIdError,
     EnqueueError,
+    InvalidFilterError,
     PublishError,
     RegistryLostError,
     ResourcesNotFoundError,
 )
 from lightning_queue.core.models import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
     Attempt,
     ErrorInfo,
     ResolveMode,
@@ -27,6 +30,14 @@ from lightning_queue.core.models import (
     RolloutConfig,
     RolloutMode,
     RolloutRequest,
+)
+from lightning_queue.core.queries import (
+    CancelReport,
+    FinishedPage,
+    FinishedRollout,
+    OrderBy,
+    RolloutFilter,
+    RolloutPage,
 )
 from lightning_queue.core.settings import Settings
 from lightning_queue.core.traces import FINAL_REWARD, Span, Triplet, Usage, current_traceparent, to_triplets
@@ -445,9 +456,107 @@ class LightningClient:
     def get_attempts(self, rollout_id: str) -> list[Attempt]:
         return self.store.get_attempts(rollout_id)
 
-    def query_rollouts(self, **filters: Any) -> list[Rollout]:
-        """See :meth:`RolloutStore.query_rollouts` for the filters."""
-        return self.store.query_rollouts(**filters)
+    def query_rollouts(
+        self,
+        filter: RolloutFilter | None = None,
+        *,
+        status: str | Iterable[str] | None = None,
+        mode: str | None = None,
+        resources_id: str | None = None,
+        worker_id: str | None = None,
+        experiment: str | None = None,
+        variant: str | None = None,
+        queue: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        enqueued_after: float | None = None,
+        enqueued_before: float | None = None,
+        ended_after: float | None = None,
+        ended_before: float | None = None,
+        order_by: OrderBy | None = None,
+        newest_first: bool | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> list[Rollout]:
+        """Rollouts matching every filter given (a :class:`RolloutFilter`, or its fields as
+        keywords over it), newest enqueued first unless told otherwise; ``limit`` of them after
+        ``offset`` matches. See :meth:`RolloutStore.query_rollouts`; for long listings page
+        with :meth:`query_page`."""
+        return self.store.query_rollouts(
+            filter, status=status, mode=mode, resources_id=resources_id, worker_id=worker_id, experiment=experiment,
+            variant=variant, queue=queue, metadata=metadata, enqueued_after=enqueued_after,
+            enqueued_before=enqueued_before, ended_after=ended_after, ended_before=ended_before, order_by=order_by,
+            newest_first=newest_first, offset=offset, limit=limit)
+
+    def query_page(
+        self, filter: RolloutFilter | None = None, *, cursor: str | None = None, limit: int = 100
+    ) -> RolloutPage:
+        """One page of the rollouts matching ``filter`` after ``cursor``, and the next page's cursor
+        (None at the end). See :meth:`RolloutStore.query_page`."""
+        return self.store.query_page(filter, cursor=cursor, limit=limit)
+
+    def finished_rollouts(
+        self, after: str | None = None, *, limit: int = 100, block_seconds: float = 0.0,
+        filter: RolloutFilter | None = None,
+    ) -> FinishedPage:
+        """The rollouts that reached a final status after the cursor ``after`` (None: from the
+        oldest kept), in that order, and the cursor to pass next; waits up to ``block_seconds``
+        for a first one. Persist the cursor to resume after a restart. See
+        :meth:`RolloutStore.finished_rollouts` for the delivery guarantees."""
+        return self.store.finished_rollouts(after, limit=limit, block_seconds=block_seconds, filter=filter)
+
+    def iter_finished_rollouts(
+        self, after: str | None = None, *, idle_seconds: float = 5.0, batch: int = 100,
+        filter: RolloutFilter | None = None,
+    ) -> Iterator[FinishedRollout]:
+        """Each finished rollout after the cursor ``after``, until none arrived for
+        ``idle_seconds``. Save ``item.cursor`` after handling each item; pass it back as
+        ``after`` to resume exactly after that item. See :meth:`finished_rollouts`."""
+        return self.store.iter_finished_rollouts(after, idle_seconds=idle_seconds, batch=batch, filter=filter)
+
+    def cancel_rollouts(
+        self, filter: RolloutFilter | None = None, *, dry_run: bool = True, batch: int = 100,
+        terminate: bool = True,
+    ) -> CancelReport:
+        """Cancel every unfinished rollout matching ``filter``, or (``dry_run``, the default)
+        only list them. ``filter.status`` may narrow the unfinished statuses (default: all of
+        them); a filter naming only final statuses matches nothing to cancel (:class:`InvalidFilterError`).
+
+        The matches are listed first (a page of ``batch`` at a time), then cancelled ``batch``
+        at a time, each batch in one MULTI/EXEC with :meth:`cancel_rollout`'s semantics: running
+        ones are stopped (``terminate``), a rollout that finished meanwhile is left as it is. The
+        report counts the rollouts cancelled, already finished and no longer found.
+        """
+        wanted = filter if filter is not None else RolloutFilter()
+        unfinished = tuple(s for s in (wanted.status or ACTIVE_STATUSES) if s in ACTIVE_STATUSES)
+        if not unfinished:
+            raise InvalidFilterError(f"status {', '.join(wanted.status or ())} is final: there is nothing to cancel; "
+                             f"give unfinished statuses ({', '.join(ACTIVE_STATUSES)}) or none")
+        wanted = wanted.model_copy(update={"status": unfinished})
+        matched: list[str] = []
+        cursor: str | None = None
+        while True:
+            page = self.store.query_page(wanted, cursor=cursor, limit=batch)
+            matched += [r.rollout_id for r in page.rollouts]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        report = CancelReport(dry_run=dry_run, matched=matched)
+        if dry_run:
+            return report
+        for start in range(0, len(matched), batch):
+            chunk = matched[start : start + batch]
+            stopped = []
+            for rid, (before, _) in zip(chunk, self.store.cancel_batch(chunk), strict=True):
+                if before is None:
+                    report.not_found.append(rid)
+                elif before in TERMINAL_STATUSES:
+                    report.already_finished.append(rid)
+                else:
+                    report.cancelled.append(rid)
+                    stopped.append(rid)
+            if stopped and terminate:
+                self.celery.control.revoke(stopped, terminate=True, signal="SIGTERM")
+        return report
 
     def cancel_rollout(self, rollout_id: str, terminate: bool = True) -> str:
         """Cancel a rollout that has not finished; return its status afterwards.

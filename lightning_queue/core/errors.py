@@ -643,6 +643,13 @@ class InvalidCursorError(LightningQueueError, ValueError):
         )
 
 
+class InvalidFilterError(LightningQueueError, ValueError):
+    """A rollout filter (query, bulk cancel, finished-rollouts cursor) that does not hold together."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"invalid rollout filter: {problem}")
+
+
 # ----------------------------------------------------------------------------- traces and the LLM proxy
 
 

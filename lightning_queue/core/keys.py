@@ -34,6 +34,16 @@ Rollout store::
     {p}:rollouts:mode:{mode}             zset  rollout_id -> enqueue time
     {p}:rollouts:resources:{id}          zset  rollouts pinned to, or run with, that snapshot
     {p}:rollouts:worker:{worker_id}      zset  rollouts that worker ran an attempt of
+    {p}:rollouts:ended                   zset  rollout_id -> end time, every rollout that reached a final
+                                               status (queries by end time read it)
+    {p}:finished                         stream one entry per rollout reaching a final status (fields
+                                               ``id``, ``status``), in that order: the resumable cursor of
+                                               :meth:`RolloutStore.finished_rollouts` (the entry id is the
+                                               cursor). Trimmed (approximately) to ``rollout_ttl_seconds``:
+                                               an entry lives as long as the record it names; kept whole
+                                               when rollouts are kept forever
+    {p}:query:{token}                    zset  scratch of one query (the union of the indexes it walks):
+                                               written and deleted inside one script, never seen outside
     {p}:events                           pub/sub channel; a finished rollout's id is published
     {p}:heartbeats                       zset  rollout_id -> deadline of its open attempt's heartbeat
                                                (the watchdog reads only the expired head)
@@ -57,6 +67,8 @@ Workers::
     {p}:worker:{hostname}                string JSON health of one worker's main process (last message
                                                received, active, concurrency, queues); expires
 
+The last two index zsets and the stream are written by the Lua script that moves a rollout to a
+final status, in the same atomic step (``lua/_finished_stream.lua``).
 The ``rollouts*`` indexes outlive expired records: readers skip ids whose record is gone,
 and retention (:mod:`lightning_queue.retention`) prunes them.
 
@@ -275,6 +287,22 @@ class Keys:
 
     def rollouts_by_worker(self, worker_id: str) -> str:
         return f"{self.prefix}:rollouts:worker:{worker_id}"
+
+    @property
+    def rollouts_ended(self) -> str:
+        return f"{self.prefix}{self.ENDED_SUFFIX}"
+
+    # The final-transition scripts (lua/_finished_stream.lua) derive these two from the rollout
+    # key's prefix, as the experiment tally does; scripts.py spells the suffixes in.
+    ENDED_SUFFIX = ":rollouts:ended"
+    FINISHED_SUFFIX = ":finished"
+
+    @property
+    def finished(self) -> str:
+        return f"{self.prefix}{self.FINISHED_SUFFIX}"
+
+    def query_scratch(self, token: str) -> str:
+        return f"{self.prefix}:query:{token}"
 
     @property
     def rollout_index_pattern(self) -> str:

@@ -250,7 +250,8 @@ class SnapshotRegistry:
         self._set_pointer = load_script(client, "set_pointer", "_registry_prelude")
         self._rollback = load_script(client, "rollback_pointer", "_registry_prelude")
         self._delete = load_script(client, "delete_snapshot", "_rollout_prelude", "_experiment_tally",
-                                   "_final_metrics", "_registry_prelude")
+                                   "_final_metrics", "_finished_stream",
+                                   "_registry_prelude")
         self._protect = load_script(client, "protect_pointer")
 
     # -- writes -------------------------------------------------------------------------

@@ -54,6 +54,9 @@ _PLACEHOLDERS = {
     "__METRICS_OTHER__": OTHER,
     "__DURATION_BUCKETS__": ", ".join(repr(float(b)) for b in DURATION_BUCKETS),
     "__QUEUE_WAIT_BUCKETS__": ", ".join(repr(float(b)) for b in QUEUE_WAIT_BUCKETS),
+    # Keys the finished-rollouts cursor (_finished_stream.lua) derives from a rollout key.
+    "__ENDED_SUFFIX__": Keys.ENDED_SUFFIX,
+    "__FINISHED_SUFFIX__": Keys.FINISHED_SUFFIX,
 }
 
 

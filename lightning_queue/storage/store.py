@@ -15,8 +15,10 @@ had expired), ``unresponsive`` (the watchdog found its heartbeat expired),
 Every transition is one Lua script, so readers never see a rollout in two
 status indexes or a finished rollout without its result. A rollout that
 reaches a final status has its id published on the events channel, which
-:meth:`RolloutStore.wait_for_rollouts` listens to, and (when a TTL is set)
-its record and attempts expire that many seconds later, in the same step.
+:meth:`RolloutStore.wait_for_rollouts` listens to, appended to the
+finished-rollouts stream (:meth:`RolloutStore.finished_rollouts`) and the
+end-time index, and (when a TTL is set) its record and attempts expire that
+many seconds later, all in the same step.
 
 Layout: a record holds one hash field per model field, except the JSON fields
 at their default (``metadata``, ``error``, ``result`` when empty; ``config``
@@ -34,16 +36,22 @@ start script (and read in that form by the final-transition scripts).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
 
 from lightning_queue.core.errors import (
+    ExperimentNotFoundError,
+    InvalidCursorError,
+    InvalidFilterError,
     RegistryLostError,
     RolloutNotFoundError,
     UnresponsiveAttemptError,
@@ -58,10 +66,12 @@ from lightning_queue.core.models import (
     Rollout,
     RolloutConfig,
     RolloutResult,
+    RolloutStatus,
     check_rollout_id,
     new_id,
 )
 from lightning_queue.core.policy import NextStatus, next_status
+from lightning_queue.core.queries import FinishedPage, FinishedRollout, OrderBy, RolloutFilter, RolloutPage
 from lightning_queue.core.traces import Usage
 from lightning_queue.storage.connections import text, waiting_client
 from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
@@ -173,6 +183,58 @@ def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
 _TRACE_ATTEMPT_FIELDS = frozenset({*Usage.FIELDS, "spans_dropped", "proxy_bytes"})
 
 
+QUERY_SCAN_BUDGET = 2000
+"""Records one :meth:`RolloutStore.query_page` call reads at most (to check what no index holds)."""
+QUERY_INDEX_BUDGET = 20_000
+"""Index entries one :meth:`RolloutStore.query_page` call examines at most, in Redis (a ZSCORE per
+other filter each: about a millisecond per thousand)."""
+
+
+def make_filter(filter: RolloutFilter | None = None, **fields: Any) -> RolloutFilter:
+    """``filter`` (or an empty one) with the keyword fields given (not None) laid over it."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    if filter is None:
+        return RolloutFilter(**given)
+    return RolloutFilter(**{**filter.model_dump(exclude_unset=True), **given}) if given else filter
+
+
+def encode_cursor(position: tuple[float, str]) -> str:
+    """A query page's cursor: the position (score, rollout id) of the last entry it examined, opaque."""
+    return base64.urlsafe_b64encode(json.dumps([position[0], position[1]]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The position a cursor of :func:`encode_cursor` holds; :class:`InvalidCursorError` otherwise."""
+    try:
+        score, member = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(member, str) or isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise ValueError(cursor)
+        return float(score), member
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidCursorError(cursor) from None
+
+
+_STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+
+def check_stream_cursor(cursor: str) -> str:
+    """``cursor`` if it is a stream entry id (``{ms}-{seq}``), else :class:`InvalidCursorError`."""
+    if not isinstance(cursor, str) or not _STREAM_ID.match(cursor):
+        raise InvalidCursorError(str(cursor))
+    return cursor
+
+
+@dataclass(frozen=True)
+class _IndexWalk:
+    """What one ``query_rollouts.lua`` call returned: the entries in every indexed group, the last
+    entry it examined (matching or not), how many it examined, and whether the index ran out."""
+
+    entries: list[tuple[str, float]]
+    last: tuple[float, str] | None
+    examined: int
+    exhausted: bool
+
+
 @dataclass(frozen=True)
 class StartWith:
     """The snapshot to start a claimed attempt with at once (see :meth:`RolloutStore.claim`):
@@ -226,9 +288,13 @@ class RolloutStore:
     * ``claim`` (when it starts the attempt) and ``start_attempt`` write the
       concrete snapshot on the record too (``Rollout.ran_resources_id``,
       ``ran_resources_version``), so batch reads tell what each rollout ran.
+    * A rollout reaching a final status is appended once to ``{p}:finished`` (and
+      ``{p}:rollouts:ended``) in the same script as the transition: the stream holds
+      every finished rollout exactly once, in the order they finished.
     * Lookups of an unknown or expired id raise :class:`RolloutNotFoundError`.
-    * Queries return newest enqueued first, and skip ids whose record has
-      expired (dropping them from the indexes they read).
+    * Queries return newest enqueued first unless told otherwise, read the indexes
+      server-side (one script per page), and skip ids whose record has expired
+      (dropping them from the indexes they read).
     """
 
     def __init__(
@@ -256,10 +322,11 @@ class RolloutStore:
         self._claim = load_script(client, "claim_rollout", "_rollout_prelude")
         self._start = load_script(client, "start_rollout", "_rollout_prelude")
         self._finish = load_script(client, "finish_attempt", "_rollout_prelude", "_experiment_tally", "_final_metrics",
-                                   "_trace_prelude")
+                                   "_finished_stream", "_trace_prelude")
         self._lease = load_script(client, "lease_expired")
+        self._query = load_script(client, "query_rollouts")
         self._terminate = load_script(client, "terminate_rollout", "_rollout_prelude", "_experiment_tally",
-                                      "_final_metrics")
+                                      "_final_metrics", "_finished_stream")
 
     # -- writes -----------------------------------------------------------------------
 
@@ -477,18 +544,36 @@ class RolloutStore:
         A rollout already finished is left as it is. Raises
         :class:`RolloutNotFoundError` for an unknown id.
         """
-        k = self.keys
-        check_rollout_id(rollout_id)
-        reply = text(
-            self._terminate(
-                keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events, k.heartbeats],
-                args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else "",
-                      self._ttl_arg, k.attempt_prefix(rollout_id), self._caps_arg],
-            )
-        )
+        reply = text(self._terminate_call(rollout_id, status, error))
         if reply == "missing":
             raise RolloutNotFoundError(rollout_id)
         return reply
+
+    def _terminate_call(self, rollout_id: str, status: str, error: ErrorInfo | None,
+                        client: redis.client.Pipeline | None = None) -> Any:
+        """Run ``terminate_rollout.lua`` for one rollout (on ``client``, a pipeline, when given)."""
+        k = self.keys
+        check_rollout_id(rollout_id)
+        return self._terminate(
+            keys=[*k.all_status_indexes(), k.rollout(rollout_id), k.events, k.heartbeats],
+            args=[rollout_id, status, repr(time.time()), error.model_dump_json() if error else "",
+                  self._ttl_arg, k.attempt_prefix(rollout_id), self._caps_arg],
+            client=client,
+        )
+
+    def cancel_batch(self, rollout_ids: Sequence[str]) -> list[tuple[str | None, str]]:
+        """Cancel each rollout as :meth:`terminate` does; return, for each, its status before
+        (None: no record) and after. The whole batch is one MULTI/EXEC, so each "before" is the
+        status the cancel found: ``("running", "cancelled")`` was cancelled by this call,
+        ``("succeeded", "succeeded")`` had finished first."""
+        pipe = self.redis.pipeline(transaction=True)
+        for rid in rollout_ids:
+            check_rollout_id(rid)
+            pipe.hget(self.keys.rollout(rid), "status")
+            self._terminate_call(rid, "cancelled", None, client=pipe)
+        replies = pipe.execute()
+        return [(None if before is None else text(before), text(after))
+                for before, after in zip(replies[::2], replies[1::2], strict=True)]
 
     def heartbeat(self, rollout_id: str, sequence_id: int) -> bool:
         """Push the open attempt's heartbeat deadline ``heartbeat_timeout`` ahead (one script).
@@ -605,14 +690,14 @@ class RolloutStore:
         return [decode_rollout(fields) if fields else None for fields in pipe.execute()]
 
     def forget(self, rollout_ids: Sequence[str], index_keys: Iterable[str] = ()) -> int:
-        """Drop ids whose record has expired from the main and status indexes and from
+        """Drop ids whose record has expired from the main, status and end-time indexes and from
         ``index_keys``; return how many entries were removed. Only for ids known to be
         gone: a record never comes back once it has expired."""
         if not rollout_ids:
             return 0
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
-        for key in dict.fromkeys([k.rollouts, *k.all_status_indexes(), *index_keys]):
+        for key in dict.fromkeys([k.rollouts, *k.all_status_indexes(), k.rollouts_ended, *index_keys]):
             pipe.zrem(key, *rollout_ids)
         return sum(pipe.execute())
 
@@ -660,74 +745,218 @@ class RolloutStore:
 
     def query_rollouts(
         self,
+        filter: RolloutFilter | None = None,
         *,
         status: str | Iterable[str] | None = None,
         mode: str | None = None,
         resources_id: str | None = None,
         worker_id: str | None = None,
+        experiment: str | None = None,
+        variant: str | None = None,
+        queue: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        enqueued_after: float | None = None,
+        enqueued_before: float | None = None,
+        ended_after: float | None = None,
+        ended_before: float | None = None,
+        order_by: OrderBy | None = None,
+        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> list[Rollout]:
-        """Rollouts matching every filter given, newest enqueued first.
+        """Rollouts matching every filter given (a :class:`RolloutFilter`, or its fields as
+        keywords laid over it: those left None keep the filter's), ``limit`` of them after
+        skipping ``offset`` matches; newest enqueued first unless ``order_by``/``newest_first`` say
+        otherwise. ``status`` may be one status or several; ``resources_id`` matches rollouts
+        pinned to that snapshot or that ran an attempt with it.
 
-        ``status`` may be one status or several; ``resources_id`` matches
-        rollouts pinned to that snapshot or that ran an attempt with it.
-        Ids whose record has expired are skipped and removed from the indexes
-        read, and the page is filled from the entries after it, so paging
-        with ``offset`` stays consistent.
+        Reads :meth:`query_page` pages until it has ``offset + limit`` matches or the indexes
+        hold nothing further (see there for what is filtered where). Ids whose record has expired
+        are skipped and removed from the indexes read, so paging with ``offset`` stays
+        consistent. For long listings, page with :meth:`query_page`'s cursor instead: an offset
+        re-reads every skipped match.
         """
         if offset < 0 or limit < 1:
             raise ValueError("offset must be >= 0 and limit >= 1")
-        k = self.keys
-        filters: list[list[str]] = []
-        if status is not None:
-            wanted = [status] if isinstance(status, str) else list(status)
-            unknown = set(wanted) - set(ROLLOUT_STATUSES)
-            if unknown:
-                raise ValueError(f"unknown status {sorted(unknown)}; statuses are {', '.join(ROLLOUT_STATUSES)}")
-            filters.append([k.rollouts_by_status(s) for s in wanted])
-        if mode is not None:
-            filters.append([k.rollouts_by_mode(mode)])
-        if resources_id is not None:
-            filters.append([k.rollouts_by_resources(resources_id)])
-        if worker_id is not None:
-            filters.append([k.rollouts_by_worker(worker_id)])
-        ordered: list[str] | None = None  # with filters: every match, newest first
-        if filters:
-            pipe = self.redis.pipeline(transaction=True)
-            for group in filters:
-                for key in group:
-                    pipe.zrange(key, 0, -1, withscores=True)
-            replies = iter(pipe.execute())
-            scores: dict[str, float] | None = None
-            for group in filters:
-                union: dict[str, float] = {}
-                for _ in group:
-                    union.update((text(member), score) for member, score in next(replies))
-                scores = union if scores is None else {m: s for m, s in scores.items() if m in union}
-            assert scores is not None
-            ordered = sorted(scores, key=scores.__getitem__, reverse=True)
-        found: dict[str, Rollout] = {}
-        while True:
-            if ordered is None:
-                page = cast("list[bytes]", self.redis.zrevrange(k.rollouts, offset, offset + limit - 1))
-                ids = [text(i) for i in page]
-            else:
-                ids = ordered[offset : offset + limit]
-            unread = [rid for rid in ids if rid not in found]
+        wanted = make_filter(filter, status=status, mode=mode, resources_id=resources_id, worker_id=worker_id,
+                             experiment=experiment, variant=variant, queue=queue, metadata=metadata,
+                             enqueued_after=enqueued_after, enqueued_before=enqueued_before,
+                             ended_after=ended_after, ended_before=ended_before, order_by=order_by,
+                             newest_first=newest_first)
+        found: list[Rollout] = []
+        cursor: str | None = None
+        while len(found) < offset + limit:
+            page = self.query_page(wanted, cursor=cursor, limit=min(offset + limit - len(found), 1000))
+            found += page.rollouts
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        return found[offset : offset + limit]
+
+    def query_page(
+        self, filter: RolloutFilter | None = None, *, cursor: str | None = None, limit: int = 100,
+        scan_budget: int = QUERY_SCAN_BUDGET, index_budget: int = QUERY_INDEX_BUDGET,
+    ) -> RolloutPage:
+        """The next page of rollouts matching ``filter`` after ``cursor`` (None: from the start),
+        and the cursor of the page after it (None when the indexes hold nothing further).
+
+        The indexed filters (statuses, mode, snapshot, worker, experiment and variant, and the
+        time range of the sort key) are applied in Redis by one script (``lua/query_rollouts.lua``)
+        that walks one of their index zsets in order from the cursor and checks each entry against
+        the others, returning the ids in all of them; the records of those ids are then read in
+        one round trip and checked for the rest (metadata, queue, the other time range; and the
+        status again, as the record has it now). A page examines at most ``index_budget`` index
+        entries and reads at most ``scan_budget`` records: when matches are rare it may come back
+        short, or empty, with a cursor to go on from. The cursor is the position of the last
+        entry examined (score and id), so rollouts enqueued meanwhile never shift a page. Ids
+        whose record has expired are skipped and dropped from the indexes read.
+        Raises :class:`InvalidCursorError` for a cursor this method did not hand out, and
+        :class:`ExperimentNotFoundError` for an experiment (without a variant) that does not exist.
+        """
+        if limit < 1 or scan_budget < 1:
+            raise ValueError("limit and scan_budget must be >= 1")
+        wanted = filter if filter is not None else RolloutFilter()
+        position = decode_cursor(cursor) if cursor else None
+        groups = self._index_groups(wanted)
+        found: list[Rollout] = []
+        read = examined = 0
+        while len(found) < limit and read < scan_budget and examined < index_budget:
+            walked = self._index_page(groups, wanted, position, min(max(limit - len(found), 20), scan_budget - read),
+                                      index_budget - examined)
+            read += len(walked.entries)
+            examined += walked.examined
             gone = []
-            for rid, rollout in zip(unread, self._read(unread), strict=True):
+            for (rid, score), rollout in zip(walked.entries, self._read([rid for rid, _ in walked.entries]),
+                                             strict=True):
+                position = (score, rid)
                 if rollout is None:
                     gone.append(rid)
-                else:
-                    found[rid] = rollout
-            if not gone:
-                return [found[rid] for rid in ids]
-            # Expired: drop them, so the page takes in the entries after it (each pass drops one or more).
-            self.forget(gone, [key for group in filters for key in group])
-            if ordered is not None:
-                dropped = set(gone)
-                ordered = [rid for rid in ordered if rid not in dropped]
+                elif wanted.matches(rollout):
+                    found.append(rollout)
+                    if len(found) == limit:
+                        break
+            if gone:
+                self.forget(gone, [key for keys, _ in groups for key in keys])
+            if len(found) == limit:
+                break
+            if walked.last is not None:
+                position = walked.last
+            if walked.exhausted:
+                return RolloutPage(rollouts=found, next_cursor=None)
+        return RolloutPage(rollouts=found, next_cursor=encode_cursor(position) if position is not None else None)
+
+    def _index_groups(self, wanted: RolloutFilter) -> list[tuple[list[str], bool]]:
+        """The index zsets a query reads, by group (a rollout must be in one index of every group),
+        each with whether its scores are the sort key; the first group's are."""
+        k = self.keys
+        by_end = wanted.order_by == "end_time"
+        groups: list[list[str]] = []
+        if by_end:
+            groups.append([k.rollouts_ended])
+        if wanted.experiment is not None:
+            variants = [wanted.variant] if wanted.variant is not None else self._variants(wanted.experiment)
+            groups.append([k.experiment_rollouts(wanted.experiment, v) for v in variants])
+        if wanted.resources_id is not None:
+            groups.append([k.rollouts_by_resources(wanted.resources_id)])
+        if wanted.worker_id is not None:
+            groups.append([k.rollouts_by_worker(wanted.worker_id)])
+        if wanted.status is not None:
+            groups.append([k.rollouts_by_status(s) for s in wanted.status])
+        if wanted.mode is not None:
+            groups.append([k.rollouts_by_mode(wanted.mode)])
+        if wanted.by_end_time and not by_end:
+            # Finished ones only, scored by an index of enqueue times (the first group).
+            groups = [*(groups or [[k.rollouts]]), [k.rollouts_ended]]
+        # Every index is scored by enqueue time but the end-time one.
+        return [(keys, (keys == [k.rollouts_ended]) == by_end) for keys in groups or [[k.rollouts]]]
+
+    def _variants(self, experiment: str) -> list[str]:
+        """The variant names of an experiment, from its stored spec (experiments/manager.py)."""
+        raw = self.redis.hget(self.keys.experiment(experiment), "spec")
+        if raw is None:
+            raise ExperimentNotFoundError(experiment)
+        return [str(v["name"]) for v in json.loads(text(raw)).get("variants", [])]
+
+    def _index_page(
+        self, groups: list[tuple[list[str], bool]], wanted: RolloutFilter, position: tuple[float, str] | None,
+        count: int, budget: int,
+    ) -> _IndexWalk:
+        low, high = wanted.sort_range()
+        reply = self._query(
+            keys=[self.keys.query_scratch(new_id("q")), *(key for keys, _ in groups for key in keys)],
+            args=[len(groups), *(v for keys, sorts in groups for v in (len(keys), int(sorts))),
+                  "desc" if wanted.newest_first else "asc",
+                  "" if low is None else repr(low), "" if high is None else repr(high),
+                  "" if position is None else repr(position[0]), "" if position is None else position[1],
+                  count, budget],
+        )
+        exhausted, member, score, examined, *flat = reply
+        return _IndexWalk(
+            entries=[(text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)],
+            last=(float(score), text(member)) if text(member) else None,
+            examined=int(examined), exhausted=bool(int(exhausted)))
+
+    # -- the finished-rollouts cursor -----------------------------------------------------------
+
+    def finished_rollouts(
+        self, after: str | None = None, *, limit: int = 100, block_seconds: float = 0.0,
+        filter: RolloutFilter | None = None,
+    ) -> FinishedPage:
+        """The rollouts that reached a final status after the cursor ``after`` (None: the oldest
+        entry kept), in the order they did, at most ``limit`` of them; and the cursor to pass next.
+
+        Every final transition (succeeded, failed, cancelled; by a worker, a cancel, the watchdog,
+        the reaper or a forced snapshot delete) appends the rollout to the ``{p}:finished`` stream
+        in the same atomic step, once. A rollout therefore appears exactly once in the stream, and
+        a reader that passes each page's cursor back never sees an entry twice or misses one; a
+        process that saves the cursor of each item *after* handling it, and resumes from the saved
+        cursor, handles each rollout at least once (exactly once unless it dies between handling an
+        item and saving its cursor). Entries older than ``rollout_ttl_seconds`` are trimmed with
+        the records they name: a cursor older than that resumes at the oldest entry kept.
+
+        ``block_seconds`` > 0 waits up to that long for a first entry when there is none yet
+        (XREAD BLOCK: woken by the write, not by polling); 0 returns at once. ``filter`` leaves out
+        entries whose record does not match it, or has expired (``resources_id`` and ``worker_id``
+        cannot be checked on a record: refused); the returned cursor still moves past them.
+        Raises :class:`InvalidCursorError` for a cursor that is not a stream entry id.
+        """
+        if limit < 1 or block_seconds < 0:
+            raise ValueError("limit must be >= 1 and block_seconds >= 0")
+        if filter is not None and filter.index_only:
+            raise InvalidFilterError(f"the finished-rollouts cursor cannot filter by {', '.join(filter.index_only)} "
+                             "(not in the record); filter the rollouts it returns with query_rollouts instead")
+        start = check_stream_cursor(after) if after else "0-0"
+        options: dict[str, Any] = {"count": limit}
+        if block_seconds > 0:
+            options["block"] = max(1, round(block_seconds * 1000))
+        reply = cast("list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]",
+                     self.redis.xread({self.keys.finished: start}, **options))
+        entries = [(text(eid), {text(f): text(v) for f, v in fields.items()}) for eid, fields in reply[0][1]] \
+            if reply else []
+        records = self._read([fields["id"] for _, fields in entries])
+        items = [
+            FinishedRollout(cursor=eid, rollout_id=fields["id"], status=cast("RolloutStatus", fields["status"]),
+                            rollout=rollout)
+            for (eid, fields), rollout in zip(entries, records, strict=True)
+            if filter is None or (rollout is not None and filter.matches(rollout))
+        ]
+        return FinishedPage(items=items, cursor=entries[-1][0] if entries else after)
+
+    def iter_finished_rollouts(
+        self, after: str | None = None, *, idle_seconds: float = 5.0, batch: int = 100,
+        filter: RolloutFilter | None = None,
+    ) -> Iterator[FinishedRollout]:
+        """Each finished rollout after ``after``, as :meth:`finished_rollouts` reads them, until
+        none arrived for ``idle_seconds`` (then the iterator ends: every wait is bounded). Save
+        ``item.cursor`` after handling each item to resume after it."""
+        cursor = after
+        idle_until = time.monotonic() + idle_seconds
+        while (left := idle_until - time.monotonic()) > 0:
+            page = self.finished_rollouts(cursor, limit=batch, block_seconds=left, filter=filter)
+            if page.cursor != cursor:
+                idle_until = time.monotonic() + idle_seconds
+            cursor = page.cursor
+            yield from page.items
 
     def count_by_status(self) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=True)

@@ -1,6 +1,6 @@
 """The installed ``lightning-queue`` command on an 80-column terminal, against the real Redis and
 real workers: ids copied from one command's output are fed to the next, and every command that
-waits says by its exit code whether what it waited for succeeded."""
+waits says by its exit code whether what it waited for succeeded (0), failed (1) or timed out (3)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ def test_ids_printed_at_80_columns_feed_the_next_command(settings: Settings, cli
     assert run(settings, "rollouts", "wait", *rollout_ids).returncode == 0
 
 
-def test_waiting_exits_1_on_a_failure_or_a_timeout(settings: Settings, client: LightningClient,
-                                                   start_workers) -> None:
+def test_waiting_exits_1_on_a_failure_and_3_on_a_timeout(settings: Settings, client: LightningClient,
+                                                         start_workers) -> None:
     client.add_resources({"prompt": PromptTemplate(template="{x}")}, "rs-cli")
     queued = run(settings, "rollouts", "submit", "--wait", "--wait-timeout", "0.5", "q")  # no worker yet
-    assert queued.returncode == 1
+    assert queued.returncode == 3
     rollout_id = queued.stdout.split()[0]
     assert queued.stderr.strip().endswith(f"did not finish within 0.5 s (they go on: wait again with "
                                           f"`lightning-queue rollouts wait`): {rollout_id}")
@@ -71,3 +71,9 @@ def test_waiting_exits_1_on_a_failure_or_a_timeout(settings: Settings, client: L
     assert f"{failed_id}  ValueError: boom on x" in failed.stdout
     waited = run(settings, "rollouts", "wait", failed_id, rollout_id, "--timeout", "60")
     assert waited.returncode == 1 and f"{failed_id} (failed)" in waited.stderr
+    # A failure decides even when something else timed out; a cancelled rollout is no success either.
+    (stuck,) = client.enqueue_rollouts([{"name": "never"}], queue=f"{settings.queue}-nobody")
+    mixed = run(settings, "rollouts", "wait", failed_id, stuck.rollout_id, "--timeout", "0.5")
+    assert mixed.returncode == 1 and "did not finish within 0.5 s" in mixed.stderr
+    assert run(settings, "rollouts", "cancel", stuck.rollout_id).returncode == 0
+    assert run(settings, "rollouts", "wait", stuck.rollout_id).returncode == 1

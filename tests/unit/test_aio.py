@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from lightning_queue import AsyncLightningClient, Rollout, RolloutNotFoundError, RolloutResult
+from lightning_queue.core.queries import RolloutFilter
 from lightning_queue.storage.store import RolloutStore
 from tests.unit.test_store import run_to_running
 
@@ -61,3 +62,19 @@ async def test_async_with_closes(async_client: AsyncLightningClient) -> None:
     async with async_client as client:
         assert await client.pointers() == {}
         assert await client.query_rollouts(status=["queuing", "running"]) == []
+
+
+async def test_queries_the_finished_cursor_and_bulk_cancel(
+    async_client: AsyncLightningClient, store: RolloutStore, make_rollouts: Callable[..., list[Rollout]]
+) -> None:
+    a, b, c = make_rollouts(3, metadata={"team": "x"})
+    store.terminate(a.rollout_id, "cancelled")
+    assert [r.rollout_id for r in await async_client.query_rollouts(metadata={"team": "x"}, status="queuing")] == [
+        c.rollout_id, b.rollout_id]
+    page = await async_client.query_page(RolloutFilter(newest_first=False), limit=2)
+    assert [r.rollout_id for r in page.rollouts] == [a.rollout_id, b.rollout_id] and page.next_cursor
+    assert [i.rollout_id for i in (await async_client.finished_rollouts()).items] == [a.rollout_id]
+    report = await async_client.cancel_rollouts(RolloutFilter(metadata={"team": "x"}), dry_run=False, terminate=False)
+    assert report.cancelled == [c.rollout_id, b.rollout_id]
+    seen = [item.rollout_id async for item in async_client.iter_finished_rollouts(idle_seconds=0.05)]
+    assert seen == [a.rollout_id, c.rollout_id, b.rollout_id]

@@ -273,7 +273,7 @@ def test_dry_run_deletes_nothing(history: LightningClient, fake_redis: fakeredis
     report = RetentionPolicy(keep=3).apply(history.registry, history.store, dry_run=True)
 
     assert report.dry_run and report.deleted == ["rs-0", "rs-1", "rs-2", "rs-3", "rs-4"]
-    assert report.pruned == 3  # main, status and mode index entries
+    assert report.pruned == 4  # main, status, mode and end-time index entries
     assert state(fake_redis) == before
     assert "would delete 5" in report.summary()
 
@@ -324,7 +324,7 @@ def test_prune_removes_index_entries_of_expired_rollouts_only(
         store.finish_attempt(r.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
     expire(store, dead)
     indexes = [k.rollouts, k.rollouts_by_status("succeeded"), k.rollouts_by_mode("train"),
-               k.rollouts_by_resources("rs-a"), k.rollouts_by_resources("rs-b"), k.rollouts_by_worker("w1")]
+               k.rollouts_by_resources("rs-a"), k.rollouts_by_resources("rs-b"), k.rollouts_by_worker("w1"), k.rollouts_ended]
     # Keys that only look like ours are left alone.
     fake_redis.zadd(f"{k.rollouts}-other", {dead.rollout_id: 1})
     fake_redis.zadd(f"{k.prefix}x:rollouts", {dead.rollout_id: 1})
@@ -350,13 +350,14 @@ def test_prune_reads_in_chunks_and_drops_emptied_indexes(
         store.terminate(r.rollout_id, "cancelled")
     for r in rollouts[::2]:
         expire(store, r)
-    assert store.prune_expired(chunk=4) == 13 * 3
+    assert store.prune_expired(chunk=4) == 13 * 4  # main, status, mode and end-time indexes
     assert store.redis.zcard(k.rollouts_by_mode("test")) == 12
     for r in rollouts[1::2]:
         expire(store, r)
     report = fake_client.apply_retention()
-    assert report.pruned == 12 * 3
-    assert not store.redis.exists(k.rollouts, k.rollouts_by_mode("test"), k.rollouts_by_status("cancelled"))
+    assert report.pruned == 12 * 4
+    assert not store.redis.exists(k.rollouts, k.rollouts_by_mode("test"), k.rollouts_by_status("cancelled"),
+                                  k.rollouts_ended)
 
 
 # --------------------------------------------------------------------------- the scheduled task

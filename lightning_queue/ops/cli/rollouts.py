@@ -1,4 +1,5 @@
-"""``lightning-queue rollouts``: submit (directly or through an experiment), follow, wait for and cancel rollouts."""
+"""``lightning-queue rollouts``: submit (directly or through an experiment), list, follow, wait for and cancel
+rollouts (one by one or by filter), and read the finished ones from a cursor."""
 
 import json
 from collections.abc import Iterator, Sequence
@@ -14,6 +15,7 @@ from lightning_queue.ops.cli.output import Listing, console, err, fail
 if TYPE_CHECKING:
     from lightning_queue.client import LightningClient
     from lightning_queue.core.models import Rollout, RolloutMode
+    from lightning_queue.core.queries import RolloutFilter
 
 RESULTS_LIVE_IN_THE_STORE = (
     "Results live in the rollout store in Redis, not in a Celery result backend: the backend is off, "
@@ -27,8 +29,15 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+EXIT_UNSUCCESSFUL = 1
+"""A command that waited: something it waited for failed, was cancelled or is gone (also: any user error)."""
+EXIT_TIMEOUT = 3
+"""A command that waited: its time limit passed before everything finished, and nothing that finished failed.
+(2 is click's exit code for a usage error.)"""
+
 WaitTimeout = Annotated[
-    float | None, typer.Option("--wait-timeout", min=0, help="Give up waiting after this many seconds (exit 1).")
+    float | None,
+    typer.Option("--wait-timeout", min=0, help=f"Give up waiting after this many seconds (exit {EXIT_TIMEOUT})."),
 ]
 
 
@@ -79,7 +88,8 @@ def submit(
     max_attempts: Annotated[int, typer.Option(min=1, help="Attempts before a rollout fails.")] = 1,
     timeout: Annotated[float | None, typer.Option(help="Time limit of one attempt, seconds.")] = None,
     wait: Annotated[
-        bool, typer.Option("--wait", "-w", help="Wait for them and show the results; exit 1 unless all succeed.")
+        bool, typer.Option("--wait", "-w", help="Wait for them and show the results; exit 1 when any failed or was "
+                                                "cancelled, 3 when the wait timed out.")
     ] = False,
     wait_timeout: WaitTimeout = None,
 ) -> None:
@@ -117,15 +127,20 @@ def submit(
 def wait(
     ctx: typer.Context,
     rollout_ids: Annotated[list[str], typer.Argument(help="The rollouts to wait for.")],
-    timeout: Annotated[float | None, typer.Option(min=0, help="Give up after this many seconds (exit 1).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help=f"Give up after this many seconds (exit {EXIT_TIMEOUT}).")
+    ] = None,
 ) -> None:
-    """Wait for rollouts to finish and show them; exit 1 unless every one succeeded in time."""
+    """Wait for rollouts to finish and show them; exit 0 when every one succeeded, 1 when any failed or
+    was cancelled, 3 when the time ran out first (and none that finished failed)."""
     _wait(cli_context(ctx).client(), rollout_ids, timeout)
 
 
 def _wait(client: "LightningClient", rollout_ids: Sequence[str], timeout: float | None) -> None:
     """Wait (a progress bar on a terminal's stderr), print the finished rollouts, and end the
-    command with exit code 1 naming the rollouts that failed, were cancelled or did not finish."""
+    command naming the rollouts that failed, were cancelled or did not finish: exit code
+    :data:`EXIT_UNSUCCESSFUL` when any finished unsuccessfully, else :data:`EXIT_TIMEOUT` when
+    some did not finish in time (a rollout whose record is gone raises: a user error, exit 1)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     ids = list(dict.fromkeys(rollout_ids))
@@ -146,7 +161,8 @@ def _wait(client: "LightningClient", rollout_ids: Sequence[str], timeout: float 
         problems.append(f"{len(unfinished)} of {len(ids)} did not finish {within} (they go on: wait again with "
                         f"`lightning-queue rollouts wait`): " + _some(unfinished))
     if problems:
-        raise typer.Exit(fail("; ".join(problems)))
+        fail("; ".join(problems))
+        raise typer.Exit(EXIT_UNSUCCESSFUL if unsuccessful else EXIT_TIMEOUT)
 
 
 def _some(items: Iterator[str] | Sequence[str], shown: int = 5) -> str:
@@ -170,29 +186,195 @@ def status(ctx: typer.Context, rollout_id: Annotated[str, typer.Argument(help="T
     console.print(shown)
 
 
+Status = Annotated[
+    list[str] | None,
+    typer.Option("--status", "-s", help="queuing, preparing, running, requeuing, succeeded, failed or cancelled; "
+                                        "repeat for several."),
+]
+Mode = Annotated[str | None, typer.Option(help="train, val or test.")]
+ResourcesId = Annotated[str | None, typer.Option("--resources-id", "-r", help="Pinned to, or ran with, this snapshot.")]
+Worker = Annotated[str | None, typer.Option("--worker", help="Ran on this worker.")]
+Experiment = Annotated[str | None, typer.Option("--experiment", "-e", help="Enqueued through this experiment.")]
+Variant = Annotated[str | None, typer.Option("--variant", help="With --experiment: under this variant.")]
+Queue = Annotated[str | None, typer.Option("--queue", help="Sent to this queue.")]
+Meta = Annotated[
+    list[str] | None,
+    typer.Option("--meta", help="key=value: a top-level metadata key equal to value (JSON when it parses); "
+                                "repeat for several."),
+]
+OlderThan = Annotated[
+    str | None, typer.Option("--older-than", help="Enqueued longer ago than this: 90s, 15m, 1h, 2d.")
+]
+NewerThan = Annotated[str | None, typer.Option("--newer-than", help="Enqueued within the last: 90s, 15m, 1h, 2d.")]
+EndedWithin = Annotated[
+    str | None, typer.Option("--ended-within", help="Finished within the last: 90s, 15m, 1h, 2d (finished only).")
+]
+
+
+def _filter(
+    status: list[str] | None, mode: str | None, resources_id: str | None, worker_id: str | None,
+    experiment: str | None, variant: str | None, queue: str | None, meta: list[str] | None,
+    older_than: str | None, newer_than: str | None, ended_within: str | None, **order: Any,
+) -> "RolloutFilter":
+    """The options every filtering command shares, as one :class:`RolloutFilter`."""
+    import time
+
+    from lightning_queue.core.queries import RolloutFilter, parse_metadata
+
+    now = time.time()
+    return RolloutFilter(
+        status=tuple(status) if status else None, mode=mode, resources_id=resources_id, worker_id=worker_id,
+        experiment=experiment, variant=variant, queue=queue, metadata=parse_metadata(meta or []),
+        enqueued_before=None if older_than is None else now - parse_duration(older_than),
+        enqueued_after=None if newer_than is None else now - parse_duration(newer_than),
+        ended_after=None if ended_within is None else now - parse_duration(ended_within), **order,
+    )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``1.5h``, ``2d`` (or bare seconds) as seconds."""
+    from lightning_queue.core.errors import InvalidFilterError
+
+    raw = text.strip().lower()
+    unit = _UNITS.get(raw[-1:], None)
+    number = raw[:-1] if unit is not None else raw
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise InvalidFilterError(f"{text!r} is not a duration; write e.g. 90s, 15m, 1h or 2d") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise InvalidFilterError(f"{text!r} is not a duration; write e.g. 90s, 15m, 1h or 2d")
+    return seconds
+
+
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    status: Annotated[
-        str | None, typer.Option(help="queuing, preparing, running, requeuing, succeeded, failed or cancelled.")
-    ] = None,
-    mode: Annotated[str | None, typer.Option(help="train, val or test.")] = None,
-    resources_id: Annotated[
-        str | None, typer.Option("--resources-id", "-r", help="Pinned to, or ran with, this snapshot.")
-    ] = None,
-    worker_id: Annotated[str | None, typer.Option("--worker", help="Ran on this worker.")] = None,
+    status: Status = None,
+    mode: Mode = None,
+    resources_id: ResourcesId = None,
+    worker_id: Worker = None,
+    experiment: Experiment = None,
+    variant: Variant = None,
+    queue: Queue = None,
+    meta: Meta = None,
+    older_than: OlderThan = None,
+    newer_than: NewerThan = None,
+    ended_within: EndedWithin = None,
+    by_end: Annotated[
+        bool, typer.Option("--by-end", help="Sort by end time (finished rollouts only), not enqueue time.")
+    ] = False,
+    oldest_first: Annotated[bool, typer.Option("--oldest-first", help="Oldest first (default: newest).")] = False,
     limit: Annotated[int, typer.Option(min=1, help="Rollouts to show.")] = 20,
-    offset: Annotated[int, typer.Option(min=0, help="Newest matches to skip.")] = 0,
+    offset: Annotated[int, typer.Option(min=0, help="Matches to skip.")] = 0,
 ) -> None:
-    """List rollouts, newest first, filtered (every id printed whole)."""
-    show_rollouts(cli_context(ctx).client().query_rollouts(
-        status=status, mode=mode, resources_id=resources_id, worker_id=worker_id, limit=limit, offset=offset))
+    """List rollouts, newest enqueued first, filtered (every id printed whole)."""
+    wanted = _filter(status, mode, resources_id, worker_id, experiment, variant, queue, meta, older_than, newer_than,
+                     ended_within, order_by="end_time" if by_end else "enqueue_time", newest_first=not oldest_first)
+    show_rollouts(cli_context(ctx).client().query_rollouts(wanted, limit=limit, offset=offset))
 
 
 @app.command("cancel")
-def cancel(ctx: typer.Context, rollout_id: Annotated[str, typer.Argument(help="The rollout.")]) -> None:
-    """Cancel a rollout that has not finished (a running one is stopped)."""
-    console.print(f"{rollout_id}: {cli_context(ctx).client().cancel_rollout(rollout_id)}")
+def cancel(
+    ctx: typer.Context,
+    rollout_ids: Annotated[
+        list[str] | None, typer.Argument(help="Rollouts to cancel now (or give a filter instead).", show_default=False)
+    ] = None,
+    status: Status = None,
+    mode: Mode = None,
+    resources_id: ResourcesId = None,
+    worker_id: Worker = None,
+    experiment: Experiment = None,
+    variant: Variant = None,
+    queue: Queue = None,
+    meta: Meta = None,
+    older_than: OlderThan = None,
+    newer_than: NewerThan = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "--no-dry-run", "-y", help="With a filter: cancel (default: only list).")
+    ] = False,
+) -> None:
+    """Cancel rollouts that have not finished (running ones are stopped): the ids given, at once; or every
+    unfinished rollout a filter matches, listed first (a dry run) and cancelled only with --yes.
+
+    e.g. `rollouts cancel -s queuing --older-than 1h -e ab` lists experiment ab's stale queued rollouts."""
+    from lightning_queue.core.errors import InvalidFilterError
+
+    client = cli_context(ctx).client()
+    given = (status, mode, resources_id, worker_id, experiment, variant, queue, meta, older_than, newer_than)
+    if rollout_ids:
+        if any(value for value in given):
+            raise InvalidFilterError("give rollout ids or a filter, not both")
+        for rid in rollout_ids:
+            console.print(f"{rid}: {client.cancel_rollout(rid)}", highlight=False, soft_wrap=True)
+        return
+    if not any(value for value in given):
+        raise InvalidFilterError("give rollout ids, or a filter (e.g. --status queuing --older-than 1h); "
+                                 "cancelling everything needs at least --status")
+    wanted = _filter(status, mode, resources_id, worker_id, experiment, variant, queue, meta, older_than, newer_than,
+                     None)
+    report = client.cancel_rollouts(wanted, dry_run=not yes)
+    if report.dry_run:
+        for rid in report.matched:
+            console.print(rid, highlight=False, soft_wrap=True)
+        err.print(f"dry run: {len(report.matched)} unfinished rollouts match; add --yes to cancel them",
+                  highlight=False)
+        return
+    for rid in report.cancelled:
+        console.print(rid, highlight=False, soft_wrap=True)
+    err.print(f"cancelled {len(report.cancelled)}, already finished {len(report.already_finished)}, "
+              f"not found {len(report.not_found)}", highlight=False)
+
+
+@app.command("finished")
+def finished(
+    ctx: typer.Context,
+    after: Annotated[
+        str | None, typer.Option("--after", help="Start after this cursor (a stream entry id printed before).")
+    ] = None,
+    cursor_file: Annotated[
+        Path | None,
+        typer.Option("--cursor-file", dir_okay=False,
+                     help="Resume after the cursor saved in this file, and save the cursor of each rollout printed."),
+    ] = None,
+    follow_seconds: Annotated[
+        float, typer.Option("--follow", min=0, help="Go on waiting for more until none arrived this many seconds.")
+    ] = 0.0,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many rollouts (without --follow).")] = 100,
+    experiment: Experiment = None,
+    variant: Variant = None,
+    queue: Queue = None,
+) -> None:
+    """Print the rollouts that finished after a cursor, in the order they finished: one line each, the cursor,
+    the rollout id and its status. A script that saves the last cursor resumes exactly after it."""
+    from lightning_queue.core.queries import RolloutFilter
+
+    client = cli_context(ctx).client()
+    start = after
+    if start is None and cursor_file is not None and cursor_file.exists():
+        start = cursor_file.read_text().strip() or None
+    wanted = RolloutFilter(experiment=experiment, variant=variant, queue=queue) \
+        if experiment or queue else None
+    if follow_seconds > 0:
+        items = client.iter_finished_rollouts(start, idle_seconds=follow_seconds, filter=wanted)
+    else:
+        items = iter(client.finished_rollouts(start, limit=limit, filter=wanted).items)
+    for item in items:
+        console.print(f"{item.cursor}  {item.rollout_id}  {item.status}", highlight=False, soft_wrap=True)
+        if cursor_file is not None:
+            save_cursor(cursor_file, item.cursor)
+
+
+def save_cursor(path: Path, cursor: str) -> None:
+    """Write ``cursor`` to ``path`` atomically (a rename), so a crash leaves the old cursor or the new, never half."""
+    import os
+
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(cursor + "\n")
+    os.replace(temporary, path)
 
 
 @app.command("trace")

@@ -2,7 +2,7 @@
 -- unfinished rollouts use it, unless forced: then those pointers are unset (latest falls back
 -- to the newest remaining snapshot) and those rollouts fail with the given error. A protected
 -- pointer naming it refuses the delete, forced or not: unprotect it or move it first.
--- Needs _rollout_prelude (KEYS[1..K] status indexes), _experiment_tally, _final_metrics and _registry_prelude. Then:
+-- Needs _rollout_prelude (KEYS[1..K] status indexes), _experiment_tally, _final_metrics, _finished_stream and _registry_prelude. Then:
 -- KEYS[K+1] snapshot hash, KEYS[K+2] snapshots index, KEYS[K+3] pointers hash, KEYS[K+4] sequence,
 -- KEYS[K+5] snapshot events channel, KEYS[K+6] the snapshot's rollouts index, KEYS[K+7] rollout events channel,
 -- KEYS[K+8] its LLM usage rollup (per version; deleted with it), KEYS[K+9] pointer protection hash
@@ -41,6 +41,7 @@ for _, rid in ipairs(active) do
   redis.call('HSET', key, 'status', 'failed', 'end_time', ARGV[3], 'error', ARGV[4])
   move_status(rid, r[1], 'failed', r[3])
   record_final_metrics(key, rid, 'failed', ARGV[12], tally_experiment(key, rid, 'failed'))
+  record_finished(key, rid, 'failed', ARGV[10])
   expire_rollout(key, key .. ARGV[11], ARGV[10], r[2])
   redis.call('PUBLISH', KEYS[K + 7], rid)
 end

@@ -69,6 +69,7 @@ if next_status == 'requeuing' then
 end
 if TERMINAL[next_status] then
   record_final_metrics(rollout_key, rid, next_status, ARGV[12], tally_experiment(rollout_key, rid, next_status))
+  record_finished(rollout_key, rid, next_status, ARGV[8])
   expire_rollout(rollout_key, ARGV[9], ARGV[8], ARGV[2])
   redis.call('PUBLISH', KEYS[K + 3], rid)
 end

@@ -26,6 +26,7 @@ end
 redis.call('ZREM', KEYS[K + 3], ARGV[1])
 move_status(ARGV[1], status, ARGV[2], r[3])
 record_final_metrics(rollout_key, ARGV[1], ARGV[2], ARGV[7], tally_experiment(rollout_key, ARGV[1], ARGV[2]))
+record_finished(rollout_key, ARGV[1], ARGV[2], ARGV[5])
 expire_rollout(rollout_key, ARGV[6], ARGV[5], r[2])
 redis.call('PUBLISH', KEYS[K + 2], ARGV[1])
 return ARGV[2]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from lightning_queue import Experiments, LightningClient
+from lightning_queue import Experiments, LightningClient, Rollout
 from lightning_queue.experiments.manager import parse_experiment
 from lightning_queue.ops.cli import CliContext, app
 from tests.unit.cli.expect import Finish, Invoke, one_line_error, row, rows, words
@@ -121,14 +123,32 @@ def test_submit_wait_exits_1_naming_the_rollouts_that_failed(
     assert error == f"error: 1 of 2 rollouts did not succeed: {bad} (failed)", error
 
 
-def test_wait_exits_1_when_the_timeout_passes_first(invoke: Invoke, two: LightningClient, finish: Finish) -> None:
+def test_wait_exits_3_when_the_timeout_passes_first(invoke: Invoke, two: LightningClient, finish: Finish) -> None:
     done, stuck = (r.rollout_id for r in two.enqueue_rollouts(["a", "b"]))
     finish(done)
     result = invoke("rollouts", "wait", done, stuck, "--timeout", "0.2")
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert [r[0] for r in rows(result.stdout)] == [done]
     one_line = result.stderr.strip()
     assert one_line.startswith("error: 1 of 2 did not finish within 0.2 s") and one_line.endswith(f": {stuck}")
+
+
+def test_wait_exits_1_when_one_failed_even_if_another_timed_out(
+    invoke: Invoke, two: LightningClient, finish: Finish
+) -> None:
+    failed, cancelled, stuck = (r.rollout_id for r in two.enqueue_rollouts(["a", "b", "c"]))
+    finish(failed, "failed")
+    two.store.terminate(cancelled, "cancelled")
+    result = invoke("rollouts", "wait", failed, cancelled, stuck, "--timeout", "0.1")
+    assert result.exit_code == 1
+    assert "2 of 3 rollouts did not succeed" in result.stderr and "did not finish within 0.1 s" in result.stderr
+    assert invoke("rollouts", "wait", cancelled).exit_code == 1  # cancelled is not success either
+
+
+def test_submit_wait_timeout_exits_3(invoke: Invoke, two: LightningClient) -> None:
+    result = invoke("rollouts", "submit", "-w", "--wait-timeout", "0.1", "q")
+    assert result.exit_code == 3, result.output
+    assert "did not finish within 0.1 s" in result.stderr
 
 
 def test_wait_exits_0_when_every_rollout_succeeded(invoke: Invoke, two: LightningClient, finish: Finish) -> None:
@@ -180,6 +200,75 @@ def test_list_filters(invoke: Invoke, two: LightningClient, finish: Finish) -> N
     assert [r[0] for r in rows(invoke("rollouts", "list", "-r", "rs-b").stdout)] == [c]
     assert [r[0] for r in rows(invoke("rollouts", "list", "--mode", "val").stdout)] == [c]
     assert [r[0] for r in rows(invoke("rollouts", "list", "--limit", "1", "--offset", "1").stdout)] == [b]
+
+
+def test_list_filters_by_metadata_experiment_time_and_sorts(
+    invoke: Invoke, two: LightningClient, finish: Finish
+) -> None:
+    a = two.enqueue_rollout("a", metadata={"user": "alice", "n": 3}).rollout_id
+    b = two.enqueue_rollout("b", metadata={"user": "bob"}).rollout_id
+    c = two.enqueue_rollout("c", metadata={"user": "alice"}).rollout_id
+    finish(c)
+    finish(a)
+
+    def listed(*args: str) -> list[str]:
+        return [r[0] for r in rows(invoke("rollouts", "list", *args).stdout)]
+
+    assert listed("--meta", "user=alice") == [c, a]
+    assert listed("--meta", "user=alice", "--meta", "n=3") == [a]
+    assert listed("--oldest-first") == [a, b, c]
+    assert listed("--by-end") == [a, c]  # finished ones, last finished first
+    assert listed("--status", "queuing", "--status", "succeeded", "--limit", "2") == [c, b]
+    assert listed("--older-than", "1h") == [] and listed("--newer-than", "1h") == [c, b, a]
+    assert listed("--ended-within", "1d", "--oldest-first") == [a, c]
+    one_line_error(invoke("rollouts", "list", "--older-than", "soon"), "'soon' is not a duration")
+    one_line_error(invoke("rollouts", "list", "--meta", "user"), "not key=value")
+    one_line_error(invoke("rollouts", "list", "--variant", "b"), "variant needs experiment")
+
+
+def test_bulk_cancel_lists_first_and_cancels_with_yes(client: LightningClient, two: LightningClient) -> None:
+    revoked: list[list[str]] = []
+    celery = SimpleNamespace(control=SimpleNamespace(revoke=lambda task_id, **_: revoked.append(task_id)))
+    with_celery = LightningClient(client.settings, redis_client=client.redis, celery=celery)  # type: ignore[arg-type]
+    two_hours_ago = time.time() - 7200
+    stale = [Rollout(input=i, enqueue_time=two_hours_ago + i) for i in range(2)]
+    client.store.create_rollouts(stale)
+    old = [r.rollout_id for r in stale]
+    other = two.enqueue_rollout("c").rollout_id
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Any:
+        return runner.invoke(app, ["rollouts", "cancel", *args], obj=CliContext(client=with_celery))
+
+    dry = invoke("--status", "queuing", "--older-than", "1h")
+    assert dry.exit_code == 0, dry.output
+    assert dry.stdout.split() == old[::-1] and "dry run: 2 unfinished rollouts match; add --yes" in dry.stderr
+    assert {client.get_rollout(rid).status for rid in [*old, other]} == {"queuing"} and revoked == []
+    done = invoke("--status", "queuing", "--older-than", "1h", "--yes")
+    assert done.exit_code == 0 and done.stdout.split() == old[::-1]
+    assert "cancelled 2, already finished 0, not found 0" in done.stderr
+    assert [client.get_rollout(rid).status for rid in [*old, other]] == ["cancelled", "cancelled", "queuing"]
+    one_line_error(invoke(), "give rollout ids, or a filter")
+    one_line_error(invoke(other, "--status", "queuing"), "not both")
+    one_line_error(invoke("--status", "succeeded", "--yes"), "nothing to cancel")
+
+
+def test_finished_prints_from_a_cursor_file_and_resumes_after_it(
+    invoke: Invoke, two: LightningClient, finish: Finish, tmp_path: Path
+) -> None:
+    a, b, c = (r.rollout_id for r in two.enqueue_rollouts(["a", "b", "c"]))
+    finish(b)
+    finish(a, "failed")
+    saved = tmp_path / "cursor"
+    first = invoke("rollouts", "finished", "--cursor-file", str(saved))
+    assert first.exit_code == 0, first.output
+    assert [line.split()[1:] for line in first.stdout.splitlines()] == [[b, "succeeded"], [a, "failed"]]
+    assert saved.read_text().strip() == first.stdout.splitlines()[-1].split()[0]
+    two.store.terminate(c, "cancelled")
+    again = invoke("rollouts", "finished", "--cursor-file", str(saved), "--follow", "0.05")
+    assert [line.split()[1:] for line in again.stdout.splitlines()] == [[c, "cancelled"]]
+    assert invoke("rollouts", "finished", "--cursor-file", str(saved)).stdout == ""
+    one_line_error(invoke("rollouts", "finished", "--after", "nope"), "invalid page cursor")
 
 
 def test_status_shows_the_result_and_the_attempts(invoke: Invoke, two: LightningClient, finish: Finish) -> None:

@@ -160,6 +160,22 @@ def test_rollouts_page_by_cursor_and_filter(loopback: TestClient, seeded: Lightn
     assert bad.status_code == 400 and bad.json()["error"] == "InvalidCursorError"
 
 
+def test_rollouts_take_the_whole_rollout_filter(loopback: TestClient, seeded: LightningClient) -> None:
+    tagged = seeded.enqueue_rollouts([{"t": i} for i in range(3)], metadata={"user": "alice", "n": 2})
+    listed = loopback.get("/api/v1/rollouts", params={"metadata": ["user=alice", "n=2"], "newest_first": "false"})
+    assert [r["rollout_id"] for r in listed.json()["items"]] == [r.rollout_id for r in tagged]
+    assert loopback.get("/api/v1/rollouts", params={"metadata": "user=bob"}).json()["items"] == []
+    after = loopback.get("/api/v1/rollouts", params={"enqueued_after": tagged[1].enqueue_time}).json()["items"]
+    assert {r["rollout_id"] for r in after} >= {tagged[1].rollout_id, tagged[2].rollout_id}
+    assert all(r["enqueue_time"] >= tagged[1].enqueue_time for r in after)
+    ended = loopback.get("/api/v1/rollouts", params={"order_by": "end_time"}).json()["items"]
+    assert ended and all(r["end_time"] is not None for r in ended)
+    assert [r["end_time"] for r in ended] == sorted((r["end_time"] for r in ended), reverse=True)
+    for params in ({"variant": "treatment"}, {"metadata": "no-equals-sign"}):
+        refused = loopback.get("/api/v1/rollouts", params=params)
+        assert refused.status_code == 400 and refused.json()["error"] == "InvalidFilterError", params
+
+
 def test_a_rollout_shows_its_attempts_and_trace(loopback: TestClient) -> None:
     (first,) = loopback.get("/api/v1/rollouts", params={"status": "succeeded", "limit": 1}).json()["items"]
     detail = loopback.get(f"/api/v1/rollouts/{first['rollout_id']}").json()
