@@ -2,11 +2,12 @@
 
 Started as ``celery -A bare_celery worker`` with ``BENCH_REDIS_URL`` and
 ``BENCH_PREFIX`` in the environment (``BENCH_EVENTS=0``: task events off). Its
-settings are lightning-queue's own (:func:`lightning_queue.broker.app.celery_config`:
-JSON, acks_late, prefetch 1, task events on, the same broker key prefix scheme and
-transport), except that results go to a Redis result backend, the natural way a
-Celery user learns that tasks finished (``AsyncResult.get``/``ResultSet.get``, which
-the Redis backend answers from pub/sub).
+Celery settings are lightning-queue's own (:func:`lightning_queue.broker.app.celery_config`:
+JSON, acks_late, prefetch 1, task events on, the same broker key prefix scheme), on kombu's
+own Redis transport (lightning-queue's hardened one is part of the product, not of bare
+Celery), and results go to a Redis result backend, the natural way a Celery user learns
+that tasks finished (``AsyncResult.get``/``ResultSet.get``, which the Redis backend answers
+from pub/sub).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def bare_config(url: str, prefix: str, events: bool = True) -> dict[str, Any]:
     """lightning-queue's Celery settings, plus a Redis result backend under ``prefix``;
     ``events=False`` turns the task events (worker's and task-sent) off."""
     config = celery_config(Settings(redis_url=url, key_prefix=prefix, queue=f"{prefix}-q"))
+    options = {k: v for k, v in config["broker_transport_options"].items() if not k.startswith("lq_")}
     config.update(
+        broker_transport="redis",  # kombu's own
+        broker_transport_options=options,
         result_backend=url,
         result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
         task_ignore_result=False,
