@@ -101,6 +101,7 @@ class LightningClient:
         return self._publisher
 
     def close(self) -> None:
+        self.store.close()
         self.redis.close()
 
     def __enter__(self) -> LightningClient:
