@@ -159,6 +159,7 @@ class _Hardened:
     connection_errors: tuple[type[BaseException], ...]
     _in_poll: Any
     _lq_client: Any = None  # conn_or_acquire's client
+    _lq_into: Any = None  # a pipeline one-off commands go into (commands_into)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -168,10 +169,24 @@ class _Hardened:
         if client:
             yield client
             return
+        if self._lq_into is not None:
+            yield self._lq_into
+            return
         cached = self._lq_client
         if cached is None or cached.connection_pool is not self.pool:
             cached = self._lq_client = self._create_client()  # type: ignore[attr-defined]
         yield cached
+
+    @contextmanager
+    def commands_into(self, pipeline: Any) -> Iterator[None]:
+        """Within, the one-off commands of this channel (an event's PUBLISH, a message's LPUSH) are
+        added to ``pipeline`` instead of sent; the caller executes it, one round trip for all. Only
+        for a channel the caller holds alone (a producer acquired from the pool)."""
+        previous, self._lq_into = self._lq_into, pipeline
+        try:
+            yield
+        finally:
+            self._lq_into = previous
 
     def _get_client(self) -> Any:
         super()._get_client()  # type: ignore[misc]  # kombu's check of the redis-py version
