@@ -35,6 +35,7 @@ it had not seen finish have finished is then unknown, so a partial list would be
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -263,6 +264,7 @@ class _WaitLine:
     server: str
     pubsub: redis.client.PubSub
     stack: ExitStack  # closes the pub/sub and the client
+    pid: int  # the process that made it: a forked child must not share its sockets
 
 
 class WaitConnections:
@@ -277,7 +279,8 @@ class WaitConnections:
     unsubscribed (UNSUBSCRIBE is sent, its reply read by the next wait): nothing piles up for it.
     Whatever the next wait then reads first (notifications from before, the old confirmation)
     only costs it a read: every subscription confirmation makes the waiter read the statuses
-    again, and the last one it reads is its own. A wait that ended with an error closes its set.
+    again, and the last one it reads is its own. A wait that ended with an error closes its set;
+    a process forked from the one that made the set leaves it alone and makes its own.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -291,12 +294,14 @@ class WaitConnections:
         """A client, a pub/sub connection on it, and the server's URL for one wait."""
         with self._lock:
             line, self._idle = self._idle, None
+        if line is not None and line.pid != os.getpid():
+            line = None  # the parent's sockets: not closed here (that would end the parent's connections)
         if line is None:
             stack = ExitStack()
             client, server = stack.enter_context(waiting_client(self._client))
             pubsub = client.pubsub()
             stack.callback(pubsub.close)
-            line = _WaitLine(client, server, pubsub, stack)
+            line = _WaitLine(client, server, pubsub, stack, os.getpid())
         kept = False
         try:
             yield line.client, line.pubsub, line.server

@@ -341,6 +341,10 @@ def test_sync_waits_keep_one_pubsub_connection_unsubscribed_between_calls(
     assert subscribers(store) == 0  # unsubscribed while idle: nothing piles up for it
     assert [r.rollout_id for r in store.wait_for_rollouts([second.rollout_id], timeout=5)] == [second.rollout_id]
     assert store._waits._idle is kept and kept.pubsub.connection is connection
+    kept.pid = -1  # as a forked child sees its parent's connections: it makes its own
+    store.wait_for_rollouts([second.rollout_id], timeout=5)
+    assert store._waits._idle is not kept
+    kept = store._waits._idle
     # Meanwhile another thread's wait makes its own connections and closes them after.
     thread, outcome = in_thread(lambda: store.wait_for_rollouts([third.rollout_id], timeout=30))
     wait_until(lambda: subscribers(store) == 1)
