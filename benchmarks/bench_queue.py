@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))  # bare_celery and bench_agents, as the workers im
 
 from lightning_queue import LightningClient, PromptTemplate, Settings
 from lightning_queue.ops.embedded import EmbeddedRedis
-from lightning_queue.ops.fleet import worker_env
+from lightning_queue.ops.fleet import WorkerProcess, worker_env
 from lightning_queue.storage.connections import ping
 
 SECTIONS = ("e2e", "latency", "steps", "enqueue", "inflight", "events_off")
@@ -139,7 +139,13 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+Row = tuple[str, str, str]
+"""(measure, result, target): a row of the other benchmarks that print this table (bench_traces.py)."""
+
+
+def format_table(rows: Sequence[Mapping[str, Any] | Row]) -> str:
+    """Rows (:class:`Report` rows or :data:`Row` tuples) as aligned columns."""
+    rows = [r if isinstance(r, Mapping) else dict(zip(("measure", "result", "target"), r, strict=True)) for r in rows]
     width = max(len(r["measure"]) for r in rows)
     rwidth = max(len(r["result"]) for r in rows)
     lines = [f"{'measure':<{width}}  {'result':<{rwidth}}  target", f"{'-' * width}  {'-' * rwidth}  ------"]
@@ -339,13 +345,13 @@ class Worker:
 
 
 def start_worker(app: str, env: dict[str, str], queue: str, concurrency: int, pool: str, name: str,
-                 logdir: str) -> Worker:
+                 logdir: str, loglevel: str = "WARNING") -> Worker:
     """Start ``celery -A app worker`` (log level WARNING, as a production worker) without waiting."""
     hostname = f"{name}-{uuid.uuid4().hex[:6]}@bench"
     log_path = Path(logdir) / f"{name}-{uuid.uuid4().hex[:6]}.log"
     argv = [sys.executable, "-m", "celery", "-A", app, "worker", "--hostname", hostname, "--pool", pool,
             "--concurrency", str(concurrency), "-Q", queue, "--without-mingle", "--without-gossip",
-            "--loglevel", "WARNING"]
+            "--loglevel", loglevel]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, env=env, cwd=str(HERE), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
@@ -361,6 +367,30 @@ def wait_ready(control_app: Any, worker: Worker, timeout: float = 90.0) -> None:
         if control_app.control.ping(destination=[worker.hostname], timeout=0.5):
             return
     raise RuntimeError(f"worker {worker.hostname} did not answer a ping within {timeout:g} s:\n{worker.log_tail(40)}")
+
+
+def cpu_now(client: redis.Redis) -> float:
+    """CPU seconds the Redis server process has used (user + system)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@contextmanager
+def workers(app: str, env: dict[str, str], queue: str, concurrency: int, pool: str = "prefork", name: str = "w",
+            logdir: str = "", timeout: float = 90.0) -> Iterator[WorkerProcess]:
+    """One worker logging at INFO, ready once its log says so, stopped on exit: for bench_traces.py,
+    which reads the task times Celery logs at INFO (this benchmark's workers log at WARNING)."""
+    worker = start_worker(app, env, queue, concurrency, pool, name, logdir, loglevel="INFO")
+    logged = WorkerProcess(name, worker.process, worker.log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while not logged.ready:
+            if not worker.alive or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} ({pool} x{concurrency}) did not start:\n{worker.log_tail(40)}")
+            time.sleep(0.1)
+        yield logged
+    finally:
+        worker.stop()
 
 
 def control(app: Any, worker: Worker, command: str, queue: str) -> None:

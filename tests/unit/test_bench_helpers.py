@@ -118,3 +118,8 @@ def test_format_table_aligns_columns(bench: ModuleType) -> None:
     assert header.startswith("measure       ") and rule.startswith("-" * len("longer measure"))
     assert first.index("1 ms") == second.index("22 ms") == header.index("result")
     assert second.endswith("22 ms")  # no trailing blanks where the target is empty
+
+
+def test_format_table_takes_the_other_benchmarks_row_tuples(bench: ModuleType) -> None:
+    assert bench.format_table([("a", "1 ms", "< 5 ms")]) == bench.format_table(
+        [{"measure": "a", "result": "1 ms", "target": "< 5 ms"}])
