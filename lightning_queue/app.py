@@ -13,7 +13,7 @@ from lightning_queue.core.settings import Settings
 from lightning_queue.worker import signals  # noqa: F401 - connects the worker's signal receivers, once
 from lightning_queue.worker.agent import LitAgent
 from lightning_queue.worker.app import WorkerApp, load_agent
-from lightning_queue.worker.bootsteps import ConnectionBudget, FleetDuties
+from lightning_queue.worker.bootsteps import BatchedEvents, ConnectionBudget, FleetDuties
 from lightning_queue.worker.tasks import register_tasks
 
 __all__ = ["WorkerApp", "app", "create_app", "load_agent"]
@@ -22,7 +22,7 @@ __all__ = ["WorkerApp", "app", "create_app", "load_agent"]
 def create_app(settings: Settings | None = None, agent: LitAgent | str | None = None) -> WorkerApp:
     """A worker app: the rollout and retention tasks registered (retention scheduled for
     ``celery beat`` when ``gc_interval_seconds`` is set), its broker connections sized for its
-    pool, and the fleet duties added.
+    pool, the fleet duties and batched task events added.
 
     ``settings`` defaults to :class:`Settings` read from the environment; ``agent`` (an agent
     or a ``"module:attr"`` string) defaults to ``settings.agent``. Making many apps in one
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, agent: LitAgent | str | None = 
     register_tasks(worker)
     worker.steps["worker"].add(ConnectionBudget)
     worker.steps["consumer"].add(FleetDuties)
+    worker.steps["consumer"].add(BatchedEvents)
     return worker
 
 

@@ -114,6 +114,7 @@ class LightningClient:
         return self._publisher
 
     def close(self) -> None:
+        self.store.close()
         self.redis.close()
 
     def __enter__(self) -> LightningClient:
@@ -306,8 +307,8 @@ class LightningClient:
         Round trips: one to resolve the named snapshots (skipped with
         ``check_resources=False``, which also leaves pinned versions to run
         time; an unknown id raises :class:`ResourcesNotFoundError` before
-        anything is written), one MULTI/EXEC for all records, one pipeline for
-        all task messages and one for their task-sent events (Flower's). If
+        anything is written), one MULTI/EXEC for all records, and one pipeline
+        for all task messages and their task-sent events (Flower's). If
         publishing fails the records are marked ``failed`` and
         :class:`EnqueueError` is raised. If Redis lost its data since this client
         last wrote or waited (the registry epoch changed), :class:`RegistryLostError`

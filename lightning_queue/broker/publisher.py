@@ -198,26 +198,39 @@ class Publisher:
 
     def _send(self, producer: Producer, batch: TaskMessages) -> None:
         """Push the messages through the producer channel's own Redis client (kombu's, which adds
-        the broker key prefix) in one pipeline, then the task-sent events through ``producer`` in
-        a second, in the order Celery sends them: two round trips whatever the batch's size."""
+        the broker key prefix) and their task-sent events after them, in one pipeline: one round
+        trip whatever the batch's size (two on a channel that cannot take the events into the
+        pipeline, i.e. not lightning-queue's transport)."""
         app = self.app
         for queue in batch.by_queue:
             producer.maybe_declare(app.amqp.queues[queue])  # cached: a round trip the first time only
-        pipe = producer.channel.client.pipeline(transaction=False)
+        channel = producer.channel
+        pipe = channel.client.pipeline(transaction=False)
         for queue, messages in batch.by_queue.items():
             for start in range(0, len(messages), CHUNK):
                 pipe.lpush(queue, *messages[start:start + CHUNK])  # BRPOP takes them in this order
-        pipe.execute()
+        commands_into = getattr(channel, "commands_into", None)
+        if batch.sent_events and commands_into is not None:
+            with commands_into(pipe):
+                self._send_events(producer, batch.sent_events)
+            pipe.execute()
+        else:
+            pipe.execute()
+            if batch.sent_events:
+                with producer.batch():  # every chunk in one round trip
+                    self._send_events(producer, batch.sent_events)
         for published in batch.published:
             signals.after_task_publish.send(**published)
-        if batch.sent_events:
-            exchange = get_exchange(producer.connection, name=app.conf.event_exchange)
-            hostname = batch.sent_events[0]["hostname"]
-            with producer.batch():  # every chunk in one round trip
-                for start in range(0, len(batch.sent_events), CHUNK):
-                    producer.publish(batch.sent_events[start:start + CHUNK], routing_key="task.multi",
-                                     exchange=exchange.name, declare=[exchange], serializer=app.conf.event_serializer,
-                                     headers={"hostname": hostname}, delivery_mode=1, retry=False)
+
+    def _send_events(self, producer: Producer, events: list[dict[str, Any]]) -> None:
+        """The task-sent events as ``task.multi`` lists (as workers send theirs; Flower reads them)."""
+        app = self.app
+        exchange = get_exchange(producer.connection, name=app.conf.event_exchange)
+        hostname = events[0]["hostname"]
+        for start in range(0, len(events), CHUNK):
+            producer.publish(events[start:start + CHUNK], routing_key="task.multi", exchange=exchange.name,
+                             declare=[exchange], serializer=app.conf.event_serializer, headers={"hostname": hostname},
+                             delivery_mode=1, retry=False)
 
     def _send_one_by_one(
         self, producer: Producer, rollouts: Sequence[Rollout], limits: Sequence[Limits], registry_seq: int,

@@ -73,12 +73,12 @@ from lightning_queue.core.models import (
 from lightning_queue.core.policy import NextStatus, next_status
 from lightning_queue.core.queries import FinishedPage, FinishedRollout, OrderBy, RolloutFilter, RolloutPage
 from lightning_queue.core.traces import Usage
-from lightning_queue.storage.connections import text, waiting_client
+from lightning_queue.storage.connections import text
 from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
 from lightning_queue.storage.pending import PendingIndex
 from lightning_queue.storage.scripts import load_script
 from lightning_queue.storage.traces import TraceWrite
-from lightning_queue.storage.waiting import Waiter, wait
+from lightning_queue.storage.waiting import WaitConnections, Waiter, wait
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ class RolloutStore:
         self._ttl_arg = rollout_ttl_seconds or ""
         # Caps on the per snapshot version and per variant metric series the final transitions keep.
         self._caps_arg = (series_caps or SeriesCaps()).arg
+        self._waits = WaitConnections(client)
         self._create = load_script(client, "create_rollouts", "_epoch_prelude")
         self._mark_published = load_script(client, "mark_published")
         self._heartbeat = load_script(client, "heartbeat")
@@ -994,9 +995,14 @@ class RolloutStore:
         or raises within about that much of its deadline. See
         :mod:`lightning_queue.storage.waiting`.
         """
-        with waiting_client(self.redis) as (client, server):
+        with self._waits.acquire() as (client, pubsub, server):
             return wait(client, self.waiter(rollout_ids, timeout, on_finished, retry_seconds=retry_seconds,
-                                            server=server))
+                                            server=server), pubsub)
+
+    def close(self) -> None:
+        """Close the connections kept for waits (:meth:`wait_for_rollouts` keeps one set between
+        calls); a later wait makes its own."""
+        self._waits.close()
 
     def waiter(
         self,

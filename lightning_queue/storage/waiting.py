@@ -35,18 +35,22 @@ it had not seen finish have finished is then unknown, so a partial list would be
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
 import redis.asyncio
+import redis.client
 
 from lightning_queue.core.errors import RedisAuthError, RedisUnavailableError, RolloutNotFoundError
 from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import TERMINAL_STATUSES, Rollout, check_rollout_id
-from lightning_queue.storage.connections import RedisUnreachableError, backoff_delay, text
+from lightning_queue.storage.connections import RedisUnreachableError, backoff_delay, text, waiting_client
 from lightning_queue.storage.epoch import RegistryEpoch
 
 RECONCILE_SECONDS = 5.0
@@ -254,9 +258,84 @@ class Waiter:
 # ----------------------------------------------------------------------------- drivers
 
 
-def wait(client: redis.Redis, waiter: Waiter) -> list[Rollout]:
-    """Run ``waiter`` with a blocking client (its own pub/sub connection, closed on return)."""
-    pubsub = client.pubsub()
+@dataclass
+class _WaitLine:
+    client: redis.Redis
+    server: str
+    pubsub: redis.client.PubSub
+    stack: ExitStack  # closes the pub/sub and the client
+    pid: int  # the process that made it: a forked child must not share its sockets
+
+
+class WaitConnections:
+    """The connections blocking waits on ``client``'s server use, kept from one wait to the next.
+
+    A wait reads with a client whose connects and reads give up quickly
+    (:func:`~lightning_queue.storage.connections.waiting_client`) and listens on a pub/sub
+    connection. Making both for each wait cost two connection handshakes (HELLO, PING, CLIENT
+    SETINFO...): ten round trips, more than the wait itself when rollouts are waited for one at a
+    time. One set is kept idle between waits; a wait that finds it taken (another thread is
+    waiting) makes its own and closes it after. Back in the idle slot, the pub/sub connection is
+    unsubscribed (UNSUBSCRIBE is sent, its reply read by the next wait): nothing piles up for it.
+    Whatever the next wait then reads first (notifications from before, the old confirmation)
+    only costs it a read: every subscription confirmation makes the waiter read the statuses
+    again, and the last one it reads is its own. A wait that ended with an error closes its set;
+    a process forked from the one that made the set leaves it alone and makes its own.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._idle: _WaitLine | None = None
+        self._closed = False
+
+    @contextmanager
+    def acquire(self) -> Iterator[tuple[redis.Redis, redis.client.PubSub, str]]:
+        """A client, a pub/sub connection on it, and the server's URL for one wait."""
+        with self._lock:
+            line, self._idle = self._idle, None
+        if line is not None and line.pid != os.getpid():
+            line = None  # the parent's sockets: not closed here (that would end the parent's connections)
+        if line is None:
+            stack = ExitStack()
+            client, server = stack.enter_context(waiting_client(self._client))
+            pubsub = client.pubsub()
+            stack.callback(pubsub.close)
+            line = _WaitLine(client, server, pubsub, stack, os.getpid())
+        kept = False
+        try:
+            yield line.client, line.pubsub, line.server
+            kept = self._keep(line)
+        finally:
+            if not kept:
+                line.stack.close()
+
+    def _keep(self, line: _WaitLine) -> bool:
+        if line.pubsub.connection is not None and line.pubsub.subscribed:
+            try:
+                line.pubsub.unsubscribe()
+            except CONNECTION_ERRORS:
+                return False
+        with self._lock:
+            if self._idle is None and not self._closed:
+                self._idle = line
+                return True
+        return False
+
+    def close(self) -> None:
+        """Close the idle connections; waits after this make their own."""
+        with self._lock:
+            line, self._idle, self._closed = self._idle, None, True
+        if line is not None:
+            line.stack.close()
+
+
+def wait(client: redis.Redis, waiter: Waiter, pubsub: redis.client.PubSub | None = None) -> list[Rollout]:
+    """Run ``waiter`` with a blocking client, listening on ``pubsub`` (default: a pub/sub
+    connection of its own, closed on return)."""
+    own = pubsub is None
+    if pubsub is None:
+        pubsub = client.pubsub()
     try:
         while True:
             step = waiter.next_step()
@@ -281,7 +360,8 @@ def wait(client: redis.Redis, waiter: Waiter) -> list[Rollout]:
                     pubsub.connection.disconnect()
                 time.sleep(waiter.failed(exc))
     finally:
-        pubsub.close()
+        if own:
+            pubsub.close()
 
 
 async def wait_async(client: redis.asyncio.Redis, waiter: Waiter) -> list[Rollout]:

@@ -67,3 +67,29 @@ def test_batch_messages_match_send_task(client: LightningClient) -> None:
     assert {k: v for k, v in mine.items() if k not in varying} == {
         k: v for k, v in reference_event.items() if k not in varying}
     assert set(mine) == set(reference_event) and mine["type"] == "task-sent"
+
+
+def test_one_rollout_is_enqueued_in_two_round_trips(client: LightningClient, monkeypatch: Any) -> None:
+    # Its record (one MULTI/EXEC), then its message and its task-sent event (one pipeline): as few as
+    # apply_async's own two (its message, its event).
+    from redis.connection import AbstractConnection
+
+    queue = f"{client.settings.key_prefix}-sink"
+    pubsub = client.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(f"{client.settings.keys.celery_prefix}*celeryev*")
+    client.enqueue_rollout(0, queue=queue, check_resources=False)  # warm: connections, queue declared
+    _events(pubsub, 1)
+    sent: list[bytes] = []
+    original = AbstractConnection.send_packed_command
+
+    def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list) else command)
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    rollout = client.enqueue_rollout(1, queue=queue, check_resources=False)
+    monkeypatch.undo()
+    assert len(sent) == 2, [s[:60] for s in sent]
+    assert b"LPUSH" in sent[1] and b"PUBLISH" in sent[1]
+    [event] = _events(pubsub, 1)
+    assert (event["type"], event["uuid"]) == ("task-sent", rollout.rollout_id)

@@ -101,3 +101,24 @@ def test_redis_urls_use_the_hardened_transport() -> None:
         "t1:dead-letters", 5000, ["application/json"])
     other = celery_config(Settings(celery={"broker_url": "memory://"}))
     assert "broker_transport" not in other
+
+
+def test_one_off_commands_share_one_client_per_connection_pool() -> None:
+    # kombu built a new Redis client for every ack, unacked record and event: a tenth of a worker's main process.
+    server = fakeredis.FakeRedis()
+    channel = object.__new__(Channel)  # only what conn_or_acquire uses: no broker connection
+    channel._pool, channel.global_keyprefix = server.connection_pool, "p:"
+    channel.Client = channel._get_client()
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+        assert first is second
+        first.set("k", "v")
+    assert server.get("p:k") == b"v"  # kombu's key prefix still applies
+    given = fakeredis.FakeRedis()
+    with channel.conn_or_acquire(given) as client:
+        assert client is given
+    other = fakeredis.FakeRedis()
+    channel._pool = other.connection_pool  # the channel's pool was replaced: a client on the new one
+    with channel.conn_or_acquire() as third:
+        assert third is not first
+        third.set("k", "w")
+    assert other.get("p:k") == b"w"

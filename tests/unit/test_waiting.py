@@ -327,6 +327,42 @@ def test_sync_wait_raises_when_a_record_vanishes_while_it_waits(
     assert subscribers(store) == 0
 
 
+def test_sync_waits_keep_one_pubsub_connection_unsubscribed_between_calls(
+    store: RolloutStore, running: list[Rollout]
+) -> None:
+    # Making a client and a pub/sub connection per wait cost ten handshake round trips per wait.
+    first, second, third = running
+    for rollout in (first, second):
+        store.finish_attempt(rollout.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
+    assert [r.rollout_id for r in store.wait_for_rollouts([first.rollout_id], timeout=5)] == [first.rollout_id]
+    kept = store._waits._idle
+    assert kept is not None and kept.pubsub.connection is not None
+    connection = kept.pubsub.connection
+    assert subscribers(store) == 0  # unsubscribed while idle: nothing piles up for it
+    assert [r.rollout_id for r in store.wait_for_rollouts([second.rollout_id], timeout=5)] == [second.rollout_id]
+    assert store._waits._idle is kept and kept.pubsub.connection is connection
+    kept.pid = -1  # as a forked child sees its parent's connections: it makes its own
+    store.wait_for_rollouts([second.rollout_id], timeout=5)
+    assert store._waits._idle is not kept
+    kept = store._waits._idle
+    # Meanwhile another thread's wait makes its own connections and closes them after.
+    thread, outcome = in_thread(lambda: store.wait_for_rollouts([third.rollout_id], timeout=30))
+    wait_until(lambda: subscribers(store) == 1)
+    assert store.wait_for_rollouts([first.rollout_id], timeout=5)[0].status == "succeeded"
+    store.finish_attempt(third.rollout_id, 1, "succeeded", "succeeded", result=RolloutResult(reward=1))
+    thread.join(30)
+    assert outcome[0][0].rollout_id == third.rollout_id
+    assert store._waits._idle is not None
+    # A wait that ends with an error does not keep its connections; close() drops the idle ones.
+    store.redis.delete(store.keys.rollout(first.rollout_id))
+    with pytest.raises(RolloutNotFoundError):
+        store.wait_for_rollouts([first.rollout_id], timeout=5)
+    assert store._waits._idle is None
+    store.wait_for_rollouts([second.rollout_id], timeout=5)
+    store.close()
+    assert store._waits._idle is None and subscribers(store) == 0
+
+
 async def test_async_wait_finds_rollouts_whose_notification_was_lost(
     async_client: AsyncLightningClient, store: RolloutStore, running: list[Rollout], monkeypatch: pytest.MonkeyPatch
 ) -> None:
