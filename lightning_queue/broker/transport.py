@@ -23,8 +23,10 @@ kombu's Redis transport (5.7) in three places, and nowhere else:
   celery/kombu#970 and celery/kombu#582 (closing a channel whose connection info is gone);
   no upstream fix in kombu 5.7. Here the pending read's connection error no longer aborts the
   close, and a hand-back that cannot reach Redis is logged, not raised: the messages stay in
-  the unacked hash, from where kombu restores them after the visibility timeout (and the
-  reaper, :func:`lightning_queue.worker.recovery.reap`, finds any rollout whose message is lost).
+  the unacked hash, and the process hands them back itself as soon as it consumes again (its
+  next channel's ``basic_consume``). Until then nobody holds them; had the process died
+  instead, kombu restores them after the visibility timeout (and the reaper,
+  :func:`lightning_queue.worker.recovery.reap`, finds any rollout whose message is lost).
 * Fanout (remote control) messages of the wrong shape are dropped with a warning.
 
 And one change for speed: kombu builds a new redis-py client object for every ack, every
@@ -42,6 +44,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -112,19 +115,54 @@ def envelope_problem(message: Any, content_types: Collection[str]) -> str | None
     return None
 
 
+# Delivery tags whose hand-back at a close failed, by unacked hash: the process hands them back
+# when it consumes again. Process-wide, since the channel that held them is gone by then.
+_owed: dict[str, set[str]] = {}
+_owed_lock = threading.Lock()
+
+
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS whose hand-back of unacked messages at close never raises."""
+    """kombu's Redis QoS whose hand-back of unacked messages at close never raises, and which
+    hands back later what it could not then (:meth:`restore_owed`)."""
+
+    def _owed_key(self) -> str:
+        return f"{getattr(self.channel, 'global_keyprefix', '')}{getattr(self.channel, 'unacked_key', '')}"
 
     def restore_unacked(self, client: Any = None) -> Any:
         try:
             return super().restore_unacked(client)  # type: ignore[no-untyped-call]
         except Exception as exc:  # noqa: BLE001 - a close must go on; the messages are safe in the unacked hash
-            held = len(self._delivered)
+            tags = {str(tag) for tag in self._delivered}
             self._delivered.clear()
+            with _owed_lock:
+                _owed.setdefault(self._owed_key(), set()).update(tags)
             log.warning("could not hand %d unacked message(s) back to the queue now (%s: %s); they stay in the "
-                        "unacked hash and are redelivered after the visibility timeout", held,
-                        type(exc).__name__, exc)
+                        "unacked hash until this process consumes again (or, should it not, the visibility "
+                        "timeout passes)", len(tags), type(exc).__name__, exc)
             return []
+
+    def restore_owed(self) -> int:
+        """Hand back to their queues the messages an earlier close of this process could not (each
+        in kombu's transaction on the unacked hash: one already restored by anyone is skipped).
+        Those it still cannot stay owed. Returns how many were handed back."""
+        key = self._owed_key()
+        with _owed_lock:
+            tags = _owed.pop(key, set())
+        left = set(tags)
+        try:
+            for tag in tags:
+                self.restore_by_tag(tag)  # type: ignore[no-untyped-call]
+                left.discard(tag)
+        except Exception as exc:  # noqa: BLE001 - consuming must go on; the next consume tries again
+            log.warning("could not hand %d unacked message(s) back yet (%s: %s)", len(left), type(exc).__name__, exc)
+        finally:
+            if left:
+                with _owed_lock:
+                    _owed.setdefault(key, set()).update(left)
+        if len(tags) > len(left):
+            log.warning("handed %d unacked message(s) a lost connection had kept back to their queue",
+                        len(tags) - len(left))
+        return len(tags) - len(left)
 
 
 class _ScreeningClient(kombu_redis.PrefixedStrictRedis):
@@ -233,6 +271,11 @@ class _Hardened:
                 log.debug("closing a channel whose pending BRPOP lost its connection: %r", exc)
                 self._in_poll = None
         super().close()  # type: ignore[misc]
+
+    def basic_consume(self, *args: Any, **kwargs: Any) -> Any:
+        tag = super().basic_consume(*args, **kwargs)  # type: ignore[misc]
+        self.qos.restore_owed()  # type: ignore[attr-defined]  # connected again: hand back what a close could not
+        return tag
 
     def _deliver_fanout_message(self, message: Any, exchange: Any) -> Any:
         reason = envelope_problem(message, self.lq_content_types)
