@@ -77,7 +77,7 @@ from lightning_queue.storage.connections import text
 from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
 from lightning_queue.storage.pending import PendingIndex
 from lightning_queue.storage.scripts import load_script
-from lightning_queue.storage.traces import TraceWrite
+from lightning_queue.storage.traces import ROOT_FIELDS, TraceWrite
 from lightning_queue.storage.waiting import WaitConnections, Waiter, wait
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
 
 
 def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
-    data = _decode(fields, _PLAIN_ATTEMPT_FIELDS | _TRACE_ATTEMPT_FIELDS)
+    # A root-only trace's fields (storage/traces.py ROOT_FIELDS) are the trace's, read by query_spans.
+    data = _decode({k: v for k, v in fields.items() if text(k) not in ROOT_FIELDS},
+                   _PLAIN_ATTEMPT_FIELDS | _TRACE_ATTEMPT_FIELDS)
     # Written by the trace scripts (_trace_prelude.lua): usage counters and the trace's bookkeeping.
     counters = {name: data.pop(name) for name in _TRACE_ATTEMPT_FIELDS if name in data}
     usage = Usage.from_fields(counters)
