@@ -169,10 +169,13 @@ def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
     return Rollout.model_validate(data)
 
 
-def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
+def decode_attempt(fields: Mapping[bytes | str, bytes | str], rollout_id: str, sequence_id: int) -> Attempt:
+    """Attempt ``sequence_id`` of ``rollout_id`` from its hash: its key says whose and which it is
+    (hashes written before that was so also hold them as fields)."""
     # A root-only trace's fields (storage/traces.py ROOT_FIELDS) are the trace's, read by query_spans.
-    data = _decode({k: v for k, v in fields.items() if text(k) not in ROOT_FIELDS},
-                   _PLAIN_ATTEMPT_FIELDS | _TRACE_ATTEMPT_FIELDS)
+    data = {"rollout_id": rollout_id, "sequence_id": sequence_id,
+            **_decode({k: v for k, v in fields.items() if text(k) not in ROOT_FIELDS},
+                      _PLAIN_ATTEMPT_FIELDS | _TRACE_ATTEMPT_FIELDS)}
     # Written by the trace scripts (_trace_prelude.lua): usage counters and the trace's bookkeeping.
     counters = {name: data.pop(name) for name in _TRACE_ATTEMPT_FIELDS if name in data}
     usage = Usage.from_fields(counters)
@@ -735,10 +738,10 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=False)
         for seq in range(1, int(count or 0) + 1):
             pipe.hgetall(self.keys.attempt(rollout_id, seq))
-        attempts = [fields for fields in pipe.execute() if fields]
-        if result is not None and attempts and b"result" not in attempts[-1] and "result" not in attempts[-1]:
-            attempts[-1]["result"] = result
-        return [decode_attempt(fields) for fields in attempts]
+        attempts = [(seq, fields) for seq, fields in enumerate(pipe.execute(), 1) if fields]
+        if result is not None and attempts and b"result" not in attempts[-1][1] and "result" not in attempts[-1][1]:
+            attempts[-1][1]["result"] = result
+        return [decode_attempt(fields, rollout_id, seq) for seq, fields in attempts]
 
     def statuses(self, rollout_ids: Sequence[str]) -> dict[str, str | None]:
         pipe = self.redis.pipeline(transaction=False)

@@ -63,7 +63,7 @@ _CONSUMER = SPAN_KINDS.index("consumer")  # the root span's kind (OpenTelemetry'
 ROOT_FIELDS = ("root", "root_parent", "root_time", "root_status", "root_reward")
 """The attempt-hash fields of a root-only trace (:func:`compact_root`): ``"{trace_id} {span_id}"``,
 the parent span id (when it has one), ``"{start_ns} {end_ns} {status code}"``, the ``lq.status``
-attribute and the ``lq.final_reward`` one (when set)."""
+attribute (when it is not the attempt's status) and the ``lq.final_reward`` one (when set)."""
 _LISTPACK_VALUE = 64  # Redis's hash-max-listpack-value default: a longer value turns the hash into a table
 _ZSTD_LEVEL = 3  # written once per attempt on the worker's hot path: fast, still 5-10x on traces
 
@@ -115,7 +115,8 @@ def compact_root(entry: Sequence[Any] | None, trace_id: str, attributes: Mapping
     holds nothing else as attempt-hash fields (:data:`ROOT_FIELDS`), or None when the span says
     more than the records and those fields can: ``attributes`` (what the records rebuild,
     :func:`~lightning_queue.core.traces.attempt_attributes`) must be all it carries besides its
-    status and a finite final reward, and it has no status message, events or trace of its own."""
+    status and a finite final reward, and it has no status message, events or trace of its own.
+    (The finish script drops ``root_status`` again when the attempt's recorded status says the same.)"""
     if entry is None or len(entry) != 11:
         return None
     span_id, parent, name, kind, start, end, code, message, attrs, events, own_trace = entry
@@ -142,7 +143,8 @@ def expand_root(root: Mapping[str, str], rollout: Mapping[str, Any], attempt: Ma
                 ) -> tuple[str, list[Any]]:
     """The trace id and stored entry (:func:`span_entry`) of a root span kept as attempt-hash fields
     (:func:`compact_root`), rebuilt with ``rollout`` (its ``rollout_id``, ``mode``, ``metadata``) and the
-    attempt hash's ``attempt_id``, ``sequence_id``, ``worker_id``, ``resources_id``, ``resources_version``."""
+    attempt's ``attempt_id``, ``sequence_id``, ``worker_id``, ``resources_id``, ``resources_version``,
+    ``status``."""
     trace_id, _, span_id = root["root"].partition(" ")
     start, end, code = (int(v) for v in root["root_time"].split())
     version = attempt.get("resources_version")
@@ -150,7 +152,7 @@ def expand_root(root: Mapping[str, str], rollout: Mapping[str, Any], attempt: Ma
                                     int(attempt.get("sequence_id", 0)), attempt.get("resources_id"),
                                     int(version) if version is not None else None, attempt.get("worker_id"),
                                     rollout.get("mode"), rollout.get("metadata") or {})
-    attributes[STATUS] = root["root_status"]
+    attributes[STATUS] = root.get("root_status") or attempt.get("status")
     if "root_reward" in root:
         attributes[FINAL_REWARD] = float(root["root_reward"])
     return trace_id, [span_id, root.get("root_parent"), ATTEMPT_SPAN, _CONSUMER, start, end, code, None,
@@ -249,7 +251,7 @@ class TraceWrite:
 
 
 _NO_USAGE = Usage()
-_ROOT_ATTEMPT_FIELDS = ("attempt_id", "sequence_id", "worker_id", "resources_id", "resources_version")
+_ROOT_ATTEMPT_FIELDS = ("attempt_id", "worker_id", "resources_id", "resources_version", "status")
 
 
 # --------------------------------------------------------------------------- the proxy's view of an attempt
@@ -334,8 +336,8 @@ class Traces:
                 spans.extend(decode_batch(batch, rollout_id, aid, seq))
             values = dict(zip((*ROOT_FIELDS, *_ROOT_ATTEMPT_FIELDS), fields, strict=True))
             if values["root"] is not None:  # the worker's root-only trace, written last (with the outcome)
-                trace_id, entry = expand_root({k: text(v) for k, v in values.items() if v is not None},
-                                              rollout, {k: text(v) for k, v in values.items() if v is not None})
+                present = {k: text(v) for k, v in values.items() if v is not None}
+                trace_id, entry = expand_root(present, rollout, {**present, "sequence_id": str(seq)})
                 spans.extend(_spans([entry], trace_id, rollout_id, aid, seq))
         return spans
 

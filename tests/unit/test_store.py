@@ -808,3 +808,34 @@ def test_create_rollouts_sends_one_zadd_per_index(store: RolloutStore, make_roll
     assert sorted(sent) == sorted([k.rollouts, k.rollouts_by_status("queuing"), k.rollouts_by_mode("train"),
                                    k.rollouts_by_resources("rs-a"), k.pending])
     assert len(store.query_rollouts(limit=100)) == 10 and len(store.query_rollouts(resources_id="rs-a")) == 5
+
+
+def test_a_root_only_trace_keeps_its_own_status_only_where_the_attempt_records_another(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    from lightning_queue.core import traces as t
+    from lightning_queue.storage.traces import Traces, TraceWrite, compact_root
+
+    def root_write(rid: str, seq: int, attempt_id: str, status: str) -> TraceWrite:
+        attributes = t.attempt_attributes(rid, attempt_id, seq, "rs-a", 1, f"w{seq}", "train", {})
+        entry = ["ab" * 8, None, t.ATTEMPT_SPAN, 4, 10, 20, 0, None, {**attributes, t.STATUS: status}, None, None]
+        batch = compact_root(entry, "cd" * 16, attributes)
+        assert batch is not None
+        return TraceWrite(batch)
+
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    first = store.claim(rollout, "w1", StartWith(None, None, "rs-a", 1, ""))
+    expire_heartbeat(store, rid)
+    second = store.claim(rollout, "w2", StartWith(None, None, "rs-a", 1, ""))  # attempt 1 closed as worker_lost
+    # Attempt 1's late report is refused, its trace kept: the root span says what its agent reported.
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded",
+                                trace=root_write(rid, 1, first.attempt_id, "succeeded")) == "stale"
+    assert store.finish_attempt(rid, 2, "failed", "failed",
+                                trace=root_write(rid, 2, second.attempt_id, "failed")) == "failed"
+    assert store.redis.hget(store.keys.attempt(rid, 1), "root_status") == b"succeeded"
+    assert store.redis.hget(store.keys.attempt(rid, 2), "root_status") is None  # the attempt's status says it
+    one, two = Traces(store.redis, store.keys).query_spans(rid)
+    assert [s.attributes[t.STATUS] for s in (one, two)] == ["succeeded", "failed"]
+    assert [a.status for a in store.get_attempts(rid)] == ["worker_lost", "failed"]
+    assert (two.attributes[t.SEQUENCE_ID], two.attributes[t.WORKER_ID], two.span_id) == (2, "w2", "ab" * 8)

@@ -43,6 +43,8 @@ if CLOSED[redis.call('HGET', KEYS[K + 2], 'status')] then
 end
 redis.call('ZREM', KEYS[K + 4], rid)
 local attempt = {'status', ARGV[3], 'end_time', ARGV[4]}
+-- A root-only trace (record_trace) need not repeat the status the attempt records: query_spans reads it there.
+if redis.call('HGET', KEYS[K + 2], 'root_status') == ARGV[3] then redis.call('HDEL', KEYS[K + 2], 'root_status') end
 if ARGV[5] ~= '' then table.insert(attempt, 'error'); table.insert(attempt, ARGV[5]) end
 if TERMINAL[status] then
   -- Cancelled while it ran: the outcome is kept on the attempt only, which expires with the rollout.
