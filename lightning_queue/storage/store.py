@@ -20,9 +20,10 @@ finished-rollouts stream (:meth:`RolloutStore.finished_rollouts`) and the
 end-time index, and (when a TTL is set) its record and attempts expire that
 many seconds later, all in the same step.
 
-Layout: a record holds one hash field per model field, except the JSON fields
-at their default (``metadata``, ``error``, ``result`` when empty; ``config``
-stores only what differs from :class:`RolloutConfig`'s defaults), and a result
+Layout: a record holds one hash field per model field, except the rollout id
+(its key's) and the fields at their default (``metadata``, ``error``, ``result``
+when empty, ``mode`` ``train``, ``resolve`` ``following``; ``config`` stores only
+what differs from :class:`RolloutConfig`'s defaults), and a result
 is stored without its ``None`` fields, once: on the rollout when the outcome
 is accepted (:meth:`RolloutStore.get_attempts` gives it to the attempt that
 finished the rollout), on the attempt when it was refused because the
@@ -100,9 +101,10 @@ _PLAIN_ATTEMPT_FIELDS = frozenset(
 # JSON fields left out while they hold their default (decoding restores it), so that a
 # typical record's values all stay under Redis's ``hash-max-listpack-value`` (64 bytes) and
 # Redis keeps the hash as a compact listpack instead of a hash table (about half the memory).
-# ``input`` and ``mode`` are always stored: ``None`` is not their default.
+# ``input`` is always stored (``None`` is not its default), ``mode`` unless it is its default.
 # (``config`` and ``result`` are written by :func:`encode_rollout` in their own compact forms.)
-_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None}
+_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None, "mode": Rollout.model_fields["mode"].default}
+_DEFAULT_RESOLVE = Rollout.model_fields["resolve"].default  # a plain field, left out at its default too
 
 
 def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
@@ -140,8 +142,11 @@ def encode_result(result: RolloutResult) -> str:
 
 
 def encode_rollout(rollout: Rollout) -> dict[str, str]:
-    out = _encode(rollout.model_dump(mode="json", exclude={"config", "result", "ran_resources_id",
+    # The rollout id is the key's (decode_rollout takes it from the caller).
+    out = _encode(rollout.model_dump(mode="json", exclude={"rollout_id", "config", "result", "ran_resources_id",
                                                            "ran_resources_version"}), _PLAIN_ROLLOUT_FIELDS)
+    if out.get("resolve") == _DEFAULT_RESOLVE:
+        del out["resolve"]
     config = encode_config(rollout.config)
     if config != "{}":
         out["config"] = config
@@ -158,8 +163,10 @@ def _encode_ran(resources_id: str | None, version: int | None) -> str | None:
     return None if resources_id is None or version is None else f"{version}:{resources_id}"
 
 
-def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
-    data = _decode(fields, _PLAIN_ROLLOUT_FIELDS)
+def decode_rollout(fields: Mapping[bytes | str, bytes | str], rollout_id: str) -> Rollout:
+    """Rollout ``rollout_id`` from its record's fields (the id is its key's; records written before
+    that was so also hold it as a field)."""
+    data = {"rollout_id": rollout_id, **_decode(fields, _PLAIN_ROLLOUT_FIELDS)}
     ran = data.pop("ran", None)
     if ran is not None:
         version, _, data["ran_resources_id"] = ran.partition(":")
@@ -393,7 +400,7 @@ class RolloutStore:
             if fields:
                 stored = dict(zip(fields[::2], fields[1::2], strict=True))
                 published = b"published" in stored or "published" in stored
-                existing[rollout.rollout_id] = (decode_rollout(stored), published)
+                existing[rollout.rollout_id] = (decode_rollout(stored, rollout.rollout_id), published)
         return RegistryMark(int(reply[0] or 0), text(reply[1])), existing
 
     def mark_published(self, rollout_ids: Sequence[str]) -> None:
@@ -467,7 +474,7 @@ class RolloutStore:
                     return Claim("lost", sequence_id=seq)
                 continue  # requeuing (or closed by someone else meanwhile): claim the next attempt
             fields = reply[3]
-            record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)))
+            record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)), rollout_id)
             return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])),
                          attempt_id=attempt_id)
 
@@ -670,7 +677,7 @@ class RolloutStore:
         fields = self.redis.hgetall(self.keys.rollout(check_rollout_id(rollout_id)))
         if not fields:
             raise RolloutNotFoundError(rollout_id)
-        return decode_rollout(fields)
+        return decode_rollout(fields, rollout_id)
 
     def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
         """The rollouts, in the order given, read in one round trip."""
@@ -693,7 +700,8 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=False)
         for rid in rollout_ids:
             pipe.hgetall(self.keys.rollout(rid))
-        return [decode_rollout(fields) if fields else None for fields in pipe.execute()]
+        return [decode_rollout(fields, rid) if fields else None
+                for rid, fields in zip(rollout_ids, pipe.execute(), strict=True)]
 
     def forget(self, rollout_ids: Sequence[str], index_keys: Iterable[str] = ()) -> int:
         """Drop ids whose record has expired from the main, status and end-time indexes and from

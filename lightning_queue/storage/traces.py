@@ -39,7 +39,7 @@ from pydantic_core import to_json
 
 from lightning_queue.core.errors import AttemptNotFoundError, RolloutNotFoundError
 from lightning_queue.core.keys import Keys
-from lightning_queue.core.models import OPEN_STATUSES
+from lightning_queue.core.models import OPEN_STATUSES, Rollout
 from lightning_queue.core.traces import (
     ATTEMPT_SPAN,
     FINAL_REWARD,
@@ -251,6 +251,7 @@ class TraceWrite:
 
 
 _NO_USAGE = Usage()
+_DEFAULT_MODE = Rollout.model_fields["mode"].default  # a record leaves its mode out at the default
 _ROOT_ATTEMPT_FIELDS = ("attempt_id", "worker_id", "resources_id", "resources_version", "status")
 
 
@@ -327,7 +328,7 @@ class Traces:
             pipe.hmget(self.keys.attempt(rollout_id, seq), [*ROOT_FIELDS, *_ROOT_ATTEMPT_FIELDS])
         replies = pipe.execute()
         mode, metadata = (text(v) if v is not None else None for v in replies[0])
-        rollout = {"rollout_id": rollout_id, "mode": json.loads(mode) if mode else None,
+        rollout = {"rollout_id": rollout_id, "mode": json.loads(mode) if mode else _DEFAULT_MODE,
                    "metadata": json.loads(metadata) if metadata else {}}
         spans: list[Span] = []
         for i, (seq, aid) in enumerate(wanted):

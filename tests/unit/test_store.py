@@ -839,3 +839,18 @@ def test_a_root_only_trace_keeps_its_own_status_only_where_the_attempt_records_a
     assert [s.attributes[t.STATUS] for s in (one, two)] == ["succeeded", "failed"]
     assert [a.status for a in store.get_attempts(rid)] == ["worker_lost", "failed"]
     assert (two.attributes[t.SEQUENCE_ID], two.attributes[t.WORKER_ID], two.span_id) == (2, "w2", "ab" * 8)
+
+
+def test_a_record_leaves_out_its_id_and_the_fields_at_their_default(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    default, other = make_rollouts(1)[0], make_rollouts(1, mode="val")[0]
+    stored = store.redis.hgetall(store.keys.rollout(default.rollout_id))
+    assert not {b"rollout_id", b"resolve", b"mode"} & set(stored)  # the key says the id; the rest are defaults
+    assert b"mode" in store.redis.hgetall(store.keys.rollout(other.rollout_id))
+    assert store.get_rollout(default.rollout_id) == default and store.get_rollout(other.rollout_id) == other
+    assert (store.get_rollout(default.rollout_id).mode, store.get_rollout(other.rollout_id).mode) == ("train", "val")
+    # A record written before keeps its fields and reads the same.
+    store.redis.hset(store.keys.rollout(default.rollout_id), mapping={"rollout_id": default.rollout_id,
+                                                                        "resolve": "following"})
+    assert store.get_rollout(default.rollout_id) == default
