@@ -193,6 +193,7 @@ def decode_attempt(fields: Mapping[bytes | str, bytes | str], rollout_id: str, s
 
 
 _TRACE_ATTEMPT_FIELDS = frozenset({*Usage.FIELDS, "spans_dropped", "proxy_bytes"})
+_OPEN_ATTEMPT = frozenset({"preparing", "running"})  # an attempt in these has no end time yet
 
 
 QUERY_SCAN_BUDGET = 2000
@@ -740,15 +741,25 @@ class RolloutStore:
     def get_attempts(self, rollout_id: str) -> list[Attempt]:
         """Every attempt of the rollout, first to last. The result of the attempt that
         finished the rollout is stored once, on the rollout, and read from there."""
-        count, result = self.redis.hmget(self.keys.rollout(check_rollout_id(rollout_id)), ["attempt_count", "result"])
+        count, result, start, end = self.redis.hmget(self.keys.rollout(check_rollout_id(rollout_id)),
+                                                     ["attempt_count", "result", "start_time", "end_time"])
         if count is None and not self.redis.exists(self.keys.rollout(rollout_id)):
             raise RolloutNotFoundError(rollout_id)
         pipe = self.redis.pipeline(transaction=False)
         for seq in range(1, int(count or 0) + 1):
             pipe.hgetall(self.keys.attempt(rollout_id, seq))
-        attempts = [(seq, fields) for seq, fields in enumerate(pipe.execute(), 1) if fields]
-        if result is not None and attempts and b"result" not in attempts[-1][1] and "result" not in attempts[-1][1]:
-            attempts[-1][1]["result"] = result
+        attempts = [(seq, {text(k): v for k, v in fields.items()})
+                    for seq, fields in enumerate(pipe.execute(), 1) if fields]
+        for _, fields in attempts:
+            if "start_time" not in fields and start is not None:  # the attempt that started the rollout
+                fields["start_time"] = start
+        if attempts:
+            last = attempts[-1][1]
+            if result is not None and "result" not in last:
+                last["result"] = result
+            # The attempt that finished the rollout ends with it (finish_attempt.lua stores that time once).
+            if "end_time" not in last and end is not None and text(last.get("status", b"")) not in _OPEN_ATTEMPT:
+                last["end_time"] = end
         return [decode_attempt(fields, rollout_id, seq) for seq, fields in attempts]
 
     def statuses(self, rollout_ids: Sequence[str]) -> dict[str, str | None]:

@@ -854,3 +854,24 @@ def test_a_record_leaves_out_its_id_and_the_fields_at_their_default(
     store.redis.hset(store.keys.rollout(default.rollout_id), mapping={"rollout_id": default.rollout_id,
                                                                         "resolve": "following"})
     assert store.get_rollout(default.rollout_id) == default
+
+
+def test_the_first_attempts_start_and_the_last_attempts_end_are_stored_once_on_the_record(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    store.claim(rollout, "w1")
+    store.start_attempt(rid, 1, "rs-a", 1)
+    assert store.get_attempts(rid)[0].end_time is None  # running: no end yet
+    assert store.finish_attempt(rid, 1, "failed", "requeuing") == "requeuing"
+    store.claim(rollout, "w2")
+    store.start_attempt(rid, 2, "rs-a", 1)
+    assert store.finish_attempt(rid, 2, "succeeded", "succeeded", result=RolloutResult(reward=1.0)) == "succeeded"
+    first, second = (store.redis.hgetall(store.keys.attempt(rid, n)) for n in (1, 2))
+    assert b"start_time" not in first and b"end_time" in first  # it did not end the rollout
+    assert b"start_time" in second and b"end_time" not in second
+    record = store.get_rollout(rid)
+    one, two = store.get_attempts(rid)
+    assert one.start_time == record.start_time and two.end_time == record.end_time
+    assert one.end_time is not None and one.end_time <= two.start_time <= two.end_time  # type: ignore[operator]
