@@ -748,8 +748,8 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=False)
         for seq in range(1, int(count or 0) + 1):
             pipe.hgetall(self.keys.attempt(rollout_id, seq))
-        attempts = [(seq, {text(k): v for k, v in fields.items()})
-                    for seq, fields in enumerate(pipe.execute(), 1) if fields]
+        attempts: list[tuple[int, dict[bytes | str, bytes | str]]] = [
+            (seq, {text(k): v for k, v in fields.items()}) for seq, fields in enumerate(pipe.execute(), 1) if fields]
         for _, fields in attempts:
             if "start_time" not in fields and start is not None:  # the attempt that started the rollout
                 fields["start_time"] = start
