@@ -47,10 +47,12 @@ from lightning_queue.ops.embedded import EmbeddedRedis
 from lightning_queue.ops.fleet import WorkerProcess, worker_env
 from lightning_queue.storage.connections import ping
 
-SECTIONS = ("e2e", "latency", "steps", "enqueue", "inflight", "events_off")
+SECTIONS = ("e2e", "latency", "steps", "enqueue", "inflight", "events_off", "memory")
 """What ``--only`` selects: end to end (with memory, CPU and round trips per rollout), one rollout
-at a time, the worker's Redis steps in process, enqueue rates, rollouts in flight per process, and
-end to end with task events off (full runs only)."""
+at a time, the worker's Redis steps in process, enqueue rates, rollouts in flight per process,
+end to end with task events off (full runs only), and lightning-queue's memory per rollout alone
+(``memory``: not in a default run, e2e measures it too; memory is deterministic, so one side and
+no alternation suffice to compare two code trees)."""
 
 # -- pure helpers (unit-tested in tests/unit/test_bench_helpers.py) ---------------------------------------------
 
@@ -691,6 +693,25 @@ def end_to_end(b: Bench, report: Report, events: bool = True) -> None:
                        split_per_item(last, 1), side=side.key, commands=last)
 
 
+def memory_rows(b: Bench, report: Report) -> None:
+    """lightning-queue's Redis memory per queued and per finished no-op rollout, split by key type:
+    the e2e section's memory rows without bare Celery or the rates (a minute instead of ten)."""
+    n = 300 if b.quick else 2000
+    lq, = (s for s in b.sides(b.default_workers()) if s.key == "lq")
+    consume_round(b, lq, max(30, n // 2))  # warm-up: scripts loaded, Redis's tables grown
+    runs = [consume_round(b, lq, n, breakdown=i == 1) for i in range(2)]
+    report.result("runs", runs)
+    report.row(f"Redis memory growth per queued rollout (used_memory), lightning-queue ({n} x 2, median)",
+               f"{med(runs, 'queued_bytes'):,.0f} B", "<= 1.2 KB", bytes=med(runs, "queued_bytes"))
+    report.row(f"Redis memory growth per finished rollout (used_memory), lightning-queue ({n} x 2, median)",
+               f"{med(runs, 'finished_bytes'):,.0f} B", "<= 700 B", bytes=med(runs, "finished_bytes"))
+    split = runs[-1].get("memory_usage_by_key_type", {})
+    rest = runs[-1]["finished_bytes"] - sum(split.values())
+    report.row("  MEMORY USAGE by key type per finished rollout (last round)",
+               ", ".join(f"{k} {v:.0f}" for k, v in split.items())
+               + f"; keyspace, expiry and other overhead {rest:.0f}", split=split, overhead=rest)
+
+
 def latency(b: Bench, report: Report) -> None:
     """One rollout at a time, from just before the enqueue call to the caller holding its result,
     alternating sides each iteration, on running workers (2 prefork processes each)."""
@@ -905,7 +926,8 @@ def main() -> int:
     parser.add_argument("--only", help=f"comma-separated sections among {', '.join(SECTIONS)}")
     parser.add_argument("--timeout", type=float, default=120.0, help="longest wait for one round, seconds")
     args = parser.parse_args()
-    only = set(args.only.split(",")) if args.only else set(SECTIONS) - ({"events_off"} if args.quick else set())
+    only = set(args.only.split(",")) if args.only else \
+        set(SECTIONS) - {"memory"} - ({"events_off"} if args.quick else set())
     unknown = only - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose among {', '.join(SECTIONS)}")
@@ -943,6 +965,7 @@ def main() -> int:
             ("enqueue", lambda: enqueue(b, report)),
             ("inflight", lambda: in_flight_rows(b, report)),
             ("events_off", lambda: end_to_end(b, report, events=False)),
+            ("memory", lambda: memory_rows(b, report)),
         ]
         for name, fn in plan:
             if name in only:

@@ -24,7 +24,9 @@ Rollout store::
 
     {p}:rollout:{rollout_id}             hash  the Rollout record, one field per set model field (see store.py); expires
                                                ``rollout_ttl_seconds`` after the rollout finishes
-    {p}:rollout:{rollout_id}:attempt:{n} hash  attempt n (1-based) of that rollout; expires with it
+    {p}:rollout:{rollout_id}:attempt:{n} hash  attempt n (1-based) of that rollout; expires with it. A trace
+                                               that is the root span alone is kept here as a few ``root*``
+                                               fields instead of a spans list (storage/traces.py ROOT_FIELDS)
     {p}:rollout:{rollout_id}:attempt:{n}:spans
                                          list  that attempt's trace: span batches (the worker's, written with
                                                the finish; one per proxy call), see storage/traces.py; expires

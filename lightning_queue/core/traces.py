@@ -49,6 +49,26 @@ WORKER_ID = "lq.worker_id"
 STATUS = "lq.status"
 FINAL_REWARD = "lq.final_reward"
 
+
+
+def attempt_attributes(rollout_id: str, attempt_id: str, sequence_id: int, resources_id: str | None,
+                       resources_version: int | None, worker_id: str | None, mode: str | None,
+                       metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes an attempt's root span opens with: what the rollout and attempt records say
+    about it (so a root span that carries nothing else is stored as a few fields of the attempt
+    hash and rebuilt from the records, see :mod:`lightning_queue.storage.traces`)."""
+    attributes: dict[str, Any] = {
+        ROLLOUT_ID: rollout_id, ATTEMPT_ID: attempt_id, SEQUENCE_ID: sequence_id,
+        RESOURCES_ID: resources_id, RESOURCES_VERSION: resources_version, WORKER_ID: worker_id,
+    }
+    if mode:
+        attributes[MODE] = mode
+    for name, key in ((EXPERIMENT, "experiment"), (VARIANT, "variant")):
+        if isinstance(metadata.get(key), str):
+            attributes[name] = metadata[key]
+    return attributes
+
+
 REWARD_VALUE = "lq.reward.value"
 REWARD_NAME = "lq.reward.name"
 REWARD_PRIMARY = "lq.reward.primary"

@@ -333,7 +333,7 @@ class Experiments:
             pipe.hgetall(self.keys.rollout(rid))
         records = dict(zip(flat, pipe.execute(), strict=True))
         rollouts = {
-            v.name: [decode_rollout(records[rid]) for rid in ids[v.name] if records[rid]] for v in exp.variants
+            v.name: [decode_rollout(records[rid], rid) for rid in ids[v.name] if records[rid]] for v in exp.variants
         }
         return exp, rollouts, units
 

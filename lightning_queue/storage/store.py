@@ -20,9 +20,10 @@ finished-rollouts stream (:meth:`RolloutStore.finished_rollouts`) and the
 end-time index, and (when a TTL is set) its record and attempts expire that
 many seconds later, all in the same step.
 
-Layout: a record holds one hash field per model field, except the JSON fields
-at their default (``metadata``, ``error``, ``result`` when empty; ``config``
-stores only what differs from :class:`RolloutConfig`'s defaults), and a result
+Layout: a record holds one hash field per model field, except the rollout id
+(its key's) and the fields at their default (``metadata``, ``error``, ``result``
+when empty, ``mode`` ``train``, ``resolve`` ``following``; ``config`` stores only
+what differs from :class:`RolloutConfig`'s defaults), and a result
 is stored without its ``None`` fields, once: on the rollout when the outcome
 is accepted (:meth:`RolloutStore.get_attempts` gives it to the attempt that
 finished the rollout), on the attempt when it was refused because the
@@ -77,7 +78,7 @@ from lightning_queue.storage.connections import text
 from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
 from lightning_queue.storage.pending import PendingIndex
 from lightning_queue.storage.scripts import load_script
-from lightning_queue.storage.traces import TraceWrite
+from lightning_queue.storage.traces import ROOT_FIELDS, TraceWrite
 from lightning_queue.storage.waiting import WaitConnections, Waiter, wait
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,10 @@ _PLAIN_ATTEMPT_FIELDS = frozenset(
 # JSON fields left out while they hold their default (decoding restores it), so that a
 # typical record's values all stay under Redis's ``hash-max-listpack-value`` (64 bytes) and
 # Redis keeps the hash as a compact listpack instead of a hash table (about half the memory).
-# ``input`` and ``mode`` are always stored: ``None`` is not their default.
+# ``input`` is always stored (``None`` is not its default), ``mode`` unless it is its default.
 # (``config`` and ``result`` are written by :func:`encode_rollout` in their own compact forms.)
-_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None}
+_OMITTED_WHEN_DEFAULT: dict[str, Any] = {"metadata": {}, "error": None, "mode": Rollout.model_fields["mode"].default}
+_DEFAULT_RESOLVE = Rollout.model_fields["resolve"].default  # a plain field, left out at its default too
 
 
 def _encode(data: Mapping[str, Any], plain: frozenset[str]) -> dict[str, str]:
@@ -140,8 +142,11 @@ def encode_result(result: RolloutResult) -> str:
 
 
 def encode_rollout(rollout: Rollout) -> dict[str, str]:
-    out = _encode(rollout.model_dump(mode="json", exclude={"config", "result", "ran_resources_id",
+    # The rollout id is the key's (decode_rollout takes it from the caller).
+    out = _encode(rollout.model_dump(mode="json", exclude={"rollout_id", "config", "result", "ran_resources_id",
                                                            "ran_resources_version"}), _PLAIN_ROLLOUT_FIELDS)
+    if out.get("resolve") == _DEFAULT_RESOLVE:
+        del out["resolve"]
     config = encode_config(rollout.config)
     if config != "{}":
         out["config"] = config
@@ -158,8 +163,10 @@ def _encode_ran(resources_id: str | None, version: int | None) -> str | None:
     return None if resources_id is None or version is None else f"{version}:{resources_id}"
 
 
-def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
-    data = _decode(fields, _PLAIN_ROLLOUT_FIELDS)
+def decode_rollout(fields: Mapping[bytes | str, bytes | str], rollout_id: str) -> Rollout:
+    """Rollout ``rollout_id`` from its record's fields (the id is its key's; records written before
+    that was so also hold it as a field)."""
+    data = {"rollout_id": rollout_id, **_decode(fields, _PLAIN_ROLLOUT_FIELDS)}
     ran = data.pop("ran", None)
     if ran is not None:
         version, _, data["ran_resources_id"] = ran.partition(":")
@@ -169,8 +176,13 @@ def decode_rollout(fields: Mapping[bytes | str, bytes | str]) -> Rollout:
     return Rollout.model_validate(data)
 
 
-def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
-    data = _decode(fields, _PLAIN_ATTEMPT_FIELDS | _TRACE_ATTEMPT_FIELDS)
+def decode_attempt(fields: Mapping[bytes | str, bytes | str], rollout_id: str, sequence_id: int) -> Attempt:
+    """Attempt ``sequence_id`` of ``rollout_id`` from its hash: its key says whose and which it is
+    (hashes written before that was so also hold them as fields)."""
+    # A root-only trace's fields (storage/traces.py ROOT_FIELDS) are the trace's, read by query_spans.
+    data = {"rollout_id": rollout_id, "sequence_id": sequence_id,
+            **_decode({k: v for k, v in fields.items() if text(k) not in ROOT_FIELDS},
+                      _PLAIN_ATTEMPT_FIELDS | _TRACE_ATTEMPT_FIELDS)}
     # Written by the trace scripts (_trace_prelude.lua): usage counters and the trace's bookkeeping.
     counters = {name: data.pop(name) for name in _TRACE_ATTEMPT_FIELDS if name in data}
     usage = Usage.from_fields(counters)
@@ -181,6 +193,7 @@ def decode_attempt(fields: Mapping[bytes | str, bytes | str]) -> Attempt:
 
 
 _TRACE_ATTEMPT_FIELDS = frozenset({*Usage.FIELDS, "spans_dropped", "proxy_bytes"})
+_OPEN_ATTEMPT = frozenset({"preparing", "running"})  # an attempt in these has no end time yet
 
 
 QUERY_SCAN_BUDGET = 2000
@@ -388,7 +401,7 @@ class RolloutStore:
             if fields:
                 stored = dict(zip(fields[::2], fields[1::2], strict=True))
                 published = b"published" in stored or "published" in stored
-                existing[rollout.rollout_id] = (decode_rollout(stored), published)
+                existing[rollout.rollout_id] = (decode_rollout(stored, rollout.rollout_id), published)
         return RegistryMark(int(reply[0] or 0), text(reply[1])), existing
 
     def mark_published(self, rollout_ids: Sequence[str]) -> None:
@@ -462,7 +475,7 @@ class RolloutStore:
                     return Claim("lost", sequence_id=seq)
                 continue  # requeuing (or closed by someone else meanwhile): claim the next attempt
             fields = reply[3]
-            record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)))
+            record = decode_rollout(dict(zip(fields[::2], fields[1::2], strict=True)), rollout_id)
             return Claim("claimed", sequence_id=int(reply[1]), rollout=record, started=bool(int(reply[2])),
                          attempt_id=attempt_id)
 
@@ -665,7 +678,7 @@ class RolloutStore:
         fields = self.redis.hgetall(self.keys.rollout(check_rollout_id(rollout_id)))
         if not fields:
             raise RolloutNotFoundError(rollout_id)
-        return decode_rollout(fields)
+        return decode_rollout(fields, rollout_id)
 
     def get_rollouts(self, rollout_ids: Sequence[str]) -> list[Rollout]:
         """The rollouts, in the order given, read in one round trip."""
@@ -688,7 +701,8 @@ class RolloutStore:
         pipe = self.redis.pipeline(transaction=False)
         for rid in rollout_ids:
             pipe.hgetall(self.keys.rollout(rid))
-        return [decode_rollout(fields) if fields else None for fields in pipe.execute()]
+        return [decode_rollout(fields, rid) if fields else None
+                for rid, fields in zip(rollout_ids, pipe.execute(), strict=True)]
 
     def forget(self, rollout_ids: Sequence[str], index_keys: Iterable[str] = ()) -> int:
         """Drop ids whose record has expired from the main, status and end-time indexes and from
@@ -727,16 +741,26 @@ class RolloutStore:
     def get_attempts(self, rollout_id: str) -> list[Attempt]:
         """Every attempt of the rollout, first to last. The result of the attempt that
         finished the rollout is stored once, on the rollout, and read from there."""
-        count, result = self.redis.hmget(self.keys.rollout(check_rollout_id(rollout_id)), ["attempt_count", "result"])
+        count, result, start, end = self.redis.hmget(self.keys.rollout(check_rollout_id(rollout_id)),
+                                                     ["attempt_count", "result", "start_time", "end_time"])
         if count is None and not self.redis.exists(self.keys.rollout(rollout_id)):
             raise RolloutNotFoundError(rollout_id)
         pipe = self.redis.pipeline(transaction=False)
         for seq in range(1, int(count or 0) + 1):
             pipe.hgetall(self.keys.attempt(rollout_id, seq))
-        attempts = [fields for fields in pipe.execute() if fields]
-        if result is not None and attempts and b"result" not in attempts[-1] and "result" not in attempts[-1]:
-            attempts[-1]["result"] = result
-        return [decode_attempt(fields) for fields in attempts]
+        attempts: list[tuple[int, dict[bytes | str, bytes | str]]] = [
+            (seq, {text(k): v for k, v in fields.items()}) for seq, fields in enumerate(pipe.execute(), 1) if fields]
+        for _, fields in attempts:
+            if "start_time" not in fields and start is not None:  # the attempt that started the rollout
+                fields["start_time"] = start
+        if attempts:
+            last = attempts[-1][1]
+            if result is not None and "result" not in last:
+                last["result"] = result
+            # The attempt that finished the rollout ends with it (finish_attempt.lua stores that time once).
+            if "end_time" not in last and end is not None and text(last.get("status", b"")) not in _OPEN_ATTEMPT:
+                last["end_time"] = end
+        return [decode_attempt(fields, rollout_id, seq) for seq, fields in attempts]
 
     def statuses(self, rollout_ids: Sequence[str]) -> dict[str, str | None]:
         pipe = self.redis.pipeline(transaction=False)

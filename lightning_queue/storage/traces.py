@@ -12,6 +12,14 @@ events, trace_id]`` (``trace_id`` null when it is the batch's); a batch is ``[1,
 ``z`` from 1 KiB on (spans repeat their attribute names: a typical LLM-heavy trace shrinks
 5-10x). Each span is encoded once, when it ends; the batch joins the encoded spans.
 
+A trace that is the attempt's root span alone, carrying only what the records say (the
+attributes of :func:`~lightning_queue.core.traces.attempt_attributes`, its status and final
+reward), the common case of a short attempt, is not a list: :func:`compact_root` gives its ids,
+times and status as a few short fields of the attempt hash (:data:`ROOT_FIELDS`, each under
+Redis's ``hash-max-listpack-value``, so the hash stays a listpack), written by the same script in
+place of the batch, and :meth:`Traces.query_spans` rebuilds the span from them and the records.
+That saves the list's key, its expiry and the span's JSON: ~570 of a no-op rollout's bytes.
+
 Usage (LLM calls, tokens, cost; :class:`~lightning_queue.core.traces.Usage`) is added, with each
 batch, to the attempt hash and to the rollups of the attempt's snapshot version
 (``{p}:usage:snapshot:{id}``) and experiment variant (``{p}:experiment:{name}:usage``), by the
@@ -21,6 +29,7 @@ same script: the counters are exact even when spans are dropped past the size li
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,8 +39,18 @@ from pydantic_core import to_json
 
 from lightning_queue.core.errors import AttemptNotFoundError, RolloutNotFoundError
 from lightning_queue.core.keys import Keys
-from lightning_queue.core.models import OPEN_STATUSES
-from lightning_queue.core.traces import SPAN_KINDS, SPAN_STATUSES, Span, SpanEvent, Usage
+from lightning_queue.core.models import OPEN_STATUSES, Rollout
+from lightning_queue.core.traces import (
+    ATTEMPT_SPAN,
+    FINAL_REWARD,
+    SPAN_KINDS,
+    SPAN_STATUSES,
+    STATUS,
+    Span,
+    SpanEvent,
+    Usage,
+    attempt_attributes,
+)
 from lightning_queue.storage.connections import text
 
 if TYPE_CHECKING:
@@ -39,7 +58,13 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 COMPRESS_AT = 1024
-_PLAIN, _ZSTD = b"j", b"z"
+_PLAIN, _ZSTD, _ROOT = b"j", b"z", b"r"
+_CONSUMER = SPAN_KINDS.index("consumer")  # the root span's kind (OpenTelemetry's SpanKind value)
+ROOT_FIELDS = ("root", "root_parent", "root_time", "root_status", "root_reward")
+"""The attempt-hash fields of a root-only trace (:func:`compact_root`): ``"{trace_id} {span_id}"``,
+the parent span id (when it has one), ``"{start_ns} {end_ns} {status code}"``, the ``lq.status``
+attribute (when it is not the attempt's status) and the ``lq.final_reward`` one (when set)."""
+_LISTPACK_VALUE = 64  # Redis's hash-max-listpack-value default: a longer value turns the hash into a table
 _ZSTD_LEVEL = 3  # written once per attempt on the worker's hot path: fast, still 5-10x on traces
 
 
@@ -85,6 +110,65 @@ def encode_batch(trace_id: str, pieces: Sequence[bytes]) -> bytes:
     return _ZSTD + zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
 
 
+def compact_root(entry: Sequence[Any] | None, trace_id: str, attributes: Mapping[str, Any]) -> bytes | None:
+    """The script argument that stores the root span ``entry`` (:func:`span_entry`) of a trace that
+    holds nothing else as attempt-hash fields (:data:`ROOT_FIELDS`), or None when the span says
+    more than the records and those fields can: ``attributes`` (what the records rebuild,
+    :func:`~lightning_queue.core.traces.attempt_attributes`) must be all it carries besides its
+    status and a finite final reward, and it has no status message, events or trace of its own.
+    (The finish script drops ``root_status`` again when the attempt's recorded status says the same.)"""
+    if entry is None or len(entry) != 11:
+        return None
+    span_id, parent, name, kind, start, end, code, message, attrs, events, own_trace = entry
+    if name != ATTEMPT_SPAN or kind != _CONSUMER or message is not None or events or own_trace is not None:
+        return None
+    rest = dict(attrs or {})
+    status, reward = rest.pop(STATUS, None), rest.pop(FINAL_REWARD, None)
+    if rest != attributes or not isinstance(status, str) or not status:
+        return None
+    fields = {"root": f"{trace_id} {span_id}", "root_time": f"{int(start)} {int(end)} {int(code)}",
+              "root_status": status}
+    if parent is not None:
+        fields["root_parent"] = str(parent)
+    if reward is not None:
+        if type(reward) is not float or not math.isfinite(reward):
+            return None
+        fields["root_reward"] = repr(reward)
+    if any(len(v) >= _LISTPACK_VALUE or "\n" in v for v in fields.values()):
+        return None
+    return _ROOT + "\n".join(f"{k}\n{v}" for k, v in fields.items()).encode()
+
+
+def expand_root(root: Mapping[str, str], rollout: Mapping[str, Any], attempt: Mapping[str, str]
+                ) -> tuple[str, list[Any]]:
+    """The trace id and stored entry (:func:`span_entry`) of a root span kept as attempt-hash fields
+    (:func:`compact_root`), rebuilt with ``rollout`` (its ``rollout_id``, ``mode``, ``metadata``) and the
+    attempt's ``attempt_id``, ``sequence_id``, ``worker_id``, ``resources_id``, ``resources_version``,
+    ``status``."""
+    trace_id, _, span_id = root["root"].partition(" ")
+    start, end, code = (int(v) for v in root["root_time"].split())
+    version = attempt.get("resources_version")
+    attributes = attempt_attributes(rollout["rollout_id"], attempt.get("attempt_id", ""),
+                                    int(attempt.get("sequence_id", 0)), attempt.get("resources_id"),
+                                    int(version) if version is not None else None, attempt.get("worker_id"),
+                                    rollout.get("mode"), rollout.get("metadata") or {})
+    attributes[STATUS] = root.get("root_status") or attempt.get("status")
+    if "root_reward" in root:
+        attributes[FINAL_REWARD] = float(root["root_reward"])
+    return trace_id, [span_id, root.get("root_parent"), ATTEMPT_SPAN, _CONSUMER, start, end, code, None,
+                      attributes, None, None]
+
+
+def _spans(entries: Sequence[Sequence[Any]], trace_id: str, rollout_id: str, attempt_id: str,
+           sequence_id: int) -> list[Span]:
+    return [Span(
+        span_id=e[0], parent_id=e[1], name=e[2], kind=SPAN_KINDS[e[3]], start_time=e[4] / 1e9,
+        end_time=e[5] / 1e9, status=SPAN_STATUSES[e[6]], status_message=e[7], attributes=e[8] or {},
+        events=[SpanEvent(name=n, time=t / 1e9, attributes=a or {}) for n, t, a in (e[9] or [])],
+        trace_id=e[10] or trace_id, rollout_id=rollout_id, attempt_id=attempt_id, sequence_id=sequence_id,
+    ) for e in entries]
+
+
 def decode_batch(data: bytes, rollout_id: str = "", attempt_id: str = "", sequence_id: int = 0) -> list[Span]:
     """The spans of one stored batch. A batch that does not decode (damaged, or a format this
     version does not know) gives no spans rather than failing the whole read."""
@@ -102,15 +186,7 @@ def decode_batch(data: bytes, rollout_id: str = "", attempt_id: str = "", sequen
         return []
     if version != FORMAT:
         return []
-    spans = []
-    for e in entries:
-        spans.append(Span(
-            span_id=e[0], parent_id=e[1], name=e[2], kind=SPAN_KINDS[e[3]], start_time=e[4] / 1e9,
-            end_time=e[5] / 1e9, status=SPAN_STATUSES[e[6]], status_message=e[7], attributes=e[8] or {},
-            events=[SpanEvent(name=n, time=t / 1e9, attributes=a or {}) for n, t, a in (e[9] or [])],
-            trace_id=e[10] or trace_id, rollout_id=rollout_id, attempt_id=attempt_id, sequence_id=sequence_id,
-        ))
-    return spans
+    return _spans(entries, trace_id, rollout_id, attempt_id, sequence_id)
 
 
 class SpanBatch:
@@ -175,6 +251,8 @@ class TraceWrite:
 
 
 _NO_USAGE = Usage()
+_DEFAULT_MODE = Rollout.model_fields["mode"].default  # a record leaves its mode out at the default
+_ROOT_ATTEMPT_FIELDS = ("attempt_id", "worker_id", "resources_id", "resources_version", "status")
 
 
 # --------------------------------------------------------------------------- the proxy's view of an attempt
@@ -244,12 +322,24 @@ class Traces:
             raise AttemptNotFoundError(rollout_id, attempt_id, ids)
         wanted = [(seq, aid) for seq, aid in enumerate(ids, 1) if attempt_id is None or aid == attempt_id]
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.keys.rollout(rollout_id), ["mode", "metadata"])
         for seq, _ in wanted:
             pipe.lrange(self.keys.attempt_spans(rollout_id, seq), 0, -1)
+            pipe.hmget(self.keys.attempt(rollout_id, seq), [*ROOT_FIELDS, *_ROOT_ATTEMPT_FIELDS])
+        replies = pipe.execute()
+        mode, metadata = (text(v) if v is not None else None for v in replies[0])
+        rollout = {"rollout_id": rollout_id, "mode": json.loads(mode) if mode else _DEFAULT_MODE,
+                   "metadata": json.loads(metadata) if metadata else {}}
         spans: list[Span] = []
-        for (seq, aid), batches in zip(wanted, pipe.execute(), strict=True):
+        for i, (seq, aid) in enumerate(wanted):
+            batches, fields = replies[1 + 2 * i], replies[2 + 2 * i]
             for batch in batches:
                 spans.extend(decode_batch(batch, rollout_id, aid, seq))
+            values = dict(zip((*ROOT_FIELDS, *_ROOT_ATTEMPT_FIELDS), fields, strict=True))
+            if values["root"] is not None:  # the worker's root-only trace, written last (with the outcome)
+                present = {k: text(v) for k, v in values.items() if v is not None}
+                trace_id, entry = expand_root(present, rollout, {**present, "sequence_id": str(seq)})
+                spans.extend(_spans([entry], trace_id, rollout_id, aid, seq))
         return spans
 
     def usage(self, rollout_id: str) -> Usage:

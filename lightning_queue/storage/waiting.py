@@ -58,7 +58,8 @@ RECONCILE_SECONDS = 5.0
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
-Decode = Callable[[Mapping[Any, Any]], Rollout]
+Decode = Callable[[Mapping[Any, Any], str], Rollout]
+"""A stored record's fields and its rollout id -> the rollout."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class Waiter:
             self._notified.pop(rid, None)
             if not fields:
                 raise RolloutNotFoundError(rid)
-            rollout = self._decode(fields)
+            rollout = self._decode(fields, rid)
             if rollout.is_finished and rid not in self._finished:
                 self._finished[rid] = rollout
                 if self._on_finished is not None:

@@ -46,7 +46,15 @@ from lightning_queue.core.keys import Keys
 from lightning_queue.core.models import LLM, ProxyLLM, Resource, ResourcesUpdate, Rollout, RolloutResult
 from lightning_queue.core.settings import Settings
 from lightning_queue.core.traces import LLMPrice, Usage
-from lightning_queue.storage.traces import SpanBatch, TraceWrite, encode_batch, encode_entry, rollup_keys, span_entry
+from lightning_queue.storage.traces import (
+    SpanBatch,
+    TraceWrite,
+    compact_root,
+    encode_batch,
+    encode_entry,
+    rollup_keys,
+    span_entry,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -222,18 +230,10 @@ class AttemptInfo:
     worker_id: str
 
     def attributes(self) -> dict[str, Any]:
-        rollout, metadata = self.rollout, self.rollout.metadata
-        attributes: dict[str, Any] = {
-            t.ROLLOUT_ID: rollout.rollout_id, t.ATTEMPT_ID: self.attempt_id, t.SEQUENCE_ID: self.sequence_id,
-            t.RESOURCES_ID: self.snapshot.resources_id, t.RESOURCES_VERSION: self.snapshot.version,
-            t.WORKER_ID: self.worker_id,
-        }
-        if rollout.mode:
-            attributes[t.MODE] = rollout.mode
-        for name, key in ((t.EXPERIMENT, "experiment"), (t.VARIANT, "variant")):
-            if isinstance(metadata.get(key), str):
-                attributes[name] = metadata[key]
-        return attributes
+        rollout = self.rollout
+        return t.attempt_attributes(rollout.rollout_id, self.attempt_id, self.sequence_id,
+                                    self.snapshot.resources_id, self.snapshot.version, self.worker_id, rollout.mode,
+                                    rollout.metadata)
 
 
 @dataclass
@@ -259,6 +259,7 @@ class AttemptTrace:
     rewards: list[_Reward] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     proxied: set[str] = field(default_factory=set)
+    root_entry: list[Any] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def scope(self, resources: Mapping[str, Resource]) -> dict[str, Resource]:
@@ -276,7 +277,10 @@ class AttemptTrace:
     def ended(self, span: ReadableSpan) -> None:
         """A span of this attempt ended (the collector calls this): encode it, count its usage."""
         is_root = span.context is not None and span.context.span_id == self.root.get_span_context().span_id
-        piece = encode_entry(span_entry(span, self.trace_id))
+        entry = span_entry(span, self.trace_id)
+        if is_root:
+            self.root_entry = entry
+        piece = encode_entry(entry)
         attributes = span.attributes or {}
         usage = t.call_usage(attributes, self.prices)
         with self._lock:
@@ -329,7 +333,11 @@ class AttemptTrace:
             usage = self.usage + Usage(attempts=1)
         info = self.info
         rollups = rollup_keys(self.keys, info.snapshot.resources_id, info.snapshot.version, info.rollout.metadata)
-        return TraceWrite(encode_batch(self.trace_id, pieces), self.batch.dropped, usage, rollups), result
+        # A trace of the root span alone (most short attempts) is a few fields of the attempt hash.
+        root = compact_root(self.root_entry, self.trace_id, info.attributes()) \
+            if len(pieces) == 1 and self.root_entry is not None else None
+        batch = root if root is not None else encode_batch(self.trace_id, pieces)
+        return TraceWrite(batch, self.batch.dropped, usage, rollups), result
 
     def _truncation_marker(self) -> list[Any]:
         now = time.time_ns()

@@ -8,19 +8,26 @@ import time
 from typing import Any
 
 from lightning_queue import LightningClient, RolloutConfig
-from lightning_queue.broker.publisher import task_kwargs
+from lightning_queue.broker.publisher import DEFAULT_HEADERS, task_kwargs
 from lightning_queue.core.keys import ROLLOUT_TASK as TASK_NAME
 
 
 def _normalized(raw: bytes) -> dict[str, Any]:
-    """A stored broker message with what differs between any two messages blanked out."""
+    """A stored broker message with what differs between any two messages blanked out, and what
+    a worker reads with a default left out where it holds that default (the batch publisher leaves
+    it out: see DEFAULT_HEADERS in broker/publisher.py)."""
     message = json.loads(raw)
     headers, properties = message["headers"], message["properties"]
     for field in ("id", "root_id", "kwargsrepr", "origin"):
         headers[field] = "*"
+    for field, default in DEFAULT_HEADERS.items():
+        if field in headers and headers[field] == default:
+            del headers[field]
     properties["correlation_id"] = properties["delivery_tag"] = "*"
+    properties.pop("reply_to", None)
     args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
-    message["body"] = [args, sorted(kwargs), embed]
+    message["body"] = [args, sorted(k for k, v in kwargs.items() if v is not None),
+                       {k: v for k, v in (embed or {}).items() if v is not None}]
     return message
 
 

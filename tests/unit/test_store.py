@@ -808,3 +808,70 @@ def test_create_rollouts_sends_one_zadd_per_index(store: RolloutStore, make_roll
     assert sorted(sent) == sorted([k.rollouts, k.rollouts_by_status("queuing"), k.rollouts_by_mode("train"),
                                    k.rollouts_by_resources("rs-a"), k.pending])
     assert len(store.query_rollouts(limit=100)) == 10 and len(store.query_rollouts(resources_id="rs-a")) == 5
+
+
+def test_a_root_only_trace_keeps_its_own_status_only_where_the_attempt_records_another(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    from lightning_queue.core import traces as t
+    from lightning_queue.storage.traces import Traces, TraceWrite, compact_root
+
+    def root_write(rid: str, seq: int, attempt_id: str, status: str) -> TraceWrite:
+        attributes = t.attempt_attributes(rid, attempt_id, seq, "rs-a", 1, f"w{seq}", "train", {})
+        entry = ["ab" * 8, None, t.ATTEMPT_SPAN, 4, 10, 20, 0, None, {**attributes, t.STATUS: status}, None, None]
+        batch = compact_root(entry, "cd" * 16, attributes)
+        assert batch is not None
+        return TraceWrite(batch)
+
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    first = store.claim(rollout, "w1", StartWith(None, None, "rs-a", 1, ""))
+    expire_heartbeat(store, rid)
+    second = store.claim(rollout, "w2", StartWith(None, None, "rs-a", 1, ""))  # attempt 1 closed as worker_lost
+    # Attempt 1's late report is refused, its trace kept: the root span says what its agent reported.
+    assert store.finish_attempt(rid, 1, "succeeded", "succeeded",
+                                trace=root_write(rid, 1, first.attempt_id, "succeeded")) == "stale"
+    assert store.finish_attempt(rid, 2, "failed", "failed",
+                                trace=root_write(rid, 2, second.attempt_id, "failed")) == "failed"
+    assert store.redis.hget(store.keys.attempt(rid, 1), "root_status") == b"succeeded"
+    assert store.redis.hget(store.keys.attempt(rid, 2), "root_status") is None  # the attempt's status says it
+    one, two = Traces(store.redis, store.keys).query_spans(rid)
+    assert [s.attributes[t.STATUS] for s in (one, two)] == ["succeeded", "failed"]
+    assert [a.status for a in store.get_attempts(rid)] == ["worker_lost", "failed"]
+    assert (two.attributes[t.SEQUENCE_ID], two.attributes[t.WORKER_ID], two.span_id) == (2, "w2", "ab" * 8)
+
+
+def test_a_record_leaves_out_its_id_and_the_fields_at_their_default(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    default, other = make_rollouts(1)[0], make_rollouts(1, mode="val")[0]
+    stored = store.redis.hgetall(store.keys.rollout(default.rollout_id))
+    assert not {b"rollout_id", b"resolve", b"mode"} & set(stored)  # the key says the id; the rest are defaults
+    assert b"mode" in store.redis.hgetall(store.keys.rollout(other.rollout_id))
+    assert store.get_rollout(default.rollout_id) == default and store.get_rollout(other.rollout_id) == other
+    assert (store.get_rollout(default.rollout_id).mode, store.get_rollout(other.rollout_id).mode) == ("train", "val")
+    # A record written before keeps its fields and reads the same.
+    store.redis.hset(store.keys.rollout(default.rollout_id), mapping={"rollout_id": default.rollout_id,
+                                                                        "resolve": "following"})
+    assert store.get_rollout(default.rollout_id) == default
+
+
+def test_the_first_attempts_start_and_the_last_attempts_end_are_stored_once_on_the_record(
+    store: RolloutStore, make_rollouts: MakeRollouts
+) -> None:
+    rollout, = make_rollouts(1, config=RolloutConfig(max_attempts=2))
+    rid = rollout.rollout_id
+    store.claim(rollout, "w1")
+    store.start_attempt(rid, 1, "rs-a", 1)
+    assert store.get_attempts(rid)[0].end_time is None  # running: no end yet
+    assert store.finish_attempt(rid, 1, "failed", "requeuing") == "requeuing"
+    store.claim(rollout, "w2")
+    store.start_attempt(rid, 2, "rs-a", 1)
+    assert store.finish_attempt(rid, 2, "succeeded", "succeeded", result=RolloutResult(reward=1.0)) == "succeeded"
+    first, second = (store.redis.hgetall(store.keys.attempt(rid, n)) for n in (1, 2))
+    assert b"start_time" not in first and b"end_time" in first  # it did not end the rollout
+    assert b"start_time" in second and b"end_time" not in second
+    record = store.get_rollout(rid)
+    one, two = store.get_attempts(rid)
+    assert one.start_time == record.start_time and two.end_time == record.end_time
+    assert one.end_time is not None and one.end_time <= two.start_time <= two.end_time  # type: ignore[operator]

@@ -29,7 +29,7 @@ from lightning_queue import (
 from lightning_queue.broker.app import make_celery
 from lightning_queue.broker.publisher import Publisher
 from lightning_queue.core import traces as t
-from lightning_queue.core.errors import AttemptNotFoundError, RolloutNotFoundError
+from lightning_queue.core.errors import AttemptNotFoundError, RolloutFailed, RolloutNotFoundError
 from lightning_queue.core.traces import LLMPrice, Usage
 from lightning_queue.storage.traces import decode_batch, encode_batch, encode_entry
 from tests.unit.test_runner import FakeTask, run
@@ -414,3 +414,66 @@ def test_a_snapshots_usage_rollup_is_deleted_with_it(
     fake_client.delete_resources("rs-gone")
     assert fake_client.usage_by_version("rs-gone") == {}
     assert not fake_client.redis.exists(fake_client.keys.usage_by_version("rs-gone"))
+
+
+def _comparable(span: t.Span) -> dict[str, Any]:
+    """A span without what differs between two attempts (ids, times)."""
+    varying = {t.ROLLOUT_ID, t.ATTEMPT_ID}
+    return {**span.model_dump(exclude={"span_id", "trace_id", "start_time", "end_time", "rollout_id",
+                                       "attempt_id"}),
+            "attributes": {k: v for k, v in span.attributes.items() if k not in varying}}
+
+
+def test_a_root_span_alone_is_stored_in_the_attempt_hash_and_reads_back_as_the_full_batch_would(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_client.add_resources({"llm": llm})
+
+    @rollout
+    def quiet(task: Any, rollout: Rollout) -> RolloutResult:
+        return RolloutResult(output={"ok": True}, reward=0.25)
+
+    compact, full = enqueue(metadata={"experiment": "e", "variant": "v"}), \
+        enqueue(metadata={"experiment": "e", "variant": "v"})
+    run(FakeTask(fake_client, quiet), compact.rollout_id)
+    import lightning_queue.worker.tracing as worker_tracing
+
+    monkeypatch.setattr(worker_tracing, "compact_root", lambda *args: None)  # the list form, as before
+    run(FakeTask(fake_client, quiet), full.rollout_id)
+
+    assert not fake_client.redis.exists(fake_client.keys.attempt_spans(compact.rollout_id, 1))
+    assert fake_client.redis.exists(fake_client.keys.attempt_spans(full.rollout_id, 1))
+    stored = fake_client.redis.hgetall(fake_client.keys.attempt(compact.rollout_id, 1))
+    assert all(len(v) < 64 for v in stored.values())  # the attempt hash stays a listpack
+    root, = fake_client.query_spans(compact.rollout_id)
+    expected, = fake_client.query_spans(full.rollout_id)
+    assert _comparable(root) == _comparable(expected)
+    assert root.attributes[t.ROLLOUT_ID] == compact.rollout_id and root.attributes[t.FINAL_REWARD] == 0.25
+    assert root.attempt_id == root.attributes[t.ATTEMPT_ID] == fake_client.get_attempts(compact.rollout_id)[0].attempt_id
+    assert root.end_time >= root.start_time > 0 and len(root.trace_id) == 32
+    attempt, = fake_client.get_attempts(compact.rollout_id)
+    assert attempt.status == "succeeded"  # the trace's fields stay out of the attempt model
+
+
+def test_a_root_span_saying_more_than_the_records_keeps_the_list_form(
+    fake_client: LightningClient, enqueue: Callable[..., Rollout], llm: LLM
+) -> None:
+    fake_client.add_resources({"llm": llm})
+
+    @rollout
+    def tagged(task: Any, rollout: Rollout) -> float:
+        trace.get_current_span().set_attribute("custom", "kept")  # on the root span itself
+        return 1.0
+
+    @rollout
+    def raising(task: Any, rollout: Rollout) -> float:
+        raise ValueError("boom")  # recorded on the root span as an event and a status message
+
+    for agent in (tagged, raising):
+        queued = enqueue()
+        try:
+            run(FakeTask(fake_client, agent), queued.rollout_id)
+        except RolloutFailed:
+            pass
+        assert fake_client.redis.exists(fake_client.keys.attempt_spans(queued.rollout_id, 1))
+    assert fake_client.query_spans(queued.rollout_id)[0].status == "error"

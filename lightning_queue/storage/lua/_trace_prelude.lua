@@ -1,6 +1,6 @@
 -- Traces and LLM usage (storage/traces.py), shared by the finish script (the worker's batch,
 -- written with the attempt's outcome) and record_llm_call (one batch per proxy call).
--- A span batch goes to the attempt's spans list; the usage it records is added to the attempt
+-- A span batch goes to the attempt's spans list (a root span alone: to the attempt hash); the usage it records is added to the attempt
 -- hash and to each rollup hash given (per snapshot version, per experiment variant).
 local USAGE_FIELDS = {'attempts', 'llm_calls', 'input_tokens', 'output_tokens', 'cost_usd', 'unpriced_calls'}
 local FINISHED = {__TERMINAL__}
@@ -30,7 +30,13 @@ local function record_trace(rollout_key, attempt_key, status, args, i)
   local batch, dropped, usage = args[i] or '', tonumber(args[i + 1] or '0') or 0, args[i + 2] or ''
   if batch == '' and dropped == 0 and usage == '' then return 1 end
   if not status then return 0 end
-  if batch ~= '' then
+  if string.sub(batch, 1, 1) == 'r' then
+    -- The root span alone, as attempt-hash fields ("r" then lines field, value: compact_root in
+    -- storage/traces.py); the hash already expires with the rollout.
+    local fields = {}
+    for line in string.gmatch(string.sub(batch, 2), '[^\n]+') do table.insert(fields, line) end
+    redis.call('HSET', attempt_key, unpack(fields))
+  elseif batch ~= '' then
     local spans_key = attempt_key .. '__SPANS_SUFFIX__'
     redis.call('RPUSH', spans_key, batch)
     if FINISHED[status] then

@@ -64,8 +64,12 @@ local pinned = r[8] == 'pinned'
 local want_version = pinned and (r[7] or '') or ''
 local start = ARGV[7] == '1' and (r[6] or '') == ARGV[8] and want_version == ARGV[9]
   and (redis.call('GET', KEYS[K + 8]) or '') == ARGV[12]
-local attempt = {'rollout_id', rid, 'sequence_id', n, 'attempt_id', ARGV[4], 'worker_id', ARGV[2],
-  'start_time', now}
+-- The attempt's rollout id and number are its key's (store.py decode_attempt), not fields; its
+-- start time is the record's when this claim starts the rollout (store.py get_attempts reads it there).
+local attempt = {'attempt_id', ARGV[4], 'worker_id', ARGV[2]}
+if r[4] then
+  table.insert(attempt, 'start_time'); table.insert(attempt, now)
+end
 local next_status = 'preparing'
 if start then
   next_status = 'running'

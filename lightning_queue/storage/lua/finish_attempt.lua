@@ -42,18 +42,26 @@ if CLOSED[redis.call('HGET', KEYS[K + 2], 'status')] then
   return 'stale'
 end
 redis.call('ZREM', KEYS[K + 4], rid)
-local attempt = {'status', ARGV[3], 'end_time', ARGV[4]}
+local attempt = {'status', ARGV[3]}
+-- A root-only trace (record_trace) need not repeat the status the attempt records: query_spans reads it there.
+if redis.call('HGET', KEYS[K + 2], 'root_status') == ARGV[3] then redis.call('HDEL', KEYS[K + 2], 'root_status') end
 if ARGV[5] ~= '' then table.insert(attempt, 'error'); table.insert(attempt, ARGV[5]) end
 if TERMINAL[status] then
   -- Cancelled while it ran: the outcome is kept on the attempt only, which expires with the rollout.
   if ARGV[6] ~= '' then table.insert(attempt, 'result'); table.insert(attempt, ARGV[6]) end
+  table.insert(attempt, 'end_time'); table.insert(attempt, ARGV[4])
   redis.call('HSET', KEYS[K + 2], unpack(attempt))
   local ttl = redis.call('PTTL', rollout_key)
   if ttl > 0 then redis.call('PEXPIRE', KEYS[K + 2], ttl) end
   return status
 end
-redis.call('HSET', KEYS[K + 2], unpack(attempt))
 local next_status = ARGV[7]
+-- The attempt that finishes the rollout ends when the rollout does: its end time is stored once, on
+-- the record (store.py get_attempts reads it there), as its result is.
+if not TERMINAL[next_status] then
+  table.insert(attempt, 'end_time'); table.insert(attempt, ARGV[4])
+end
+redis.call('HSET', KEYS[K + 2], unpack(attempt))
 local fields = {'status', next_status}
 if ARGV[5] ~= '' then table.insert(fields, 'error'); table.insert(fields, ARGV[5]) end
 if TERMINAL[next_status] then
