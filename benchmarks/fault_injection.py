@@ -71,7 +71,12 @@ from lightning_queue import (
     Settings,
     rollout,
 )
-from lightning_queue.core.errors import RedisUnavailableError, RegistryLostError, RolloutNotFoundError
+from lightning_queue.core.errors import (
+    RedisUnavailableError,
+    RegistryLostError,
+    ResourcesNotFoundError,
+    RolloutNotFoundError,
+)
 from lightning_queue.ops.embedded import free_port
 from lightning_queue.ops.fleet import LocalFleet, WorkerProcess
 from lightning_queue.storage.connections import ping
@@ -292,7 +297,22 @@ class Faults:
         to_gevent = round(n * self.args.gevent_share) if len(self.queues) > 1 else 0
         for queue, count in ((self.queues[-1], to_gevent), (self.client.settings.queue, n - to_gevent)):
             if count:
-                self.record(self.client.enqueue_rollouts(self.run_requests(count), queue=queue))
+                try:
+                    self.record(self.client.enqueue_rollouts(self.run_requests(count), queue=queue))
+                except ResourcesNotFoundError:
+                    # Redis came back empty since the last wait: the snapshots are gone (nothing was
+                    # enqueued). Learn it as the algorithm does, then enqueue into the new registry.
+                    self.registry_gone()
+                    self.record(self.client.enqueue_rollouts(self.run_requests(count), queue=queue))
+
+    def registry_gone(self) -> None:
+        """After a wipe the wait raises ``RegistryLostError`` for what was pending (a new generation);
+        with nothing pending, start the new generation here."""
+        number = self.run.current.number
+        self.wait(timeout=0.5)
+        if self.run.current.number == number:
+            self.run.generations.append(Generation(number + 1))
+            self.store_snapshots()
 
     def run_requests(self, n: int) -> list[RolloutRequest]:
         lo, hi = self.args.agent_seconds
