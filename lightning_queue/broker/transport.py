@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -50,6 +51,8 @@ from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
+from kombu.utils import json as kombu_json
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ DEAD_LETTER_KEEP_BYTES = 64 * 1024
 """Bytes of a refused message kept in its dead-letter entry."""
 BODY_ENCODINGS = (None, "utf-8", "base64")
 """The body encodings kombu's virtual transport decodes."""
+ACK_DELAY = 0.02
+"""Seconds an ack taken in the event loop waits for the next delivery's write before it is
+written on its own."""
 
 
 def screen(raw: bytes, max_bytes: int, content_types: Collection[str]) -> str | None:
@@ -113,7 +119,60 @@ def envelope_problem(message: Any, content_types: Collection[str]) -> str | None
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS whose hand-back of unacked messages at close never raises."""
+    """kombu's Redis QoS whose hand-back of unacked messages at close never raises, and whose
+    acks in the event loop are written with the next delivery's record (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._lq_acks: list[str] = []  # acked tags whose removal is not written yet (event loop only)
+
+    def ack(self, delivery_tag: str) -> None:
+        loop = getattr(self.channel.connection, "lq_loop", None)
+        if loop is None or getattr(loop, "_loop_thread", None) != threading.get_ident():
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # no event loop (gevent, eventlet, a plain consumer), or another thread
+            return
+        if not self._lq_acks:
+            loop.call_later(ACK_DELAY, self.flush_acks)
+        self._lq_acks.append(delivery_tag)
+        kombu_virtual.QoS.ack(self, delivery_tag)  # the slot is free now; the write follows
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if not self._lq_acks:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        # kombu's record of the delivered message, and the kept acks' removal, in one MULTI/EXEC.
+        delivery = message.delivery_info
+        acks, self._lq_acks = self._lq_acks, []
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag,
+                      kombu_json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
+            pipe.zrem(self.unacked_index_key, *acks).hdel(self.unacked_key, *acks)
+            try:
+                pipe.execute()
+            except BaseException:
+                self._lq_acks[:0] = acks  # nothing was written: the acks wait for the next write
+                raise
+        kombu_virtual.QoS.append(self, message, delivery_tag)
+
+    def flush_acks(self) -> None:
+        """Write the kept acks now (a timer ``ACK_DELAY`` after the first, and at close). When Redis
+        cannot be reached they are kept for the next write; their messages stay unacked meanwhile."""
+        acks, self._lq_acks = self._lq_acks, []
+        if not acks:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *acks).hdel(self.unacked_key, *acks).execute()
+        except Exception as exc:  # noqa: BLE001 - an unwritten ack only means a later redelivery
+            self._lq_acks[:0] = acks
+            log.warning("could not write %d ack(s) now (%s: %s); they are written with the next delivery or "
+                        "their messages are redelivered after the visibility timeout", len(acks),
+                        type(exc).__name__, exc)
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        self.flush_acks()
+        return super().restore_unacked_once(stderr)  # type: ignore[no-untyped-call]
 
     def restore_unacked(self, client: Any = None) -> Any:
         try:
@@ -253,13 +312,24 @@ class SentinelChannel(_Hardened, kombu_redis.SentinelChannel):
     )
 
 
-class Transport(kombu_redis.Transport):
+class _OnLoop:
+    """Remembers the event loop (kombu's hub) the transport was registered with: acks taken in
+    its thread are written with the next delivery (:class:`QoS`)."""
+
+    lq_loop: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
+        self.lq_loop = loop
+
+
+class Transport(_OnLoop, kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel` (for ``redis://`` and ``rediss://``)."""
 
     Channel = Channel
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(_OnLoop, kombu_redis.SentinelTransport):
     """kombu's Redis Sentinel transport with :class:`SentinelChannel` (for ``sentinel://``)."""
 
     Channel = SentinelChannel
