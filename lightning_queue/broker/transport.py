@@ -62,6 +62,38 @@ DEAD_LETTER_KEEP_BYTES = 64 * 1024
 """Bytes of a refused message kept in its dead-letter entry."""
 BODY_ENCODINGS = (None, "utf-8", "base64")
 """The body encodings kombu's virtual transport decodes."""
+DELIVERY_BATCH = 16
+"""The most messages one :data:`TAKE_MORE` pops after a BRPOP (within the prefetch limit)."""
+TAKE_MORE = """
+-- Pop up to ARGV[1] messages off the list KEYS[1] and record each in kombu's unacked index KEYS[2]
+-- (score ARGV[2]) and hash KEYS[3] ([message, exchange, routing key], as kombu's QoS.append writes
+-- it), after removing the acked tags ARGV[3..]. Returns {tag, raw, tag, raw, ...}; tag "" for a
+-- message that is not kombu's envelope (left unrecorded: the worker screens it out).
+for i = 3, #ARGV do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+end
+local out = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('RPOP', KEYS[1])
+  if not raw then break end
+  local ok, m = pcall(cjson.decode, raw)
+  local tag = ''
+  if ok and type(m) == 'table' and type(m.properties) == 'table' and type(m.properties.delivery_tag) == 'string'
+      and type(m.properties.delivery_info) == 'table' and type(m.properties.delivery_info.exchange) == 'string'
+      and type(m.properties.delivery_info.routing_key) == 'string' then
+    tag = m.properties.delivery_tag
+    local info = m.properties.delivery_info
+    redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',' .. cjson.encode(info.exchange) .. ','
+      .. cjson.encode(info.routing_key) .. ']')
+  end
+  out[#out + 1] = tag
+  out[#out + 1] = raw
+end
+return out
+"""
+
 ACK_DELAY = 0.02
 """Seconds an ack taken in the event loop waits for the next delivery's write before it is
 written on its own."""
@@ -118,6 +150,10 @@ def envelope_problem(message: Any, content_types: Collection[str]) -> str | None
     return None
 
 
+def text_of(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS whose hand-back of unacked messages at close never raises, and whose
     acks in the event loop are written with the next delivery's record (see the module docstring)."""
@@ -125,6 +161,16 @@ class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._lq_acks: list[str] = []  # acked tags whose removal is not written yet (event loop only)
+        self.lq_recorded: set[str] = set()  # tags TAKE_MORE recorded: their append writes nothing
+
+    def take_acks(self) -> list[str]:
+        """The kept acks, handed to a write that removes them (:data:`TAKE_MORE`)."""
+        acks, self._lq_acks = self._lq_acks, []
+        return acks
+
+    def keep_acks(self, acks: list[str]) -> None:
+        """Acks a failed write did not remove: written with the next one."""
+        self._lq_acks[:0] = acks
 
     def ack(self, delivery_tag: str) -> None:
         loop = getattr(self.channel.connection, "lq_loop", None)
@@ -137,6 +183,10 @@ class QoS(kombu_redis.QoS):
         kombu_virtual.QoS.ack(self, delivery_tag)  # the slot is free now; the write follows
 
     def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.lq_recorded:
+            self.lq_recorded.discard(delivery_tag)
+            kombu_virtual.QoS.append(self, message, delivery_tag)
+            return
         if not self._lq_acks:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
             return
@@ -219,6 +269,11 @@ class _Hardened:
     _in_poll: Any
     _lq_client: Any = None  # conn_or_acquire's client
     _lq_into: Any = None  # a pipeline one-off commands go into (commands_into)
+    _lq_popped: str | None = None  # the list the last screened BRPOP reply came from
+    _lq_take_more: Any = None  # TAKE_MORE, registered on this channel's pool
+    _lq_noack: frozenset[str] = frozenset()  # queues consumed without acks
+    qos: Any
+    connection: Any
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -251,10 +306,61 @@ class _Hardened:
         super()._get_client()  # type: ignore[misc]  # kombu's check of the redis-py version
         return functools.partial(_ScreeningClient, global_keyprefix=self.global_keyprefix, screen=self._screen)
 
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._lq_noack = self._lq_noack | {queue}
+        return super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
+
+    def _brpop_read(self, **options: Any) -> bool:
+        self._lq_popped = None
+        delivered: bool = super()._brpop_read(**options)  # type: ignore[misc]  # raises Empty when none
+        key, self._lq_popped = self._lq_popped, None
+        if delivered and key is not None:
+            self._take_more(key)
+        return delivered
+
+    def _take_more(self, key: str) -> None:
+        """After a BRPOP took a message off ``key``: take up to ``DELIVERY_BATCH`` more that the
+        prefetch limit allows, recorded as unacked in the same script, and deliver them."""
+        queue = key.rsplit(self.sep, 1)[0]
+        room = self.qos.can_consume_max_estimate()
+        room = DELIVERY_BATCH if room is None else min(room, DELIVERY_BATCH)
+        if room <= 0 or queue in self._lq_noack or self.connection is None:
+            return
+        qos = self.qos
+        if self._lq_take_more is None or self._lq_take_more.registered_client.connection_pool is not self.pool:
+            # A plain client: kombu's prefixed one prefixes only an EVALSHA's first key.
+            self._lq_take_more = redis.Redis(connection_pool=self.pool).register_script(TAKE_MORE)
+        prefix = self.global_keyprefix
+        acks = qos.take_acks()
+        try:
+            reply = self._lq_take_more(keys=[prefix + key, prefix + qos.unacked_index_key, prefix + qos.unacked_key],
+                                       args=[room, time.time(), *acks])
+        except BaseException:
+            qos.keep_acks(acks)
+            raise
+        taken = [(text_of(reply[i]), reply[i + 1]) for i in range(0, len(reply), 2)]
+        for i, (tag, raw) in enumerate(taken):
+            try:
+                if not self._screen(key, raw):
+                    if tag:
+                        qos._remove_from_indices(tag).execute()
+                    continue
+                if tag:
+                    qos.lq_recorded.add(tag)
+                self.connection._deliver(kombu_json.loads(raw), queue)
+            except BaseException:
+                # Not delivered: hand the rest back to their queue now (they are recorded as unacked).
+                for rest, _ in taken[i + 1:]:
+                    if rest:
+                        qos.restore_by_tag(rest, leftmost=True)
+                raise
+
     def _screen(self, key: bytes | str, raw: bytes | str) -> bool:
         data = raw.encode() if isinstance(raw, str) else raw
         reason = screen(data, self.lq_max_message_bytes, self.lq_content_types)
         if reason is None:
+            self._lq_popped = key.decode() if isinstance(key, bytes) else key
             return True
         queue = (key.decode(errors="replace") if isinstance(key, bytes) else key).rsplit(self.sep, 1)[0]
         self._dead_letter(queue, reason, data)
@@ -285,7 +391,7 @@ class _Hardened:
         # and aborted the close half way (see the module docstring). The connection is gone: go on.
         if self._in_poll:
             try:
-                self._brpop_read()  # type: ignore[attr-defined]
+                self._brpop_read()
             except Empty:
                 pass
             except self.connection_errors as exc:

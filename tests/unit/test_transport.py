@@ -20,6 +20,7 @@ from lightning_queue.broker.transport import (
     ACK_DELAY,
     DEAD_LETTER_KEEP_BYTES,
     SENTINEL_TRANSPORT,
+    TAKE_MORE,
     TRANSPORT,
     Channel,
     QoS,
@@ -233,3 +234,29 @@ def test_an_ack_that_cannot_be_written_is_kept_for_later(caplog: pytest.LogCaptu
     state.connected = True
     qos.flush_acks()
     assert server.hlen("unacked") == 0
+
+
+def test_take_more_pops_and_records_messages_in_one_step(good: dict[str, Any]) -> None:
+    # Several messages per round trip after a BRPOP, each recorded as unacked as it leaves the queue.
+    server = fakeredis.FakeRedis()
+    messages = []
+    for i in range(3):
+        message = json.loads(json.dumps(good))
+        message["properties"]["delivery_tag"] = f"tag-{i}"
+        messages.append(message)
+    server.lpush("p:q", *[json.dumps(m) for m in messages], b"not json")  # RPOP takes tag-0 first
+    server.zadd("p:unacked_index", {"acked": 1.0})
+    server.hset("p:unacked", "acked", "[]")
+    take = server.register_script(TAKE_MORE)
+    reply = take(keys=["p:q", "p:unacked_index", "p:unacked"], args=[2, 123.0, "acked"])
+    assert [reply[0], reply[2]] == [b"tag-0", b"tag-1"] and json.loads(reply[1]) == messages[0]
+    assert server.llen("p:q") == 2  # only as many as asked for
+    assert sorted(server.hkeys("p:unacked")) == [b"tag-0", b"tag-1"]  # the kept ack removed in the same step
+    assert server.zrange("p:unacked_index", 0, -1, withscores=True) == [(b"tag-0", 123.0), (b"tag-1", 123.0)]
+    # kombu restores a record as [message, exchange, routing key]: the same as its own QoS.append writes.
+    stored, exchange, routing_key = json.loads(server.hget("p:unacked", "tag-0"))
+    info = messages[0]["properties"]["delivery_info"]
+    assert (stored, exchange, routing_key) == (messages[0], info["exchange"], info["routing_key"])
+    reply = take(keys=["p:q", "p:unacked_index", "p:unacked"], args=[16, 124.0])
+    assert reply == [b"tag-2", json.dumps(messages[2]).encode(), b"", b"not json"]  # not kombu's: unrecorded
+    assert server.hlen("p:unacked") == 3 and server.llen("p:q") == 0
