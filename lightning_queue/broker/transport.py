@@ -62,7 +62,7 @@ DEAD_LETTER_KEEP_BYTES = 64 * 1024
 """Bytes of a refused message kept in its dead-letter entry."""
 BODY_ENCODINGS = (None, "utf-8", "base64")
 """The body encodings kombu's virtual transport decodes."""
-DELIVERY_BATCH = 16
+DELIVERY_BATCH = 64
 """The most messages one :data:`TAKE_MORE` pops after a BRPOP (within the prefetch limit)."""
 TAKE_MORE = """
 -- Pop up to ARGV[1] messages off the list KEYS[1] and record each in kombu's unacked index KEYS[2]
