@@ -44,7 +44,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from queue import Empty
 from typing import Any
@@ -65,13 +65,18 @@ BODY_ENCODINGS = (None, "utf-8", "base64")
 DELIVERY_BATCH = 64
 """The most messages one :data:`TAKE_MORE` pops after a BRPOP (within the prefetch limit)."""
 TAKE_MORE = """
--- Pop up to ARGV[1] messages off the list KEYS[1] and record each in kombu's unacked index KEYS[2]
--- (score ARGV[2]) and hash KEYS[3] ([message, exchange, routing key], as kombu's QoS.append writes
--- it), after removing the acked tags ARGV[3..]. Returns {tag, raw, tag, raw, ...}; tag "" for a
--- message that is not kombu's envelope (left unrecorded: the worker screens it out).
-for i = 3, #ARGV do
+-- Record the message a BRPOP just returned (tag ARGV[3], record ARGV[4]; none when ARGV[3] is "") in
+-- kombu's unacked index KEYS[2] (score ARGV[2]) and hash KEYS[3], remove the acked tags ARGV[5..],
+-- then pop up to ARGV[1] more messages off the list KEYS[1] and record each the same way
+-- ([message, exchange, routing key], as kombu's QoS.append writes it). Returns {tag, raw, tag, raw,
+-- ...}; tag "" for a message that is not kombu's envelope (left unrecorded: the worker screens it out).
+for i = 5, #ARGV do
   redis.call('ZREM', KEYS[2], ARGV[i])
   redis.call('HDEL', KEYS[3], ARGV[i])
+end
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 end
 local out = {}
 for _ = 1, tonumber(ARGV[1]) do
@@ -163,15 +168,6 @@ class QoS(kombu_redis.QoS):
         self._lq_acks: list[str] = []  # acked tags whose removal is not written yet (event loop only)
         self.lq_recorded: set[str] = set()  # tags TAKE_MORE recorded: their append writes nothing
 
-    def take_acks(self) -> list[str]:
-        """The kept acks, handed to a write that removes them (:data:`TAKE_MORE`)."""
-        acks, self._lq_acks = self._lq_acks, []
-        return acks
-
-    def keep_acks(self, acks: list[str]) -> None:
-        """Acks a failed write did not remove: written with the next one."""
-        self._lq_acks[:0] = acks
-
     def ack(self, delivery_tag: str) -> None:
         loop = getattr(self.channel.connection, "lq_loop", None)
         if loop is None or getattr(loop, "_loop_thread", None) != threading.get_ident():
@@ -183,26 +179,35 @@ class QoS(kombu_redis.QoS):
         kombu_virtual.QoS.ack(self, delivery_tag)  # the slot is free now; the write follows
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        if delivery_tag in self.lq_recorded:
+        if delivery_tag in self.lq_recorded:  # TAKE_MORE recorded it
             self.lq_recorded.discard(delivery_tag)
             kombu_virtual.QoS.append(self, message, delivery_tag)
             return
-        if not self._lq_acks:
+        key, room = self.channel.lq_take_more_from(), 0
+        if key is not None:
+            # This message came off a BRPOP: its record can bring more from the same list.
+            estimate = self.can_consume_max_estimate()  # type: ignore[no-untyped-call]
+            room = DELIVERY_BATCH if estimate is None else min(estimate - 1, DELIVERY_BATCH)
+        if room <= 0 and not self._lq_acks:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
             return
-        # kombu's record of the delivered message, and the kept acks' removal, in one MULTI/EXEC.
         delivery = message.delivery_info
+        record = kombu_json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         acks, self._lq_acks = self._lq_acks, []
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag,
-                      kombu_json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
-            pipe.zrem(self.unacked_index_key, *acks).hdel(self.unacked_key, *acks)
-            try:
-                pipe.execute()
-            except BaseException:
-                self._lq_acks[:0] = acks  # nothing was written: the acks wait for the next write
-                raise
+        try:
+            if room > 0:
+                assert key is not None
+                self.channel.lq_take_more(key, room, delivery_tag, record, acks)
+            else:
+                # kombu's record of the delivered message, and the kept acks' removal, in one MULTI/EXEC.
+                with self.pipe_or_acquire() as pipe:
+                    pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                    pipe.hset(self.unacked_key, delivery_tag, record)
+                    pipe.zrem(self.unacked_index_key, *acks).hdel(self.unacked_key, *acks)
+                    pipe.execute()
+        except BaseException:
+            self._lq_acks[:0] = acks  # nothing was written: the acks wait for the next write
+            raise
         kombu_virtual.QoS.append(self, message, delivery_tag)
 
     def flush_acks(self) -> None:
@@ -271,6 +276,7 @@ class _Hardened:
     _lq_into: Any = None  # a pipeline one-off commands go into (commands_into)
     _lq_popped: str | None = None  # the list the last screened BRPOP reply came from
     _lq_take_more: Any = None  # TAKE_MORE, registered on this channel's pool
+    _lq_taken: Sequence[tuple[str, str, bytes]] = ()  # (list, tag, message) TAKE_MORE took, to deliver
     _lq_noack: frozenset[str] = frozenset()  # queues consumed without acks
     qos: Any
     connection: Any
@@ -312,35 +318,40 @@ class _Hardened:
         return super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> bool:
-        self._lq_popped = None
-        delivered: bool = super()._brpop_read(**options)  # type: ignore[misc]  # raises Empty when none
-        key, self._lq_popped = self._lq_popped, None
-        if delivered and key is not None:
-            self._take_more(key)
+        self._lq_popped, self._lq_taken = None, ()
+        try:
+            delivered: bool = super()._brpop_read(**options)  # type: ignore[misc]  # raises Empty when none
+        finally:
+            self._lq_popped = None
+        taken, self._lq_taken = self._lq_taken, ()
+        if taken:
+            self._deliver_taken(taken)
         return delivered
 
-    def _take_more(self, key: str) -> None:
-        """After a BRPOP took a message off ``key``: take up to ``DELIVERY_BATCH`` more that the
-        prefetch limit allows, recorded as unacked in the same script, and deliver them."""
-        queue = key.rsplit(self.sep, 1)[0]
-        room = self.qos.can_consume_max_estimate()
-        room = DELIVERY_BATCH if room is None else min(room, DELIVERY_BATCH)
-        if room <= 0 or queue in self._lq_noack or self.connection is None:
-            return
-        qos = self.qos
+    def lq_take_more_from(self) -> str | None:
+        """The list the message being recorded was just popped off by BRPOP, once (None for any
+        other message, and for a queue consumed without acks)."""
+        key, self._lq_popped = self._lq_popped, None
+        if key is None or self.connection is None or key.rsplit(self.sep, 1)[0] in self._lq_noack:
+            return None
+        return key
+
+    def lq_take_more(self, key: str, room: int, tag: str, record: str, acks: list[str]) -> None:
+        """Write the record of the message BRPOP popped off ``key`` (and remove ``acks``), and pop up
+        to ``room`` more, recorded in the same step: :data:`TAKE_MORE`. They are delivered once
+        that message's delivery returns."""
         if self._lq_take_more is None or self._lq_take_more.registered_client.connection_pool is not self.pool:
             # A plain client: kombu's prefixed one prefixes only an EVALSHA's first key.
             self._lq_take_more = redis.Redis(connection_pool=self.pool).register_script(TAKE_MORE)
-        prefix = self.global_keyprefix
-        acks = qos.take_acks()
-        try:
-            reply = self._lq_take_more(keys=[prefix + key, prefix + qos.unacked_index_key, prefix + qos.unacked_key],
-                                       args=[room, time.time(), *acks])
-        except BaseException:
-            qos.keep_acks(acks)
-            raise
-        taken = [(text_of(reply[i]), reply[i + 1]) for i in range(0, len(reply), 2)]
-        for i, (tag, raw) in enumerate(taken):
+        prefix, qos = self.global_keyprefix, self.qos
+        reply = self._lq_take_more(keys=[prefix + key, prefix + qos.unacked_index_key, prefix + qos.unacked_key],
+                                   args=[room, time.time(), tag, record, *acks])
+        self._lq_taken = [(key, text_of(reply[i]), reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def _deliver_taken(self, taken: Sequence[tuple[str, str, bytes]]) -> None:
+        """Screen and deliver the messages :meth:`lq_take_more` took, as if BRPOP had returned each."""
+        qos = self.qos
+        for i, (key, tag, raw) in enumerate(taken):
             try:
                 if not self._screen(key, raw):
                     if tag:
@@ -348,10 +359,10 @@ class _Hardened:
                     continue
                 if tag:
                     qos.lq_recorded.add(tag)
-                self.connection._deliver(kombu_json.loads(raw), queue)
+                self.connection._deliver(kombu_json.loads(raw), key.rsplit(self.sep, 1)[0])
             except BaseException:
                 # Not delivered: hand the rest back to their queue now (they are recorded as unacked).
-                for rest, _ in taken[i + 1:]:
+                for _, rest, _ in taken[i + 1:]:
                     if rest:
                         qos.restore_by_tag(rest, leftmost=True)
                 raise

@@ -155,6 +155,9 @@ class _Channel:
     def __init__(self, server: fakeredis.FakeRedis, loop: _Loop | None) -> None:
         self.server, self.connection, self.executes = server, SimpleNamespace(lq_loop=loop), 0
 
+    def lq_take_more_from(self) -> str | None:
+        return None  # no message here comes off a BRPOP
+
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
         channel = self
@@ -248,15 +251,17 @@ def test_take_more_pops_and_records_messages_in_one_step(good: dict[str, Any]) -
     server.zadd("p:unacked_index", {"acked": 1.0})
     server.hset("p:unacked", "acked", "[]")
     take = server.register_script(TAKE_MORE)
-    reply = take(keys=["p:q", "p:unacked_index", "p:unacked"], args=[2, 123.0, "acked"])
+    reply = take(keys=["p:q", "p:unacked_index", "p:unacked"], args=[2, 123.0, "first", "[1]", "acked"])
     assert [reply[0], reply[2]] == [b"tag-0", b"tag-1"] and json.loads(reply[1]) == messages[0]
     assert server.llen("p:q") == 2  # only as many as asked for
-    assert sorted(server.hkeys("p:unacked")) == [b"tag-0", b"tag-1"]  # the kept ack removed in the same step
-    assert server.zrange("p:unacked_index", 0, -1, withscores=True) == [(b"tag-0", 123.0), (b"tag-1", 123.0)]
+    # The BRPOP's message recorded and the kept ack removed in the same step.
+    assert sorted(server.hkeys("p:unacked")) == [b"first", b"tag-0", b"tag-1"]
+    assert server.zrange("p:unacked_index", 0, -1, withscores=True) == [
+        (b"first", 123.0), (b"tag-0", 123.0), (b"tag-1", 123.0)]
     # kombu restores a record as [message, exchange, routing key]: the same as its own QoS.append writes.
     stored, exchange, routing_key = json.loads(server.hget("p:unacked", "tag-0"))
     info = messages[0]["properties"]["delivery_info"]
     assert (stored, exchange, routing_key) == (messages[0], info["exchange"], info["routing_key"])
-    reply = take(keys=["p:q", "p:unacked_index", "p:unacked"], args=[16, 124.0])
+    reply = take(keys=["p:q", "p:unacked_index", "p:unacked"], args=[16, 124.0, "", ""])
     assert reply == [b"tag-2", json.dumps(messages[2]).encode(), b"", b"not json"]  # not kombu's: unrecorded
-    assert server.hlen("p:unacked") == 3 and server.llen("p:q") == 0
+    assert server.hlen("p:unacked") == 4 and server.llen("p:q") == 0
