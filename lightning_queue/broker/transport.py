@@ -31,6 +31,26 @@ And one change for speed: kombu builds a new redis-py client object for every ac
 unacked-message record, every event and every restore (``Channel.conn_or_acquire``); building
 one cost more of a worker's main process than the command it then sent (about a tenth of its
 time with no-op tasks). Here each channel keeps one client for them, on the same connection pool.
+
+Two more for the worker's main loop, which waited on two round trips per message (kombu's BRPOP
+takes one message, then records it in the unacked hash and index with a MULTI/EXEC) and a third
+per ack (a MULTI/EXEC removing the record):
+
+* **An ack rides with the next write** (:class:`QoS`). An ack taken in the event loop (kombu's hub:
+  acks late, Celery sends them through the loop) frees its prefetch slot at once; its removal is
+  written with the next message's record, or ``ACK_DELAY`` seconds later when no message comes, and
+  before the channel closes. A lost ack write (the worker killed within those milliseconds) leaves a
+  message in the unacked hash, redelivered after the visibility timeout, whose rollout the claim
+  then finds finished and drops. Without the hub (gevent, eventlet) acks are written at once.
+* **Several messages per round trip** (:data:`TAKE_MORE`). The record of a message a BRPOP
+  returned is written by one script that also, when the prefetch limit allows more, pops up to
+  ``DELIVERY_BATCH`` more from the same list and records them in the same step (atomic: none of
+  them is ever off the queue and unrecorded, which kombu's BRPOP-then-record allows for a moment).
+  A backlog costs one round trip per batch instead of two per message; a single message costs what
+  it did. Each is screened and delivered as if BRPOP had returned it. Queues consumed without acks
+  take one message at a time.
+
+Every message is still recorded as unacked before its task runs, so nothing a worker took is lost.
 """
 
 from __future__ import annotations
