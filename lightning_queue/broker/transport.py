@@ -130,13 +130,21 @@ def screen(raw: bytes, max_bytes: int, content_types: Collection[str]) -> str | 
     ``delivery_tag`` and ``delivery_info``, a string ``body`` in an encoding kombu decodes,
     ``headers`` an object), of one of ``content_types`` (empty: any), its body JSON when it
     says so."""
+    return screened(raw, max_bytes, content_types)[0]
+
+
+def screened(raw: bytes, max_bytes: int, content_types: Collection[str]) -> tuple[str | None, Any]:
+    """:func:`screen`'s answer, and the message as kombu decodes it (None when refused), so a
+    message is decoded once."""
     if len(raw) > max_bytes:
-        return f"{len(raw)} bytes, above the limit of {max_bytes} (LQ_MAX_MESSAGE_BYTES)"
+        return f"{len(raw)} bytes, above the limit of {max_bytes} (LQ_MAX_MESSAGE_BYTES)", None
     try:
-        message = json.loads(raw)
-    except ValueError as exc:  # also a UnicodeDecodeError
-        return f"not JSON ({exc})"
-    return envelope_problem(message, content_types)
+        # kombu's decoding (its object hook revives the values it encoded with a type tag).
+        message = json.loads(raw.decode(), object_hook=kombu_json.object_hook)
+    except Exception as exc:  # noqa: BLE001 - not JSON, not UTF-8, or a type tag kombu would fail on
+        return f"not JSON ({exc})", None
+    reason = envelope_problem(message, content_types)
+    return reason, None if reason is not None else message
 
 
 def envelope_problem(message: Any, content_types: Collection[str]) -> str | None:
@@ -373,13 +381,14 @@ class _Hardened:
         qos = self.qos
         for i, (key, tag, raw) in enumerate(taken):
             try:
-                if not self._screen(key, raw):
+                message = self._screened(key, raw)
+                if message is None:
                     if tag:
                         qos._remove_from_indices(tag).execute()
                     continue
                 if tag:
                     qos.lq_recorded.add(tag)
-                self.connection._deliver(kombu_json.loads(raw), key.rsplit(self.sep, 1)[0])
+                self.connection._deliver(message, key.rsplit(self.sep, 1)[0])
             except BaseException:
                 # Not delivered: hand the rest back to their queue now (they are recorded as unacked).
                 for _, rest, _ in taken[i + 1:]:
@@ -388,14 +397,18 @@ class _Hardened:
                 raise
 
     def _screen(self, key: bytes | str, raw: bytes | str) -> bool:
+        return self._screened(key, raw) is not None
+
+    def _screened(self, key: bytes | str, raw: bytes | str) -> Any:
+        """The message as kombu decodes it, or None when refused (then dead-lettered)."""
         data = raw.encode() if isinstance(raw, str) else raw
-        reason = screen(data, self.lq_max_message_bytes, self.lq_content_types)
+        reason, message = screened(data, self.lq_max_message_bytes, self.lq_content_types)
         if reason is None:
             self._lq_popped = key.decode() if isinstance(key, bytes) else key
-            return True
+            return message
         queue = (key.decode(errors="replace") if isinstance(key, bytes) else key).rsplit(self.sep, 1)[0]
         self._dead_letter(queue, reason, data)
-        return False
+        return None
 
     def _dead_letter(self, queue: str, reason: str, data: bytes) -> None:
         entry = {

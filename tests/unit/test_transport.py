@@ -25,6 +25,7 @@ from lightning_queue.broker.transport import (
     Channel,
     QoS,
     screen,
+    screened,
 )
 
 JSON = ("application/json",)
@@ -265,3 +266,16 @@ def test_take_more_pops_and_records_messages_in_one_step(good: dict[str, Any]) -
     reply = take(keys=["p:q", "p:unacked_index", "p:unacked"], args=[16, 124.0, "", ""])
     assert reply == [b"tag-2", json.dumps(messages[2]).encode(), b"", b"not json"]  # not kombu's: unrecorded
     assert server.hlen("p:unacked") == 4 and server.llen("p:q") == 0
+
+
+def test_a_screened_message_is_decoded_once_as_kombu_decodes_it(good: dict[str, Any]) -> None:
+    from kombu.utils import json as kombu_json
+
+    good["headers"]["stamp"] = {"__type__": "datetime", "__value__": "2026-11-29T08:00:00"}  # kombu's type tag
+    raw = json.dumps(good).encode()
+    reason, message = screened(raw, LIMIT, JSON)
+    assert reason is None and message == kombu_json.loads(raw)
+    assert message["headers"]["stamp"].year == 2026
+    good["headers"]["stamp"] = {"__type__": "no-such-type", "__value__": 1}  # kombu's loads would raise
+    reason, message = screened(json.dumps(good).encode(), LIMIT, JSON)
+    assert reason is not None and reason.startswith("not JSON") and message is None
