@@ -33,6 +33,26 @@ And one change for speed: kombu builds a new redis-py client object for every ac
 unacked-message record, every event and every restore (``Channel.conn_or_acquire``); building
 one cost more of a worker's main process than the command it then sent (about a tenth of its
 time with no-op tasks). Here each channel keeps one client for them, on the same connection pool.
+
+Two more for the worker's main loop, which waited on two round trips per message (kombu's BRPOP
+takes one message, then records it in the unacked hash and index with a MULTI/EXEC) and a third
+per ack (a MULTI/EXEC removing the record):
+
+* **An ack rides with the next write** (:class:`QoS`). An ack taken in the event loop (kombu's hub:
+  acks late, Celery sends them through the loop) frees its prefetch slot at once; its removal is
+  written with the next message's record, or ``ACK_DELAY`` seconds later when no message comes, and
+  before the channel closes. A lost ack write (the worker killed within those milliseconds) leaves a
+  message in the unacked hash, redelivered after the visibility timeout, whose rollout the claim
+  then finds finished and drops. Without the hub (gevent, eventlet) acks are written at once.
+* **Several messages per round trip** (:data:`TAKE_MORE`). The record of a message a BRPOP
+  returned is written by one script that also, when the prefetch limit allows more, pops up to
+  ``DELIVERY_BATCH`` more from the same list and records them in the same step (atomic: none of
+  them is ever off the queue and unrecorded, which kombu's BRPOP-then-record allows for a moment).
+  A backlog costs one round trip per batch instead of two per message; a single message costs what
+  it did. Each is screened and delivered as if BRPOP had returned it. Queues consumed without acks
+  take one message at a time.
+
+Every message is still recorded as unacked before its task runs, so nothing a worker took is lost.
 """
 
 from __future__ import annotations
@@ -46,13 +66,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
+from kombu.utils import json as kombu_json
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +84,46 @@ DEAD_LETTER_KEEP_BYTES = 64 * 1024
 """Bytes of a refused message kept in its dead-letter entry."""
 BODY_ENCODINGS = (None, "utf-8", "base64")
 """The body encodings kombu's virtual transport decodes."""
+DELIVERY_BATCH = 64
+"""The most messages one :data:`TAKE_MORE` pops after a BRPOP (within the prefetch limit)."""
+TAKE_MORE = """
+-- Record the message a BRPOP just returned (tag ARGV[3], record ARGV[4]; none when ARGV[3] is "") in
+-- kombu's unacked index KEYS[2] (score ARGV[2]) and hash KEYS[3], remove the acked tags ARGV[5..],
+-- then pop up to ARGV[1] more messages off the list KEYS[1] and record each the same way
+-- ([message, exchange, routing key], as kombu's QoS.append writes it). Returns {tag, raw, tag, raw,
+-- ...}; tag "" for a message that is not kombu's envelope (left unrecorded: the worker screens it out).
+for i = 5, #ARGV do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+end
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+end
+local out = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('RPOP', KEYS[1])
+  if not raw then break end
+  local ok, m = pcall(cjson.decode, raw)
+  local tag = ''
+  if ok and type(m) == 'table' and type(m.properties) == 'table' and type(m.properties.delivery_tag) == 'string'
+      and type(m.properties.delivery_info) == 'table' and type(m.properties.delivery_info.exchange) == 'string'
+      and type(m.properties.delivery_info.routing_key) == 'string' then
+    tag = m.properties.delivery_tag
+    local info = m.properties.delivery_info
+    redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',' .. cjson.encode(info.exchange) .. ','
+      .. cjson.encode(info.routing_key) .. ']')
+  end
+  out[#out + 1] = tag
+  out[#out + 1] = raw
+end
+return out
+"""
+
+ACK_DELAY = 0.02
+"""Seconds an ack taken in the event loop waits for the next delivery's write before it is
+written on its own."""
 
 
 def screen(raw: bytes, max_bytes: int, content_types: Collection[str]) -> str | None:
@@ -70,13 +132,21 @@ def screen(raw: bytes, max_bytes: int, content_types: Collection[str]) -> str | 
     ``delivery_tag`` and ``delivery_info``, a string ``body`` in an encoding kombu decodes,
     ``headers`` an object), of one of ``content_types`` (empty: any), its body JSON when it
     says so."""
+    return screened(raw, max_bytes, content_types)[0]
+
+
+def screened(raw: bytes, max_bytes: int, content_types: Collection[str]) -> tuple[str | None, Any]:
+    """:func:`screen`'s answer, and the message as kombu decodes it (None when refused), so a
+    message is decoded once."""
     if len(raw) > max_bytes:
-        return f"{len(raw)} bytes, above the limit of {max_bytes} (LQ_MAX_MESSAGE_BYTES)"
+        return f"{len(raw)} bytes, above the limit of {max_bytes} (LQ_MAX_MESSAGE_BYTES)", None
     try:
-        message = json.loads(raw)
-    except ValueError as exc:  # also a UnicodeDecodeError
-        return f"not JSON ({exc})"
-    return envelope_problem(message, content_types)
+        # kombu's decoding (its object hook revives the values it encoded with a type tag).
+        message = json.loads(raw.decode(), object_hook=kombu_json.object_hook)
+    except Exception as exc:  # noqa: BLE001 - not JSON, not UTF-8, or a type tag kombu would fail on
+        return f"not JSON ({exc})", None
+    reason = envelope_problem(message, content_types)
+    return reason, None if reason is not None else message
 
 
 def envelope_problem(message: Any, content_types: Collection[str]) -> str | None:
@@ -115,18 +185,91 @@ def envelope_problem(message: Any, content_types: Collection[str]) -> str | None
     return None
 
 
-# Delivery tags whose hand-back at a close failed, by unacked hash: the process hands them back
-# when it consumes again. Process-wide, since the channel that held them is gone by then.
+def text_of(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# What a close could not write, by unacked hash: delivery tags to hand back to their queues, and
+# acks not yet written. The process writes them when it consumes again (QoS.restore_owed).
+# Process-wide, since the channel that held them is gone by then.
 _owed: dict[str, set[str]] = {}
+_owed_acks: dict[str, set[str]] = {}
 _owed_lock = threading.Lock()
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS whose hand-back of unacked messages at close never raises, and which
-    hands back later what it could not then (:meth:`restore_owed`)."""
+    """kombu's Redis QoS whose hand-back of unacked messages at close never raises (what it could
+    not hand back, it does when the process consumes again: :meth:`restore_owed`), and whose acks
+    in the event loop are written with the next delivery's record (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._lq_acks: list[str] = []  # acked tags whose removal is not written yet (event loop only)
+        self.lq_recorded: set[str] = set()  # tags TAKE_MORE recorded: their append writes nothing
 
     def _owed_key(self) -> str:
         return f"{getattr(self.channel, 'global_keyprefix', '')}{getattr(self.channel, 'unacked_key', '')}"
+
+    def ack(self, delivery_tag: str) -> None:
+        loop = getattr(self.channel.connection, "lq_loop", None)
+        if loop is None or getattr(loop, "_loop_thread", None) != threading.get_ident():
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # no event loop (gevent, eventlet, a plain consumer), or another thread
+            return
+        if not self._lq_acks:
+            loop.call_later(ACK_DELAY, self.flush_acks)
+        self._lq_acks.append(delivery_tag)
+        kombu_virtual.QoS.ack(self, delivery_tag)  # the slot is free now; the write follows
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.lq_recorded:  # TAKE_MORE recorded it
+            self.lq_recorded.discard(delivery_tag)
+            kombu_virtual.QoS.append(self, message, delivery_tag)
+            return
+        key, room = self.channel.lq_take_more_from(), 0
+        if key is not None:
+            # This message came off a BRPOP: its record can bring more from the same list.
+            estimate = self.can_consume_max_estimate()  # type: ignore[no-untyped-call]
+            room = DELIVERY_BATCH if estimate is None else min(estimate - 1, DELIVERY_BATCH)
+        if room <= 0 and not self._lq_acks:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        delivery = message.delivery_info
+        record = kombu_json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        acks, self._lq_acks = self._lq_acks, []
+        try:
+            if room > 0:
+                assert key is not None
+                self.channel.lq_take_more(key, room, delivery_tag, record, acks)
+            else:
+                # kombu's record of the delivered message, and the kept acks' removal, in one MULTI/EXEC.
+                with self.pipe_or_acquire() as pipe:
+                    pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                    pipe.hset(self.unacked_key, delivery_tag, record)
+                    pipe.zrem(self.unacked_index_key, *acks).hdel(self.unacked_key, *acks)
+                    pipe.execute()
+        except BaseException:
+            self._lq_acks[:0] = acks  # nothing was written: the acks wait for the next write
+            raise
+        kombu_virtual.QoS.append(self, message, delivery_tag)
+
+    def flush_acks(self) -> None:
+        """Write the kept acks now (a timer ``ACK_DELAY`` after the first, and at close). When Redis
+        cannot be reached they are kept for the next write; their messages stay unacked meanwhile."""
+        acks, self._lq_acks = self._lq_acks, []
+        if not acks:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *acks).hdel(self.unacked_key, *acks).execute()
+        except Exception as exc:  # noqa: BLE001 - an unwritten ack only means a later redelivery
+            self._lq_acks[:0] = acks
+            log.warning("could not write %d ack(s) now (%s: %s); they are written with the next delivery or "
+                        "their messages are redelivered after the visibility timeout", len(acks),
+                        type(exc).__name__, exc)
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        self.flush_acks()
+        return super().restore_unacked_once(stderr)  # type: ignore[no-untyped-call]
 
     def restore_unacked(self, client: Any = None) -> Any:
         try:
@@ -134,20 +277,26 @@ class QoS(kombu_redis.QoS):
         except Exception as exc:  # noqa: BLE001 - a close must go on; the messages are safe in the unacked hash
             tags = {str(tag) for tag in self._delivered}
             self._delivered.clear()
+            acks, self._lq_acks = self._lq_acks, []
             with _owed_lock:
                 _owed.setdefault(self._owed_key(), set()).update(tags)
+                _owed_acks.setdefault(self._owed_key(), set()).update(acks)
             log.warning("could not hand %d unacked message(s) back to the queue now (%s: %s); they stay in the "
                         "unacked hash until this process consumes again (or, should it not, the visibility "
                         "timeout passes)", len(tags), type(exc).__name__, exc)
             return []
 
     def restore_owed(self) -> int:
-        """Hand back to their queues the messages an earlier close of this process could not (each
-        in kombu's transaction on the unacked hash: one already restored by anyone is skipped).
-        Those it still cannot stay owed. Returns how many were handed back."""
+        """Write what an earlier close of this process could not: its acks, then the hand-back of
+        its unacked messages to their queues (each in kombu's transaction on the unacked hash: one
+        already restored by anyone is skipped). What it still cannot stays owed. Returns how many
+        messages were handed back."""
         key = self._owed_key()
         with _owed_lock:
-            tags = _owed.pop(key, set())
+            tags, acks = _owed.pop(key, set()), _owed_acks.pop(key, set())
+        if acks:
+            self._lq_acks.extend(acks)
+            self.flush_acks()  # keeps them for the next write when Redis is away again
         left = set(tags)
         try:
             for tag in tags:
@@ -198,6 +347,12 @@ class _Hardened:
     _in_poll: Any
     _lq_client: Any = None  # conn_or_acquire's client
     _lq_into: Any = None  # a pipeline one-off commands go into (commands_into)
+    _lq_popped: str | None = None  # the list the last screened BRPOP reply came from
+    _lq_take_more: Any = None  # TAKE_MORE, registered on this channel's pool
+    _lq_taken: Sequence[tuple[str, str, bytes]] = ()  # (list, tag, message) TAKE_MORE took, to deliver
+    _lq_noack: frozenset[str] = frozenset()  # queues consumed without acks
+    qos: Any
+    connection: Any
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -230,14 +385,77 @@ class _Hardened:
         super()._get_client()  # type: ignore[misc]  # kombu's check of the redis-py version
         return functools.partial(_ScreeningClient, global_keyprefix=self.global_keyprefix, screen=self._screen)
 
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._lq_noack = self._lq_noack | {queue}
+        tag = super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
+        self.qos.restore_owed()  # connected again: write what a close could not
+        return tag
+
+    def _brpop_read(self, **options: Any) -> bool:
+        self._lq_popped, self._lq_taken = None, ()
+        try:
+            delivered: bool = super()._brpop_read(**options)  # type: ignore[misc]  # raises Empty when none
+        finally:
+            self._lq_popped = None
+        taken, self._lq_taken = self._lq_taken, ()
+        if taken:
+            self._deliver_taken(taken)
+        return delivered
+
+    def lq_take_more_from(self) -> str | None:
+        """The list the message being recorded was just popped off by BRPOP, once (None for any
+        other message, and for a queue consumed without acks)."""
+        key, self._lq_popped = self._lq_popped, None
+        if key is None or self.connection is None or key.rsplit(self.sep, 1)[0] in self._lq_noack:
+            return None
+        return key
+
+    def lq_take_more(self, key: str, room: int, tag: str, record: str, acks: list[str]) -> None:
+        """Write the record of the message BRPOP popped off ``key`` (and remove ``acks``), and pop up
+        to ``room`` more, recorded in the same step: :data:`TAKE_MORE`. They are delivered once
+        that message's delivery returns."""
+        if self._lq_take_more is None or self._lq_take_more.registered_client.connection_pool is not self.pool:
+            # A plain client: kombu's prefixed one prefixes only an EVALSHA's first key.
+            self._lq_take_more = redis.Redis(connection_pool=self.pool).register_script(TAKE_MORE)
+        prefix, qos = self.global_keyprefix, self.qos
+        reply = self._lq_take_more(keys=[prefix + key, prefix + qos.unacked_index_key, prefix + qos.unacked_key],
+                                   args=[room, time.time(), tag, record, *acks])
+        self._lq_taken = [(key, text_of(reply[i]), reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def _deliver_taken(self, taken: Sequence[tuple[str, str, bytes]]) -> None:
+        """Screen and deliver the messages :meth:`lq_take_more` took, as if BRPOP had returned each."""
+        qos = self.qos
+        for i, (key, tag, raw) in enumerate(taken):
+            try:
+                message = self._screened(key, raw)
+                if message is None:
+                    if tag:
+                        qos._remove_from_indices(tag).execute()
+                    continue
+                if tag:
+                    qos.lq_recorded.add(tag)
+                self.connection._deliver(message, key.rsplit(self.sep, 1)[0])
+            except BaseException:
+                # Not delivered: hand the rest back to their queue now (they are recorded as unacked).
+                for _, rest, _ in taken[i + 1:]:
+                    if rest:
+                        qos.restore_by_tag(rest, leftmost=True)
+                raise
+
     def _screen(self, key: bytes | str, raw: bytes | str) -> bool:
+        return self._screened(key, raw) is not None
+
+    def _screened(self, key: bytes | str, raw: bytes | str) -> Any:
+        """The message as kombu decodes it, or None when refused (then dead-lettered)."""
         data = raw.encode() if isinstance(raw, str) else raw
-        reason = screen(data, self.lq_max_message_bytes, self.lq_content_types)
+        reason, message = screened(data, self.lq_max_message_bytes, self.lq_content_types)
         if reason is None:
-            return True
+            self._lq_popped = key.decode() if isinstance(key, bytes) else key
+            return message
         queue = (key.decode(errors="replace") if isinstance(key, bytes) else key).rsplit(self.sep, 1)[0]
         self._dead_letter(queue, reason, data)
-        return False
+        return None
 
     def _dead_letter(self, queue: str, reason: str, data: bytes) -> None:
         entry = {
@@ -264,18 +482,13 @@ class _Hardened:
         # and aborted the close half way (see the module docstring). The connection is gone: go on.
         if self._in_poll:
             try:
-                self._brpop_read()  # type: ignore[attr-defined]
+                self._brpop_read()
             except Empty:
                 pass
             except self.connection_errors as exc:
                 log.debug("closing a channel whose pending BRPOP lost its connection: %r", exc)
                 self._in_poll = None
         super().close()  # type: ignore[misc]
-
-    def basic_consume(self, *args: Any, **kwargs: Any) -> Any:
-        tag = super().basic_consume(*args, **kwargs)  # type: ignore[misc]
-        self.qos.restore_owed()  # type: ignore[attr-defined]  # connected again: hand back what a close could not
-        return tag
 
     def _deliver_fanout_message(self, message: Any, exchange: Any) -> Any:
         reason = envelope_problem(message, self.lq_content_types)
@@ -296,13 +509,24 @@ class SentinelChannel(_Hardened, kombu_redis.SentinelChannel):
     )
 
 
-class Transport(kombu_redis.Transport):
+class _OnLoop:
+    """Remembers the event loop (kombu's hub) the transport was registered with: acks taken in
+    its thread are written with the next delivery (:class:`QoS`)."""
+
+    lq_loop: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
+        self.lq_loop = loop
+
+
+class Transport(_OnLoop, kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel` (for ``redis://`` and ``rediss://``)."""
 
     Channel = Channel
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(_OnLoop, kombu_redis.SentinelTransport):
     """kombu's Redis Sentinel transport with :class:`SentinelChannel` (for ``sentinel://``)."""
 
     Channel = SentinelChannel
