@@ -98,6 +98,11 @@ def test_the_dashboard_shows_the_demo_flow_live(shared_workers: Any, shots: Any)
             assert client.pointer_history("prod", 1)[0].by == "server:admin"
             shots(page, "pointer-rolled-back")
             page.get_by_test_id("move-target-prod").select_option(terse)
+            # A registry change while the choice waits: the live reload redraws every card, and must
+            # keep what the user picked (it put the list back to the old target, and Move sent that).
+            client.set_pointer("staging", plain)
+            expect(page.locator("[data-pointer='staging']")).to_be_visible()
+            expect(page.get_by_test_id("move-target-prod")).to_have_value(terse)
             page.get_by_test_id("move-prod").click()
             expect(page.locator("[data-pointer='prod']")).to_have_attribute("data-target", terse)
             assert client.get_pointer("prod") == terse

@@ -5,6 +5,9 @@ export async function pointerTimeline() {
   const element = h("section", {}, h("h1", {}, "Pointers"));
   const list = h("div", { class: "pointers" });
   element.append(list);
+  // The target picked in a card's list and not moved to yet: a live reload redraws the cards, and
+  // must not put the list back to the pointer's target under the user (a Move then sent the old one).
+  const picked = new Map();
 
   async function load() {
     const [pointers, snapshots] = await Promise.all([api("/pointers"), api(`/snapshots${query({ limit: 200 })}`)]);
@@ -14,11 +17,14 @@ export async function pointerTimeline() {
   }
 
   function card(pointer, moves, snapshots) {
-    const target = h("select", { "data-testid": `move-target-${pointer.name}` },
-      snapshots.map((s) => h("option", { value: s.resources_id, selected: s.resources_id === pointer.target }, s.resources_id)));
+    const shown = picked.get(pointer.name) ?? pointer.target;
+    const target = h("select", { "data-testid": `move-target-${pointer.name}`,
+      onchange: () => picked.set(pointer.name, target.value) },
+      snapshots.map((s) => h("option", { value: s.resources_id, selected: s.resources_id === shown }, s.resources_id)));
+    const done = () => { picked.delete(pointer.name); load(); };
     const move = () => act(() => api(`/pointers/${encodeURIComponent(pointer.name)}`,
-      { method: "PUT", body: { target: target.value, expected: pointer.target } }), load);
-    const rollback = () => act(() => api(`/pointers/${encodeURIComponent(pointer.name)}/rollback`, { method: "POST" }), load);
+      { method: "PUT", body: { target: target.value, expected: pointer.target } }), done);
+    const rollback = () => act(() => api(`/pointers/${encodeURIComponent(pointer.name)}/rollback`, { method: "POST" }), done);
     return h("div", { class: "card", "data-pointer": pointer.name, "data-target": pointer.target || "" },
       h("h2", {}, pointer.name, " → ",
         pointer.target ? link(`#/snapshots/${encodeURIComponent(pointer.target)}`, pointer.target, { "data-testid": `target-${pointer.name}` }) : "(unset)"),
