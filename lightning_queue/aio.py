@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Unpack
 
 from lightning_queue.client import LightningClient, ResourcesLike
 from lightning_queue.core.diff import SnapshotDiff
@@ -20,9 +20,9 @@ from lightning_queue.core.models import (
 )
 from lightning_queue.core.queries import (
     CancelReport,
+    FilterFields,
     FinishedPage,
     FinishedRollout,
-    OrderBy,
     RolloutFilter,
     RolloutPage,
 )
@@ -285,30 +285,16 @@ class AsyncLightningClient:
         self,
         filter: RolloutFilter | None = None,
         *,
-        status: str | Iterable[str] | None = None,
-        mode: str | None = None,
-        resources_id: str | None = None,
-        worker_id: str | None = None,
-        experiment: str | None = None,
-        variant: str | None = None,
-        queue: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        enqueued_after: float | None = None,
-        enqueued_before: float | None = None,
-        ended_after: float | None = None,
-        ended_before: float | None = None,
-        order_by: OrderBy | None = None,
-        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
+        **fields: Unpack[FilterFields],
     ) -> list[Rollout]:
         """Rollouts matching every filter given. See :meth:`LightningClient.query_rollouts`."""
-        statuses = status if status is None or isinstance(status, str) else list(status)
+        status = fields.get("status")
+        if status is not None and not isinstance(status, str):
+            fields["status"] = list(status)  # an iterator is read here, not in the worker thread
         return await asyncio.to_thread(functools.partial(
-            self.sync.query_rollouts, filter, status=statuses, mode=mode, resources_id=resources_id,
-            worker_id=worker_id, experiment=experiment, variant=variant, queue=queue, metadata=metadata,
-            enqueued_after=enqueued_after, enqueued_before=enqueued_before, ended_after=ended_after,
-            ended_before=ended_before, order_by=order_by, newest_first=newest_first, offset=offset, limit=limit))
+            self.sync.query_rollouts, filter, offset=offset, limit=limit, **fields))
 
     async def query_page(
         self, filter: RolloutFilter | None = None, *, cursor: str | None = None, limit: int = 100

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import redis
 
@@ -33,9 +33,9 @@ from lightning_queue.core.models import (
 )
 from lightning_queue.core.queries import (
     CancelReport,
+    FilterFields,
     FinishedPage,
     FinishedRollout,
-    OrderBy,
     RolloutFilter,
     RolloutPage,
 )
@@ -461,32 +461,15 @@ class LightningClient:
         self,
         filter: RolloutFilter | None = None,
         *,
-        status: str | Iterable[str] | None = None,
-        mode: str | None = None,
-        resources_id: str | None = None,
-        worker_id: str | None = None,
-        experiment: str | None = None,
-        variant: str | None = None,
-        queue: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        enqueued_after: float | None = None,
-        enqueued_before: float | None = None,
-        ended_after: float | None = None,
-        ended_before: float | None = None,
-        order_by: OrderBy | None = None,
-        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
+        **fields: Unpack[FilterFields],
     ) -> list[Rollout]:
         """Rollouts matching every filter given (a :class:`RolloutFilter`, or its fields as
         keywords over it), newest enqueued first unless told otherwise; ``limit`` of them after
         ``offset`` matches. See :meth:`RolloutStore.query_rollouts`; for long listings page
         with :meth:`query_page`."""
-        return self.store.query_rollouts(
-            filter, status=status, mode=mode, resources_id=resources_id, worker_id=worker_id, experiment=experiment,
-            variant=variant, queue=queue, metadata=metadata, enqueued_after=enqueued_after,
-            enqueued_before=enqueued_before, ended_after=ended_after, ended_before=ended_before, order_by=order_by,
-            newest_first=newest_first, offset=offset, limit=limit)
+        return self.store.query_rollouts(filter, offset=offset, limit=limit, **fields)
 
     def query_page(
         self, filter: RolloutFilter | None = None, *, cursor: str | None = None, limit: int = 100

@@ -8,7 +8,8 @@ its paged form, the finished-rollouts cursor, the bulk cancel, ``lightning-queue
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +20,27 @@ OrderBy = Literal["enqueue_time", "end_time"]
 MetadataValue = str | int | float | bool | None
 Time = Annotated[float, Field(allow_inf_nan=False)]
 """Unix seconds (finite)."""
+
+
+class FilterFields(TypedDict, total=False):
+    """:class:`RolloutFilter`'s fields as keyword arguments of the query methods, laid over a
+    filter given with them (``None``: keep the filter's). Spelled once for the store, the client
+    and the async client."""
+
+    status: str | Iterable[str] | None
+    mode: str | None
+    resources_id: str | None
+    worker_id: str | None
+    experiment: str | None
+    variant: str | None
+    queue: str | None
+    metadata: Mapping[str, Any] | None
+    enqueued_after: float | None
+    enqueued_before: float | None
+    ended_after: float | None
+    ended_before: float | None
+    order_by: OrderBy | None
+    newest_first: bool | None
 
 
 class RolloutFilter(BaseModel):

@@ -45,7 +45,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Unpack, cast
 
 import redis
 
@@ -72,7 +72,13 @@ from lightning_queue.core.models import (
     new_id,
 )
 from lightning_queue.core.policy import NextStatus, next_status
-from lightning_queue.core.queries import FinishedPage, FinishedRollout, OrderBy, RolloutFilter, RolloutPage
+from lightning_queue.core.queries import (
+    FilterFields,
+    FinishedPage,
+    FinishedRollout,
+    RolloutFilter,
+    RolloutPage,
+)
 from lightning_queue.core.traces import Usage
 from lightning_queue.storage.connections import text
 from lightning_queue.storage.epoch import RegistryEpoch, RegistryMark, propose
@@ -203,7 +209,7 @@ QUERY_INDEX_BUDGET = 20_000
 other filter each: about a millisecond per thousand)."""
 
 
-def make_filter(filter: RolloutFilter | None = None, **fields: Any) -> RolloutFilter:
+def make_filter(filter: RolloutFilter | None = None, **fields: Unpack[FilterFields]) -> RolloutFilter:
     """``filter`` (or an empty one) with the keyword fields given (not None) laid over it."""
     given = {name: value for name, value in fields.items() if value is not None}
     if filter is None:
@@ -772,22 +778,9 @@ class RolloutStore:
         self,
         filter: RolloutFilter | None = None,
         *,
-        status: str | Iterable[str] | None = None,
-        mode: str | None = None,
-        resources_id: str | None = None,
-        worker_id: str | None = None,
-        experiment: str | None = None,
-        variant: str | None = None,
-        queue: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        enqueued_after: float | None = None,
-        enqueued_before: float | None = None,
-        ended_after: float | None = None,
-        ended_before: float | None = None,
-        order_by: OrderBy | None = None,
-        newest_first: bool | None = None,
         offset: int = 0,
         limit: int = 100,
+        **fields: Unpack[FilterFields],
     ) -> list[Rollout]:
         """Rollouts matching every filter given (a :class:`RolloutFilter`, or its fields as
         keywords laid over it: those left None keep the filter's), ``limit`` of them after
@@ -803,11 +796,7 @@ class RolloutStore:
         """
         if offset < 0 or limit < 1:
             raise ValueError("offset must be >= 0 and limit >= 1")
-        wanted = make_filter(filter, status=status, mode=mode, resources_id=resources_id, worker_id=worker_id,
-                             experiment=experiment, variant=variant, queue=queue, metadata=metadata,
-                             enqueued_after=enqueued_after, enqueued_before=enqueued_before,
-                             ended_after=ended_after, ended_before=ended_before, order_by=order_by,
-                             newest_first=newest_first)
+        wanted = make_filter(filter, **fields)
         found: list[Rollout] = []
         cursor: str | None = None
         while len(found) < offset + limit:
