@@ -314,6 +314,17 @@ def own_redis() -> EmbeddedRedis:
     return EmbeddedRedis.start(prefer_binary=True)
 
 
+def redis_for(url: str | None) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis a benchmark runs on: ``url`` when given (it must answer), else :func:`own_redis`;
+    and the server started here (None for a given one), for the caller to stop."""
+    if url:
+        if not ping(url):
+            raise SystemExit(f"no Redis answers at {url}")
+        return url, None
+    server = own_redis()
+    return server.url, server
+
+
 @dataclass
 class Worker:
     """One ``celery worker`` this benchmark started, named ``hostname``."""
@@ -934,14 +945,7 @@ def main() -> int:
     # Stopped with SIGTERM: unwind, so the workers and the redis-server started here stop too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     Sends.install()
-    server = None
-    if args.redis_url:
-        if not ping(args.redis_url):
-            raise SystemExit(f"no Redis answers at {args.redis_url}")
-        url = args.redis_url
-    else:
-        server = own_redis()
-        url = server.url
+    url, server = redis_for(args.redis_url)
     info = redis.Redis.from_url(url).info("server")
     report = Report(args.json)
     import celery

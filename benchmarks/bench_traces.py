@@ -43,12 +43,11 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # bench_queue's helpers and bench_agents, as the workers import them
 sys.path.insert(0, str(REPO))  # tests.openai_stub
 
-from bench_queue import Row, cpu_now, format_table, own_redis, percentile, workers
+from bench_queue import Row, cpu_now, format_table, percentile, redis_for, workers
 
 from lightning_queue import LLM, LightningClient, PromptTemplate, ProxyLLM, ResourcesUpdate, Rollout, Settings
 from lightning_queue.ops.embedded import free_port
 from lightning_queue.ops.fleet import worker_env
-from lightning_queue.storage.connections import ping
 from tests.openai_stub import OpenAIStub
 
 
@@ -230,14 +229,7 @@ def main() -> int:
     parser.add_argument("--redis-url", help="use this Redis instead of starting a redis-server of our own")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    server = None
-    if args.redis_url:
-        if not ping(args.redis_url):
-            raise SystemExit(f"no Redis answers at {args.redis_url}")
-        url = args.redis_url
-    else:
-        server = own_redis()
-        url = server.url
+    url, server = redis_for(args.redis_url)
     info = redis.Redis.from_url(url).info("server")
     print(f"Redis {info.get('redis_version')} at {url} ({'own redis-server' if server else 'given'}), "
           f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs{', quick run' if args.quick else ''}\n",
