@@ -110,21 +110,21 @@ local function record_final_metrics(rollout_key, rid, status, caps, experiment, 
     if ok and type(result) == 'table' and type(result['reward']) == 'number' then reward = result['reward'] end
   end
   local snapshot_cap, variant_cap = string.match(caps, '^(%d+) (%d+)$')
+  -- One series of a snapshot version or a variant: its aggregate, and the capped index of them.
+  local function add_to_member(member, series_suffix, index_suffix, cap, kind)
+    local series_prefix = totals .. series_suffix
+    add_to_series(series_prefix .. member, status, duration, nil, reward)
+    keep_series_capped(totals .. index_suffix, series_prefix, member, ended, tonumber(cap), totals, kind)
+  end
   if r[4] then  -- "<version>:<resources_id>" of the last attempt that started (store.py)
     local version, id = string.match(r[4], '^(%d+):(.*)$')
     if version then
-      local member = id .. ':' .. version
-      local series_prefix = totals .. '__METRICS_SNAPSHOT_SUFFIX__'
-      add_to_series(series_prefix .. member, status, duration, nil, reward)
-      keep_series_capped(totals .. '__METRICS_SNAPSHOTS_SUFFIX__', series_prefix, member, ended,
-        tonumber(snapshot_cap), totals, 'snapshot')
+      add_to_member(id .. ':' .. version, '__METRICS_SNAPSHOT_SUFFIX__', '__METRICS_SNAPSHOTS_SUFFIX__',
+        snapshot_cap, 'snapshot')
     end
   end
   if experiment and variant then
-    local member = experiment .. ':' .. variant
-    local series_prefix = totals .. '__METRICS_VARIANT_SUFFIX__'
-    add_to_series(series_prefix .. member, status, duration, nil, reward)
-    keep_series_capped(totals .. '__METRICS_VARIANTS_SUFFIX__', series_prefix, member, ended,
-      tonumber(variant_cap), totals, 'variant')
+    add_to_member(experiment .. ':' .. variant, '__METRICS_VARIANT_SUFFIX__', '__METRICS_VARIANTS_SUFFIX__',
+      variant_cap, 'variant')
   end
 end
